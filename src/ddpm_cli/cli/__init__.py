@@ -1,0 +1,69 @@
+"""The `ddpm` command line: a thin Typer layer that translates options into core calls.
+
+This package is the only place that imports typer or rich.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ddpm_cli import __version__
+from ddpm_cli.cli.common import DdpmGroup, err_console, pending_command
+from ddpm_cli.cli.noise import noise
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+PASSTHROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True}
+
+app = typer.Typer(
+    name="ddpm",
+    cls=DdpmGroup,
+    help=(
+        "Train and sample Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, 2020).\n\n"
+        "Data (paths, images, JSON) goes to stdout; progress and messages go to stderr."
+    ),
+    epilog="Example: [bold]ddpm noise cat.png --t 0,100,250,500,999 -o strip.png[/bold]",
+    rich_markup_mode="rich",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ddpm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass  # the help text is the Typer app's; this callback only adds --version
+
+
+app.command(name="noise", context_settings=CONTEXT)(noise)
+app.command(name="train", context_settings=PASSTHROUGH)(
+    pending_command("train", 3, "train the paper's U-Net on a folder of images")
+)
+app.command(name="sample", context_settings=PASSTHROUGH)(
+    pending_command("sample", 4, "generate images from a trained checkpoint")
+)
+app.command(name="inspect", context_settings=PASSTHROUGH)(
+    pending_command("inspect", 5, "look inside checkpoints, schedules and runs")
+)
+
+
+def main() -> None:
+    """Entry point of the `ddpm` script and of `python -m ddpm_cli`."""
+    app()
+
+
+__all__ = ["app", "main", "err_console"]

@@ -1,0 +1,112 @@
+"""What every command shares: the stderr console, option types, and the error boundary."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from ddpm_cli.config import Schedule
+from ddpm_cli.device import DEVICE_HELP
+from ddpm_cli.errors import DdpmError, UsageError
+
+# Progress, tables and messages go to stderr; stdout carries only data (paths, PNG bytes, JSON).
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """One red line on stderr."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def note_line(message: str) -> None:
+    err_console.print(f"[dim]note:[/] {escape(message)}")
+
+
+# Recent Typer vendors its own copy of click, older Typer uses click itself: take the exception
+# classes from the module Typer's own BadParameter comes from, so both work.
+_click_exceptions = sys.modules[typer.BadParameter.__module__]
+ClickException = _click_exceptions.ClickException
+ClickUsageError = _click_exceptions.UsageError
+NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", None) or type(
+    "NoArgsIsHelpError", (Exception,), {}
+)
+
+
+class DdpmGroup(TyperGroup):
+    """The app's click group: the one place where errors become a line on stderr and an exit code.
+
+    Usage errors from click (unknown option, bad choice) and every DdpmError from the core are
+    reported as a single line, without traceback; exit 2 for usage errors, 1 for runtime errors.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(
+                args=args,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except NoArgsIsHelpError as e:
+            typer.echo(e.ctx.get_help() if e.ctx else "", nl=False)
+            code = 2
+        except ClickException as e:
+            hint = ""
+            if isinstance(e, ClickUsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} -h')"
+            # Typer's pydantic-based parsing prefixes messages with "Value error, "
+            message = e.format_message().replace("Value error, ", "")
+            error_line(f"{message}{hint}")
+            code = e.exit_code
+        except typer.Abort:
+            error_line("aborted")
+            code = 1
+        except DdpmError as e:
+            error_line(str(e))
+            code = e.exit_code
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help=f"Where to compute: {DEVICE_HELP}. auto: CUDA, then MPS, then CPU."
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", min=0, help="Random seed; the same seed gives the same bytes. Default: random."
+    ),
+]
+ScheduleOpt = Annotated[
+    Schedule, typer.Option("--schedule", help="Beta schedule of the forward process.")
+]
+TimestepsOpt = Annotated[
+    int, typer.Option("--timesteps", "-T", min=1, help="Number of diffusion steps T.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no report or notes.")]
+
+
+def pending_command(name: str, issue: int, what: str) -> Any:
+    """A command whose feature has not landed: it says so and exits 2, whatever its arguments."""
+
+    def command(ctx: typer.Context) -> None:
+        raise UsageError(
+            f"'ddpm {name}' is not available yet in this version "
+            f"({what}; tracked in issue #{issue})"
+        )
+
+    command.__doc__ = f"{what[0].upper()}{what[1:]}. [yellow]Not available yet.[/yellow]"
+    return command

@@ -1,0 +1,36 @@
+"""Errors the core raises and the CLI turns into one line on stderr.
+
+Every error a user can cause is a `DdpmError`. `exit_code` says how the command line ends:
+2 for usage errors (a bad argument, a missing or unreadable input), 1 for runtime failures
+(a write that fails, a device that breaks mid-run).
+"""
+
+from __future__ import annotations
+
+
+class DdpmError(Exception):
+    """Base of every error ddpm reports to a user; the message is one line saying what to do."""
+
+    exit_code = 1
+
+
+class UsageError(DdpmError):
+    """The user asked for something that cannot work as given (bad option value, bad input)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DataError(UsageError):
+    """An input file is missing, unreadable, or not an image."""
+
+
+class DeviceError(UsageError):
+    """The requested device does not exist on this machine."""
+
+
+class OutputError(DdpmError):
+    """An output file could not be written."""

@@ -1,0 +1,87 @@
+"""Reading inputs and writing outputs without ever leaving a half-written file.
+
+`write_atomic` writes to a temporary file beside the target, flushes it to disk and renames it
+into place, so a reader sees either the old file or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ddpm_cli.errors import DataError, OutputError, UsageError
+
+STDIO = "-"  # a path of "-" means stdin for inputs and stdout for outputs
+
+
+def read_input_bytes(source: str | Path) -> bytes:
+    """The bytes of a file, or of stdin when `source` is "-"."""
+    if str(source) == STDIO:
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise DataError("no data on stdin; pipe an image in, e.g. `cat cat.png | ddpm noise -`")
+        return data
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def check_output_path(path: Path, overwrite: bool = True) -> None:
+    """Fail early, before any work, if `path` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"{path}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UsageError(f"{path}: {parent} is not a directory")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path}: already exists; pass --overwrite to replace it")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{path}: cannot write to directory {parent}: permission denied")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; match an ordinary open()
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as e:
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"{path}: cannot write: {reason}") from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_stdout(data: bytes) -> None:
+    """Binary data to stdout (for `-o -`), flushed so pipes see it at once."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()

@@ -1,0 +1,221 @@
+"""Images in and out: PIL <-> tensors in [-1, 1], labelled strips and GIF animations.
+
+Loading normalises every Pillow mode to one of three families, which outputs keep:
+8-bit grayscale ("L"), 16-bit grayscale ("I;16") and 8-bit colour ("RGB"). An alpha channel is
+kept apart, unchanged, and put back on output; the diffusion acts on the colour channels only.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from ddpm_cli.errors import DataError
+
+GRAY8, GRAY16, RGB = "L", "I;16", "RGB"
+_MAX = {GRAY8: 255.0, GRAY16: 65535.0, RGB: 255.0}
+MIN_LABELLED_WIDTH = 64  # frames narrower than this are enlarged in strips so labels fit
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image ready for diffusion.
+
+    pixels: (C, H, W) float32 in [-1, 1], C = 1 or 3. alpha: (H, W) uint8 or None.
+    family: "L", "I;16" or "RGB", the kind of image written back. notes: what loading changed.
+    """
+
+    pixels: torch.Tensor
+    alpha: torch.Tensor | None
+    family: str
+    source_mode: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as Pillow reports sizes."""
+        return self.pixels.shape[2], self.pixels.shape[1]
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        img.load()
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{name}: image is too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{name}: not an image Pillow can read (PNG, JPEG, WebP, BMP, TIFF, GIF)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{name}: corrupt or truncated image ({e})") from None
+    if img.width == 0 or img.height == 0:
+        raise DataError(f"{name}: image has no pixels ({img.width}x{img.height})")
+    return img
+
+
+def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, list[str]]:
+    """Split an image into (colour image, alpha or None, family, notes)."""
+    mode, notes = img.mode, []
+    if mode == "P" or mode == "PA":
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        notes.append("palette image: written as full colour (a palette cannot hold noise)")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        img = img.convert("RGB")
+        notes.append(f"{mode} image: converted to RGB")
+    elif mode == "1":
+        img = img.convert("L")
+        notes.append("1-bit image: written as 8-bit grayscale")
+    elif mode in ("La", "RGBa"):
+        img = img.convert(mode.upper())
+    elif mode.startswith("I"):
+        # 16-bit grayscale (PNG, TIFF) arrives as "I;16*" or as 32-bit "I" holding 0..65535
+        img = img.convert("I") if mode != "I" else img
+        return img, None, GRAY16, notes
+    elif mode == "F":
+        raise DataError("32-bit float images are not supported; save it as 8- or 16-bit")
+
+    alpha = None
+    if img.mode in ("LA", "RGBA"):
+        alpha = img.getchannel("A")
+        img = img.convert(img.mode[:-1])
+        notes.append("alpha channel kept unchanged; noise is added to the colour channels only")
+    if img.mode not in (GRAY8, RGB):
+        raise DataError(f"unsupported image mode {mode!r}")
+    return img, alpha, img.mode, notes
+
+
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size`, then center-crop to size x size."""
+    scale = size / min(img.width, img.height)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def decode_image(data: bytes, name: str = "image", size: int | None = None) -> LoadedImage:
+    """Decode image bytes: EXIF orientation applied, first frame, mode normalised, optional crop."""
+    img = _open(data, name)
+    source_mode = img.mode
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not make a readable image unusable
+        pass
+    colour, alpha, family, notes = _normalise(img)
+    if size is not None:
+        colour = _resize_crop(colour, size)
+        alpha = _resize_crop(alpha, size) if alpha is not None else None
+    arr = np.asarray(colour, dtype=np.float64)
+    if family == GRAY16:
+        arr = np.clip(arr, 0, 65535)
+    arr = arr.reshape(colour.height, colour.width, -1) / _MAX[family]
+    pixels = torch.from_numpy(arr * 2.0 - 1.0).permute(2, 0, 1).to(torch.float32).contiguous()
+    alpha_t = torch.from_numpy(np.array(alpha, dtype=np.uint8)) if alpha is not None else None
+    return LoadedImage(pixels, alpha_t, family, source_mode, tuple(notes))
+
+
+def quantize(x: torch.Tensor, family: str) -> np.ndarray:
+    """(C, H, W) values in [-1, 1] -> (H, W[, C]) integers at the family's bit depth (clipped)."""
+    maxval = _MAX[family]
+    q = ((x.detach().double().cpu().clamp(-1, 1) + 1.0) / 2.0 * maxval).round()
+    arr = q.permute(1, 2, 0).numpy()
+    arr = arr[..., 0] if arr.shape[2] == 1 else arr
+    return arr.astype(np.uint16 if family == GRAY16 else np.uint8)
+
+
+def to_pil(x: torch.Tensor, family: str, alpha: torch.Tensor | None = None) -> Image.Image:
+    """A (C, H, W) tensor in [-1, 1] as a Pillow image of `family`, with `alpha` put back."""
+    arr = quantize(x, family)
+    if family == GRAY16:
+        img = Image.fromarray(arr)
+        img = img if img.mode == GRAY16 else img.convert(GRAY16)
+    else:
+        img = Image.fromarray(arr)
+    if alpha is not None:
+        img = img.convert("LA" if family != RGB else "RGBA")
+        img.putalpha(Image.fromarray(alpha.cpu().numpy().astype(np.uint8)))
+    return img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale reduced to 8 bits (for strips and GIFs); other images unchanged."""
+    if img.mode in ("I;16", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
+    return img
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled(img: Image.Image, label: str, min_width: int = MIN_LABELLED_WIDTH) -> Image.Image:
+    """`img` (8-bit) enlarged by a whole factor to at least `min_width`, above a `label` band."""
+    factor = max(1, -(-min_width // img.width))
+    if factor > 1:
+        img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
+    font = _font(max(10, min(32, img.width // 6)))
+    draw_probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left, top, right, bottom = draw_probe.textbbox((0, 0), label, font=font)
+    band = bottom - top + 8
+    mode = img.mode if img.mode in ("L", "LA", "RGB", "RGBA") else "RGB"
+    white = {"L": 255, "LA": (255, 255), "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}
+    black = {"L": 0, "LA": (0, 255), "RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255)}
+    cell = Image.new(mode, (img.width, img.height + band), white[mode])
+    cell.paste(img.convert(mode), (0, 0))
+    draw = ImageDraw.Draw(cell)
+    x = (img.width - (right - left)) // 2 - left
+    draw.text((x, img.height + 4 - top), label, fill=black[mode], font=font)
+    return cell
+
+
+def hstack(cells: list[Image.Image], gap: int = 2) -> Image.Image:
+    """Cells side by side on white, `gap` pixels apart (cells share one mode and height)."""
+    mode = cells[0].mode
+    width = sum(c.width for c in cells) + gap * (len(cells) - 1)
+    white = {"L": 255, "LA": (255, 255), "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}
+    strip = Image.new(mode, (width, max(c.height for c in cells)), white[mode])
+    x = 0
+    for c in cells:
+        strip.paste(c, (x, 0))
+        x += c.width + gap
+    return strip
+
+
+def encode_gif(frames: list[Image.Image], frame_ms: int = 80, hold_ms: int = 1000) -> bytes:
+    """An endlessly looping GIF; the first and last frames are held for `hold_ms`.
+
+    GIF has no partial transparency, so alpha is dropped (composited over white).
+    """
+    flat = []
+    for f in frames:
+        if f.mode in ("LA", "RGBA"):
+            bg = Image.new(f.mode[:-1], f.size, 255 if f.mode == "LA" else (255, 255, 255))
+            bg.paste(f, (0, 0), f.getchannel("A"))
+            f = bg
+        flat.append(f)
+    durations = [frame_ms] * len(flat)
+    durations[0] = durations[-1] = hold_ms
+    buf = io.BytesIO()
+    flat[0].save(
+        buf, format="GIF", save_all=True, append_images=flat[1:], duration=durations, loop=0
+    )
+    return buf.getvalue()

@@ -1,0 +1,43 @@
+"""Shared test fixtures: small Pillow-drawn images, a CLI runner."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+
+def draw_shapes(size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Image.Image:
+    """A deterministic picture with structure: a gradient background and three shapes."""
+    w, h = size
+    img = Image.new("RGB", size)
+    px = img.load()
+    for y in range(h):
+        for x in range(w):
+            px[x, y] = (int(255 * x / max(w - 1, 1)), int(255 * y / max(h - 1, 1)), 96)
+    d = ImageDraw.Draw(img)
+    d.ellipse((w // 8, h // 8, w // 2, h // 2), fill=(240, 200, 40))
+    d.rectangle((w // 2, h // 2, w - 3, h - 3), fill=(200, 40, 60))
+    d.polygon([(2, h - 2), (w // 4, h // 2), (w // 2, h - 2)], fill=(30, 160, 90))
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def shapes_png(tmp_path):
+    """Path to a 64x48 RGB PNG with structure."""
+    path = tmp_path / "shapes.png"
+    draw_shapes((64, 48)).save(path)
+    return path
