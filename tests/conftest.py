@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -41,3 +44,10 @@ def shapes_png(tmp_path):
     path = tmp_path / "shapes.png"
     draw_shapes((64, 48)).save(path)
     return path
+
+
+def ddpm_executable() -> str:
+    """The installed `ddpm` console script of this Python environment."""
+    exe = shutil.which("ddpm", path=str(Path(sys.executable).parent)) or shutil.which("ddpm")
+    assert exe, "the ddpm console script is not installed (pip install -e .)"
+    return exe

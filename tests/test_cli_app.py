@@ -1,0 +1,74 @@
+"""The app's shape: version, help, completion, commands that have not landed yet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import ddpm_executable
+from ddpm_cli import __version__
+from ddpm_cli.cli import app
+
+
+def test_version(runner):
+    for flag in ("--version", "-V"):
+        r = runner.invoke(app, [flag])
+        assert r.exit_code == 0 and r.stdout == f"ddpm {__version__}\n"
+    assert __version__ != "0.0.0+unknown"  # the installed package's metadata is found
+
+
+@pytest.mark.parametrize("command", [[], ["noise"], ["train"], ["sample"], ["inspect"]])
+def test_help_short_and_long(runner, command):
+    long = runner.invoke(app, [*command, "--help"])
+    short = runner.invoke(app, [*command, "-h"])
+    assert long.exit_code == 0 and short.exit_code == 0
+    assert long.stdout == short.stdout and "Usage" in long.stdout
+
+
+def test_root_help_lists_every_command(runner):
+    out = runner.invoke(app, ["-h"]).stdout
+    for name in ("noise", "train", "sample", "inspect"):
+        assert name in out
+    assert "--install-completion" in out and "--show-completion" in out
+
+
+@pytest.mark.parametrize(("command", "issue"), [("train", 3), ("sample", 4), ("inspect", 5)])
+def test_unfinished_commands_exit_2_with_a_clear_line(runner, command, issue):
+    for extra in ([], ["./images", "--epochs", "100", "-n", "4"]):
+        r = runner.invoke(app, [command, *extra])
+        assert r.exit_code == 2
+        assert r.stdout == ""
+        (line,) = r.stderr.strip().splitlines()
+        assert f"'ddpm {command}' is not available yet" in line and f"issue #{issue}" in line
+
+
+def test_unknown_command_is_one_line(runner):
+    r = runner.invoke(app, ["nosie"])
+    assert r.exit_code == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error:") and "nosie" in line
+
+
+def test_shell_completion_completes_commands_and_choices():
+    def complete(words: str, cword: int) -> list[str]:
+        env = {
+            **os.environ,
+            "_DDPM_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+        }
+        out = subprocess.run(
+            [ddpm_executable()], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert complete("ddpm no", 1) == ["noise"]
+    assert complete("ddpm noise x.png --schedule ", 4) == [
+        "linear",
+        "cosine",
+        "quadratic",
+        "sigmoid",
+    ]

@@ -1,0 +1,71 @@
+"""Device selection with the machine's devices faked, and seeded noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_cli import device as dev
+from ddpm_cli.errors import DeviceError
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this machine has `cuda` CUDA devices and MPS or not."""
+
+    def fake(cuda: int = 0, mps: bool = False) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+        monkeypatch.setattr(dev, "_mps_available", lambda: mps)
+
+    return fake
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(machine):
+    machine(cuda=2, mps=True)
+    assert dev.resolve_device("auto") == torch.device("cuda", 0)
+    machine(cuda=0, mps=True)
+    assert dev.resolve_device("auto") == torch.device("mps")
+    machine(cuda=0, mps=False)
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    assert dev.resolve_device(" AUTO ") == torch.device("cpu")
+
+
+def test_explicit_devices_that_exist(machine):
+    machine(cuda=2, mps=True)
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    assert dev.resolve_device("cuda") == torch.device("cuda", 0)
+    assert dev.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert dev.resolve_device("mps") == torch.device("mps")
+    assert dev.available_devices() == ["cuda:0", "cuda:1", "mps", "cpu"]
+
+
+def test_absent_devices_name_what_is_available(machine):
+    machine(cuda=0, mps=False)
+    with pytest.raises(DeviceError, match=r"CUDA is not available \(available: cpu\)"):
+        dev.resolve_device("cuda")
+    with pytest.raises(DeviceError, match=r"'mps' is not available.*available: cpu"):
+        dev.resolve_device("mps")
+    machine(cuda=2, mps=False)
+    with pytest.raises(
+        DeviceError, match=r"has 2 CUDA device\(s\) \(available: cuda:0, cuda:1, cpu"
+    ):
+        dev.resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "cuda:-1", "tpu", ""])
+def test_malformed_devices_are_usage_errors(machine, spec):
+    machine()
+    with pytest.raises(DeviceError, match="unknown device") as err:
+        dev.resolve_device(spec)
+    assert err.value.exit_code == 2
+
+
+def test_seeded_noise_is_reproducible_and_drawn_on_the_cpu():
+    a = dev.randn((3, 4), dev.make_generator(7))
+    b = dev.randn((3, 4), dev.make_generator(7))
+    c = dev.randn((3, 4), dev.make_generator(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the same numbers as drawing on the CPU directly: the device only receives them
+    assert torch.equal(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(7)))
+    assert 0 <= dev.new_seed() < 2**32
