@@ -19,6 +19,8 @@ from ddpm_cli.errors import DataError
 GRAY8, GRAY16, RGB = "L", "I;16", "RGB"
 _MAX = {GRAY8: 255.0, GRAY16: 65535.0, RGB: 255.0}
 MIN_LABELLED_WIDTH = 64  # frames narrower than this are enlarged in strips so labels fit
+WHITE = {"L": 255, "LA": (255, 255), "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}
+BLACK = {"L": 0, "LA": (0, 255), "RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255)}
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,11 @@ def labelled(img: Image.Image, label: str, min_width: int = MIN_LABELLED_WIDTH) 
     left, top, right, bottom = draw_probe.textbbox((0, 0), label, font=font)
     band = bottom - top + 8
     mode = img.mode if img.mode in ("L", "LA", "RGB", "RGBA") else "RGB"
-    white = {"L": 255, "LA": (255, 255), "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}
-    black = {"L": 0, "LA": (0, 255), "RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255)}
-    cell = Image.new(mode, (img.width, img.height + band), white[mode])
+    cell = Image.new(mode, (img.width, img.height + band), WHITE[mode])
     cell.paste(img.convert(mode), (0, 0))
     draw = ImageDraw.Draw(cell)
     x = (img.width - (right - left)) // 2 - left
-    draw.text((x, img.height + 4 - top), label, fill=black[mode], font=font)
+    draw.text((x, img.height + 4 - top), label, fill=BLACK[mode], font=font)
     return cell
 
 
@@ -191,8 +191,7 @@ def hstack(cells: list[Image.Image], gap: int = 2) -> Image.Image:
     """Cells side by side on white, `gap` pixels apart (cells share one mode and height)."""
     mode = cells[0].mode
     width = sum(c.width for c in cells) + gap * (len(cells) - 1)
-    white = {"L": 255, "LA": (255, 255), "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255)}
-    strip = Image.new(mode, (width, max(c.height for c in cells)), white[mode])
+    strip = Image.new(mode, (width, max(c.height for c in cells)), WHITE[mode])
     x = 0
     for c in cells:
         strip.paste(c, (x, 0))
@@ -208,7 +207,7 @@ def encode_gif(frames: list[Image.Image], frame_ms: int = 80, hold_ms: int = 100
     flat = []
     for f in frames:
         if f.mode in ("LA", "RGBA"):
-            bg = Image.new(f.mode[:-1], f.size, 255 if f.mode == "LA" else (255, 255, 255))
+            bg = Image.new(f.mode[:-1], f.size, WHITE[f.mode[:-1]])
             bg.paste(f, (0, 0), f.getchannel("A"))
             f = bg
         flat.append(f)
