@@ -29,12 +29,13 @@ def test_help_short_and_long(runner, command):
 
 def test_root_help_lists_every_command(runner):
     out = runner.invoke(app, ["-h"]).stdout
-    for name in ("noise", "train", "sample", "inspect"):
-        assert name in out
+    panel = out.split("Commands", 1)[1]
+    listed = {line.split()[1] for line in panel.splitlines() if line.startswith("│ ")}
+    assert {"noise", "train", "sample", "inspect"} <= listed
     assert "--install-completion" in out and "--show-completion" in out
 
 
-@pytest.mark.parametrize(("command", "issue"), [("train", 3), ("sample", 4), ("inspect", 5)])
+@pytest.mark.parametrize(("command", "issue"), [("sample", 4), ("inspect", 5)])
 def test_unfinished_commands_exit_2_with_a_clear_line(runner, command, issue):
     for extra in ([], ["./images", "--epochs", "100", "-n", "4"]):
         r = runner.invoke(app, [command, *extra])

@@ -6,8 +6,11 @@ import io
 import json
 import math
 import os
+import pty
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +83,10 @@ def test_same_seed_same_bytes_and_the_seed_is_reported(runner, shapes_png, tmp_p
     assert (tmp_path / "r.png").read_bytes() == (tmp_path / "r2.png").read_bytes()
 
 
-def test_default_output_names_path_on_stdout_and_table_on_stderr(runner, shapes_png, tmp_path):
-    os.chdir(tmp_path)
+def test_default_output_names_path_on_stdout_and_table_on_stderr(
+    runner, shapes_png, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     r = run(runner, "noise", shapes_png, "--t", 500, "--seed", 0)
     assert r.exit_code == 0
     assert r.stdout == "shapes-noise-t500.png\n"
@@ -214,10 +219,16 @@ def test_output_keeps_size_and_mode_family(runner, tmp_path, mode, expected):
         assert (np.asarray(got) % 257 != 0).mean() > 0.9
 
 
-def test_size_option_crops_first(runner, shapes_png, tmp_path):
+def test_size_option_resizes_and_center_crops_first(runner, tmp_path):
+    img = Image.new("RGB", (120, 40), (0, 0, 255))  # blue, with red bars at both ends
+    img.paste((255, 0, 0), (0, 0, 30, 40))
+    img.paste((255, 0, 0), (90, 0, 120, 40))
+    img.save(tmp_path / "wide.png")
     out = tmp_path / "c.png"
-    r = run(runner, "noise", shapes_png, "--t", 5, "--size", 32, "-o", out)
-    assert r.exit_code == 0 and Image.open(out).size == (32, 32)
+    r = run(runner, "noise", tmp_path / "wide.png", "--t", 0, "--size", 20, "-o", out)
+    assert r.exit_code == 0 and Image.open(out).size == (20, 20)
+    px = pixels(out)  # 120x40 -> 60x20, center 20 columns: all blue, the red bars cropped
+    assert px[..., 2].min() > 200 and px[..., 0].max() < 60
 
 
 def listing(path: Path) -> list[str]:
@@ -245,9 +256,16 @@ def listing(path: Path) -> list[str]:
         (["{img}", "--frames", "1"], 2, "--frames"),
         (["{img}", "--bogus"], 2, "No such option: --bogus"),
         (["-"], 2, "no data on stdin"),
+        (["{img}", "-o", "{img}"], 2, "is the input image"),
+        (["{img}", "--t", ",".join(map(str, range(65)))], 2, "at most 64 timesteps"),
+        (["{img}", "--size", "100000"], 2, "--size"),
+        (["{img}", "--seed", str(2**64)], 2, "--seed"),
+        (["{img}", "-o", "/proc/x.png"], 1, "/proc/x.png: cannot write"),
     ],
 )
-def test_bad_input_gives_one_line_and_leaves_nothing(runner, tmp_path, args, code, message):
+def test_bad_input_gives_one_line_and_leaves_nothing(
+    runner, tmp_path, monkeypatch, args, code, message
+):
     work = tmp_path / "work"
     work.mkdir()
     (work / "sub").mkdir()
@@ -261,7 +279,7 @@ def test_bad_input_gives_one_line_and_leaves_nothing(runner, tmp_path, args, cod
         "img": work / "img.png",
     }
     before = listing(work), listing(work / "sub")
-    os.chdir(work)
+    monkeypatch.chdir(work)
     r = runner.invoke(app, ["noise", *[a.format(**names) for a in args]], input=b"")
     assert r.exit_code == code, r.output
     lines = r.stderr.strip().splitlines()
@@ -310,3 +328,77 @@ def test_installed_command_and_module_pipe_the_same_bytes(runner, shapes_png, tm
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.png'}: no such file"]
+
+
+def png16(path: Path, rgb: bool, size=(20, 10)) -> np.ndarray:
+    """Write a 16-bit RGB (or gray+alpha) PNG by hand: Pillow cannot save these."""
+    w, h = size
+    ch = 3 if rgb else 2
+    arr = (np.random.default_rng(0).random((h, w, ch)) * 65535).astype(">u2")
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if rgb else 4, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return arr
+
+
+def test_16_bit_colour_and_gray_alpha_keep_their_family_and_say_so(runner, tmp_path):
+    png16(tmp_path / "rgb16.png", rgb=True)
+    r = run(runner, "noise", tmp_path / "rgb16.png", "--t", 1, "-o", tmp_path / "a.png")
+    assert r.exit_code == 0 and Image.open(tmp_path / "a.png").mode == "RGB"
+    assert "16-bit colour: read at 8 bits" in r.stderr
+    arr = png16(tmp_path / "la16.png", rgb=False)
+    r = run(runner, "noise", tmp_path / "la16.png", "--t", 1, "-o", tmp_path / "b.png")
+    out = Image.open(tmp_path / "b.png")
+    assert r.exit_code == 0 and out.mode == "LA"  # gray stays gray, alpha kept
+    assert np.abs(np.asarray(out.getchannel("A"), dtype=float) - arr[..., 1] / 257).max() <= 1
+
+
+def test_animated_input_uses_the_first_frame_and_says_so(runner, tmp_path):
+    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    red.save(tmp_path / "anim.webp", save_all=True, append_images=[blue], lossless=True)
+    r = run(runner, "noise", tmp_path / "anim.webp", "--t", 0, "-o", tmp_path / "f.png")
+    assert r.exit_code == 0 and "2 frames: using the first" in r.stderr
+    assert pixels(tmp_path / "f.png")[..., 0].mean() > 240
+
+
+def test_symlinked_output_replaces_the_target_and_keeps_the_link(runner, shapes_png, tmp_path):
+    target = tmp_path / "target.png"
+    target.write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to(target)
+    r = run(runner, "noise", shapes_png, "--t", 3, "-o", tmp_path / "link.png")
+    assert r.exit_code == 0
+    assert (tmp_path / "link.png").is_symlink() and target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_thin_images_make_bounded_strips(runner, tmp_path):
+    Image.new("L", (1, 3000), 128).save(tmp_path / "thin.png")
+    r = run(runner, "noise", tmp_path / "thin.png", "--t", "0,999", "-o", tmp_path / "s.png")
+    assert r.exit_code == 0
+    assert Image.open(tmp_path / "s.png").height < 3 * 3000
+
+
+def test_refuses_to_write_image_bytes_to_a_terminal(shapes_png):
+    leader, follower = pty.openpty()
+    try:
+        p = subprocess.run(
+            [ddpm_executable(), "noise", str(shapes_png), "-o", "-"],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert p.returncode == 2
+    assert "refusing to write image bytes to a terminal" in p.stderr

@@ -6,7 +6,7 @@ options and the core reads only them; later they are saved as JSON inside checkp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from ddpm_cli.errors import ConfigError
@@ -47,6 +47,80 @@ class DiffusionConfig:
         return d
 
 
+class Objective(str, Enum):
+    """What the network predicts."""
+
+    eps = "eps"  # the noise: L_simple, the paper's default
+    x0 = "x0"  # the clean image
+    v = "v"  # the velocity sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net's architecture. Everything the network needs to be rebuilt from a checkpoint."""
+
+    image_size: tuple[int, int] = (32, 32)  # (height, width)
+    in_channels: int = 3  # 1 (gray), 3 (RGB) or 4 (RGBA)
+    out_channels: int = 3
+    channels: int = 128  # base width, "ch" in the authors' code
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # width multiplier per resolution level
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more going up)
+    attention_resolutions: tuple[int, ...] = (16,)  # shorter-side sizes that get self-attention
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        object.__setattr__(self, "image_size", tuple(int(v) for v in size))
+        object.__setattr__(self, "channel_mult", tuple(int(v) for v in self.channel_mult))
+        object.__setattr__(
+            self, "attention_resolutions", tuple(int(v) for v in self.attention_resolutions)
+        )
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) not in (1, 3, 4):
+                raise ConfigError(f"{name} must be 1, 3 or 4, got {getattr(self, name)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ConfigError(f"image_size must be (height, width), got {self.image_size}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
+        if self.channels < 1 or self.num_res_blocks < 1:
+            raise ConfigError("channels and num_res_blocks must be at least 1")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        h, w = self.image_size
+        if h % factor or w % factor:
+            raise ConfigError(
+                f"image size {h}x{w} must be divisible by {factor} for "
+                f"{len(self.channel_mult)} resolution levels"
+            )
+        for c in {self.channels * m for m in self.channel_mult} | {self.channels}:
+            if c % min(32, c):
+                raise ConfigError(f"{c} channels cannot be split into {min(32, c)} norm groups")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def resolution(self, level: int) -> int:
+        """The shorter side of the feature maps at resolution `level` (0 = full size)."""
+        return min(self.image_size) // 2**level
+
+    def attends_at(self, level: int) -> bool:
+        return self.resolution(level) in self.attention_resolutions
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+def _jsonable(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+MAX_STRIP = 64  # timesteps in one strip
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """A forward-process preview (`ddpm noise`): which timesteps, what to write."""
@@ -66,7 +140,83 @@ class NoiseConfig:
                 raise ConfigError(f"t={t} is outside [0, {T - 1}] for T={T} (t is zero-based)")
         if self.frames < 2:
             raise ConfigError(f"frames must be at least 2, got {self.frames}")
-        if self.size is not None and self.size < 1:
-            raise ConfigError(f"size must be a positive number of pixels, got {self.size}")
+        if self.size is not None and not 1 <= self.size <= 8192:
+            raise ConfigError(f"size must be between 1 and 8192 pixels, got {self.size}")
+        if len(self.ts) > MAX_STRIP:
+            raise ConfigError(f"at most {MAX_STRIP} timesteps in one strip, got {len(self.ts)}")
         if self.seed is not None and self.seed < 0:
             raise ConfigError(f"seed must be non-negative, got {self.seed}")
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16; weights and optimizer stay fp32
+    fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Values of None are resolved from the data and device at the start of a run
+    (and the resolved values are what the checkpoint stores)."""
+
+    preset: str = "auto"  # a name from presets.PRESETS; auto: by image size and device
+    image_size: int = 32  # images are resized (shorter side) and center-cropped to this
+    channels: int | None = None  # None: 1 for all-grayscale data, else 3
+    flip: bool = True  # random horizontal flips, as in the paper
+    objective: Objective = Objective.eps
+    min_snr_gamma: float | None = None  # None: L_simple's uniform weights
+    lr: float = 2e-4  # the paper's learning rate for 32x32 (2e-5 for 256x256)
+    warmup_steps: int | None = None  # None: 5000 (paper), capped at 5% of the run
+    grad_clip: float = 1.0  # global gradient-norm clipping, as in the paper
+    ema_decay: float = 0.9999  # the paper's; warmed up, see ema_decay_at
+    batch_size: int | None = None  # None: 128 (paper) on CUDA, 32 elsewhere
+    grad_accum: int = 1
+    epochs: int | None = None  # training ends at whichever of epochs and steps comes first;
+    steps: int | None = None  # with neither, 100 epochs
+    seed: int | None = None
+    precision: Precision | None = None  # None: bf16 on CUDA with bf16 support, else fp32
+    compile: bool = False
+    device: str = "auto"
+    sample_every: int = 1000  # steps between sample grids (0: never)
+    checkpoint_every: int = 1000  # steps between checkpoints
+    log_every: int = 50  # steps between metrics lines
+    num_samples: int = 16  # images in each sample grid
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objective", Objective(self.objective))
+        if self.precision is not None:
+            object.__setattr__(self, "precision", Precision(self.precision))
+        positive = ("image_size", "grad_accum", "log_every", "num_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_size", "epochs", "steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.channels not in (None, 1, 3, 4):
+            raise ConfigError(f"channels must be 1, 3 or 4, got {self.channels}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass from its JSON form, refusing unknown keys and bad values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None

@@ -35,8 +35,12 @@ def read_input_bytes(source: str | Path) -> bytes:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def check_output_path(path: Path, overwrite: bool = True) -> None:
-    """Fail early, before any work, if `path` cannot be written."""
+def check_output_path(path: Path, overwrite: bool = True, inputs: tuple = ()) -> None:
+    """Fail early, before any work, if `path` cannot be written or would replace an input."""
+    for source in inputs:
+        if str(source) != STDIO and Path(source).exists() and path.exists():
+            if os.path.samefile(source, path):
+                raise UsageError(f"{path}: is the input image; choose another output file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"{path}: directory {parent} does not exist; create it first")
@@ -51,8 +55,11 @@ def check_output_path(path: Path, overwrite: bool = True) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target."""
-    path = Path(path)
+    """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target.
+
+    A symlink is followed: its target is replaced, and the link kept.
+    """
+    path = Path(os.path.realpath(path))
     parent = path.parent if str(path.parent) else Path(".")
     tmp_name = None
     try:
@@ -81,7 +88,13 @@ def _umask() -> int:
     return mask
 
 
+def stdout_is_terminal() -> bool:
+    return bool(sys.stdout is not None and sys.stdout.isatty())
+
+
 def write_stdout(data: bytes) -> None:
     """Binary data to stdout (for `-o -`), flushed so pipes see it at once."""
+    if sys.stdout is None:
+        raise OutputError("stdout is closed; use -o FILE")
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()

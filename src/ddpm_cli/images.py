@@ -36,6 +36,7 @@ class LoadedImage:
     family: str
     source_mode: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    source_size: tuple[int, int] = (0, 0)  # (width, height) before any resize
 
     @property
     def size(self) -> tuple[int, int]:
@@ -43,10 +44,26 @@ class LoadedImage:
         return self.pixels.shape[2], self.pixels.shape[1]
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+MAX_STRIP_CELL_HEIGHT = 4096  # enlarging a thin image for its label stops here
+
+
+def _rawmode(img: Image.Image) -> str:
+    """How the file stores pixels ("RGB;16B" for 16-bit colour PNG), before Pillow converts."""
+    try:
+        args = img.tile[0][3] if img.tile else ""
+        return args if isinstance(args, str) else str(args[0] if args else "")
+    except (IndexError, TypeError):
+        return ""
+
+
+def _open(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
+    notes = []
     try:
         img = Image.open(io.BytesIO(data))
+        if getattr(img, "n_frames", 1) > 1:
+            notes.append(f"{img.n_frames} frames: using the first")
         img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        raw = _rawmode(img)
         img.load()
     except Image.DecompressionBombError:
         raise DataError(
@@ -60,7 +77,13 @@ def _open(data: bytes, name: str) -> Image.Image:
         raise DataError(f"{name}: corrupt or truncated image ({e})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{name}: image has no pixels ({img.width}x{img.height})")
-    return img
+    if raw.startswith("LA;16") and img.mode == "RGBA":
+        # Pillow widens 16-bit gray+alpha to RGBA; it is gray, so keep it gray
+        img = img.convert("LA")
+        notes.append("16-bit gray+alpha: read at 8 bits (Pillow cannot hold 16-bit with alpha)")
+    elif raw.startswith(("RGB;16", "RGBA;16")):
+        notes.append("16-bit colour: read at 8 bits per channel (Pillow holds colour at 8 bits)")
+    return img, notes
 
 
 def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, list[str]]:
@@ -106,13 +129,15 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
 
 def decode_image(data: bytes, name: str = "image", size: int | None = None) -> LoadedImage:
     """Decode image bytes: EXIF orientation applied, first frame, mode normalised, optional crop."""
-    img = _open(data, name)
+    img, open_notes = _open(data, name)
     source_mode = img.mode
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not make a readable image unusable
         pass
     colour, alpha, family, notes = _normalise(img)
+    notes = open_notes + notes
+    source_size = colour.size
     if size is not None:
         colour = _resize_crop(colour, size)
         alpha = _resize_crop(alpha, size) if alpha is not None else None
@@ -122,7 +147,7 @@ def decode_image(data: bytes, name: str = "image", size: int | None = None) -> L
     arr = arr.reshape(colour.height, colour.width, -1) / _MAX[family]
     pixels = torch.from_numpy(arr * 2.0 - 1.0).permute(2, 0, 1).to(torch.float32).contiguous()
     alpha_t = torch.from_numpy(np.array(alpha, dtype=np.uint8)) if alpha is not None else None
-    return LoadedImage(pixels, alpha_t, family, source_mode, tuple(notes))
+    return LoadedImage(pixels, alpha_t, family, source_mode, tuple(notes), source_size)
 
 
 def quantize(x: torch.Tensor, family: str) -> np.ndarray:
@@ -171,7 +196,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def labelled(img: Image.Image, label: str, min_width: int = MIN_LABELLED_WIDTH) -> Image.Image:
     """`img` (8-bit) enlarged by a whole factor to at least `min_width`, above a `label` band."""
-    factor = max(1, -(-min_width // img.width))
+    factor = max(1, min(-(-min_width // img.width), MAX_STRIP_CELL_HEIGHT // img.height))
     if factor > 1:
         img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
     font = _font(max(10, min(32, img.width // 6)))

@@ -67,6 +67,8 @@ def run_noise(data: bytes, name: str, config: NoiseConfig) -> NoiseResult:
 
     if config.gif:
         keep = frame_times(T, config.frames)
+        if len(keep) < config.frames:
+            notes.append(f"T={T} has only {T} timesteps: the animation has {len(keep)} frames")
         frames = [
             labelled(to_8bit(to_pil(x, image.family, image.alpha)), f"t={t}")
             for t, x in chain(tables, x0, keep, generator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -70,6 +71,17 @@ class DdpmGroup(TyperGroup):
         except DdpmError as e:
             error_line(str(e))
             code = e.exit_code
+        except MemoryError:
+            error_line("out of memory; try a smaller image, --size or batch")
+            code = 1
+        except Exception as e:  # a bug: say so in one line, keep the traceback on request
+            if os.environ.get("DDPM_DEBUG"):
+                raise
+            error_line(
+                f"internal error: {type(e).__name__}: {e} "
+                "(please report it; set DDPM_DEBUG=1 to see the traceback)"
+            )
+            code = 1
         else:
             code = rv if isinstance(rv, int) else 0
         if not standalone_mode:
@@ -86,7 +98,10 @@ DeviceOpt = Annotated[
 SeedOpt = Annotated[
     int | None,
     typer.Option(
-        "--seed", min=0, help="Random seed; the same seed gives the same bytes. Default: random."
+        "--seed",
+        min=0,
+        max=2**63 - 1,
+        help="Random seed; the same seed gives the same bytes. Default: random.",
     ),
 ]
 ScheduleOpt = Annotated[

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +21,14 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import STDIO, check_output_path, read_input_bytes, write_atomic, write_stdout
+from ddpm_cli.files import (
+    STDIO,
+    check_output_path,
+    read_input_bytes,
+    stdout_is_terminal,
+    write_atomic,
+    write_stdout,
+)
 from ddpm_cli.noising import parse_timesteps, run_noise
 
 
@@ -60,7 +66,10 @@ def noise(
     size: Annotated[
         int | None,
         typer.Option(
-            "--size", min=1, help="Resize the shorter side and center-crop to SIZE x SIZE first."
+            "--size",
+            min=1,
+            max=8192,
+            help="Resize the shorter side and center-crop to SIZE x SIZE first.",
         ),
     ] = None,
     device: DeviceOpt = NoiseConfig.device,
@@ -100,12 +109,12 @@ def noise(
     if out == STDIO:
         if as_json:
             raise UsageError("-o - and --json both write to stdout; choose one")
-        if sys.stdout.isatty():
+        if stdout_is_terminal():
             raise UsageError(
                 "refusing to write image bytes to a terminal; redirect stdout or use -o"
             )
     else:
-        check_output_path(Path(out))
+        check_output_path(Path(out), inputs=(image,))
 
     data = read_input_bytes(image)
     result = run_noise(data, "stdin" if image == STDIO else image, config)
@@ -141,7 +150,7 @@ def noise(
 def _output_path(image: str, output: str | None, ts: tuple[int, ...], gif: bool) -> str:
     suffix = ".gif" if gif else ".png"
     if output is not None:
-        if output != STDIO and Path(output).suffix.lower() != suffix:
+        if output != STDIO and not output.lower().endswith(suffix):
             kind = "an animation (--gif)" if gif else "an image"
             raise UsageError(f"output {output!r} must end in {suffix} for {kind}")
         return output
