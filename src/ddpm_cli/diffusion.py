@@ -119,3 +119,53 @@ def predict_eps_from_v(
         extract(tables.sqrt_one_minus_alpha_bar, t, xt.shape) * xt
         + extract(tables.sqrt_alpha_bar, t, xt.shape) * v
     )
+
+
+def training_target(objective: str, x0: torch.Tensor, eps: torch.Tensor, v: torch.Tensor):
+    """What the network should output for `objective` ("eps", "x0" or "v")."""
+    return {"eps": eps, "x0": x0, "v": v}[objective]
+
+
+def loss_weight(tables: DiffusionTables, t: torch.Tensor, objective: str, gamma: float | None):
+    """Per-item weight (B,) of the MSE: 1, or min-SNR-gamma (Hang et al. 2023) when gamma is set.
+
+    Min-SNR weights the x0-space error by min(SNR, gamma); expressed in each objective's space
+    that is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1)
+    for v.
+    """
+    if gamma is None:
+        return torch.ones(t.shape[0], device=t.device, dtype=tables.snr.dtype)
+    snr = tables.snr.gather(0, t.to(tables.snr.device))
+    clipped = snr.clamp(max=gamma)
+    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[objective]
+
+
+def training_losses(
+    model,
+    tables: DiffusionTables,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    objective: str = "eps",
+    gamma: float | None = None,
+) -> torch.Tensor:
+    """Per-item loss (B,): the weighted mean squared error of the model's prediction.
+
+    With objective "eps" and no weighting this is L_simple, eq. 14 of Ho et al. 2020.
+    """
+    xt = q_sample(tables, x0, t, eps)
+    target = training_target(objective, x0, eps, v_target(tables, x0, t, eps))
+    out = model(xt, t)
+    mse = (out.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    return mse * loss_weight(tables, t, objective, gamma).to(mse.dtype)
+
+
+def predict_x0_and_eps(
+    tables: DiffusionTables, objective: str, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor
+):
+    """Turn the network's output into both x_0 and eps predictions, whatever it predicts."""
+    if objective == "eps":
+        return predict_x0_from_eps(tables, xt, t, out), out
+    if objective == "x0":
+        return out, predict_eps_from_x0(tables, xt, t, out)
+    return predict_x0_from_v(tables, xt, t, out), predict_eps_from_v(tables, xt, t, out)

@@ -12,6 +12,7 @@ import typer
 from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console, pending_command
 from ddpm_cli.cli.noise import noise
+from ddpm_cli.cli.train import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 PASSTHROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True}
@@ -50,9 +51,7 @@ def root(
 
 
 app.command(name="noise", context_settings=CONTEXT)(noise)
-app.command(name="train", context_settings=PASSTHROUGH)(
-    pending_command("train", 3, "train the paper's U-Net on a folder of images")
-)
+app.command(name="train", context_settings=CONTEXT)(train)
 app.command(name="sample", context_settings=PASSTHROUGH)(
     pending_command("sample", 4, "generate images from a trained checkpoint")
 )

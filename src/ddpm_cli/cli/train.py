@@ -1,0 +1,302 @@
+"""`ddpm train`: train the paper's U-Net on a folder of images or the built-in dataset."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
+from ddpm_cli.config import DiffusionConfig, Objective, Precision, Schedule, TrainConfig
+from ddpm_cli.presets import PRESETS
+from ddpm_cli.run import train as run_training
+
+D = TrainConfig()  # the one source of defaults
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def train(
+    ctx: typer.Context,
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="Folder of images (searched recursively), or builtin:NAME. "
+            "Default: the built-in 'shapes' dataset."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory. Default: runs/NAME-N.")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Continue the run in this directory exactly where it stopped."
+        ),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", help=f"Model: auto, {', '.join(PRESETS)}.")
+    ] = D.preset,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            "--image-size", min=8, help="Train at SIZE x SIZE (shorter side resized, center crop)."
+        ),
+    ] = D.image_size,
+    channels: Annotated[
+        int | None, typer.Option("--channels", help="1, 3 or 4. Default: follows the data.")
+    ] = D.channels,
+    flip: Annotated[
+        bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
+    ] = D.flip,
+    objective: Annotated[
+        Objective, typer.Option("--objective", help="What the network predicts.")
+    ] = D.objective,
+    min_snr_gamma: Annotated[
+        float | None, typer.Option("--min-snr-gamma", help="Min-SNR-gamma loss weighting (e.g. 5).")
+    ] = D.min_snr_gamma,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = D.lr,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--warmup-steps", min=0, help="Linear warm-up. Default: 5000, at most 5% of the run."
+        ),
+    ] = D.warmup_steps,
+    ema_decay: Annotated[
+        float, typer.Option("--ema-decay", help="EMA decay, reached after a warm-up.")
+    ] = D.ema_decay,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Images per step. Default: 128 on CUDA, else 32."
+        ),
+    ] = D.batch_size,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")
+    ] = D.grad_accum,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Passes over the data (default 100).")
+    ] = D.epochs,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", min=1, help="Optimizer steps; the first limit reached ends training."
+        ),
+    ] = D.steps,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, help="Seed. Default: random, stored in the run.")
+    ] = D.seed,
+    precision: Annotated[
+        Precision | None,
+        typer.Option("--precision", help="Default: bf16 on CUDA with bf16 support, else fp32."),
+    ] = D.precision,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model.")
+    ] = D.compile,
+    device: DeviceOpt = D.device,
+    schedule: ScheduleOpt = DiffusionConfig.schedule,
+    timesteps: TimestepsOpt = DiffusionConfig.timesteps,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", min=0, help="Steps between sample grids (0: never).")
+    ] = D.sample_every,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
+    ] = D.checkpoint_every,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Steps between metrics lines.")
+    ] = D.log_every,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", min=1, help="Images in each sample grid.")
+    ] = D.num_samples,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the paper's U-Net on a folder of images.
+
+    Writes a run directory with [bold]model.safetensors[/bold] (EMA weights and the full
+    config: all [bold]ddpm sample[/bold] needs), the resumable train state, sample grids and
+    metrics.jsonl. Ctrl-C saves a checkpoint and stops; [bold]--resume[/bold] continues.
+
+    [dim]Examples:[/dim]
+
+      [bold]ddpm train --steps 2000[/bold]
+
+      [bold]ddpm train ./images --epochs 100 --image-size 64[/bold]
+
+      [bold]ddpm train --resume runs/images-1 --steps 20000[/bold]
+    """
+    names = [p.name for p in ctx.command.params if p.name in TrainConfig.__dataclass_fields__]
+    values = {k: v for k, v in locals().items() if k in names}
+    given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    config = TrainConfig(**values)
+    diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)
+    for key in ("schedule", "timesteps"):
+        if ctx.get_parameter_source(key).name == "COMMANDLINE":
+            given[key] = locals()[key]
+
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            os._exit(EXIT_SIGNAL.get(signum, 1))  # second signal: leave now; writes are atomic
+        stop["signal"] = signum
+        err_console.print(
+            "[yellow]stopping: saving a checkpoint after this step "
+            "(press Ctrl-C again to quit at once)[/yellow]"
+        )
+
+    previous = {s: signal.signal(s, handler) for s in EXIT_SIGNAL}
+    view = ProgressView(quiet)
+    try:
+        diffusion_given = {k: given.pop(k) for k in ("schedule", "timesteps") if k in given}
+        if resume is not None and diffusion_given:
+            from ddpm_cli.errors import UsageError
+
+            raise UsageError("cannot change --schedule or --timesteps on resume")
+        result = run_training(
+            data,
+            config,
+            diffusion,
+            out=out,
+            resume=resume,
+            given=given,
+            on_event=view.event,
+            should_stop=lambda: stop["signal"] is not None,
+        )
+    finally:
+        view.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    print(result.out / "model.safetensors")
+    if result.status == "stopped":
+        raise typer.Exit(EXIT_SIGNAL.get(stop["signal"], 130))
+
+
+class ProgressView:
+    """Rich live progress on a terminal; plain lines at each log step otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress, self.task = quiet, None, None
+        self.smoothed = None
+
+    def event(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        getattr(self, f"on_{kind}", lambda info: None)(info)
+
+    def on_start(self, info: dict) -> None:
+        err_console.print(preflight_table(info))
+        for w in info["report"].warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {w}")
+        if err_console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train[/bold]"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=info["total"], completed=info["step"], status=""
+            )
+
+    def on_step(self, info: dict) -> None:
+        s = self.smoothed
+        self.smoothed = info["loss"] if s is None else 0.98 * s + 0.02 * info["loss"]
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=info["step"],
+                status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}  lr {info['lr']:.2e}",
+            )
+
+    def on_log(self, r: dict) -> None:
+        if self.progress is None:
+            ips = f"{r['img_per_s']:.1f} img/s" if r["img_per_s"] else ""
+            err_console.print(
+                f"step {r['step']}  epoch {r['epoch']}  loss {r['loss']:.4f}  "
+                f"grad {r['grad_norm']:.3f}  lr {r['lr']:.2e}  {ips}  ema {r['ema_decay']:.4f}"
+            )
+
+    def on_sample(self, info: dict) -> None:
+        self._line(f"samples: {info['path']}")
+
+    def on_checkpoint(self, info: dict) -> None:
+        self._line(f"checkpoint at step {info['step']}: {info['path']}")
+
+    def on_end(self, info: dict) -> None:
+        self.close()
+        verb = "finished" if info["status"] == "done" else "stopped"
+        err_console.print(f"{verb} at step {info['step']}: {info['out']}")
+
+    def _line(self, text: str) -> None:
+        (self.progress.console if self.progress else err_console).print(f"[dim]{text}[/dim]")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def preflight_table(info: dict) -> Table:
+    report, config, model = info["report"], info["config"], info["model"]
+    s = report.summary()
+    table = Table(title="ddpm train", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    modes = ", ".join(f"{m} {n}" for m, n in sorted(s["modes"].items()))
+    rows = [
+        (
+            "data",
+            f"{s['source']}: {s['used']} images used of {s['found']} found"
+            + (f", {s['skipped']} skipped (see skipped.txt)" if s["skipped"] else ""),
+        ),
+        ("modes", modes or "-"),
+        (
+            "sizes",
+            f"min {s['min_size'][0]}x{s['min_size'][1]}, median "
+            f"{s['median_size'][0]}x{s['median_size'][1]}, max "
+            f"{s['max_size'][0]}x{s['max_size'][1]}",
+        ),
+        (
+            "decoded",
+            f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size}x"
+            f"{report.image_size} uint8",
+        ),
+        (
+            "model",
+            f"{config.preset}: {info['parameters']:,} parameters, channels "
+            f"{model.channels} x {','.join(map(str, model.channel_mult))}, "
+            f"attention at {','.join(map(str, model.attention_resolutions)) or 'none'}",
+        ),
+        (
+            "diffusion",
+            f"{info['diffusion'].schedule.value}, T={info['diffusion'].timesteps}, "
+            f"predicting {config.objective.value}",
+        ),
+        (
+            "training",
+            f"{info['total']} steps, batch {config.batch_size} x {config.grad_accum}, "
+            f"lr {config.lr:g} (warm-up {config.warmup_steps}), EMA {config.ema_decay}, "
+            f"seed {config.seed}",
+        ),
+        (
+            "device",
+            f"{info['device']}, {config.precision.value}"
+            + (", compiled" if config.compile else ""),
+        ),
+        (
+            "run",
+            f"{info['out']}" + (f" (resuming at step {info['step']})" if info["resumed"] else ""),
+        ),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

@@ -1,0 +1,95 @@
+"""Named model presets, and the default preset for an image size and device.
+
+The paper's presets reproduce the authors' networks exactly; the small ones trade capacity for
+speed so that a laptop CPU can train something useful in minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ddpm_cli.config import ModelConfig
+from ddpm_cli.errors import ConfigError
+
+PAPER_256 = ModelConfig(
+    image_size=(256, 256),
+    channels=128,
+    channel_mult=(1, 1, 2, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(16,),
+    dropout=0.0,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Ho et al. 2020, CIFAR-10: 35,746,307 parameters, as the official code counts them
+    "cifar10": ModelConfig(
+        image_size=(32, 32),
+        channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    ),
+    # Ho et al. 2020, CelebA-HQ and LSUN at 256x256 (about 114M parameters; dropout 0 there)
+    "celebahq256": PAPER_256,
+    "lsun256": PAPER_256,
+    # CPU-friendly: the paper's layout at a quarter of the width and fewer blocks
+    "small": ModelConfig(
+        image_size=(32, 32),
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        dropout=0.0,
+    ),
+    "medium": ModelConfig(
+        image_size=(32, 32),
+        channels=64,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    ),
+    # for tests and smoke runs: a few hundred thousand parameters
+    "tiny": ModelConfig(
+        image_size=(16, 16),
+        channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        dropout=0.0,
+    ),
+}
+
+
+def preset_for(image_size: int, accelerated: bool) -> str:
+    """The default preset: the paper's networks on a GPU, the small one on a CPU.
+
+    accelerated: True on CUDA or MPS.
+    """
+    if not accelerated:
+        return "tiny" if image_size <= 16 else "small"
+    return "cifar10" if image_size <= 64 else "celebahq256"
+
+
+def build_model_config(
+    preset: str, image_size: tuple[int, int], channels: int, **overrides
+) -> ModelConfig:
+    """A preset adapted to the data: its image size and channels, plus explicit overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    # drop the deepest levels that the image size cannot be halved for (a 4-level preset at 8x8)
+    mult = base.channel_mult
+    while len(mult) > 1 and (
+        min(image_size) < 2 ** len(mult) or any(s % 2 ** (len(mult) - 1) for s in image_size)
+    ):
+        mult = mult[:-1]
+    values = {
+        "image_size": image_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "channel_mult": mult,
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
+    return replace(base, **values)

@@ -1,0 +1,371 @@
+"""A training run: its directory, data, loop, checkpoints, sample grids, metrics and resume.
+
+    runs/NAME/
+      model.safetensors        EMA weights + full config: the file to sample from
+      train_state.safetensors  raw weights, EMA, Adam moments, RNG states, data position
+      metrics.jsonl            one JSON object per logged step
+      samples/step-NNNNNNN.png sample grids from the EMA weights
+      data_cache.safetensors   the decoded training images (uint8), reused on resume
+      skipped.txt              images that could not be read, and why
+
+Progress is reported to `on_event(kind, info)`; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    config_section,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.data import Batches, DataReport, load_source
+from ddpm_cli.device import make_generator, randn, resolve_device
+from ddpm_cli.errors import UsageError
+from ddpm_cli.files import write_atomic
+from ddpm_cli.images import encode_png
+from ddpm_cli.presets import build_model_config
+from ddpm_cli.samplers import ddpm
+from ddpm_cli.samplers import run as run_sampler
+from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.train import TrainState, ema_decay_at, new_state, resolve, train_step
+from ddpm_cli.unet import count_parameters
+
+MODEL, STATE, METRICS, CACHE = (
+    "model.safetensors",
+    "train_state.safetensors",
+    "metrics.jsonl",
+    "data_cache.safetensors",
+)
+GRID_SAMPLER_STEPS = 100  # sample grids use strided ancestral sampling: previews, not results
+# options a resumed run may change; everything else must match the stored run
+RESUMABLE = {
+    "steps",
+    "epochs",
+    "lr",
+    "sample_every",
+    "checkpoint_every",
+    "log_every",
+    "num_samples",
+    "device",
+    "compile",
+}
+
+Event = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    step: int
+    total: int
+    status: str  # "done" or "stopped"
+    loss: float | None
+
+
+def next_run_dir(root: Path, name: str) -> Path:
+    n = 1
+    while (root / f"{name}-{n}").exists():
+        n += 1
+    return root / f"{name}-{n}"
+
+
+def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
+    for i, s in state.optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.noise"] = state.noise_gen.get_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def save_run(out: Path, state: TrainState, configs: dict, elapsed: float, decay: float) -> None:
+    """train_state first, then the model: each atomic, so a crash leaves both loadable."""
+    meta = {
+        "config": configs,
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "elapsed": elapsed,
+        "optimizer_groups": state.optimizer.state_dict()["param_groups"],
+        "scaler": state.scaler.state_dict() if state.scaler else None,
+    }
+    save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta)
+    save_checkpoint(
+        out / MODEL,
+        state.ema.state_dict(),
+        "model",
+        {
+            "config": configs,
+            "step": state.step,
+            "ema_decay": decay,
+            "elapsed": elapsed,
+            "weights": "ema",
+        },
+    )
+
+
+def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
+    """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds."""
+    t = ckpt.tensors
+    model_sd = {k[6:]: v for k, v in t.items() if k.startswith("model.")}
+    ema_sd = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
+    check_state_dict(ckpt.path, state.model.state_dict(), model_sd)
+    check_state_dict(ckpt.path, state.ema.state_dict(), ema_sd)
+    state.model.load_state_dict(model_sd)
+    state.ema.load_state_dict(ema_sd)
+    optim_state: dict[int, dict] = {}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            optim_state.setdefault(int(i), {})[name] = v
+    try:
+        state.optimizer.load_state_dict(
+            {"state": optim_state, "param_groups": ckpt.json("optimizer_groups")}
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state does not fit the model ({e})"
+        ) from None
+    if state.scaler and ckpt.json("scaler"):
+        state.scaler.load_state_dict(ckpt.json("scaler"))
+    torch.set_rng_state(t["rng.torch"])
+    state.noise_gen.set_state(t["rng.noise"])
+    if device.type == "cuda":
+        cuda_states = [t[k] for k in sorted(t) if k.startswith("rng.cuda.")]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    state.step = ckpt.step
+    state.epoch, state.batch_in_epoch = ckpt.json("epoch"), ckpt.json("batch_in_epoch")
+    return float(ckpt.json("elapsed"))
+
+
+def _merge_resume(stored: TrainConfig, given: dict) -> TrainConfig:
+    """The stored config with the safe options the user gave; refuse conflicting ones."""
+    values = stored.to_dict()
+    conflicts = []
+    for key, value in given.items():
+        value = value.value if hasattr(value, "value") else value
+        stored_value = values.get(key)
+        if key in RESUMABLE:
+            values[key] = value
+        elif value != stored_value:
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {stored_value})")
+    if conflicts:
+        raise UsageError(
+            "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"
+        )
+    from ddpm_cli.config import from_dict
+
+    return from_dict(TrainConfig, values)
+
+
+def sample_grid(ema, tables, diffusion, config: TrainConfig, model_config, device, seed: int):
+    """A grid of the EMA model's samples from a fixed seed, as PNG bytes."""
+    from torchvision.utils import make_grid
+
+    from ddpm_cli.images import to_pil
+
+    g = make_generator(seed)
+    n = config.num_samples
+    h, w = model_config.image_size
+    x_T = randn((n, model_config.in_channels, h, w), g, device)
+    steps = min(GRID_SAMPLER_STEPS, diffusion.timesteps)
+    x = run_sampler(
+        ddpm(ema, tables, x_T, lambda s: randn(s, g, device), config.objective.value, steps=steps)
+    )
+    grid = make_grid(x.float().cpu(), nrow=max(1, round(n**0.5)), padding=2, pad_value=1.0)
+    family = "L" if model_config.in_channels == 1 else "RGB"
+    return encode_png(to_pil(grid[:1] if family == "L" else grid[:3], family))
+
+
+def train(
+    source: str | None,
+    config: TrainConfig,
+    diffusion: DiffusionConfig,
+    out: Path | None = None,
+    resume: Path | None = None,
+    given: dict | None = None,
+    on_event: Event = lambda kind, info: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> RunResult:
+    """Train from `source` (a folder, "builtin:NAME" or None for the default built-in dataset)
+    into `out`, or continue the run in `resume`. `given`: the options the user set explicitly,
+    checked against the stored run on resume."""
+    started = time.perf_counter()
+    if resume is not None:
+        out = Path(resume)
+        if not (out / STATE).exists():
+            raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
+        ckpt = load_checkpoint(out / STATE, kind="train_state")
+        stored = config_section(ckpt, "training", TrainConfig)
+        config = _merge_resume(stored, given or {})
+        diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
+        model_config = config_section(ckpt, "model", ModelConfig)
+        source = ckpt.config.get("data", {}).get("source", source)
+    device = resolve_device(config.device)
+
+    data, report = load_source(
+        source,
+        config.image_size,
+        config.channels,
+        cache=(out / CACHE) if resume is not None else None,
+    )
+    if resume is None:
+        out = Path(out) if out is not None else next_run_dir(Path("runs"), report.name)
+        if (out / STATE).exists() or (out / MODEL).exists():
+            raise UsageError(
+                f"{out} already holds a run; continue it with --resume {out} "
+                "or choose another --out"
+            )
+        config, _ = resolve(config, device, report.used, report.channels)
+        model_config = build_model_config(config.preset, (config.image_size,) * 2, report.channels)
+    else:
+        config = resolve(config, device, report.used, report.channels)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
+        stale.unlink(missing_ok=True)
+    _write_cache(out, data, report)
+    batches = Batches(data, config.batch_size, config.seed, config.flip)
+    from ddpm_cli.train import total_steps
+
+    total = total_steps(config, batches.per_epoch)
+    configs = {
+        "model": model_config.to_dict(),
+        "diffusion": diffusion.to_dict(),
+        "training": config.to_dict(),
+        "data": report.summary(),
+    }
+
+    state = new_state(model_config, config, device)
+    elapsed0 = restore_state(state, ckpt, device) if resume is not None else 0.0
+    tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
+    forward = torch.compile(state.model) if config.compile else state.model
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        state.model.to(memory_format=torch.channels_last)
+
+    on_event(
+        "start",
+        {
+            "out": out,
+            "report": report,
+            "config": config,
+            "model": model_config,
+            "diffusion": diffusion,
+            "parameters": count_parameters(state.model),
+            "total": total,
+            "step": state.step,
+            "device": str(device),
+            "resumed": resume is not None,
+        },
+    )
+    (out / "skipped.txt").write_text(
+        "".join(f"{p}\t{r}\n" for p, r in report.skipped)
+    ) if report.skipped else None
+
+    window: list = []
+    t_log = time.perf_counter()
+    status, last_loss = "done", None
+
+    def checkpoint() -> None:
+        elapsed = elapsed0 + time.perf_counter() - started
+        save_run(out, state, configs, elapsed, ema_decay_at(state.step, config.ema_decay))
+        on_event("checkpoint", {"step": state.step, "path": out / MODEL})
+
+    while state.step < total:
+        if should_stop():
+            status = "stopped"
+            break
+        micro = []
+        for _ in range(config.grad_accum):
+            micro.append(batches.batch(state.epoch, state.batch_in_epoch))
+            state.batch_in_epoch += 1
+            if state.batch_in_epoch >= batches.per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        result = train_step(state, micro, tables, config, device, forward)
+        last_loss = result.loss
+        window.append(result)
+        on_event(
+            "step",
+            {
+                "step": state.step,
+                "total": total,
+                "epoch": state.epoch,
+                "loss": result.loss,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "images": sum(m.shape[0] for m in micro),
+            },
+        )
+        if state.step % config.log_every == 0 or state.step == total:
+            now = time.perf_counter()
+            record = _metrics(
+                window, state, config, diffusion.timesteps, now - t_log, elapsed0 + now - started
+            )
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            on_event("log", record)
+            window, t_log = [], now
+        if config.sample_every and state.step % config.sample_every == 0:
+            _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
+        if state.step % config.checkpoint_every == 0:
+            checkpoint()
+    if state.step and (state.step % config.checkpoint_every or status == "stopped"):
+        checkpoint()
+    if status == "done" and config.sample_every and state.step % config.sample_every:
+        _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
+    on_event("end", {"status": status, "step": state.step, "out": out})
+    return RunResult(out, state.step, total, status, last_loss)
+
+
+def _write_grid(out, state, tables, diffusion, config, model_config, device, on_event):
+    png = sample_grid(state.ema, tables, diffusion, config, model_config, device, config.seed)
+    path = out / "samples" / f"step-{state.step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, png)
+    on_event("sample", {"step": state.step, "path": path})
+
+
+def _metrics(window, state, config, T: int, seconds: float, elapsed: float) -> dict:
+    losses = torch.cat([r.losses for r in window])
+    ts = torch.cat([r.t for r in window])
+    quarters = []
+    for q in range(4):
+        mask = (ts >= q * T / 4) & (ts < (q + 1) * T / 4)
+        quarters.append(losses[mask].mean().item() if mask.any() else None)
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": losses.mean().item(),
+        "loss_quarters": quarters,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": sum(r.grad_norm for r in window) / len(window),
+        "img_per_s": losses.numel() / seconds if seconds > 0 else None,
+        "ema_decay": ema_decay_at(state.step, config.ema_decay),
+        "elapsed": elapsed,
+    }
+
+
+def _write_cache(out: Path, data: torch.Tensor, report: DataReport) -> None:
+    if not (out / CACHE).exists():
+        save_checkpoint(
+            out / CACHE,
+            {"images": data},
+            "data_cache",
+            {"config": {"data": report.summary()}, "step": 0},
+        )

@@ -1,0 +1,276 @@
+"""Training: it learns, it resumes bit for bit, it stops cleanly, it reports what it did."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ddpm_executable, draw_shapes
+from ddpm_cli import train as train_mod
+from ddpm_cli.checkpoint import load_checkpoint, load_model
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.errors import UsageError
+from ddpm_cli.run import train
+from ddpm_cli.samplers import ddpm, run
+from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.train import TrainingDiverged, ema_decay_at, lr_at, total_steps
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+FAST = dict(
+    preset="tiny", image_size=8, batch_size=16, sample_every=0, log_every=1, device="cpu", seed=3
+)
+
+
+@pytest.fixture
+def colours(tmp_path):
+    """A folder of 8x8 images, each solid red or solid blue, 32 of each."""
+    folder = tmp_path / "colours"
+    folder.mkdir()
+    for i in range(64):
+        Image.new("RGB", (8, 8), RED if i % 2 else BLUE).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_a_tiny_model_learns_two_colours(colours, tmp_path):
+    """Every sample close to red or blue, and both present: the distribution was learned.
+
+    v-prediction: with eps-prediction a model this small needs far longer to resolve the
+    low-SNR end of the chain (docs/training.md)."""
+    config = TrainConfig(
+        **{**FAST, "batch_size": 32, "log_every": 100},
+        steps=500,
+        lr=1e-3,
+        objective="v",
+        checkpoint_every=500,
+    )
+    result = train(str(colours), config, DiffusionConfig(), out=tmp_path / "run")
+    model, _, diffusion, training, _ = load_model(result.out / "model.safetensors")
+    tables = DiffusionTables.from_config(diffusion).to("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = run(
+        ddpm(
+            model,
+            tables,
+            torch.randn(48, 3, 8, 8, generator=g),
+            lambda s: torch.randn(s, generator=g),
+            objective=training.objective.value,
+            steps=100,
+        )
+    )
+    mean = x.mean(dim=(2, 3))
+    to_red = (mean - torch.tensor([1.0, -1.0, -1.0])).norm(dim=1)
+    to_blue = (mean - torch.tensor([-1.0, -1.0, 1.0])).norm(dim=1)
+    assert torch.minimum(to_red, to_blue).max() < 0.3  # colours in [-1, 1]: red is (1, -1, -1)
+    reds = int((to_red < to_blue).sum())
+    assert 10 <= reds <= 38  # both modes, near 50/50 (binomial(48, 1/2): 4 sigma)
+    assert x.std(dim=(2, 3)).mean() < 0.1  # solid, not noisy
+
+
+def weights(path):
+    return {k: v for k, v in load_checkpoint(path).tensors.items() if not k.startswith("rng.")}
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(colours, tmp_path):
+    base = TrainConfig(**FAST, checkpoint_every=3, steps=7)
+    whole = train(str(colours), base, DiffusionConfig(), out=tmp_path / "whole")
+    assert whole.step == 7
+    first = train(
+        str(colours),
+        TrainConfig(**FAST, checkpoint_every=3, steps=3),
+        DiffusionConfig(),
+        out=tmp_path / "split",
+    )
+    assert first.step == 3
+    resumed = train(
+        None, TrainConfig(), DiffusionConfig(), resume=tmp_path / "split", given={"steps": 7}
+    )
+    assert resumed.step == 7
+    a = weights(whole.out / "train_state.safetensors")
+    b = weights(resumed.out / "train_state.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = (resumed.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 8))
+
+
+def test_resume_refuses_conflicting_options_and_missing_runs(colours, tmp_path):
+    train(
+        str(colours),
+        TrainConfig(**FAST, checkpoint_every=2, steps=2),
+        DiffusionConfig(),
+        out=tmp_path / "r",
+    )
+    with pytest.raises(
+        UsageError, match=r"cannot change on resume: --batch-size 8 \(the run has 16\)"
+    ):
+        train(
+            None,
+            TrainConfig(),
+            DiffusionConfig(),
+            resume=tmp_path / "r",
+            given={"batch_size": 8, "steps": 4},
+        )
+    with pytest.raises(UsageError, match="no train_state.safetensors to resume from"):
+        train(None, TrainConfig(), DiffusionConfig(), resume=tmp_path / "nothing")
+    with pytest.raises(UsageError, match="already holds a run"):
+        train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, monkeypatch):
+    real = train_mod.training_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    with pytest.raises(TrainingDiverged, match="non-finite at step 5.*learning rate.*bad input"):
+        train(
+            str(colours),
+            TrainConfig(**FAST, checkpoint_every=2, steps=10),
+            DiffusionConfig(),
+            out=tmp_path / "nan",
+        )
+    ckpt = load_checkpoint(tmp_path / "nan" / "model.safetensors")
+    assert ckpt.step == 4
+    assert all(torch.isfinite(v).all() for v in ckpt.tensors.values())
+
+
+def test_schedules_of_lr_ema_and_length():
+    assert lr_at(0, 2e-4, 100) == pytest.approx(2e-6)
+    assert lr_at(99, 2e-4, 100) == pytest.approx(2e-4) and lr_at(5000, 2e-4, 100) == 2e-4
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(100, 0.9999) == pytest.approx(101 / 110)
+    assert ema_decay_at(10**6, 0.9999) == 0.9999
+    assert total_steps(TrainConfig(epochs=2, steps=1000), per_epoch=10) == 20
+    assert total_steps(TrainConfig(epochs=2, steps=5), per_epoch=10) == 5
+    assert total_steps(TrainConfig(), per_epoch=10) == 1000
+
+
+def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tmp_path):
+    (colours / "broken.png").write_bytes(b"\x89PNG not really")
+    (colours / "sub").mkdir()
+    draw_shapes((20, 12)).save(colours / "sub" / "nested.jpg")
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            str(colours),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "8",
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--sample-every",
+            "4",
+            "--num-samples",
+            "4",
+            "--log-every",
+            "2",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out / "model.safetensors")
+    assert "65 images used of 66 found, 1 skipped" in r.stderr
+    assert "step 4" in r.stderr and "\x1b[" not in r.stderr  # plain lines when not a terminal
+    assert "broken.png" in (out / "skipped.txt").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [2, 4]
+    assert set(records[0]) >= {
+        "step",
+        "epoch",
+        "loss",
+        "loss_quarters",
+        "lr",
+        "grad_norm",
+        "img_per_s",
+        "ema_decay",
+        "elapsed",
+    }
+    assert all(math.isfinite(rec["loss"]) for rec in records)
+    grid = Image.open(out / "samples" / "step-0000004.png")
+    assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2x2 grid of 8px images, 2px padding
+    _, model_config, diffusion, training, ckpt = load_model(out / "model.safetensors")
+    assert model_config.image_size == (8, 8) and training.batch_size == 8 and ckpt.step == 4
+    assert ckpt.config["data"]["used"] == 65 and ckpt.meta["weights"] == "ema"
+
+
+def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(colours, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        ddpm_executable(),
+        "train",
+        str(colours),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--image-size",
+        "8",
+        "--steps",
+        "100000",
+        "--batch-size",
+        "8",
+        "--sample-every",
+        "0",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1000000",
+        "--seed",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "stopping: saving a checkpoint" in stderr and "Traceback" not in stderr
+    step = load_checkpoint(out / "model.safetensors").step
+    assert step >= 1 and not list(out.glob(".*.tmp"))
+    r = subprocess.run(
+        [ddpm_executable(), "train", "--resume", str(out), "--steps", str(step + 2)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "model.safetensors").step == step + 2
+    assert f"resuming at step {step}" in r.stderr
+    env_sigterm = subprocess.Popen(
+        cmd[:3] + ["--out", str(tmp_path / "t")] + cmd[5:],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "t" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(env_sigterm.pid, signal.SIGTERM)
+    env_sigterm.communicate(timeout=120)
+    assert env_sigterm.returncode == 143

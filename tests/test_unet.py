@@ -1,0 +1,116 @@
+"""The U-Net: the paper's parameter counts, shapes, and what each part of the config does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_cli.config import ModelConfig
+from ddpm_cli.errors import ConfigError
+from ddpm_cli.presets import PRESETS, build_model_config, preset_for
+from ddpm_cli.unet import UNet, count_parameters, timestep_embedding
+
+TINY = ModelConfig(
+    image_size=(8, 8),
+    channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+)
+
+
+def test_cifar10_preset_has_the_official_parameter_count():
+    # the count of the authors' CIFAR-10 model (and of diffusers' google/ddpm-cifar10-32)
+    assert count_parameters(UNet(PRESETS["cifar10"])) == 35_746_307
+
+
+def test_256_presets_are_about_114m():
+    n = count_parameters(UNet(PRESETS["celebahq256"]))
+    assert 113e6 < n < 115e6
+    assert PRESETS["lsun256"] == PRESETS["celebahq256"]
+
+
+def test_cifar10_matches_diffusers_unet2dmodel_parameter_for_parameter():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        dropout=0.1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    # diffusers keeps q, k and v as three layers where we have one fused qkv: split ours
+    ours = []
+    for name, p in UNet(PRESETS["cifar10"]).named_parameters():
+        ours += [p.numel() // 3] * 3 if ".qkv." in name else [p.numel()]
+    assert sorted(ours) == sorted(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 32), (32, 16)])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_output_has_the_input_shape(size, channels):
+    config = ModelConfig(
+        image_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(min(size) // 2,),
+        dropout=0.0,
+    )
+    model = UNet(config)
+    x = torch.randn(2, channels, *size)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_zero_initialised_output_and_timestep_dependence():
+    model = UNet(TINY)
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x, torch.tensor([1, 2])).abs().max() == 0  # conv_out starts at zero (authors)
+    with torch.no_grad():  # the zero-initialised layers hide t until training moves them
+        for p in model.parameters():
+            if p.abs().max() == 0 and p.ndim > 1:
+                p.normal_(std=0.05)
+    a, b = model(x[:1], torch.tensor([10])), model(x[:1], torch.tensor([900]))
+    assert not torch.allclose(a, b)  # the timestep reaches the output
+
+
+def test_attention_and_depth_follow_the_config():
+    with_attn = UNet(TINY)
+    without = UNet(ModelConfig(**{**TINY.to_dict(), "attention_resolutions": ()}))
+    n_attn = sum(1 for m in with_attn.modules() if type(m).__name__ == "AttnBlock")
+    assert n_attn == 1 + 1 + 2  # middle, one down block and two up blocks at 4x4
+    assert sum(1 for m in without.modules() if type(m).__name__ == "AttnBlock") == 1  # middle
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 3]), 8)
+    assert emb.shape == (2, 8)
+    assert torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    assert torch.isclose(emb[1, 0], torch.sin(torch.tensor(3.0)))
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        ModelConfig(image_size=(10, 10), channel_mult=(1, 2, 2))
+    with pytest.raises(ConfigError, match="in_channels must be 1, 3 or 4"):
+        ModelConfig(in_channels=2)
+    with pytest.raises(ConfigError, match="norm groups"):
+        ModelConfig(channels=48)
+
+
+def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():
+    cfg = build_model_config("cifar10", (8, 8), 1)
+    assert cfg.in_channels == 1 and cfg.image_size == (8, 8) and len(cfg.channel_mult) == 3
+    assert preset_for(32, accelerated=True) == "cifar10"
+    assert preset_for(256, accelerated=True) == "celebahq256"
+    assert preset_for(32, accelerated=False) == "small"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_model_config("huge", (32, 32), 3)
