@@ -38,7 +38,14 @@ from ddpm_cli.presets import build_model_config
 from ddpm_cli.samplers import ddpm
 from ddpm_cli.samplers import run as run_sampler
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import TrainState, ema_decay_at, new_state, resolve, train_step
+from ddpm_cli.train import (
+    TrainState,
+    ema_decay_at,
+    new_state,
+    resolve,
+    total_steps,
+    train_step,
+)
 from ddpm_cli.unet import count_parameters
 
 MODEL, STATE, METRICS, CACHE = (
@@ -47,7 +54,9 @@ MODEL, STATE, METRICS, CACHE = (
     "metrics.jsonl",
     "data_cache.safetensors",
 )
-GRID_SAMPLER_STEPS = 100  # sample grids use strided ancestral sampling: previews, not results
+# sample grids: 100 strided ancestral steps with the posterior variance beta_tilde, which leaves
+# far less grain than sigma^2 = beta when steps are strided (previews, not final results)
+GRID_SAMPLER_STEPS = 100
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
     "steps",
@@ -187,7 +196,15 @@ def sample_grid(ema, tables, diffusion, config: TrainConfig, model_config, devic
     x_T = randn((n, model_config.in_channels, h, w), g, device)
     steps = min(GRID_SAMPLER_STEPS, diffusion.timesteps)
     x = run_sampler(
-        ddpm(ema, tables, x_T, lambda s: randn(s, g, device), config.objective.value, steps=steps)
+        ddpm(
+            ema,
+            tables,
+            x_T,
+            lambda s: randn(s, g, device),
+            config.objective.value,
+            steps=steps,
+            variance="small",
+        )
     )
     grid = make_grid(x.float().cpu(), nrow=max(1, round(n**0.5)), padding=2, pad_value=1.0)
     family = "L" if model_config.in_channels == 1 else "RGB"
@@ -242,8 +259,6 @@ def train(
         stale.unlink(missing_ok=True)
     _write_cache(out, data, report)
     batches = Batches(data, config.batch_size, config.seed, config.flip)
-    from ddpm_cli.train import total_steps
-
     total = total_steps(config, batches.per_epoch)
     configs = {
         "model": model_config.to_dict(),
@@ -275,9 +290,9 @@ def train(
             "resumed": resume is not None,
         },
     )
-    (out / "skipped.txt").write_text(
-        "".join(f"{p}\t{r}\n" for p, r in report.skipped)
-    ) if report.skipped else None
+    if report.skipped:
+        lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
+        (out / "skipped.txt").write_text(lines)
 
     window: list = []
     t_log = time.perf_counter()

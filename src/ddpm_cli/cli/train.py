@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -181,7 +182,8 @@ class ProgressView:
 
     def __init__(self, quiet: bool):
         self.quiet, self.progress, self.task = quiet, None, None
-        self.smoothed = None
+        self.smoothed = None  # loss, exponentially smoothed over steps
+        self.rate, self.last = None, None  # img/s, smoothed; time of the last step
 
     def event(self, kind: str, info: dict) -> None:
         if self.quiet:
@@ -210,11 +212,18 @@ class ProgressView:
     def on_step(self, info: dict) -> None:
         s = self.smoothed
         self.smoothed = info["loss"] if s is None else 0.98 * s + 0.02 * info["loss"]
+        now = time.perf_counter()
+        if self.last is not None and now > self.last:
+            rate = info["images"] / (now - self.last)
+            self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
+        self.last = now
         if self.progress is not None:
+            rate = f"  {self.rate:.1f} img/s" if self.rate else ""
             self.progress.update(
                 self.task,
                 completed=info["step"],
-                status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}  lr {info['lr']:.2e}",
+                status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}{rate}  "
+                f"lr {info['lr']:.2e}",
             )
 
     def on_log(self, r: dict) -> None:

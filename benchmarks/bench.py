@@ -1,0 +1,184 @@
+"""Training and sampling throughput of ddpm's presets on this machine.
+
+    python benchmarks/bench.py                       # small and cifar10 presets, auto device
+    python benchmarks/bench.py --preset tiny --steps 20 --json
+
+For each preset: training img/s through the real pipeline (a folder of PNGs decoded by the
+loader, seeded batches with flips, forward, backward, Adam, EMA), the share of step time spent
+waiting for data, DDPM sampling img/s (network evaluations x batch / s), and peak memory.
+Numbers print to stdout; this is a benchmark, not a test, and nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.data import Batches, load_folder
+from ddpm_cli.device import resolve_device
+from ddpm_cli.presets import PRESETS, build_model_config
+from ddpm_cli.samplers import ddpm
+from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.train import new_state, resolve, train_step
+
+
+def make_folder(root: Path, n: int, size: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"{i:04d}.png")
+    return root
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB: allocated on CUDA, resident set of the process otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
+    size = PRESETS[preset].image_size[0] if args.image_size is None else args.image_size
+    data, report = load_folder(folder, size)
+    config = TrainConfig(
+        preset=preset,
+        image_size=size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        seed=0,
+        device=str(device),
+        steps=10**9,
+    )
+    config, _ = resolve(config, device, report.used, report.channels)
+    model_config = build_model_config(preset, (size, size), report.channels)
+    state = new_state(model_config, config, device)
+    tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
+    forward = torch.compile(state.model) if args.compile else state.model
+    batches = Batches(data, config.batch_size, config.seed, config.flip)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wait = total = 0.0
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        micro = [batches.batch(i // batches.per_epoch, i % batches.per_epoch)]
+        t1 = time.perf_counter()
+        train_step(state, micro, tables, config, device, forward)
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            wait += t1 - t0
+            total += t2 - t0
+    images = args.steps * config.batch_size
+    common = {
+        "impl": "ddpm",
+        "preset": preset,
+        "device": str(device),
+        "precision": config.precision.value,
+        "batch": config.batch_size,
+        "image_size": size,
+    }
+    rows = [
+        {
+            **common,
+            "workload": "train",
+            "img_per_s": images / total,
+            "data_wait_share": wait / total,
+            "peak_mib": peak_memory(device),
+        }
+    ]
+
+    n = config.batch_size
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(n, report.channels, size, size, generator=g).to(device)
+    sampler = ddpm(
+        state.ema, tables, x_T, lambda s: torch.randn(s, generator=g), steps=args.sample_steps
+    )
+    next(sampler)  # warm-up evaluation
+    sync(device)
+    t0 = time.perf_counter()
+    evals = 0
+    for _ in sampler:
+        evals += 1
+    sync(device)
+    seconds = time.perf_counter() - t0
+    rows.append(
+        {
+            **common,
+            "workload": f"sample:ddpm:{args.sample_steps}",
+            "img_per_s": n / (seconds * args.sample_steps / max(evals, 1)),
+            "evals_img_per_s": evals * n / seconds,
+            "peak_mib": peak_memory(device),
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--preset",
+        action="append",
+        choices=sorted(PRESETS),
+        help="preset(s) to measure (repeatable); default: small and cifar10",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDPM sampling steps")
+    p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    presets = args.preset or ["small", "cifar10"]
+    if not args.json:
+        print(
+            f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {platform.processor() or ''} "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+        )
+        print(
+            f"{'preset':<12} {'workload':<18} {'batch':>5} {'prec':>5} {'img/s':>9} "
+            f"{'data wait':>9} {'peak MiB':>9}"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        folders: dict[int, Path] = {}
+        for preset in presets:
+            size = PRESETS[preset].image_size[0] if args.image_size is None else args.image_size
+            if size not in folders:
+                (Path(tmp) / str(size)).mkdir()
+                folders[size] = make_folder(Path(tmp) / str(size), args.images, size)
+            for row in bench(preset, args, device, folders[size]):
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    share = row.get("data_wait_share")
+                    wait = f"{100 * share:.1f}%" if share is not None else ""
+                    print(
+                        f"{row['preset']:<12} {row['workload']:<18} {row['batch']:>5} "
+                        f"{row['precision']:>5} {row['img_per_s']:>9.2f} {wait:>9} "
+                        f"{row['peak_mib']:>9.0f}",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
