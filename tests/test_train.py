@@ -274,3 +274,11 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(colours, tmp_p
     os.kill(env_sigterm.pid, signal.SIGTERM)
     env_sigterm.communicate(timeout=120)
     assert env_sigterm.returncode == 143
+
+
+def test_data_that_cannot_fit_in_memory_is_refused_before_decoding(colours, monkeypatch):
+    import ddpm_cli.data as data
+
+    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    with pytest.raises(data.DataError, match=r"64 images at 8x8 need .* GiB decoded.*smaller"):
+        data.load_folder(colours, 8)

@@ -72,6 +72,21 @@ class DataReport:
         }
 
 
+MEMORY_SHARE = 0.5  # decoded training data may take at most this share of available memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def scan(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, in a stable order; hidden files are skipped."""
     folder = Path(folder)
@@ -107,6 +122,15 @@ def load_folder(
     """Decode every image under `folder` into a uint8 tensor (N, C, image_size, image_size)."""
     paths = scan(folder)
     report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    need = len(paths) * (channels or 3) * image_size**2
+    available = available_memory()
+    if available is not None and need > MEMORY_SHARE * available:
+        raise DataError(
+            f"{folder}: {len(paths)} images at {image_size}x{image_size} need "
+            f"{need / 2**30:.1f} GiB decoded, more than {MEMORY_SHARE:.0%} of the "
+            f"{available / 2**30:.1f} GiB available; use a smaller --image-size or fewer images "
+            "(streaming from disk is not supported yet)"
+        )
     decoded = []
     for p in paths:
         try:
