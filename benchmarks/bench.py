@@ -55,7 +55,7 @@ def sync(device: torch.device) -> None:
 
 def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
     size = PRESETS[preset].image_size[0] if args.image_size is None else args.image_size
-    data, report = load_folder(folder, size)
+    data, report = load_folder(folder, (size, size))
     config = TrainConfig(
         preset=preset,
         image_size=size,

@@ -281,4 +281,99 @@ def test_data_that_cannot_fit_in_memory_is_refused_before_decoding(colours, monk
 
     monkeypatch.setattr(data, "available_memory", lambda: 1000)
     with pytest.raises(data.DataError, match=r"64 images at 8x8 need .* GiB decoded.*smaller"):
-        data.load_folder(colours, 8)
+        data.load_folder(colours, (8, 8))
+
+
+def test_image_size_parses_square_and_width_x_height():
+    from ddpm_cli.config import parse_size
+    from ddpm_cli.errors import ConfigError
+
+    assert parse_size(32) == (32, 32) and parse_size("32") == (32, 32)
+    assert parse_size("64x32") == (32, 64) and parse_size([16, 8]) == (16, 8)
+    for bad in ("big", "4", "8x8x8", 0, "9000"):
+        with pytest.raises(ConfigError, match="image size"):
+            parse_size(bad)
+
+
+def test_non_square_training_from_the_cli(runner, colours, tmp_path):
+    out = tmp_path / "wide"
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            str(colours),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "16x8",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--sample-every",
+            "2",
+            "--num-samples",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "3x8x16 uint8" in r.stderr
+    model, model_config, *_ = load_model(out / "model.safetensors")
+    assert model_config.image_size == (8, 16)
+    assert Image.open(out / "samples" / "step-0000002.png").size == (16, 8)  # width x height
+    # resuming with the same size written another way is not a conflict
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3", "--image-size", "16x8"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "4", "--image-size", "8"])
+    assert r.exit_code == 2 and "cannot change on resume: --image-size 8" in r.stderr
+
+
+def test_epochs_count_batches_not_optimizer_steps():
+    assert total_steps(TrainConfig(epochs=1, grad_accum=2), per_epoch=4) == 2
+    assert total_steps(TrainConfig(epochs=3, grad_accum=2), per_epoch=3) == 5
+
+
+def test_resume_keeps_its_data_summary_and_refuses_other_data_or_out(colours, tmp_path):
+    (colours / "bad.png").write_bytes(b"nope")
+    first = train(
+        str(colours),
+        TrainConfig(**FAST, checkpoint_every=2, steps=2),
+        DiffusionConfig(),
+        out=tmp_path / "r",
+    )
+    summary = load_checkpoint(first.out / "model.safetensors").config["data"]
+    assert summary["skipped"] == 1 and summary["min_size"] == [8, 8]
+    with (first.out / "metrics.jsonl").open("a") as f:  # as if logged past the checkpoint
+        f.write(json.dumps({"step": 99}) + "\n")
+    with pytest.raises(UsageError, match="drop the DATA argument"):
+        train(str(colours), TrainConfig(), DiffusionConfig(), resume=first.out)
+    with pytest.raises(UsageError, match="drop --out"):
+        train(None, TrainConfig(), DiffusionConfig(), out=tmp_path / "x", resume=first.out)
+    train(None, TrainConfig(), DiffusionConfig(), resume=first.out, given={"steps": 3})
+    assert load_checkpoint(first.out / "model.safetensors").config["data"] == summary
+    steps = [json.loads(x)["step"] for x in (first.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_fresh_run_replaces_leftovers_of_an_attempt_that_never_checkpointed(colours, tmp_path):
+    out = tmp_path / "r"
+    train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=out)
+    (out / "model.safetensors").unlink()
+    (out / "train_state.safetensors").unlink()
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i in range(4):
+        Image.new("L", (16, 16), 40 * i).save(gray / f"{i}.png")
+    run16 = TrainConfig(**{**FAST, "image_size": 16}, steps=1)
+    train(str(gray), run16, DiffusionConfig(), out=out)
+    train(None, TrainConfig(), DiffusionConfig(), resume=out, given={"steps": 2})
+    _, model_config, *_ = load_model(out / "model.safetensors")
+    assert model_config.in_channels == 1 and model_config.image_size == (16, 16)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]

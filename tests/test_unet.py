@@ -109,8 +109,8 @@ def test_bad_configs_are_refused():
 def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():
     cfg = build_model_config("cifar10", (8, 8), 1)
     assert cfg.in_channels == 1 and cfg.image_size == (8, 8) and len(cfg.channel_mult) == 3
-    assert preset_for(32, accelerated=True) == "cifar10"
-    assert preset_for(256, accelerated=True) == "celebahq256"
-    assert preset_for(32, accelerated=False) == "small"
+    assert preset_for((32, 32), accelerated=True) == "cifar10"
+    assert preset_for((128, 256), accelerated=True) == "celebahq256"
+    assert preset_for((32, 32), accelerated=False) == "small"
     with pytest.raises(ConfigError, match="unknown preset"):
         build_model_config("huge", (32, 32), 3)

@@ -107,10 +107,10 @@ class ModelConfig:
         return self.resolution(level) in self.attention_resolutions
 
     def to_dict(self) -> dict:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, tuple):
@@ -160,7 +160,8 @@ class TrainConfig:
     (and the resolved values are what the checkpoint stores)."""
 
     preset: str = "auto"  # a name from presets.PRESETS; auto: by image size and device
-    image_size: int = 32  # images are resized (shorter side) and center-cropped to this
+    # (height, width): images are resized to cover it and center-cropped; an int means square
+    image_size: tuple[int, int] = (32, 32)
     channels: int | None = None  # None: 1 for all-grayscale data, else 3
     flip: bool = True  # random horizontal flips, as in the paper
     objective: Objective = Objective.eps
@@ -184,9 +185,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", Objective(self.objective))
+        object.__setattr__(self, "image_size", parse_size(self.image_size))
         if self.precision is not None:
             object.__setattr__(self, "precision", Precision(self.precision))
-        positive = ("image_size", "grad_accum", "log_every", "num_samples")
+        positive = ("grad_accum", "log_every", "num_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -204,7 +206,28 @@ class TrainConfig:
             raise ConfigError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
 
     def to_dict(self) -> dict:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+def parse_size(value) -> tuple[int, int]:
+    """32, "32", "64x32" (width x height), (h, w) or [h, w] -> (height, width), each >= 8."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(
+                f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32"
+            ) from None
+        value = nums[0] if len(nums) == 1 else (nums[1], nums[0]) if len(nums) == 2 else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ConfigError(f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32")
+    h, w = (int(v) for v in value)
+    if min(h, w) < 8 or max(h, w) > 4096:
+        raise ConfigError(f"image size {w}x{h}: each side must be between 8 and 4096 pixels")
+    return h, w
 
 
 def from_dict(cls, data: dict):

@@ -33,7 +33,7 @@ class DataReport:
     modes: Counter = field(default_factory=Counter)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) as found
     channels: int = 3
-    image_size: int = 32
+    image_size: tuple[int, int] = (32, 32)  # (height, width)
     bytes: int = 0  # memory of the decoded uint8 data
 
     @property
@@ -49,9 +49,10 @@ class DataReport:
                 f"only {self.used} images: the model will mostly memorise them; "
                 f"hundreds or thousands of images give more varied samples"
             )
-        small = sum(1 for w, h in self.sizes if min(w, h) < self.image_size)
+        th, tw = self.image_size
+        small = sum(1 for w, h in self.sizes if w < tw or h < th)
         if small:
-            out.append(f"{small} images are smaller than {self.image_size} px and were upscaled")
+            out.append(f"{small} images are smaller than {tw}x{th} and were upscaled")
         return out
 
     def summary(self) -> dict:
@@ -67,7 +68,7 @@ class DataReport:
             "median_size": [ws[len(ws) // 2], hs[len(hs) // 2]],
             "max_size": [ws[-1], hs[-1]],
             "channels": self.channels,
-            "image_size": self.image_size,
+            "image_size": list(self.image_size),
             "bytes": self.bytes,
         }
 
@@ -117,16 +118,16 @@ def _to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int
 
 
 def load_folder(
-    folder: Path, image_size: int, channels: int | None = None
+    folder: Path, image_size: tuple[int, int], channels: int | None = None
 ) -> tuple[torch.Tensor, DataReport]:
-    """Decode every image under `folder` into a uint8 tensor (N, C, image_size, image_size)."""
+    """Decode every image under `folder` into a uint8 tensor (N, C, height, width)."""
     paths = scan(folder)
     report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
-    need = len(paths) * (channels or 3) * image_size**2
+    need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
     available = available_memory()
     if available is not None and need > MEMORY_SHARE * available:
         raise DataError(
-            f"{folder}: {len(paths)} images at {image_size}x{image_size} need "
+            f"{folder}: {len(paths)} images at {image_size[1]}x{image_size[0]} need "
             f"{need / 2**30:.1f} GiB decoded, more than {MEMORY_SHARE:.0%} of the "
             f"{available / 2**30:.1f} GiB available; use a smaller --image-size or fewer images "
             "(streaming from disk is not supported yet)"
@@ -203,7 +204,10 @@ class Batches:
 
 
 def load_source(
-    source: str | None, image_size: int, channels: int | None, cache: Path | None = None
+    source: str | None,
+    image_size: tuple[int, int],
+    channels: int | None,
+    cache: Path | None = None,
 ) -> tuple[torch.Tensor, DataReport]:
     """Training images for a source: a folder, "builtin:NAME", or None (the default built-in).
 
@@ -222,7 +226,7 @@ def load_source(
             found=data.shape[0],
             used=data.shape[0],
             channels=data.shape[1],
-            image_size=data.shape[-1],
+            image_size=tuple(data.shape[-2:]),
             bytes=data.numel(),
         )
         report.modes.update(summary.get("modes", {}))
@@ -232,7 +236,9 @@ def load_source(
         if name not in builtin.DATASETS:
             known = ", ".join(f"{BUILTIN_PREFIX}{k}" for k in builtin.DATASETS)
             raise DataError(f"unknown built-in dataset {name!r}; choose one of: {known}")
-        data = builtin.DATASETS[name](size=image_size)
+        if image_size[0] != image_size[1]:
+            raise DataError("built-in datasets are square: use --image-size N")
+        data = builtin.DATASETS[name](size=image_size[0])
         if channels is not None and channels != data.shape[1]:
             x = torch.stack(
                 [_to_channels(to_model_range(d[None])[0], None, channels) for d in data]
@@ -247,6 +253,6 @@ def load_source(
             bytes=data.numel(),
         )
         report.modes["RGB"] = data.shape[0]
-        report.sizes = [(image_size, image_size)] * data.shape[0]
+        report.sizes = [(image_size[1], image_size[0])] * data.shape[0]
         return data, report
     return load_folder(Path(source), image_size, channels)

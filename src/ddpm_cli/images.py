@@ -118,16 +118,19 @@ def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, 
     return img, alpha, img.mode, notes
 
 
-def _resize_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size`, then center-crop to size x size."""
-    scale = size / min(img.width, img.height)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+def _resize_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Resize to cover `size` (an int: square; else (height, width)), then center-crop to it."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    scale = max(tw / img.width, th / img.height)
+    w, h = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
     img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    left, top = (w - tw) // 2, (h - th) // 2
+    return img.crop((left, top, left + tw, top + th))
 
 
-def decode_image(data: bytes, name: str = "image", size: int | None = None) -> LoadedImage:
+def decode_image(
+    data: bytes, name: str = "image", size: int | tuple[int, int] | None = None
+) -> LoadedImage:
     """Decode image bytes: EXIF orientation applied, first frame, mode normalised, optional crop."""
     img, open_notes = _open(data, name)
     source_mode = img.mode

@@ -62,11 +62,12 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset_for(image_size: int, accelerated: bool) -> str:
-    """The default preset: the paper's networks on a GPU, the small one on a CPU.
+def preset_for(image_size: tuple[int, int], accelerated: bool) -> str:
+    """The default preset for (height, width): the paper's networks on a GPU, small on a CPU.
 
-    accelerated: True on CUDA or MPS.
+    accelerated: True on CUDA or MPS. The longer side decides.
     """
+    image_size = max(image_size)
     if not accelerated:
         return "tiny" if image_size <= 16 else "small"
     return "cifar10" if image_size <= 64 else "celebahq256"

@@ -28,7 +28,7 @@ from ddpm_cli.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
 from ddpm_cli.data import Batches, DataReport, load_source
 from ddpm_cli.device import make_generator, randn, resolve_device
 from ddpm_cli.errors import UsageError
@@ -156,7 +156,8 @@ def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
     torch.set_rng_state(t["rng.torch"])
     state.noise_gen.set_state(t["rng.noise"])
     if device.type == "cuda":
-        cuda_states = [t[k] for k in sorted(t) if k.startswith("rng.cuda.")]
+        keys = sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
+        cuda_states = [t[k] for k in keys]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     state.step = ckpt.step
@@ -169,18 +170,16 @@ def _merge_resume(stored: TrainConfig, given: dict) -> TrainConfig:
     values = stored.to_dict()
     conflicts = []
     for key, value in given.items():
-        value = value.value if hasattr(value, "value") else value
-        stored_value = values.get(key)
+        # normalise through the dataclass, so "32" and (32, 32) compare equal to the stored [32, 32]
+        normalized = from_dict(TrainConfig, {**values, key: jsonable(value)}).to_dict()[key]
         if key in RESUMABLE:
-            values[key] = value
-        elif value != stored_value:
-            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {stored_value})")
+            values[key] = normalized
+        elif normalized != values.get(key):
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {values.get(key)})")
     if conflicts:
         raise UsageError(
             "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"
         )
-    from ddpm_cli.config import from_dict
-
     return from_dict(TrainConfig, values)
 
 
@@ -226,6 +225,10 @@ def train(
     checked against the stored run on resume."""
     started = time.perf_counter()
     if resume is not None:
+        if source is not None:
+            raise UsageError("--resume trains on the run's own stored data; drop the DATA argument")
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise UsageError("--resume continues in the run's own directory; drop --out")
         out = Path(resume)
         if not (out / STATE).exists():
             raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
@@ -234,7 +237,8 @@ def train(
         config = _merge_resume(stored, given or {})
         diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
         model_config = config_section(ckpt, "model", ModelConfig)
-        source = ckpt.config.get("data", {}).get("source", source)
+        stored_data = ckpt.config.get("data", {})
+        source = stored_data.get("source")
     device = resolve_device(config.device)
 
     data, report = load_source(
@@ -251,20 +255,25 @@ def train(
                 "or choose another --out"
             )
         config, _ = resolve(config, device, report.used, report.channels)
-        model_config = build_model_config(config.preset, (config.image_size,) * 2, report.channels)
+        model_config = build_model_config(config.preset, config.image_size, report.channels)
     else:
         config = resolve(config, device, report.used, report.channels)[0]
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)
-    _write_cache(out, data, report)
+    if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
+        _write_cache(out, data, report)
+        (out / METRICS).unlink(missing_ok=True)
+    else:
+        _truncate_metrics(out / METRICS, ckpt.step)
     batches = Batches(data, config.batch_size, config.seed, config.flip)
     total = total_steps(config, batches.per_epoch)
     configs = {
         "model": model_config.to_dict(),
         "diffusion": diffusion.to_dict(),
         "training": config.to_dict(),
-        "data": report.summary(),
+        # on resume the cache knows no file sizes or skipped files: keep the stored summary
+        "data": stored_data if resume is not None else report.summary(),
     }
 
     state = new_state(model_config, config, device)
@@ -280,6 +289,7 @@ def train(
         {
             "out": out,
             "report": report,
+            "data": configs["data"],
             "config": config,
             "model": model_config,
             "diffusion": diffusion,
@@ -297,6 +307,16 @@ def train(
     window: list = []
     t_log = time.perf_counter()
     status, last_loss = "done", None
+
+    def log_window() -> None:
+        nonlocal window, t_log
+        now = time.perf_counter()
+        elapsed = elapsed0 + now - started
+        record = _metrics(window, state, config, diffusion.timesteps, now - t_log, elapsed)
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        on_event("log", record)
+        window, t_log = [], now
 
     def checkpoint() -> None:
         elapsed = elapsed0 + time.perf_counter() - started
@@ -328,18 +348,13 @@ def train(
             },
         )
         if state.step % config.log_every == 0 or state.step == total:
-            now = time.perf_counter()
-            record = _metrics(
-                window, state, config, diffusion.timesteps, now - t_log, elapsed0 + now - started
-            )
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            on_event("log", record)
-            window, t_log = [], now
+            log_window()
         if config.sample_every and state.step % config.sample_every == 0:
             _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
         if state.step % config.checkpoint_every == 0:
             checkpoint()
+    if window:  # a stop between log steps: log the partial window too
+        log_window()
     if state.step and (state.step % config.checkpoint_every or status == "stopped"):
         checkpoint()
     if status == "done" and config.sample_every and state.step % config.sample_every:
@@ -376,11 +391,22 @@ def _metrics(window, state, config, T: int, seconds: float, elapsed: float) -> d
     }
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past `step`: a run resumed from an older checkpoint logs them again."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_atomic(path, "".join(keep).encode())
+
+
 def _write_cache(out: Path, data: torch.Tensor, report: DataReport) -> None:
-    if not (out / CACHE).exists():
-        save_checkpoint(
-            out / CACHE,
-            {"images": data},
-            "data_cache",
-            {"config": {"data": report.summary()}, "step": 0},
-        )
+    save_checkpoint(
+        out / CACHE,
+        {"images": data},
+        "data_cache",
+        {"config": {"data": report.summary()}, "step": 0},
+    )

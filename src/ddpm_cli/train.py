@@ -52,9 +52,11 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int:
     candidates = []
     if config.steps is not None:
         candidates.append(config.steps)
-    if config.epochs is not None:
-        candidates.append(config.epochs * per_epoch)
-    return min(candidates) if candidates else 100 * per_epoch
+    # an optimizer step consumes grad_accum batches
+    epochs = config.epochs if config.epochs is not None else (None if candidates else 100)
+    if epochs is not None:
+        candidates.append(math.ceil(epochs * per_epoch / config.grad_accum))
+    return min(candidates)
 
 
 def resolve(config: TrainConfig, device: torch.device, n_images: int, channels: int):
@@ -146,6 +148,7 @@ def train_step(
         else contextlib.nullcontext()
     )
     all_losses, all_t = [], []
+    n_images = sum(b.shape[0] for b in batches)
     for micro in batches:
         x0 = to_model_range(micro).to(device)
         if device.type == "cuda":
@@ -162,7 +165,8 @@ def train_step(
                 config.objective.value,
                 config.min_snr_gamma,
             )
-        loss = per_item.mean() / len(batches)
+        # every image counts the same, however the images fall into micro-batches
+        loss = per_item.sum() / n_images
         if not torch.isfinite(loss):
             raise TrainingDiverged(_diverged_message(config, state.step, "loss"))
         (state.scaler.scale(loss) if state.scaler else loss).backward()

@@ -22,6 +22,12 @@ D = TrainConfig()  # the one source of defaults
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+def size_text(size: tuple[int, int]) -> str:
+    """(height, width) as the CLI writes it: "32", or "64x32" for width 64, height 32."""
+    h, w = size
+    return str(h) if h == w else f"{w}x{h}"
+
+
 def train(
     ctx: typer.Context,
     data: Annotated[
@@ -44,11 +50,13 @@ def train(
         str, typer.Option("--preset", help=f"Model: auto, {', '.join(PRESETS)}.")
     ] = D.preset,
     image_size: Annotated[
-        int,
+        str,
         typer.Option(
-            "--image-size", min=8, help="Train at SIZE x SIZE (shorter side resized, center crop)."
+            "--image-size",
+            help="Train at N x N, or WIDTHxHEIGHT (e.g. 64x32): images are resized to cover it "
+            "and center-cropped.",
         ),
-    ] = D.image_size,
+    ] = size_text(D.image_size),
     channels: Annotated[
         int | None, typer.Option("--channels", help="1, 3 or 4. Default: follows the data.")
     ] = D.channels,
@@ -172,7 +180,8 @@ def train(
         view.close()
         for s, h in previous.items():
             signal.signal(s, h)
-    print(result.out / "model.safetensors")
+    if (result.out / "model.safetensors").exists():
+        print(result.out / "model.safetensors")
     if result.status == "stopped":
         raise typer.Exit(EXIT_SIGNAL.get(stop["signal"], 130))
 
@@ -256,7 +265,7 @@ class ProgressView:
 
 def preflight_table(info: dict) -> Table:
     report, config, model = info["report"], info["config"], info["model"]
-    s = report.summary()
+    s = info["data"]
     table = Table(title="ddpm train", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -276,8 +285,8 @@ def preflight_table(info: dict) -> Table:
         ),
         (
             "decoded",
-            f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size}x"
-            f"{report.image_size} uint8",
+            f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size[0]}x"
+            f"{report.image_size[1]} uint8 (channels x height x width)",
         ),
         (
             "model",
