@@ -3,6 +3,7 @@
     runs/NAME/
       model.safetensors        EMA weights + full config: the file to sample from
       train_state.safetensors  raw weights, EMA, Adam moments, RNG states, data position
+                               (written and read by train_state.py)
       metrics.jsonl            one JSON object per logged step
       samples/step-NNNNNNN.png sample grids from the EMA weights
       data_cache.safetensors   the decoded training images (uint8), reused on resume
@@ -21,13 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    config_section,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
 from ddpm_cli.data import Batches, DataReport, load_source
 from ddpm_cli.device import make_generator, randn, resolve_device
@@ -38,22 +33,11 @@ from ddpm_cli.presets import build_model_config
 from ddpm_cli.samplers import ddpm
 from ddpm_cli.samplers import run as run_sampler
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import (
-    TrainState,
-    ema_decay_at,
-    new_state,
-    resolve,
-    total_steps,
-    train_step,
-)
+from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_step
+from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
-MODEL, STATE, METRICS, CACHE = (
-    "model.safetensors",
-    "train_state.safetensors",
-    "metrics.jsonl",
-    "data_cache.safetensors",
-)
+METRICS, CACHE = "metrics.jsonl", "data_cache.safetensors"
 # sample grids: 100 strided ancestral steps with the posterior variance beta_tilde, which leaves
 # far less grain than sigma^2 = beta when steps are strided (previews, not final results)
 GRID_SAMPLER_STEPS = 100
@@ -87,82 +71,6 @@ def next_run_dir(root: Path, name: str) -> Path:
     while (root / f"{name}-{n}").exists():
         n += 1
     return root / f"{name}-{n}"
-
-
-def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
-    for i, s in state.optimizer.state_dict()["state"].items():
-        for k, v in s.items():
-            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.noise"] = state.noise_gen.get_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    return tensors
-
-
-def save_run(out: Path, state: TrainState, configs: dict, elapsed: float, decay: float) -> None:
-    """train_state first, then the model: each atomic, so a crash leaves both loadable."""
-    meta = {
-        "config": configs,
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "elapsed": elapsed,
-        "optimizer_groups": state.optimizer.state_dict()["param_groups"],
-        "scaler": state.scaler.state_dict() if state.scaler else None,
-    }
-    save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta)
-    save_checkpoint(
-        out / MODEL,
-        state.ema.state_dict(),
-        "model",
-        {
-            "config": configs,
-            "step": state.step,
-            "ema_decay": decay,
-            "elapsed": elapsed,
-            "weights": "ema",
-        },
-    )
-
-
-def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
-    """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds."""
-    t = ckpt.tensors
-    model_sd = {k[6:]: v for k, v in t.items() if k.startswith("model.")}
-    ema_sd = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
-    check_state_dict(ckpt.path, state.model.state_dict(), model_sd)
-    check_state_dict(ckpt.path, state.ema.state_dict(), ema_sd)
-    state.model.load_state_dict(model_sd)
-    state.ema.load_state_dict(ema_sd)
-    optim_state: dict[int, dict] = {}
-    for k, v in t.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            optim_state.setdefault(int(i), {})[name] = v
-    try:
-        state.optimizer.load_state_dict(
-            {"state": optim_state, "param_groups": ckpt.json("optimizer_groups")}
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{ckpt.path}: optimizer state does not fit the model ({e})"
-        ) from None
-    if state.scaler and ckpt.json("scaler"):
-        state.scaler.load_state_dict(ckpt.json("scaler"))
-    torch.set_rng_state(t["rng.torch"])
-    state.noise_gen.set_state(t["rng.noise"])
-    if device.type == "cuda":
-        keys = sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
-        cuda_states = [t[k] for k in keys]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    state.step = ckpt.step
-    state.epoch, state.batch_in_epoch = ckpt.json("epoch"), ckpt.json("batch_in_epoch")
-    return float(ckpt.json("elapsed"))
 
 
 def _merge_resume(stored: TrainConfig, given: dict) -> TrainConfig:

@@ -1,0 +1,94 @@
+"""Saving and restoring everything a training run needs to continue exactly.
+
+train_state.safetensors holds the raw weights ("model.*"), the EMA ("ema.*"), Adam's moments
+("optim.<param>.<name>"), and the random states ("rng.torch", "rng.noise", "rng.cuda.<i>");
+its metadata holds the step, the data position, Adam's hyperparameters and the grad scaler.
+model.safetensors holds the EMA weights alone: the file users sample from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.checkpoint import CheckpointError, check_state_dict, save_checkpoint
+from ddpm_cli.train import TrainState
+
+MODEL, STATE = "model.safetensors", "train_state.safetensors"
+
+
+def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
+    for i, s in state.optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.noise"] = state.noise_gen.get_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def save_run(out: Path, state: TrainState, configs: dict, elapsed: float, decay: float) -> None:
+    """train_state first, then the model: each atomic, so a crash leaves both loadable."""
+    meta = {
+        "config": configs,
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "elapsed": elapsed,
+        "optimizer_groups": state.optimizer.state_dict()["param_groups"],
+        "scaler": state.scaler.state_dict() if state.scaler else None,
+    }
+    save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta)
+    save_checkpoint(
+        out / MODEL,
+        state.ema.state_dict(),
+        "model",
+        {
+            "config": configs,
+            "step": state.step,
+            "ema_decay": decay,
+            "elapsed": elapsed,
+            "weights": "ema",
+        },
+    )
+
+
+def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
+    """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds."""
+    t = ckpt.tensors
+    model_sd = {k[6:]: v for k, v in t.items() if k.startswith("model.")}
+    ema_sd = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
+    check_state_dict(ckpt.path, state.model.state_dict(), model_sd)
+    check_state_dict(ckpt.path, state.ema.state_dict(), ema_sd)
+    state.model.load_state_dict(model_sd)
+    state.ema.load_state_dict(ema_sd)
+    optim_state: dict[int, dict] = {}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            optim_state.setdefault(int(i), {})[name] = v
+    try:
+        state.optimizer.load_state_dict(
+            {"state": optim_state, "param_groups": ckpt.json("optimizer_groups")}
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state does not fit the model ({e})"
+        ) from None
+    if state.scaler and ckpt.json("scaler"):
+        state.scaler.load_state_dict(ckpt.json("scaler"))
+    torch.set_rng_state(t["rng.torch"])
+    state.noise_gen.set_state(t["rng.noise"])
+    if device.type == "cuda":
+        keys = sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
+        cuda_states = [t[k] for k in keys]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    state.step = ckpt.step
+    state.epoch, state.batch_in_epoch = ckpt.json("epoch"), ckpt.json("batch_in_epoch")
+    return float(ckpt.json("elapsed"))
