@@ -377,3 +377,26 @@ def test_a_fresh_run_replaces_leftovers_of_an_attempt_that_never_checkpointed(co
         1,
         2,
     ]
+
+
+def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
+    """grad_accum over a batch of 4 and a batch of 1: the loss is the mean over all 5 images."""
+    from ddpm_cli.presets import build_model_config
+    from ddpm_cli.train import new_state, train_step
+
+    config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32")
+    state = new_state(build_model_config("tiny", (8, 8), 3), config, torch.device("cpu"))
+
+    def losses(model, tables, x0, t, eps, objective, gamma):
+        weight = 1.0 if x0.shape[0] == 4 else 5.0  # per-item loss p * weight, p one parameter
+        return model.conv_in.bias[0] * torch.full((x0.shape[0],), weight)
+
+    monkeypatch.setattr(train_mod, "training_losses", losses)
+    tables = DiffusionTables.from_config(DiffusionConfig()).to("cpu")
+    batches = [
+        torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+    ]
+    result = train_step(state, batches, tables, config, torch.device("cpu"), state.model)
+    # d/dp of (4 * 1 + 1 * 5) p / 5 = 1.8; averaging the two batch means would give 3.0
+    assert result.grad_norm == pytest.approx(1.8)
