@@ -65,7 +65,7 @@ def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
         device=str(device),
         steps=10**9,
     )
-    config, _ = resolve(config, device, report.used, report.channels)
+    config = resolve(config, device, report.used, report.channels)
     model_config = build_model_config(preset, (size, size), report.channels)
     state = new_state(model_config, config, device)
     tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)

@@ -30,6 +30,12 @@ FAST = dict(
 )
 
 
+def cli_train(runner, data, out, *options: str):
+    """`ddpm train DATA --out OUT` with the tiny preset on the CPU, plus `options`."""
+    args = ["train", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu"]
+    return runner.invoke(app, [*args, *options])
+
+
 @pytest.fixture
 def colours(tmp_path):
     """A folder of 8x8 images, each solid red or solid blue, 32 of each."""
@@ -164,32 +170,24 @@ def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tm
     (colours / "sub").mkdir()
     draw_shapes((20, 12)).save(colours / "sub" / "nested.jpg")
     out = tmp_path / "run"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            str(colours),
-            "--out",
-            str(out),
-            "--preset",
-            "tiny",
-            "--image-size",
-            "8",
-            "--steps",
-            "4",
-            "--batch-size",
-            "8",
-            "--sample-every",
-            "4",
-            "--num-samples",
-            "4",
-            "--log-every",
-            "2",
-            "--seed",
-            "1",
-            "--device",
-            "cpu",
-        ],
+    r = cli_train(
+        runner,
+        colours,
+        out,
+        "--image-size",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--sample-every",
+        "4",
+        "--num-samples",
+        "4",
+        "--log-every",
+        "2",
+        "--seed",
+        "1",
     )
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(out / "model.safetensors")
@@ -297,28 +295,20 @@ def test_image_size_parses_square_and_width_x_height():
 
 def test_non_square_training_from_the_cli(runner, colours, tmp_path):
     out = tmp_path / "wide"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            str(colours),
-            "--out",
-            str(out),
-            "--preset",
-            "tiny",
-            "--image-size",
-            "16x8",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--sample-every",
-            "2",
-            "--num-samples",
-            "1",
-            "--device",
-            "cpu",
-        ],
+    r = cli_train(
+        runner,
+        colours,
+        out,
+        "--image-size",
+        "16x8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "2",
+        "--num-samples",
+        "1",
     )
     assert r.exit_code == 0, r.output
     assert "3x8x16 uint8" in r.stderr

@@ -240,10 +240,9 @@ def load_source(
             raise DataError("built-in datasets are square: use --image-size N")
         data = builtin.DATASETS[name](size=image_size[0])
         if channels is not None and channels != data.shape[1]:
-            x = torch.stack(
-                [_to_channels(to_model_range(d[None])[0], None, channels) for d in data]
+            data = torch.stack(
+                [_to_uint8(_to_channels(to_model_range(d), None, channels)) for d in data]
             )
-            data = _to_uint8(x) if x.ndim == 3 else torch.stack([_to_uint8(v) for v in x])
         report = DataReport(
             source=f"{BUILTIN_PREFIX}{name}",
             found=data.shape[0],

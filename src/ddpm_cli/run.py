@@ -162,10 +162,10 @@ def train(
                 f"{out} already holds a run; continue it with --resume {out} "
                 "or choose another --out"
             )
-        config, _ = resolve(config, device, report.used, report.channels)
+        config = resolve(config, device, report.used, report.channels)
         model_config = build_model_config(config.preset, config.image_size, report.channels)
     else:
-        config = resolve(config, device, report.used, report.channels)[0]
+        config = resolve(config, device, report.used, report.channels)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)

@@ -86,7 +86,7 @@ def resolve(config: TrainConfig, device: torch.device, n_images: int, channels: 
         warmup_steps=warmup,
         seed=seed,
         channels=channels,
-    ), steps
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
 from ddpm_cli.config import DiffusionConfig, Objective, Precision, Schedule, TrainConfig
+from ddpm_cli.errors import UsageError
 from ddpm_cli.presets import PRESETS
 from ddpm_cli.run import train as run_training
 
@@ -163,8 +164,6 @@ def train(
     try:
         diffusion_given = {k: given.pop(k) for k in ("schedule", "timesteps") if k in given}
         if resume is not None and diffusion_given:
-            from ddpm_cli.errors import UsageError
-
             raise UsageError("cannot change --schedule or --timesteps on resume")
         result = run_training(
             data,
