@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                       # small and cifar10 presets, auto device
     python benchmarks/bench.py --preset tiny --steps 20 --json
+    python benchmarks/bench.py --preset small --stream          # decode from disk per batch
 
 For each preset: training img/s through the real pipeline (a folder of PNGs decoded by the
 loader, seeded batches with flips, forward, backward, Adam, EMA), the share of step time spent
@@ -55,7 +56,7 @@ def sync(device: torch.device) -> None:
 
 def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
     size = PRESETS[preset].image_size[0] if args.image_size is None else args.image_size
-    data, report = load_folder(folder, (size, size))
+    data, report = load_folder(folder, (size, size), stream=args.stream)
     config = TrainConfig(
         preset=preset,
         image_size=size,
@@ -64,19 +65,21 @@ def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
         seed=0,
         device=str(device),
         steps=10**9,
+        workers=args.workers,
     )
     config = resolve(config, device, report.used, report.channels)
     model_config = build_model_config(preset, (size, size), report.channels)
     state = new_state(model_config, config, device)
     tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
     forward = torch.compile(state.model) if args.compile else state.model
-    batches = Batches(data, config.batch_size, config.seed, config.flip)
+    batches = Batches(data, config.batch_size, config.seed, config.flip, config.workers)
+    feed = batches.iterate(0, 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wait = total = 0.0
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        micro = [batches.batch(i // batches.per_epoch, i % batches.per_epoch)]
+        micro = [next(feed)]
         t1 = time.perf_counter()
         train_step(state, micro, tables, config, device, forward)
         sync(device)
@@ -84,6 +87,7 @@ def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
         if i >= args.warmup:
             wait += t1 - t0
             total += t2 - t0
+    feed.close()
     images = args.steps * config.batch_size
     common = {
         "impl": "ddpm",
@@ -92,6 +96,7 @@ def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
         "precision": config.precision.value,
         "batch": config.batch_size,
         "image_size": size,
+        "data": f"stream x{config.workers}" if report.streamed else "memory",
     }
     rows = [
         {
@@ -146,6 +151,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDPM sampling steps")
     p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes with --stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -156,8 +163,8 @@ def main() -> None:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         )
         print(
-            f"{'preset':<12} {'workload':<18} {'batch':>5} {'prec':>5} {'img/s':>9} "
-            f"{'data wait':>9} {'peak MiB':>9}"
+            f"{'preset':<12} {'workload':<18} {'data':<10} {'batch':>5} {'prec':>5} "
+            f"{'img/s':>9} {'data wait':>9} {'peak MiB':>9}"
         )
     with tempfile.TemporaryDirectory() as tmp:
         folders: dict[int, Path] = {}
@@ -173,7 +180,8 @@ def main() -> None:
                     share = row.get("data_wait_share")
                     wait = f"{100 * share:.1f}%" if share is not None else ""
                     print(
-                        f"{row['preset']:<12} {row['workload']:<18} {row['batch']:>5} "
+                        f"{row['preset']:<12} {row['workload']:<18} {row['data']:<10} "
+                        f"{row['batch']:>5} "
                         f"{row['precision']:>5} {row['img_per_s']:>9.2f} {wait:>9} "
                         f"{row['peak_mib']:>9.0f}",
                         flush=True,

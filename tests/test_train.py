@@ -274,14 +274,6 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(colours, tmp_p
     assert env_sigterm.returncode == 143
 
 
-def test_data_that_cannot_fit_in_memory_is_refused_before_decoding(colours, monkeypatch):
-    import ddpm_cli.data as data
-
-    monkeypatch.setattr(data, "available_memory", lambda: 1000)
-    with pytest.raises(data.DataError, match=r"64 images at 8x8 need .* GiB decoded.*smaller"):
-        data.load_folder(colours, (8, 8))
-
-
 def test_image_size_parses_square_and_width_x_height():
     from ddpm_cli.config import parse_size
     from ddpm_cli.errors import ConfigError
@@ -320,6 +312,8 @@ def test_non_square_training_from_the_cli(runner, colours, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "4", "--image-size", "8"])
     assert r.exit_code == 2 and "cannot change on resume: --image-size 8" in r.stderr
+    r = runner.invoke(app, ["train", "--resume", str(out), "--schedule", "cosine"])
+    assert r.exit_code == 2 and "--schedule cosine (the run has linear)" in r.stderr
 
 
 def test_epochs_count_batches_not_optimizer_steps():

@@ -1,6 +1,6 @@
 """Draws docs/images/example.png, the picture the README's commands use (no downloads needed).
 
-    python docs/images/make_example.py
+python docs/images/make_example.py
 """
 
 from pathlib import Path

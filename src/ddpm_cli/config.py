@@ -164,6 +164,9 @@ class TrainConfig:
     image_size: tuple[int, int] = (32, 32)
     channels: int | None = None  # None: 1 for all-grayscale data, else 3
     flip: bool = True  # random horizontal flips, as in the paper
+    stream: bool | None = None  # decode batches from disk; None: only when memory is short
+    workers: int | None = None  # DataLoader processes when streaming; None: by CPU count
+    data_cache: bool = True  # keep the decoded images in the run directory (in-memory data)
     objective: Objective = Objective.eps
     min_snr_gamma: float | None = None  # None: L_simple's uniform weights
     lr: float = 2e-4  # the paper's learning rate for 32x32 (2e-5 for 256x256)
@@ -196,6 +199,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
         if self.channels not in (None, 1, 3, 4):
             raise ConfigError(f"channels must be 1, 3 or 4, got {self.channels}")
         if self.lr <= 0:

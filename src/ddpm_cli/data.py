@@ -1,18 +1,24 @@
-"""Training data: image folders and the built-in dataset -> uint8 tensors -> batches in [-1, 1].
+"""Training data: image folders and the built-in dataset -> uint8 images -> batches.
 
-A folder is scanned recursively and every image decoded once, resized (shorter side) and
-center-cropped, into one uint8 tensor of shape (N, C, H, W). Batches come from a seeded
-permutation per epoch, so a run's data order is fixed by its seed and resumes exactly.
+A folder is scanned recursively. When its decoded images fit in memory, every image is decoded
+once, resized (shorter side) and center-cropped, into one uint8 tensor (N, C, H, W): `InMemory`.
+Otherwise (or with stream=True) images stay on disk and DataLoader workers decode each batch
+ahead of the training step: `OnDisk`. Either way batches come from a seeded permutation per
+epoch, so a run's data order is fixed by its seed, resumes exactly, and the two give the same
+bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ddpm_cli.errors import DataError
 from ddpm_cli.images import decode_image
@@ -35,6 +41,9 @@ class DataReport:
     channels: int = 3
     image_size: tuple[int, int] = (32, 32)  # (height, width)
     bytes: int = 0  # memory of the decoded uint8 data
+    fingerprint: str | None = None  # hash of the folder's file names and sizes (folders only)
+    streamed: bool = False  # decoded batch by batch from disk rather than held in memory
+    stored: dict | None = None  # the summary a data cache was saved with (sizes are not kept)
 
     @property
     def name(self) -> str:
@@ -56,6 +65,8 @@ class DataReport:
         return out
 
     def summary(self) -> dict:
+        if self.stored is not None:
+            return dict(self.stored)
         ws = sorted(w for w, _ in self.sizes) or [0]
         hs = sorted(h for _, h in self.sizes) or [0]
         return {
@@ -70,6 +81,8 @@ class DataReport:
             "channels": self.channels,
             "image_size": list(self.image_size),
             "bytes": self.bytes,
+            "fingerprint": self.fingerprint,
+            "streamed": self.streamed,
         }
 
 
@@ -117,21 +130,45 @@ def _to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int
     return pixels
 
 
+def fingerprint(folder: Path, paths: list[Path]) -> str:
+    """A hash of the relative names and sizes of `paths`: it changes when files are added,
+    removed, renamed or rewritten with another size."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.mode, img.size
+    except Exception as e:  # Pillow raises many kinds for files it cannot read
+        raise DataError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
+
+
 def load_folder(
-    folder: Path, image_size: tuple[int, int], channels: int | None = None
-) -> tuple[torch.Tensor, DataReport]:
-    """Decode every image under `folder` into a uint8 tensor (N, C, height, width)."""
+    folder: Path,
+    image_size: tuple[int, int],
+    channels: int | None = None,
+    stream: bool | None = None,
+) -> tuple[InMemory | OnDisk, DataReport]:
+    """The images under `folder`: decoded into memory, or (stream True, or None and the decoded
+    images would take more than MEMORY_SHARE of the available memory) left on disk."""
+    folder = Path(folder)
     paths = scan(folder)
     report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report.fingerprint = fingerprint(folder, paths)
     need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
-    available = available_memory()
-    if available is not None and need > MEMORY_SHARE * available:
-        raise DataError(
-            f"{folder}: {len(paths)} images at {image_size[1]}x{image_size[0]} need "
-            f"{need / 2**30:.1f} GiB decoded, more than {MEMORY_SHARE:.0%} of the "
-            f"{available / 2**30:.1f} GiB available; use a smaller --image-size or fewer images "
-            "(streaming from disk is not supported yet)"
-        )
+    if stream is None:
+        available = available_memory()
+        stream = available is not None and need > MEMORY_SHARE * available
+    if stream:
+        return _on_disk(folder, paths, report, channels)
     decoded = []
     for p in paths:
         try:
@@ -142,16 +179,85 @@ def load_folder(
         report.modes[img.source_mode] += 1
         report.sizes.append(img.source_size)
         decoded.append(img)
-    if not decoded:
-        why = f"; e.g. {report.skipped[0][1]}" if report.skipped else ""
-        raise DataError(f"{folder}: no readable images found (png, jpg, webp, bmp, tiff, gif){why}")
+    _check_found(folder, decoded, report)
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for d in decoded) else 3
     report.channels = channels
     data = torch.stack([_to_uint8(_to_channels(d.pixels, d.alpha, channels)) for d in decoded])
     report.used = data.shape[0]
     report.bytes = data.numel()
-    return data, report
+    return InMemory(data), report
+
+
+def _on_disk(
+    folder: Path, paths: list[Path], report: DataReport, channels: int | None
+) -> tuple[OnDisk, DataReport]:
+    """Read only the headers now (modes, sizes, unreadable files); pixels are decoded per batch."""
+    kept = []
+    for p in paths:
+        try:
+            mode, size = _header(p)
+        except DataError as e:
+            report.skipped.append((str(p), str(e)))
+            continue
+        report.modes[mode] += 1
+        report.sizes.append(size)
+        kept.append(p)
+    _check_found(folder, kept, report)
+    if channels is None:
+        gray = all(m in GRAY_MODES or m.startswith("I;") for m in report.modes)
+        channels = 1 if gray else 3
+    h, w = report.image_size
+    report.channels, report.used, report.streamed = channels, len(kept), True
+    report.bytes = len(kept) * channels * h * w
+    return OnDisk(kept, report.image_size, channels), report
+
+
+def _check_found(folder: Path, found: list, report: DataReport) -> None:
+    if not found:
+        why = f"; e.g. {report.skipped[0][1]}" if report.skipped else ""
+        raise DataError(f"{folder}: no readable images found (png, jpg, webp, bmp, tiff, gif){why}")
+
+
+def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
+    """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
+    img = decode_image(Path(path).read_bytes(), str(path), size=image_size)
+    return _to_uint8(_to_channels(img.pixels, img.alpha, channels))
+
+
+class InMemory:
+    """Decoded images held as one uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+class OnDisk(torch.utils.data.Dataset):
+    """Image files decoded on demand (in DataLoader workers). An image that fails to decode
+    is replaced by the next readable one, the same one every time, and reported."""
+
+    def __init__(self, paths: list[Path], image_size: tuple[int, int], channels: int):
+        self.paths, self.image_size, self.channels = list(paths), image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        failed = []
+        for k in range(len(self.paths)):
+            path = self.paths[(i + k) % len(self.paths)]
+            try:
+                return decode_for_training(path, self.image_size, self.channels), failed
+            except (DataError, OSError) as e:
+                failed.append((str(path), str(e)))
+        raise DataError(f"none of the {len(self.paths)} images can be decoded any more")
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), [f for _, fs in items for f in fs]
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -165,72 +271,145 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """Seeded epoch-by-epoch batches from a uint8 tensor, with random horizontal flips.
+    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips.
 
     The position (epoch, index of the next batch in the epoch) is all the state there is:
-    `at(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
+    `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, flip: bool):
-        if data.shape[0] == 0:
+    def __init__(
+        self,
+        images: InMemory | OnDisk,
+        batch_size: int,
+        seed: int,
+        flip: bool,
+        workers: int = 0,
+        on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
+    ):
+        if len(images) == 0:
             raise DataError("no training images")
-        self.data, self.batch_size, self.seed, self.flip = data, batch_size, seed, flip
-        self.per_epoch = max(1, math.ceil(data.shape[0] / batch_size))
+        self.images, self.batch_size, self.seed, self.flip = images, batch_size, seed, flip
+        self.workers, self.on_skip = workers, on_skip
+        self.per_epoch = max(1, math.ceil(len(images) / batch_size))
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n = self.data.shape[0]
+        n = len(self.images)
         order = torch.randperm(n, generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         return order, flips
 
-    def batch(self, epoch: int, index: int) -> torch.Tensor:
-        """Batch `index` of `epoch` as uint8 (B, C, H, W); the last batch of an epoch may be
-        short, and a dataset smaller than the batch repeats within the batch."""
+    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image indices and flip decisions of batch `index` of `epoch`; the last batch of an
+        epoch may be short, and a dataset smaller than the batch repeats within the batch."""
         order, flips = self.epoch_order(epoch)
-        n = self.data.shape[0]
+        n = len(self.images)
         if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
-            idx = order.repeat(math.ceil(self.batch_size / n))[: self.batch_size]
-            fl = flips.repeat(math.ceil(self.batch_size / n))[: self.batch_size]
-        else:
-            sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            idx, fl = order[sl], flips[sl]
-        x = self.data[idx]
-        if fl.any():
-            x = x.clone()
-            x[fl] = x[fl].flip(-1)
-        return x
+            reps = math.ceil(self.batch_size / n)
+            return order.repeat(reps)[: self.batch_size], flips.repeat(reps)[: self.batch_size]
+        sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return order[sl], flips[sl]
+
+    def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) from the given position on, for ever."""
+        while True:
+            yield epoch, index
+            index += 1
+            if index >= self.per_epoch:
+                epoch, index = epoch + 1, 0
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """One batch as uint8 (B, C, H, W)."""
+        return next(self.iterate(epoch, index))
+
+    def iterate(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
+        """The batches from position (epoch, index) on, in order; on disk, `workers` processes
+        decode ahead of the training step."""
+        plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
+        if isinstance(self.images, InMemory):
+            for idx, fl in plan:
+                yield _flip(self.images.data[idx], fl)
+            return
+        flips: list[torch.Tensor] = []
+
+        def index_lists():
+            for idx, fl in plan:
+                flips.append(fl)
+                yield idx.tolist()
+
+        loader = torch.utils.data.DataLoader(
+            self.images,
+            batch_sampler=index_lists(),
+            num_workers=self.workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if self.workers else None,
+            # the loader seeds its workers from this generator, not from the global RNG (which
+            # dropout uses): creating a loader must not shift a resumed run's random numbers
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        for x, failed in loader:
+            if failed:
+                self.on_skip(failed)
+            yield _flip(x, flips.pop(0))
+
+
+def _flip(x: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
+    if fl.any():
+        x = x.clone()
+        x[fl] = x[fl].flip(-1)
+    return x
+
+
+def is_cache_file(source: str | None) -> bool:
+    return source is not None and source.endswith(".safetensors")
+
+
+def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
+    """The decoded images of an earlier run (its data_cache.safetensors), with its data summary.
+
+    The images were cropped and converted when they were cached, so size and channels must match.
+    """
+    from ddpm_cli.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(path), kind="data_cache")
+    data = ckpt.tensors.get("images")
+    if data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0:
+        raise DataError(f"{path}: not a data cache of uint8 images (N, C, H, W)")
+    size, c = tuple(data.shape[-2:]), data.shape[1]
+    if size != tuple(image_size):
+        h, w = size
+        text = str(h) if h == w else f"{w}x{h}"
+        raise DataError(f"{path} holds {text} images; train at that size with --image-size {text}")
+    if channels is not None and channels != c:
+        raise DataError(f"{path} holds {c}-channel images; drop --channels or use --channels {c}")
+    summary = dict(ckpt.config.get("data", {}))
+    report = DataReport(
+        source=summary.get("source", str(path)),
+        found=data.shape[0],
+        used=data.shape[0],
+        channels=c,
+        image_size=size,
+        bytes=data.numel(),
+        fingerprint=summary.get("fingerprint"),
+    )
+    report.modes.update(summary.get("modes", {}))
+    report.stored = summary | {"used": report.used, "streamed": False}
+    return InMemory(data), report
 
 
 def load_source(
     source: str | None,
     image_size: tuple[int, int],
     channels: int | None,
-    cache: Path | None = None,
-) -> tuple[torch.Tensor, DataReport]:
-    """Training images for a source: a folder, "builtin:NAME", or None (the default built-in).
-
-    With `cache` (a run's data_cache.safetensors) present, the images stored there are used, so a
-    resumed run trains on exactly the data it started with.
-    """
+    stream: bool | None = None,
+) -> tuple[InMemory | OnDisk, DataReport]:
+    """Training images for a source: a folder, "builtin:NAME", None (the default built-in), or
+    the data_cache.safetensors of an earlier run (decoded images, used as they are)."""
     from ddpm_cli import builtin
-    from ddpm_cli.checkpoint import load_checkpoint
 
-    if cache is not None and cache.exists():
-        ckpt = load_checkpoint(cache, kind="data_cache")
-        data = ckpt.tensors["images"]
-        summary = ckpt.config.get("data", {})
-        report = DataReport(
-            source=summary.get("source", str(source)),
-            found=data.shape[0],
-            used=data.shape[0],
-            channels=data.shape[1],
-            image_size=tuple(data.shape[-2:]),
-            bytes=data.numel(),
-        )
-        report.modes.update(summary.get("modes", {}))
-        return data, report
+    if is_cache_file(source):
+        return load_cache(Path(source), image_size, channels)
     if source is None or source.startswith(BUILTIN_PREFIX):
         name = builtin.DEFAULT if source is None else source[len(BUILTIN_PREFIX) :]
         if name not in builtin.DATASETS:
@@ -253,5 +432,5 @@ def load_source(
         )
         report.modes["RGB"] = data.shape[0]
         report.sizes = [(image_size[1], image_size[0])] * data.shape[0]
-        return data, report
-    return load_folder(Path(source), image_size, channels)
+        return InMemory(data), report
+    return load_folder(Path(source), image_size, channels, stream)

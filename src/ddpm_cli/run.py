@@ -6,7 +6,8 @@
                                (written and read by train_state.py)
       metrics.jsonl            one JSON object per logged step
       samples/step-NNNNNNN.png sample grids from the EMA weights
-      data_cache.safetensors   the decoded training images (uint8), reused on resume
+      data_cache.safetensors   the decoded training images (uint8), reused on resume and
+                               usable as the DATA of a new run (not written when streaming)
       skipped.txt              images that could not be read, and why
 
 Progress is reported to `on_event(kind, info)`; nothing here prints.
@@ -24,7 +25,7 @@ import torch
 
 from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
-from ddpm_cli.data import Batches, DataReport, load_source
+from ddpm_cli.data import Batches, DataReport, InMemory, load_source
 from ddpm_cli.device import make_generator, randn, resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import write_atomic
@@ -37,7 +38,7 @@ from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_
 from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
-METRICS, CACHE = "metrics.jsonl", "data_cache.safetensors"
+METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
 # sample grids: 100 strided ancestral steps with the posterior variance beta_tilde, which leaves
 # far less grain than sigma^2 = beta when steps are strided (previews, not final results)
 GRID_SAMPLER_STEPS = 100
@@ -52,7 +53,11 @@ RESUMABLE = {
     "num_samples",
     "device",
     "compile",
+    "stream",
+    "workers",
+    "data_cache",
 }
+DIFFUSION_OPTIONS = ("schedule", "timesteps")  # part of the model: never changed on resume
 
 Event = Callable[[str, dict], None]
 
@@ -73,11 +78,19 @@ def next_run_dir(root: Path, name: str) -> Path:
     return root / f"{name}-{n}"
 
 
-def _merge_resume(stored: TrainConfig, given: dict) -> TrainConfig:
+def _merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -> TrainConfig:
     """The stored config with the safe options the user gave; refuse conflicting ones."""
     values = stored.to_dict()
     conflicts = []
+    for key in DIFFUSION_OPTIONS:
+        if key in given:
+            have = diffusion.to_dict()[key]
+            mine = from_dict(DiffusionConfig, {**diffusion.to_dict(), key: given[key]}).to_dict()
+            if mine[key] != have:
+                conflicts.append(f"--{key} {jsonable(given[key])} (the run has {have})")
     for key, value in given.items():
+        if key in DIFFUSION_OPTIONS:
+            continue
         # normalise through the dataclass, so "32" and (32, 32) compare equal to the stored [32, 32]
         normalized = from_dict(TrainConfig, {**values, key: jsonable(value)}).to_dict()[key]
         if key in RESUMABLE:
@@ -142,19 +155,22 @@ def train(
             raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
         ckpt = load_checkpoint(out / STATE, kind="train_state")
         stored = config_section(ckpt, "training", TrainConfig)
-        config = _merge_resume(stored, given or {})
         diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
+        config = _merge_resume(stored, diffusion, given or {})
         model_config = config_section(ckpt, "model", ModelConfig)
         stored_data = ckpt.config.get("data", {})
         source = stored_data.get("source")
     device = resolve_device(config.device)
 
-    data, report = load_source(
-        source,
-        config.image_size,
-        config.channels,
-        cache=(out / CACHE) if resume is not None else None,
-    )
+    if resume is not None and (out / CACHE).exists():
+        images, report = load_source(str(out / CACHE), config.image_size, config.channels)
+    else:
+        images, report = load_source(source, config.image_size, config.channels, config.stream)
+    if resume is not None and report.fingerprint != stored_data.get("fingerprint"):
+        raise UsageError(
+            f"{source} has changed since the run started (files added, removed or resized), so "
+            "the run cannot continue exactly; restore the folder, or start a new run with --out"
+        )
     if resume is None:
         out = Path(out) if out is not None else next_run_dir(Path("runs"), report.name)
         if (out / STATE).exists() or (out / MODEL).exists():
@@ -170,11 +186,29 @@ def train(
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)
     if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
-        _write_cache(out, data, report)
+        (out / CACHE).unlink(missing_ok=True)
+        if config.data_cache and isinstance(images, InMemory):
+            _write_cache(out, images.data, report)
         (out / METRICS).unlink(missing_ok=True)
+        (out / SKIPPED).unlink(missing_ok=True)
     else:
         _truncate_metrics(out / METRICS, ckpt.step)
-    batches = Batches(data, config.batch_size, config.seed, config.flip)
+
+    reported: set[str] = set()
+
+    def on_skip(failed: list[tuple[str, str]]) -> None:
+        """Images that stopped decoding mid-run: replaced by a readable one, listed once."""
+        failed = [(p, r) for p, r in dict(failed).items() if p not in reported]
+        reported.update(p for p, _ in failed)
+        if not failed:
+            return
+        with open(out / SKIPPED, "a") as f:
+            f.writelines(f"{p}\t{r}\n" for p, r in failed)
+        on_event("skip", {"failed": failed})
+
+    batches = Batches(
+        images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip
+    )
     total = total_steps(config, batches.per_epoch)
     configs = {
         "model": model_config.to_dict(),
@@ -210,7 +244,7 @@ def train(
     )
     if report.skipped:
         lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
-        (out / "skipped.txt").write_text(lines)
+        (out / SKIPPED).write_text(lines)
 
     window: list = []
     t_log = time.perf_counter()
@@ -231,13 +265,14 @@ def train(
         save_run(out, state, configs, elapsed, ema_decay_at(state.step, config.ema_decay))
         on_event("checkpoint", {"step": state.step, "path": out / MODEL})
 
+    feed = batches.iterate(state.epoch, state.batch_in_epoch)
     while state.step < total:
         if should_stop():
             status = "stopped"
             break
         micro = []
         for _ in range(config.grad_accum):
-            micro.append(batches.batch(state.epoch, state.batch_in_epoch))
+            micro.append(next(feed))
             state.batch_in_epoch += 1
             if state.batch_in_epoch >= batches.per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -261,6 +296,7 @@ def train(
             _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
         if state.step % config.checkpoint_every == 0:
             checkpoint()
+    feed.close()  # stops the DataLoader workers, if any
     if window:  # a stop between log steps: log the partial window too
         log_window()
     if state.step and (state.step % config.checkpoint_every or status == "stopped"):

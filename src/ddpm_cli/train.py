@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,7 @@ from ddpm_cli.unet import UNet
 
 PAPER_WARMUP = 5000  # Ho et al. 2020, appendix B
 WARMUP_SHARE = 0.05  # short runs warm up over at most 5% of their steps
+MAX_WORKERS = 4  # DataLoader processes decoding ahead when data is streamed from disk
 
 
 class TrainingDiverged(DdpmError):
@@ -78,8 +80,12 @@ def resolve(config: TrainConfig, device: torch.device, n_images: int, channels: 
     if warmup is None:
         warmup = min(PAPER_WARMUP, max(1, int(WARMUP_SHARE * steps)))
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31, (1,)).item())
+    workers = config.workers
+    if workers is None:  # leave a core to the training step
+        workers = min(MAX_WORKERS, max(1, (os.cpu_count() or 2) - 1))
     return replace(
         config,
+        workers=workers,
         precision=precision,
         batch_size=batch,
         preset=preset,

@@ -14,7 +14,6 @@ from rich.table import Table
 
 from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
 from ddpm_cli.config import DiffusionConfig, Objective, Precision, Schedule, TrainConfig
-from ddpm_cli.errors import UsageError
 from ddpm_cli.presets import PRESETS
 from ddpm_cli.run import train as run_training
 
@@ -34,8 +33,8 @@ def train(
     data: Annotated[
         str | None,
         typer.Argument(
-            help="Folder of images (searched recursively), or builtin:NAME. "
-            "Default: the built-in 'shapes' dataset."
+            help="Folder of images (searched recursively), builtin:NAME, or an earlier run's "
+            "data_cache.safetensors. Default: the built-in 'shapes' dataset."
         ),
     ] = None,
     out: Annotated[
@@ -64,6 +63,29 @@ def train(
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
     ] = D.flip,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Decode batches from disk with worker processes instead of holding the decoded "
+            "images in memory. Default: stream only when they would not fit.",
+            show_default=False,
+        ),
+    ] = D.stream,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=0, help="Decoding processes when streaming. Default: CPUs - 1, max 4."
+        ),
+    ] = D.workers,
+    data_cache: Annotated[
+        bool,
+        typer.Option(
+            "--data-cache/--no-data-cache",
+            help="Keep the decoded images in the run directory (data_cache.safetensors): resume "
+            "uses them, and a new run can take the file as its DATA.",
+        ),
+    ] = D.data_cache,
     objective: Annotated[
         Objective, typer.Option("--objective", help="What the network predicts.")
     ] = D.objective,
@@ -162,9 +184,6 @@ def train(
     previous = {s: signal.signal(s, handler) for s in EXIT_SIGNAL}
     view = ProgressView(quiet)
     try:
-        diffusion_given = {k: given.pop(k) for k in ("schedule", "timesteps") if k in given}
-        if resume is not None and diffusion_given:
-            raise UsageError("cannot change --schedule or --timesteps on resume")
         result = run_training(
             data,
             config,
@@ -242,6 +261,10 @@ class ProgressView:
                 f"grad {r['grad_norm']:.3f}  lr {r['lr']:.2e}  {ips}  ema {r['ema_decay']:.4f}"
             )
 
+    def on_skip(self, info: dict) -> None:
+        for _, reason in info["failed"]:
+            self._line(f"[yellow]warning:[/yellow] skipped (listed in skipped.txt): {reason}")
+
     def on_sample(self, info: dict) -> None:
         self._line(f"samples: {info['path']}")
 
@@ -285,7 +308,12 @@ def preflight_table(info: dict) -> Table:
         (
             "decoded",
             f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size[0]}x"
-            f"{report.image_size[1]} uint8 (channels x height x width)",
+            f"{report.image_size[1]} uint8 (channels x height x width)"
+            + (
+                f"; streamed from disk, {config.workers} decoding processes"
+                if s.get("streamed")
+                else ", held in memory"
+            ),
         ),
         (
             "model",

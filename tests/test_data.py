@@ -1,0 +1,145 @@
+"""Training data: in memory or streamed from disk, the same batches either way; data caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ddpm_cli.data as data
+from conftest import draw_shapes
+from ddpm_cli.checkpoint import load_checkpoint
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.errors import DataError, UsageError
+from ddpm_cli.run import train
+
+FAST = dict(preset="tiny", image_size=8, batch_size=4, sample_every=0, device="cpu", seed=5)
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    """Eleven different pictures of different sizes and modes, in nested folders."""
+    folder = tmp_path / "pictures"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(11):
+        img = draw_shapes((20 + 3 * i, 16 + 2 * i)).rotate(30 * i)
+        where = folder / "sub" if i % 3 else folder
+        img.convert("L" if i == 4 else "RGB").save(where / f"{i:02d}.{'jpg' if i == 7 else 'png'}")
+    return folder
+
+
+def all_batches(images, workers=0, epochs=3, batch_size=4, start=(0, 0)):
+    batches = data.Batches(images, batch_size, seed=9, flip=True, workers=workers)
+    feed = batches.iterate(*start)
+    out = [next(feed) for _ in range(epochs * batches.per_epoch)]
+    feed.close()
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_batches_are_the_in_memory_batches(pictures, workers):
+    memory, report_m = data.load_folder(pictures, (8, 8), stream=False)
+    disk, report_d = data.load_folder(pictures, (8, 8), stream=True)
+    assert isinstance(memory, data.InMemory) and isinstance(disk, data.OnDisk)
+    assert report_d.streamed and not report_m.streamed
+    assert report_d.used == report_m.used == 11 and report_d.channels == report_m.channels == 3
+    assert report_d.fingerprint == report_m.fingerprint
+    a, b = all_batches(memory), all_batches(disk, workers)
+    assert len(a) == len(b) == 9
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype == torch.uint8 and torch.equal(x, y)
+    # flips happen, and differ between epochs: the batches are not one fixed order
+    assert not torch.equal(a[0], a[3])
+    # starting mid-run gives the same batches as reaching that point
+    later = all_batches(disk, workers, epochs=2, start=(1, 1))[:5]
+    assert all(torch.equal(x, y) for x, y in zip(a[4:], later, strict=True))
+
+
+def test_data_that_would_not_fit_in_memory_is_streamed(pictures, monkeypatch):
+    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    images, report = data.load_folder(pictures, (8, 8))
+    assert isinstance(images, data.OnDisk) and report.streamed
+    assert report.bytes == 11 * 3 * 8 * 8
+    monkeypatch.setattr(data, "available_memory", lambda: 10**9)
+    assert isinstance(data.load_folder(pictures, (8, 8))[0], data.InMemory)
+
+
+def test_streaming_reads_channels_and_unreadable_files_from_headers(tmp_path):
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i in range(3):
+        draw_shapes((12, 12), "L").save(gray / f"{i}.png")
+    (gray / "junk.png").write_bytes(b"not an image")
+    images, report = data.load_folder(gray, (8, 8), stream=True)
+    assert report.channels == 1 and report.used == 3 and len(report.skipped) == 1
+    assert images[0][0].shape == (1, 8, 8)
+
+
+def test_an_image_that_breaks_mid_run_is_replaced_and_reported(pictures):
+    images, _ = data.load_folder(pictures, (8, 8), stream=True)
+    broken = images.paths[2]
+    head = broken.read_bytes()[:60]  # a valid header, then nothing: decoding fails later
+    broken.write_bytes(head)
+    x, failed = images[2]
+    assert failed and failed[0][0] == str(broken)
+    assert torch.equal(x, images[3][0])  # the next image stands in, the same one every time
+    seen = []
+    batches = data.Batches(images, 11, seed=1, flip=False, on_skip=seen.extend)
+    next(batches.iterate(0, 0))
+    assert [p for p, _ in seen] == [str(broken)]
+    # a run lists it once in skipped.txt, however many epochs meet it
+    cfg = TrainConfig(**FAST, stream=True, workers=0, steps=9)
+    run = train(str(pictures), cfg, DiffusionConfig(), out=pictures.parent / "run")
+    lines = (run.out / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(broken)]
+
+
+def test_a_streamed_run_resumes_exactly_and_refuses_a_changed_folder(pictures, tmp_path):
+    cfg = dict(FAST, stream=True, workers=1, data_cache=False, checkpoint_every=2)
+    whole = train(str(pictures), TrainConfig(**cfg, steps=4), DiffusionConfig(), out=tmp_path / "w")
+    part = train(str(pictures), TrainConfig(**cfg, steps=2), DiffusionConfig(), out=tmp_path / "p")
+    assert not (part.out / "data_cache.safetensors").exists()
+    summary = load_checkpoint(part.out / "model.safetensors").config["data"]
+    assert summary["streamed"] and summary["fingerprint"]
+    draw_shapes((30, 30)).save(pictures / "new.png")
+    with pytest.raises(UsageError, match="has changed since the run started"):
+        train(None, TrainConfig(), DiffusionConfig(), resume=part.out, given={"steps": 4})
+    (pictures / "new.png").unlink()
+    train(None, TrainConfig(), DiffusionConfig(), resume=part.out, given={"steps": 4})
+    a = load_checkpoint(whole.out / "train_state.safetensors").tensors
+    b = load_checkpoint(part.out / "train_state.safetensors").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_data_cache_feeds_a_new_run(pictures, tmp_path, runner):
+    first = train(
+        str(pictures), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "a"
+    )
+    cache = first.out / "data_cache.safetensors"
+    images, report = data.load_source(str(cache), (8, 8), None)
+    direct, _ = data.load_folder(pictures, (8, 8))
+    assert torch.equal(images.data, direct.data)
+    assert report.source == str(pictures) and report.summary()["found"] == 11
+    second = train(str(cache), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "b")
+    assert load_checkpoint(second.out / "model.safetensors").config["data"]["source"] == str(
+        pictures
+    )
+    with pytest.raises(DataError, match="holds 8 images; .* --image-size 8"):
+        data.load_source(str(cache), (16, 16), None)
+    with pytest.raises(DataError, match="holds 3-channel images"):
+        data.load_source(str(cache), (8, 8), 1)
+    result = runner.invoke(app, ["train", str(cache), "--image-size", "16", "--out", "x"])
+    assert result.exit_code == 2 and "--image-size 8" in result.output
+
+
+def test_resume_refuses_a_new_schedule_or_length_of_chain(pictures, tmp_path):
+    run = train(str(pictures), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
+    refused = (
+        ({"schedule": "cosine"}, r"--schedule cosine \(the run has linear\)"),
+        ({"timesteps": 10}, r"--timesteps 10 \(the run has 1000\)"),
+    )
+    for given, text in refused:
+        with pytest.raises(UsageError, match=f"cannot change on resume: {text}"):
+            train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given=given)
+    # the stored values themselves are fine
+    train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given={"timesteps": 1000})
