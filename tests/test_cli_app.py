@@ -35,7 +35,7 @@ def test_root_help_lists_every_command(runner):
     assert "--install-completion" in out and "--show-completion" in out
 
 
-@pytest.mark.parametrize(("command", "issue"), [("sample", 4), ("inspect", 5)])
+@pytest.mark.parametrize(("command", "issue"), [("inspect", 5)])
 def test_unfinished_commands_exit_2_with_a_clear_line(runner, command, issue):
     for extra in ([], ["./images", "--epochs", "100", "-n", "4"]):
         r = runner.invoke(app, [command, *extra])

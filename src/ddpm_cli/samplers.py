@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_cli.config import SPACINGS, SamplerConfig, SamplerName
 from ddpm_cli.diffusion import predict_eps_from_x0, predict_x0_and_eps
 from ddpm_cli.schedules import DiffusionTables
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal noise
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SPACINGS = ("logsnr", "linspace", "leading", "trailing")
 
 
 def timesteps(
@@ -260,3 +260,20 @@ def run(steps: Iterator[SampleStep]) -> torch.Tensor:
     if x is None:
         raise ValueError("sampler produced no steps")
     return x
+
+
+def from_config(
+    config: SamplerConfig,
+    model: Model,
+    tables: DiffusionTables,
+    x_T: torch.Tensor,
+    noise: NoiseFn,
+    objective: str = "eps",
+) -> Iterator[SampleStep]:
+    """The sampler a (resolved) SamplerConfig names, ready to iterate."""
+    c = config.resolved(tables.timesteps, objective)
+    if c.sampler is SamplerName.ddpm:
+        return ddpm(model, tables, x_T, noise, objective, c.steps, c.variance, c.clip, c.spacing)
+    if c.sampler is SamplerName.ddim:
+        return ddim(model, tables, x_T, noise, objective, c.steps, c.eta, c.clip, c.spacing)
+    return dpmpp_2m(model, tables, x_T, noise, objective, c.steps, c.clip, c.spacing)

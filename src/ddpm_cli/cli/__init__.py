@@ -12,6 +12,7 @@ import typer
 from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console, pending_command
 from ddpm_cli.cli.noise import noise
+from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -52,9 +53,7 @@ def root(
 
 app.command(name="noise", context_settings=CONTEXT)(noise)
 app.command(name="train", context_settings=CONTEXT)(train)
-app.command(name="sample", context_settings=PASSTHROUGH)(
-    pending_command("sample", 4, "generate images from a trained checkpoint")
-)
+app.command(name="sample", context_settings=CONTEXT)(sample)
 app.command(name="inspect", context_settings=PASSTHROUGH)(
     pending_command("inspect", 5, "look inside checkpoints, schedules and runs")
 )

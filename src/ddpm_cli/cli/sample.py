@@ -1,0 +1,323 @@
+"""`ddpm sample`: generate PNGs (files, a grid, stdout) from a checkpoint or run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ddpm_cli.cli.common import DeviceOpt, QuietOpt, SeedOpt, err_console
+from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
+from ddpm_cli.device import new_seed, resolve_device
+from ddpm_cli.errors import UsageError
+from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
+from ddpm_cli.sampling import (
+    Trajectory,
+    check_model,
+    check_precision,
+    default_batch_size,
+    encode_png,
+    generate,
+    grid_image,
+    load_for_sampling,
+    provenance,
+    regenerate_command,
+    render_trajectory,
+    to_image,
+)
+
+S = SamplerConfig()  # the one source of defaults
+
+
+def sample(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="A model.safetensors written by ddpm train, or its run directory."),
+    ],
+    num: Annotated[int, typer.Option("--num", "-n", min=1, help="Number of images.")] = 16,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Directory for 000000.png, 000001.png, ... (created if missing), "
+            "or - for PNG bytes on stdout (the image, or the grid of several).",
+        ),
+    ] = None,
+    grid: Annotated[
+        str | None,
+        typer.Option("--grid", help="Also (or only) write all images as one grid PNG; - = stdout."),
+    ] = None,
+    start: Annotated[
+        int,
+        typer.Option("--start", min=0, help="Index of the first image (to redraw one image)."),
+    ] = 0,
+    seed: SeedOpt = None,
+    sampler: Annotated[
+        SamplerName | None,
+        typer.Option(
+            "--sampler",
+            help="ddpm (the paper's), ddim or dpm++. Default: dpm++ for v and x0 models, "
+            "ddpm over 100 steps for eps models.",
+            show_default=False,
+        ),
+    ] = S.sampler,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", min=1, help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20."
+        ),
+    ] = S.steps,
+    eta: Annotated[
+        float | None,
+        typer.Option("--eta", min=0.0, max=1.0, help="ddim: 0 deterministic, 1 ancestral-like."),
+    ] = None,
+    variance: Annotated[
+        str | None,
+        typer.Option(
+            "--variance", help="ddpm: large (sigma^2 = beta, the paper's) or small (beta~)."
+        ),
+    ] = None,
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            "--spacing",
+            help=f"Timestep spacing: {', '.join(SPACINGS)}. Default: linspace for ddpm, "
+            "logsnr for ddim and dpm++.",
+        ),
+    ] = S.spacing,
+    clip: Annotated[
+        bool, typer.Option("--clip/--no-clip", help="Clip the predicted x_0 to [-1, 1].")
+    ] = S.clip,
+    raw: Annotated[
+        bool,
+        typer.Option("--raw", help="Use the raw training weights of the run instead of the EMA."),
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory."),
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option("--precision", help="bf16/fp16 autocast (fp16: CUDA only).")
+    ] = Precision.fp32,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    device: DeviceOpt = "auto",
+    trajectory: Annotated[
+        Path | None,
+        typer.Option(
+            "--trajectory",
+            help="Write how the first images emerge: x_t over the predicted x_0, "
+            "as a .gif animation or a .png strip.",
+        ),
+    ] = None,
+    trajectory_images: Annotated[
+        int, typer.Option("--trajectory-images", min=1, help="Images in the trajectory.")
+    ] = 4,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing output files.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the paths.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate images from a trained checkpoint.
+
+    Image k of a seed is the same whatever -n and --batch-size are, and every PNG records how
+    it was made (checkpoint hash, sampler, steps, seed, index) in its text chunks. stdout
+    lists the written files, one per line.
+
+    [dim]Examples:[/dim]
+
+      [bold]ddpm sample runs/shapes-1 -n 64 -o out/[/bold]
+
+      [bold]ddpm sample model.safetensors -n 16 --grid grid.png --sampler ddpm[/bold]
+
+      [bold]ddpm sample model.safetensors -n 1 --seed 7 -o - > one.png[/bold]
+    """
+    for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
+        if value is not None and (sampler is None or sampler.value != applies):
+            raise UsageError(f"--{name} applies to --sampler {applies}; add --sampler {applies}")
+    config = SamplerConfig(
+        sampler=sampler,
+        steps=steps,
+        eta=S.eta if eta is None else eta,
+        variance=variance or S.variance,
+        spacing=spacing,
+        clip=clip,
+    )
+    if out is None and grid is None:
+        raise UsageError("say where the images go: -o DIR, -o - (stdout) or --grid FILE")
+    if out == STDIO and grid == STDIO:
+        raise UsageError("-o - and --grid - both write to stdout; choose one")
+    to_stdout = STDIO in (out, grid)
+    if to_stdout and as_json:
+        raise UsageError("PNG bytes and --json both go to stdout; choose one")
+    if to_stdout and stdout_is_terminal():
+        raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
+    if out == STDIO and num > 1 and grid is None:
+        grid, out = STDIO, None  # several images on stdout: as one grid
+
+    indices = list(range(start, start + num))
+    folder = Path(out) if out not in (None, STDIO) else None
+    files = [folder / f"{k:06d}.png" for k in indices] if folder else []
+    _check_outputs(folder, files, grid, trajectory, overwrite)
+
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    sm = load_for_sampling(checkpoint, raw=raw, device=dev)
+    check_model(sm)
+    resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
+    seed = new_seed() if seed is None else seed
+    batch = batch_size or default_batch_size(sm.model_config, dev, num)
+    text = provenance(sm, config, seed, precision)
+    if not quiet:
+        err_console.print(
+            f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
+            f"{num} images, {resolved.sampler.value} {resolved.steps} steps "
+            f"({resolved.spacing}), seed {seed}, batch {batch}, {dev}, {precision.value}"
+        )
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    traj = Trajectory() if trajectory else None
+    view = SampleProgress(quiet, num, resolved.steps)
+    written: list[str] = []
+    images = []
+    t0 = time.perf_counter()
+    try:
+        for chunk, x in generate(
+            sm,
+            config,
+            indices,
+            seed,
+            batch,
+            dev,
+            precision,
+            compile,
+            traj,
+            trajectory_images,
+            view.step,
+        ):
+            for k, img in zip(chunk, x, strict=True):
+                png = encode_png(
+                    to_image(img),
+                    {**text, "ddpm:index": str(k), "ddpm:command": regenerate_command(text, k)},
+                )
+                if folder:
+                    path = folder / f"{k:06d}.png"
+                    write_atomic(path, png)
+                    written.append(str(path))
+                elif out == STDIO:
+                    write_stdout(png)
+            if grid is not None:
+                images.append(x)
+            view.batch_done(len(chunk))
+    except KeyboardInterrupt:
+        view.close()
+        err_console.print(f"[yellow]interrupted[/yellow]: {len(written)} images written")
+        raise typer.Exit(130) from None
+    view.close()
+    seconds = time.perf_counter() - t0
+
+    grid_path = None
+    if grid is not None:
+        png = encode_png(grid_image(torch.cat(images)), text)
+        if grid == STDIO:
+            write_stdout(png)
+        else:
+            write_atomic(Path(grid), png)
+            grid_path = grid
+    if traj is not None:
+        write_atomic(trajectory, render_trajectory(traj, gif=trajectory.suffix.lower() == ".gif"))
+
+    if not quiet:
+        err_console.print(
+            f"{num} images in {seconds:.1f} s ({num / seconds:.2f} img/s)"
+            + (f"; grid {grid_path}" if grid_path else "")
+            + (f"; trajectory {trajectory}" if trajectory else "")
+        )
+    if as_json:
+        summary = {
+            "checkpoint": str(sm.path),
+            "checkpoint_hash": sm.content_hash,
+            "weights": sm.weights,
+            "sampler": resolved.to_dict(),
+            "seed": seed,
+            "indices": [start, start + num - 1],
+            "files": written,
+            "grid": grid_path,
+            "trajectory": str(trajectory) if trajectory else None,
+            "device": str(dev),
+            "precision": precision.value,
+            "batch_size": batch,
+            "seconds": seconds,
+            "img_per_s": num / seconds,
+        }
+        print(json.dumps(summary))
+    elif not to_stdout:
+        for path in [*written, *([grid_path] if grid_path else [])]:
+            print(path)
+
+
+def _check_outputs(folder, files, grid, trajectory, overwrite) -> None:
+    """Everything that would stop the writes, checked before any sampling."""
+    if folder is not None:
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder}: exists and is not a directory")
+        if not overwrite:
+            existing = [f for f in files if f.exists()]
+            if existing:
+                raise UsageError(
+                    f"{existing[0]} already exists ({len(existing)} of the {len(files)} files "
+                    "do); pass --overwrite, another -o, or --start to continue the numbering"
+                )
+    for path in (grid, trajectory):
+        if path is not None and str(path) != STDIO:
+            check_output_path(Path(path), overwrite=overwrite)
+    if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
+        raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")
+
+
+class SampleProgress:
+    """Rich bars over images and over the denoising steps of the current batch on a terminal;
+    a plain line per batch otherwise."""
+
+    def __init__(self, quiet: bool, total: int, steps: int):
+        self.quiet, self.done, self.total = quiet, 0, total
+        self.progress = None
+        self.t = time.perf_counter()
+        if not quiet and err_console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
+            self.images = self.progress.add_task("images", total=total)
+            self.steps = self.progress.add_task("denoise", total=steps)
+            self.progress.start()
+
+    def step(self, i: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.steps, completed=i, total=total)
+
+    def batch_done(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress.update(self.images, completed=self.done)
+        elif not self.quiet:
+            now = time.perf_counter()
+            err_console.print(f"{self.done}/{self.total} images ({now - self.t:.1f} s)")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,311 @@
+"""Generating images from a checkpoint: the core of `ddpm sample`.
+
+Image k of seed s always starts from the same noise: each image index has its own generator,
+seeded from (s, k), which draws that image's x_T and then its noise at every step. So an image
+does not depend on how many images are drawn with it, on the batch size, or on its position
+in a batch. Noise is drawn on the CPU and moved to the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from ddpm_cli import __version__
+from ddpm_cli.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    config_section,
+    load_checkpoint,
+    read_header,
+)
+from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
+from ddpm_cli.data import available_memory
+from ddpm_cli.errors import ConfigError, DataError
+from ddpm_cli.images import encode_gif, hstack, labelled, to_pil
+from ddpm_cli.samplers import from_config
+from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.train_state import MODEL, STATE
+from ddpm_cli.unet import UNet
+
+MAX_BATCH = 256
+TRAJECTORY_FRAMES = 60  # steps kept for a trajectory (a GIF frame each; strips pick fewer)
+
+
+@dataclass(frozen=True)
+class SamplingModel:
+    model: UNet
+    model_config: ModelConfig
+    diffusion: DiffusionConfig
+    objective: str
+    path: Path  # the file the weights came from
+    content_hash: str
+    weights: str  # "ema" or "raw"
+    step: int
+
+
+def load_for_sampling(
+    path: Path, raw: bool = False, device: torch.device | str = "cpu"
+) -> SamplingModel:
+    """The model in a checkpoint file or run directory: its EMA weights (model.safetensors),
+    or with `raw` the raw training weights (train_state.safetensors beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such checkpoint file or run directory")
+    folder = path if path.is_dir() else path.parent
+    if raw:
+        file = folder / STATE
+        if not file.exists():
+            raise DataError(
+                f"{file}: not found; --raw needs the run directory's train state "
+                "(drop --raw to sample from the EMA weights)"
+            )
+    else:
+        file = folder / MODEL if path.is_dir() else path
+        if not file.exists():
+            raise DataError(f"{path}: no {MODEL} in this directory; is it a run directory?")
+    kind = (read_header(file).get("__metadata__") or {}).get("kind")
+    if kind == "train_state" and not raw:
+        raise DataError(
+            f"{file}: is a train state; sample from {folder / MODEL} (EMA weights), or add "
+            "--raw for the raw weights"
+        )
+    ckpt = load_checkpoint(file, kind="train_state" if raw else "model")
+    model_config = config_section(ckpt, "model", ModelConfig)
+    diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
+    training = config_section(ckpt, "training", TrainConfig)
+    tensors = ckpt.tensors
+    if raw:
+        tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model = UNet(model_config)
+    check_state_dict(file, model.state_dict(), tensors)
+    model.load_state_dict(tensors)
+    return SamplingModel(
+        model=model.to(device).eval(),
+        model_config=model_config,
+        diffusion=diffusion,
+        objective=training.objective.value,
+        path=file,
+        content_hash=ckpt.meta["content_hash"],
+        weights="raw" if raw else "ema",
+        step=ckpt.step,
+    )
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` under run seed `seed`: a hash, so nearby (seed, index) pairs
+    give unrelated noise."""
+    digest = hashlib.sha256(f"ddpm-image:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def default_batch_size(model_config: ModelConfig, device: torch.device, n: int) -> int:
+    """As many images as fit in about a quarter of the free memory, by a rough per-image
+    estimate of the network's activations at inference (fp32), at most MAX_BATCH and n."""
+    h, w = model_config.image_size
+    ch = model_config.channels
+    per_image = 0
+    size = h * w
+    for level, mult in enumerate(model_config.channel_mult):
+        res = size // 4**level
+        per_image += 16 * 4 * ch * mult * res  # a few live tensors per block, 4 bytes each
+        if min(h, w) >> level in model_config.attention_resolutions:
+            per_image += 3 * 4 * res * res  # the attention matrix and its softmax
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_memory() or 4 * 2**30
+    return max(1, min(n, MAX_BATCH, int(free / 4 / max(per_image, 1))))
+
+
+@dataclass
+class Trajectory:
+    """x_t and the predicted x_0 of the first images at chosen steps."""
+
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (step index, t); t=-1: sample
+    x: list[torch.Tensor] = field(default_factory=list)  # (K, C, H, W) each
+    x0: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, index: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        k = x.shape[0]
+        self.steps.append((index, t))
+        self.x.append(x.float().cpu())
+        self.x0.append(x0[:k].float().cpu())
+
+
+def check_precision(precision: Precision, device: torch.device) -> None:
+    if precision is Precision.fp16 and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+
+
+def _network(model: UNet, device: torch.device, precision: Precision, compile: bool):
+    check_precision(precision, device)
+    net = torch.compile(model) if compile else model
+    if precision is Precision.fp32:
+        return net
+    dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+
+    def forward(x, t):
+        with torch.autocast(device.type, dtype=dtype):
+            return net(x, t).float()
+
+    return forward
+
+
+def generate(
+    sm: SamplingModel,
+    sampler: SamplerConfig,
+    indices: list[int],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision = Precision.fp32,
+    compile: bool = False,
+    trajectory: Trajectory | None = None,
+    trajectory_images: int = 0,
+    on_step: Callable[[int, int], None] = lambda i, total: None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Sample the images `indices` in batches; yields (indices, images in [-1, 1] on the CPU).
+
+    With `trajectory`, the first `trajectory_images` images of the first batch are recorded at
+    up to TRAJECTORY_FRAMES evenly spread steps.
+    """
+    sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
+    tables = DiffusionTables.from_config(sm.diffusion).to(device, torch.float32)
+    net = _network(sm.model, device, precision, compile)
+    c = sm.model_config.in_channels
+    h, w = sm.model_config.image_size
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(image_seed(seed, k)) for k in chunk]
+
+        def noise(shape, gens=gens):
+            z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+            return z.to(device)
+
+        x_T = noise((len(chunk), c, h, w))
+        steps = from_config(sampler, net, tables, x_T, noise, sm.objective)
+        record = trajectory is not None and start == 0 and trajectory_images > 0
+        keep = set()
+        x = x_T
+        for step in steps:
+            if not keep:
+                n_frames = min(step.total, TRAJECTORY_FRAMES)
+                keep = {round(i * (step.total - 1) / max(n_frames - 1, 1)) for i in range(n_frames)}
+            if record and step.index in keep:  # x_t as the network saw it, and its x_0
+                trajectory.add(step.index, step.t, x[:trajectory_images], step.x0)
+            on_step(step.index + 1, step.total)
+            x = step.x
+        if record:  # and the sample itself
+            trajectory.add(step.total, -1, x[:trajectory_images], x)
+        yield chunk, x.float().cpu()
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] -> a Pillow image: gray for 1 channel, RGB for 3, RGBA for 4."""
+    if x.shape[0] == 1:
+        return to_pil(x, "L")
+    if x.shape[0] == 4:
+        alpha = ((x[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return to_pil(x[:3], "RGB", alpha)
+    return to_pil(x[:3], "RGB")
+
+
+def provenance(sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: Precision) -> dict:
+    """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added)."""
+    s = sampler.resolved(sm.diffusion.timesteps, sm.objective)
+    return {
+        "ddpm:checkpoint": sm.path.name,
+        "ddpm:checkpoint_hash": sm.content_hash,
+        "ddpm:weights": sm.weights,
+        "ddpm:sampler": s.sampler.value,
+        "ddpm:steps": str(s.steps),
+        "ddpm:eta": str(s.eta),
+        "ddpm:variance": s.variance,
+        "ddpm:spacing": s.spacing,
+        "ddpm:clip": json.dumps(s.clip),
+        "ddpm:seed": str(seed),
+        "ddpm:precision": precision.value,
+        "ddpm:version": __version__,
+        "Software": f"ddpm {__version__}",
+    }
+
+
+def encode_png(img: Image.Image, text: dict[str, str]) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def regenerate_command(text: dict[str, str], index: int) -> str:
+    """The `ddpm sample` command that draws image `index` again."""
+    parts = [
+        f"ddpm sample {text['ddpm:checkpoint']} -n 1 --start {index}",
+        f"--seed {text['ddpm:seed']} --sampler {text['ddpm:sampler']}",
+        f"--steps {text['ddpm:steps']} --spacing {text['ddpm:spacing']}",
+    ]
+    if text["ddpm:sampler"] == "ddim":
+        parts.append(f"--eta {text['ddpm:eta']}")
+    if text["ddpm:sampler"] == "ddpm":
+        parts.append(f"--variance {text['ddpm:variance']}")
+    if text["ddpm:clip"] == "false":
+        parts.append("--no-clip")
+    if text["ddpm:weights"] == "raw":
+        parts.append("--raw")
+    if text["ddpm:precision"] != "fp32":
+        parts.append(f"--precision {text['ddpm:precision']}")
+    return " ".join(parts)
+
+
+def check_model(sm: SamplingModel) -> None:
+    """Refuse weights that are not finite: they can only give noise or black images."""
+    for name, p in sm.model.state_dict().items():
+        if not torch.isfinite(p).all():
+            raise CheckpointError(f"{sm.path}: weight {name} has NaN or infinite values")
+
+
+def grid_image(images: torch.Tensor) -> Image.Image:
+    """(N, C, H, W) in [-1, 1] as one grid (torchvision's make_grid), about square."""
+    return grid_image_rows(images, nrow=max(1, round(images.shape[0] ** 0.5)))
+
+
+STRIP_COLUMNS = 8
+
+
+def render_trajectory(trajectory: Trajectory, gif: bool) -> bytes:
+    """Each recorded step as a labelled cell: x_t above, the network's prediction of x_0 from
+    it below, one column per image; the last cell is the sample. A GIF shows every recorded
+    step; a PNG strip shows up to STRIP_COLUMNS of them, evenly spread, the last included."""
+    if not trajectory.steps:
+        raise ValueError("empty trajectory")
+    picks = range(len(trajectory.steps))
+    if not gif:
+        n = min(STRIP_COLUMNS, len(trajectory.steps))
+        last = len(trajectory.steps) - 1
+        picks = sorted({round(i * last / max(n - 1, 1)) for i in range(n)})
+    cells = []
+    for i in picks:
+        (_, t), x, x0 = trajectory.steps[i], trajectory.x[i], trajectory.x0[i]
+        k = x.shape[0]
+        cell = grid_image_rows(torch.cat([x, x0]), nrow=k)
+        cells.append(labelled(cell.convert("RGB"), f"t={t}" if t >= 0 else "sample"))
+    if gif:
+        return encode_gif(cells, frame_ms=100, hold_ms=1500)
+    return encode_png(hstack(cells), {"Software": f"ddpm {__version__}"})
+
+
+def grid_image_rows(images: torch.Tensor, nrow: int) -> Image.Image:
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return to_image(grid[:1] if images.shape[1] == 1 else grid)  # make_grid makes gray RGB

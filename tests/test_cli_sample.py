@@ -1,0 +1,212 @@
+"""`ddpm sample`: files, grids, stdout, provenance, reproducibility, trajectories, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_shapes
+from ddpm_cli.checkpoint import load_checkpoint
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.run import train
+from ddpm_cli.sampling import image_seed
+
+TINY = dict(preset="tiny", image_size=8, batch_size=8, sample_every=0, device="cpu", seed=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny trained runs on 8x8 pictures: a v model (RGB) and an eps model (grayscale)."""
+    root = tmp_path_factory.mktemp("runs")
+    colour, gray = root / "colour", root / "gray"
+    colour.mkdir()
+    gray.mkdir()
+    for i in range(8):
+        draw_shapes((16 + i, 16)).save(colour / f"{i}.png")
+        draw_shapes((16 + i, 16), "L").save(gray / f"{i}.png")
+    v = train(
+        str(colour), TrainConfig(**TINY, steps=3, objective="v"), DiffusionConfig(), root / "v"
+    )
+    eps = train(str(gray), TrainConfig(**TINY, steps=3), DiffusionConfig(timesteps=200), root / "e")
+    return {"v": v.out, "eps": eps.out}
+
+
+def sample(runner, *args):
+    return runner.invoke(app, ["sample", *map(str, args), "-q"])
+
+
+def text_chunks(path_or_bytes) -> dict:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return dict(img.text)
+
+
+def test_writes_numbered_pngs_lists_them_and_records_provenance(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    r = sample(runner, model, "-n", 3, "-o", tmp_path / "out", "--seed", 5)
+    assert r.exit_code == 0, r.output
+    files = [tmp_path / "out" / f"00000{i}.png" for i in range(3)]
+    assert r.stdout.splitlines() == [str(f) for f in files]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f.name for f in files]
+    text = text_chunks(files[2])
+    assert text["ddpm:checkpoint_hash"] == load_checkpoint(model).meta["content_hash"]
+    assert (text["ddpm:sampler"], text["ddpm:steps"], text["ddpm:spacing"]) == (
+        "dpm++",
+        "20",
+        "logsnr",
+    )
+    assert (text["ddpm:seed"], text["ddpm:index"], text["ddpm:weights"]) == ("5", "2", "ema")
+    assert Image.open(files[0]).size == (8, 8) and Image.open(files[0]).mode == "RGB"
+
+
+def test_image_k_does_not_depend_on_n_batch_size_or_run(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    a = sample(runner, model, "-n", 5, "-b", 2, "-o", tmp_path / "a", "--seed", 9)
+    b = sample(runner, model, "-n", 2, "--start", 3, "-b", 1, "-o", tmp_path / "b", "--seed", 9)
+    c = sample(runner, model, "-n", 5, "-b", 5, "-o", tmp_path / "c", "--seed", 9)
+    assert a.exit_code == b.exit_code == c.exit_code == 0
+    for k in (3, 4):
+        assert (tmp_path / "a" / f"00000{k}.png").read_bytes() == (
+            tmp_path / "b" / f"00000{k}.png"
+        ).read_bytes()
+    for k in range(5):
+        assert (tmp_path / "a" / f"00000{k}.png").read_bytes() == (
+            tmp_path / "c" / f"00000{k}.png"
+        ).read_bytes()
+    # different images of one run differ; different seeds differ
+    assert (tmp_path / "a" / "000000.png").read_bytes() != (
+        tmp_path / "a" / "000001.png"
+    ).read_bytes()
+    d = sample(runner, model, "-n", 1, "-o", tmp_path / "d", "--seed", 10)
+    assert d.exit_code == 0
+    assert (tmp_path / "d" / "000000.png").read_bytes() != (
+        tmp_path / "a" / "000000.png"
+    ).read_bytes()
+    assert len({image_seed(s, k) for s in range(50) for k in range(50)}) == 2500
+
+
+def test_the_recorded_command_redraws_the_image(runner, runs, tmp_path, monkeypatch):
+    model = runs["v"] / "model.safetensors"
+    r = sample(runner, model, "-n", 4, "-o", tmp_path, "--seed", 2, "--sampler", "ddim", "--eta", 1)
+    assert r.exit_code == 0, r.output
+    command = text_chunks(tmp_path / "000003.png")["ddpm:command"]
+    args = shlex.split(command)
+    assert args[:3] == ["ddpm", "sample", "model.safetensors"] and "--eta" in args
+    monkeypatch.chdir(runs["v"])
+    again = runner.invoke(app, [*args[1:], "-o", "-", "-q"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout_bytes == (tmp_path / "000003.png").read_bytes()
+
+
+def test_grid_stdout_and_json(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    r = sample(runner, model, "-n", 4, "--grid", tmp_path / "g.png", "--seed", 1)
+    assert r.exit_code == 0 and r.stdout.splitlines() == [str(tmp_path / "g.png")]
+    assert Image.open(tmp_path / "g.png").size == (2 * 8 + 3 * 2,) * 2  # 2x2, 2px padding
+    assert sorted(os.listdir(tmp_path)) == ["g.png"]
+    one = sample(runner, model, "-n", 1, "-o", "-", "--seed", 1)
+    assert one.exit_code == 0 and Image.open(io.BytesIO(one.stdout_bytes)).size == (8, 8)
+    several = sample(runner, model, "-n", 4, "-o", "-", "--seed", 1)
+    assert several.stdout_bytes == (tmp_path / "g.png").read_bytes()  # the grid
+    j = sample(runner, model, "-n", 2, "-o", tmp_path / "o", "--json", "--seed", 3)
+    summary = json.loads(j.stdout)
+    assert summary["files"] == [
+        str(tmp_path / "o" / "000000.png"),
+        str(tmp_path / "o" / "000001.png"),
+    ]
+    assert summary["sampler"]["sampler"] == "dpm++" and summary["seed"] == 3
+    assert summary["img_per_s"] > 0
+
+
+def test_existing_files_are_refused_unless_overwrite(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    assert sample(runner, model, "-n", 2, "-o", tmp_path, "--seed", 1).exit_code == 0
+    before = (tmp_path / "000001.png").stat().st_mtime_ns
+    r = sample(runner, model, "-n", 3, "-o", tmp_path, "--seed", 2)
+    assert r.exit_code == 2 and "000000.png already exists (2 of the 3 files do)" in r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "000002.png").exists()
+    assert (tmp_path / "000001.png").stat().st_mtime_ns == before
+    assert sample(runner, model, "-n", 2, "-o", tmp_path, "--start", 2).exit_code == 0
+    assert sample(runner, model, "-n", 2, "-o", tmp_path, "--overwrite").exit_code == 0
+    assert sorted(os.listdir(tmp_path)) == [f"00000{i}.png" for i in range(4)]
+
+
+def test_run_directory_raw_weights_and_grayscale_eps_models(runner, runs, tmp_path):
+    r = sample(runner, runs["eps"], "-n", 2, "-o", tmp_path / "ema", "--seed", 4)
+    assert r.exit_code == 0, r.output
+    text = text_chunks(tmp_path / "ema" / "000000.png")
+    # eps models default to ddpm over 100 steps (here T = 200) with the posterior variance
+    assert (text["ddpm:sampler"], text["ddpm:steps"], text["ddpm:variance"]) == (
+        "ddpm",
+        "100",
+        "small",
+    )
+    assert Image.open(tmp_path / "ema" / "000000.png").mode == "L"
+    raw = sample(runner, runs["eps"], "-n", 2, "-o", tmp_path / "raw", "--seed", 4, "--raw")
+    assert raw.exit_code == 0, raw.output
+    assert text_chunks(tmp_path / "raw" / "000000.png")["ddpm:weights"] == "raw"
+    a = torch.tensor(list(Image.open(tmp_path / "ema" / "000000.png").getdata()))
+    b = torch.tensor(list(Image.open(tmp_path / "raw" / "000000.png").getdata()))
+    assert not torch.equal(a, b)  # after 3 steps the EMA is not the raw weights
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".png"])
+def test_trajectory(runner, runs, tmp_path, suffix):
+    path = tmp_path / f"traj{suffix}"
+    r = sample(
+        runner,
+        runs["v"],
+        "-n",
+        3,
+        "--grid",
+        tmp_path / "g.png",
+        "--trajectory",
+        path,
+        "--trajectory-images",
+        2,
+        "--steps",
+        10,
+    )
+    assert r.exit_code == 0, r.output
+    img = Image.open(path)
+    if suffix == ".gif":
+        assert img.n_frames == 11  # every step of a short run, and the sample
+    else:
+        assert img.width > 8 * img.height // 2  # 8 labelled columns side by side
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["missing.safetensors", "-n", "1", "-o", "x"], 2, "no such checkpoint"),
+        (["{v}", "-n", "0", "-o", "x"], 2, "-n"),
+        (["{v}", "-n", "1", "-o", "x", "--steps", "5000"], 2, "more than the model's 1000"),
+        (["{v}", "-n", "1", "-o", "x", "--sampler", "euler"], 2, "euler"),
+        (["{v}", "-n", "1"], 2, "say where the images go"),
+        (["{v}", "-n", "1", "-o", "x", "--eta", "0.5"], 2, "--eta applies to --sampler ddim"),
+        (["{v}", "-n", "1", "-o", "x", "--spacing", "cubic"], 2, "unknown spacing"),
+        (["{v}", "-n", "1", "-o", "x", "--trajectory", "t.mp4"], 2, ".gif animation or a .png"),
+        (["{v}", "-n", "1", "-o", "x", "--precision", "fp16", "--device", "cpu"], 2, "CUDA"),
+        (["{corrupt}", "-n", "1", "-o", "x"], 2, "not a safetensors file"),
+        (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; sample from"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(runner, runs, tmp_path, args, code, message):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((runs["v"] / "model.safetensors").read_bytes()[:5000])
+    paths = {"v": runs["v"], "corrupt": corrupt, "state": runs["v"] / "train_state.safetensors"}
+    args = [a.format(**paths) for a in args]
+    os.chdir(tmp_path)
+    r = runner.invoke(app, ["sample", *args])
+    assert r.exit_code == code, r.output
+    assert message in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
