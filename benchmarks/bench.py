@@ -6,7 +6,8 @@
 
 For each preset: training img/s through the real pipeline (a folder of PNGs decoded by the
 loader, seeded batches with flips, forward, backward, Adam, EMA), the share of step time spent
-waiting for data, DDPM sampling img/s (network evaluations x batch / s), and peak memory.
+waiting for data, sampling img/s per sampler and step count (every step is one network
+evaluation: a few are timed and scaled to the step count), and peak memory.
 Numbers print to stdout; this is a benchmark, not a test, and nothing here asserts a speed.
 """
 
@@ -24,11 +25,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.config import DiffusionConfig, SamplerConfig, TrainConfig
 from ddpm_cli.data import Batches, load_folder
 from ddpm_cli.device import resolve_device
 from ddpm_cli.presets import PRESETS, build_model_config
-from ddpm_cli.samplers import ddpm
+from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import new_state, resolve, train_step
 
@@ -110,27 +111,40 @@ def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
 
     n = config.batch_size
     g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(n, report.channels, size, size, generator=g).to(device)
-    sampler = ddpm(
-        state.ema, tables, x_T, lambda s: torch.randn(s, generator=g), steps=args.sample_steps
-    )
-    next(sampler)  # warm-up evaluation
-    sync(device)
-    t0 = time.perf_counter()
-    evals = 0
-    for _ in sampler:
-        evals += 1
-    sync(device)
-    seconds = time.perf_counter() - t0
-    rows.append(
-        {
-            **common,
-            "workload": f"sample:ddpm:{args.sample_steps}",
-            "img_per_s": n / (seconds * args.sample_steps / max(evals, 1)),
-            "evals_img_per_s": evals * n / seconds,
-            "peak_mib": peak_memory(device),
-        }
-    )
+    model = state.ema.eval()
+    for spec in args.samplers.split(","):
+        name, _, steps = spec.partition(":")
+        sampler_config = SamplerConfig(sampler=name, steps=int(steps) if steps else None)
+        resolved = sampler_config.resolved(tables.timesteps, config.objective.value)
+        x_T = torch.randn(n, report.channels, size, size, generator=g).to(device)
+        steps_iter = from_config(
+            sampler_config,
+            model,
+            tables,
+            x_T,
+            lambda s: torch.randn(s, generator=g).to(device),
+            config.objective.value,
+        )
+        next(steps_iter)  # warm-up evaluation
+        sync(device)
+        t0 = time.perf_counter()
+        evals = 0
+        for _ in steps_iter:  # every step is one network evaluation: time a few, scale up
+            evals += 1
+            if evals >= args.sample_evals:
+                break
+        sync(device)
+        seconds = time.perf_counter() - t0
+        per_image = seconds / max(evals, 1) * resolved.steps / n
+        rows.append(
+            {
+                **common,
+                "workload": f"sample:{resolved.sampler.value}:{resolved.steps}",
+                "img_per_s": 1 / per_image,
+                "evals_img_per_s": evals * n / seconds,
+                "peak_mib": peak_memory(device),
+            }
+        )
     return rows
 
 
@@ -148,7 +162,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDPM sampling steps")
+    p.add_argument(
+        "--samplers",
+        default="dpm++:20,ddim:50,ddpm:100,ddpm:1000",
+        help="sampler:steps list; img/s from --sample-evals timed network evaluations",
+    )
+    p.add_argument("--sample-evals", type=int, default=10)
     p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")

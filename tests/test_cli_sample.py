@@ -34,7 +34,8 @@ def runs(tmp_path_factory):
     v = train(
         str(colour), TrainConfig(**TINY, steps=3, objective="v"), DiffusionConfig(), root / "v"
     )
-    eps = train(str(gray), TrainConfig(**TINY, steps=3), DiffusionConfig(timesteps=200), root / "e")
+    eps_cfg = TrainConfig(**TINY, steps=3, objective="eps")
+    eps = train(str(gray), eps_cfg, DiffusionConfig(timesteps=200), root / "e")
     return {"v": v.out, "eps": eps.out}
 
 
@@ -210,3 +211,41 @@ def test_bad_input_is_one_line_and_writes_nothing(runner, runs, tmp_path, args, 
     assert message in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_plain_progress_lines_without_a_terminal_and_quiet(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    r = runner.invoke(app, ["sample", str(model), "-n", "3", "-b", "2", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("ddpm sample") and "dpm++ 20 steps" in lines[0]
+    assert [line.split(" ")[0] for line in lines[1:3]] == ["2/3", "3/3"]
+    assert "\x1b[" not in r.stderr  # no control codes in logs
+    q = runner.invoke(app, ["sample", str(model), "-n", "1", "-o", str(tmp_path / "q"), "-q"])
+    assert q.exit_code == 0 and q.stderr == ""
+
+
+def test_default_batch_size_follows_free_memory(runs, monkeypatch):
+    import ddpm_cli.sampling as sampling
+
+    sm = sampling.load_for_sampling(runs["v"])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sampling, "available_memory", lambda: 10**12)
+    assert sampling.default_batch_size(sm.model_config, cpu, 1000) == sampling.MAX_BATCH
+    assert sampling.default_batch_size(sm.model_config, cpu, 7) == 7
+    monkeypatch.setattr(sampling, "available_memory", lambda: 10**5)
+    assert sampling.default_batch_size(sm.model_config, cpu, 1000) == 1
+
+
+def test_training_grids_are_what_ddpm_sample_draws_with_the_run_seed(runner, tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(4):
+        draw_shapes((12, 12 + i)).save(folder / f"{i}.png")
+    cfg = TrainConfig(**{**TINY, "sample_every": 2, "num_samples": 4, "seed": 8}, steps=2)
+    run = train(str(folder), cfg, DiffusionConfig(), tmp_path / "run")
+    r = sample(runner, run.out, "-n", 4, "--seed", 8, "--grid", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    grid = Image.open(run.out / "samples" / "step-0000002.png")
+    again = Image.open(tmp_path / "g.png")
+    assert grid.size == again.size and list(grid.getdata()) == list(again.getdata())

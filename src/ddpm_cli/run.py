@@ -24,24 +24,26 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
-from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
+from ddpm_cli.config import (
+    DiffusionConfig,
+    ModelConfig,
+    SamplerConfig,
+    TrainConfig,
+    from_dict,
+    jsonable,
+)
 from ddpm_cli.data import Batches, DataReport, InMemory, load_source
-from ddpm_cli.device import make_generator, randn, resolve_device
+from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import write_atomic
-from ddpm_cli.images import encode_png
 from ddpm_cli.presets import build_model_config
-from ddpm_cli.samplers import ddpm
-from ddpm_cli.samplers import run as run_sampler
+from ddpm_cli.sampling import SamplingModel, encode_png, generate, grid_image
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_step
 from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
 METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
-# sample grids: 100 strided ancestral steps with the posterior variance beta_tilde, which leaves
-# far less grain than sigma^2 = beta when steps are strided (previews, not final results)
-GRID_SAMPLER_STEPS = 100
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
     "steps",
@@ -104,31 +106,24 @@ def _merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) 
     return from_dict(TrainConfig, values)
 
 
-def sample_grid(ema, tables, diffusion, config: TrainConfig, model_config, device, seed: int):
-    """A grid of the EMA model's samples from a fixed seed, as PNG bytes."""
-    from torchvision.utils import make_grid
-
-    from ddpm_cli.images import to_pil
-
-    g = make_generator(seed)
-    n = config.num_samples
-    h, w = model_config.image_size
-    x_T = randn((n, model_config.in_channels, h, w), g, device)
-    steps = min(GRID_SAMPLER_STEPS, diffusion.timesteps)
-    x = run_sampler(
-        ddpm(
-            ema,
-            tables,
-            x_T,
-            lambda s: randn(s, g, device),
-            config.objective.value,
-            steps=steps,
-            variance="small",
-        )
+def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
+    """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
+    default with this seed (its default sampler, image k from its own noise)."""
+    sm = SamplingModel(
+        model=ema,
+        model_config=model_config,
+        diffusion=diffusion,
+        objective=config.objective.value,
+        path=Path(MODEL),
+        content_hash="",
+        weights="ema",
+        step=0,
     )
-    grid = make_grid(x.float().cpu(), nrow=max(1, round(n**0.5)), padding=2, pad_value=1.0)
-    family = "L" if model_config.in_channels == 1 else "RGB"
-    return encode_png(to_pil(grid[:1] if family == "L" else grid[:3], family))
+    n = config.num_samples
+    images = torch.cat(
+        [x for _, x in generate(sm, SamplerConfig(), list(range(n)), seed, n, device)]
+    )
+    return encode_png(grid_image(images), {})
 
 
 def train(
@@ -293,7 +288,7 @@ def train(
         if state.step % config.log_every == 0 or state.step == total:
             log_window()
         if config.sample_every and state.step % config.sample_every == 0:
-            _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
+            _write_grid(out, state, diffusion, config, model_config, device, on_event)
         if state.step % config.checkpoint_every == 0:
             checkpoint()
     feed.close()  # stops the DataLoader workers, if any
@@ -302,13 +297,13 @@ def train(
     if state.step and (state.step % config.checkpoint_every or status == "stopped"):
         checkpoint()
     if status == "done" and config.sample_every and state.step % config.sample_every:
-        _write_grid(out, state, tables, diffusion, config, model_config, device, on_event)
+        _write_grid(out, state, diffusion, config, model_config, device, on_event)
     on_event("end", {"status": status, "step": state.step, "out": out})
     return RunResult(out, state.step, total, status, last_loss)
 
 
-def _write_grid(out, state, tables, diffusion, config, model_config, device, on_event):
-    png = sample_grid(state.ema, tables, diffusion, config, model_config, device, config.seed)
+def _write_grid(out, state, diffusion, config, model_config, device, on_event):
+    png = sample_grid(state.ema, diffusion, config, model_config, device, config.seed)
     path = out / "samples" / f"step-{state.step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     write_atomic(path, png)

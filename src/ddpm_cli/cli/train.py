@@ -87,7 +87,12 @@ def train(
         ),
     ] = D.data_cache,
     objective: Annotated[
-        Objective, typer.Option("--objective", help="What the network predicts.")
+        Objective,
+        typer.Option(
+            "--objective",
+            help="What the network predicts: v (default; docs/training.md says why), "
+            "eps (the paper's L_simple) or x0.",
+        ),
     ] = D.objective,
     min_snr_gamma: Annotated[
         float | None, typer.Option("--min-snr-gamma", help="Min-SNR-gamma loss weighting (e.g. 5).")
