@@ -249,3 +249,19 @@ def test_training_grids_are_what_ddpm_sample_draws_with_the_run_seed(runner, tmp
     grid = Image.open(run.out / "samples" / "step-0000002.png")
     again = Image.open(tmp_path / "g.png")
     assert grid.size == again.size and list(grid.getdata()) == list(again.getdata())
+
+
+def test_bf16_sampling_on_the_cpu_is_close_to_fp32(runner, runs, tmp_path):
+    model = runs["v"] / "model.safetensors"
+    for precision in ("fp32", "bf16"):
+        r = sample(runner, model, "-n", 4, "--seed", 1, "-o", tmp_path / precision,
+                   "--precision", precision)  # fmt: skip
+        assert r.exit_code == 0, r.output
+    a = torch.tensor(
+        [list(Image.open(tmp_path / "fp32" / f"00000{i}.png").getdata()) for i in range(4)]
+    )
+    b = torch.tensor(
+        [list(Image.open(tmp_path / "bf16" / f"00000{i}.png").getdata()) for i in range(4)]
+    )
+    assert text_chunks(tmp_path / "bf16" / "000000.png")["ddpm:precision"] == "bf16"
+    assert (a - b).abs().float().mean() < 8  # of 255: the same images, up to rounding

@@ -384,3 +384,28 @@ def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
     result = train_step(state, batches, tables, config, torch.device("cpu"), state.model)
     # d/dp of (4 * 1 + 1 * 5) p / 5 = 1.8; averaging the two batch means would give 3.0
     assert result.grad_norm == pytest.approx(1.8)
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(colours, tmp_path):
+    """bf16 changes the arithmetic (the weights differ) but not the training (the losses agree)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(**FAST, steps=4, precision=precision, checkpoint_every=4)
+        runs[precision] = train(str(colours), cfg, DiffusionConfig(), out=tmp_path / precision)
+    a = weights(runs["fp32"].out / "train_state.safetensors")
+    b = weights(runs["bf16"].out / "train_state.safetensors")
+    assert not torch.equal(a["model.conv_out.weight"], b["model.conv_out.weight"])
+    assert abs(runs["fp32"].loss - runs["bf16"].loss) < 0.05 * runs["fp32"].loss
+    stored = load_checkpoint(runs["bf16"].out / "model.safetensors").config["training"]
+    assert stored["precision"] == "bf16"
+
+
+def test_compiled_training_matches_eager(colours, tmp_path):
+    pytest.importorskip("torch._inductor")
+    runs = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(**FAST, steps=2, compile=compiled, checkpoint_every=2)
+        runs[compiled] = train(str(colours), cfg, DiffusionConfig(), out=tmp_path / str(compiled))
+    a = weights(runs[False].out / "model.safetensors")
+    b = weights(runs[True].out / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
