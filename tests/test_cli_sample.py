@@ -197,20 +197,26 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         (["{v}", "-n", "1", "-o", "x", "--trajectory", "t.mp4"], 2, ".gif animation or a .png"),
         (["{v}", "-n", "1", "-o", "x", "--precision", "fp16", "--device", "cpu"], 2, "CUDA"),
         (["{corrupt}", "-n", "1", "-o", "x"], 2, "not a safetensors file"),
+        (["{v}", "-n", "1", "-o", "x/sub/out"], 2, "is a file"),
+        (["{v}", "-n", "1", "--grid", "x/g.png"], 2, "does not exist"),
         (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; sample from"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(runner, runs, tmp_path, args, code, message):
+def test_bad_input_is_one_line_and_writes_nothing(
+    runner, runs, tmp_path, monkeypatch, args, code, message
+):
+    if "x/sub/out" in args:
+        (tmp_path / "x").write_text("a file where a directory should be")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes((runs["v"] / "model.safetensors").read_bytes()[:5000])
     paths = {"v": runs["v"], "corrupt": corrupt, "state": runs["v"] / "train_state.safetensors"}
     args = [a.format(**paths) for a in args]
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["sample", *args])
     assert r.exit_code == code, r.output
     assert message in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").is_dir() and not list(tmp_path.glob("**/*.png"))
 
 
 def test_plain_progress_lines_without_a_terminal_and_quiet(runner, runs, tmp_path):
@@ -265,3 +271,16 @@ def test_bf16_sampling_on_the_cpu_is_close_to_fp32(runner, runs, tmp_path):
     )
     assert text_chunks(tmp_path / "bf16" / "000000.png")["ddpm:precision"] == "bf16"
     assert (a - b).abs().float().mean() < 8  # of 255: the same images, up to rounding
+
+
+def test_compiled_sampling_matches_eager(runner, runs, tmp_path):
+    pytest.importorskip("torch._inductor")
+    model = runs["v"] / "model.safetensors"
+    for flag in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flag else "eager")
+        r = sample(runner, model, "-n", 2, "--seed", 3, "--steps", 5, "-o", out, *flag)
+        assert r.exit_code == 0, r.output
+    for i in range(2):
+        a = torch.tensor(list(Image.open(tmp_path / "eager" / f"00000{i}.png").getdata()))
+        b = torch.tensor(list(Image.open(tmp_path / "compiled" / f"00000{i}.png").getdata()))
+        assert (a - b).abs().max() <= 1  # the same images, up to rounding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ddpm_cli.cli.common import DeviceOpt, QuietOpt, SeedOpt, err_console
 from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
-from ddpm_cli.errors import UsageError
+from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
 from ddpm_cli.sampling import (
     Trajectory,
@@ -271,6 +272,11 @@ def _check_outputs(folder, files, grid, trajectory, overwrite) -> None:
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder}: exists and is not a directory")
+        existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise UsageError(f"{folder}: cannot create it, {existing} is a file")
+        if not os.access(existing, os.W_OK):
+            raise OutputError(f"{folder}: cannot write to {existing}: permission denied")
         if not overwrite:
             existing = [f for f in files if f.exists()]
             if existing:
