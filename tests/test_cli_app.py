@@ -35,16 +35,6 @@ def test_root_help_lists_every_command(runner):
     assert "--install-completion" in out and "--show-completion" in out
 
 
-@pytest.mark.parametrize(("command", "issue"), [("inspect", 5)])
-def test_unfinished_commands_exit_2_with_a_clear_line(runner, command, issue):
-    for extra in ([], ["./images", "--epochs", "100", "-n", "4"]):
-        r = runner.invoke(app, [command, *extra])
-        assert r.exit_code == 2
-        assert r.stdout == ""
-        (line,) = r.stderr.strip().splitlines()
-        assert f"'ddpm {command}' is not available yet" in line and f"issue #{issue}" in line
-
-
 def test_unknown_command_is_one_line(runner):
     r = runner.invoke(app, ["nosie"])
     assert r.exit_code == 2

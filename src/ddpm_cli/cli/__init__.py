@@ -10,13 +10,13 @@ from typing import Annotated
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli.common import DdpmGroup, err_console, pending_command
+from ddpm_cli.cli.common import DdpmGroup, err_console
+from ddpm_cli.cli.inspect import inspect
 from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-PASSTHROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True}
 
 app = typer.Typer(
     name="ddpm",
@@ -54,9 +54,7 @@ def root(
 app.command(name="noise", context_settings=CONTEXT)(noise)
 app.command(name="train", context_settings=CONTEXT)(train)
 app.command(name="sample", context_settings=CONTEXT)(sample)
-app.command(name="inspect", context_settings=PASSTHROUGH)(
-    pending_command("inspect", 5, "look inside checkpoints, schedules and runs")
-)
+app.command(name="inspect", context_settings=CONTEXT)(inspect)
 
 
 def main() -> None:

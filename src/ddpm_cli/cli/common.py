@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 
 from ddpm_cli.config import Schedule
 from ddpm_cli.device import DEVICE_HELP
-from ddpm_cli.errors import DdpmError, UsageError
+from ddpm_cli.errors import DdpmError
 
 # Progress, tables and messages go to stderr; stdout carries only data (paths, PNG bytes, JSON).
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -112,16 +112,3 @@ TimestepsOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no report or notes.")]
-
-
-def pending_command(name: str, issue: int, what: str) -> Any:
-    """A command whose feature has not landed: it says so and exits 2, whatever its arguments."""
-
-    def command(ctx: typer.Context) -> None:
-        raise UsageError(
-            f"'ddpm {name}' is not available yet in this version "
-            f"({what}; tracked in issue #{issue})"
-        )
-
-    command.__doc__ = f"{what[0].upper()}{what[1:]}. [yellow]Not available yet.[/yellow]"
-    return command

@@ -1,0 +1,183 @@
+"""`ddpm inspect`: what a checkpoint or a run directory holds, as tables or JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ddpm_cli.errors import DataError
+from ddpm_cli.inspection import checkpoint_info, run_info
+
+out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
+
+
+def inspect(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A checkpoint (.safetensors) written by ddpm, or a run directory."),
+    ],
+    tensors: Annotated[
+        bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show what a checkpoint or run holds: model, diffusion, training, data, files.
+
+    [dim]Examples:[/dim]
+
+      [bold]ddpm inspect runs/shapes-1[/bold]
+
+      [bold]ddpm inspect model.safetensors --json | jq .model.parameters[/bold]
+    """
+    if not path.exists():
+        raise DataError(f"{path}: no such checkpoint file or run directory")
+    info = run_info(path) if path.is_dir() else checkpoint_info(path)
+    if as_json:
+        if not tensors:
+            info.pop("tensors")
+        info.pop("metrics", None)
+        print(json.dumps(info, indent=2))
+        return
+    for table in tables(info, tensors):
+        out_console.print(table)
+
+
+def _table(title: str, rows: list[tuple[str, object]]) -> Table:
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        if v is not None:
+            t.add_row(k, str(v))
+    return t
+
+
+def tables(info: dict, tensors: bool) -> list[Table]:
+    m, d, tr, data = info["model"], info["diffusion"], info["training"], info["data"]
+    out = [
+        _table(
+            "checkpoint",
+            [
+                ("file", f"{info['path']} ({info['file_bytes'] / 2**20:.1f} MiB)"),
+                (
+                    "kind",
+                    f"{info['kind']}"
+                    + (f", {info['weights']} weights" if "weights" in info else ""),
+                ),
+                ("format", f"{info['format']}, written by ddpm {info['ddpm_version']}"),
+                ("created", info.get("created")),
+                ("content hash", info["content_hash"]),
+                ("step", info["step"]),
+                ("EMA decay", f"{info['ema_decay']:.6f}" if "ema_decay" in info else None),
+                ("wall time", _duration(info["elapsed"]) if "elapsed" in info else None),
+            ],
+        ),
+        _table(
+            "model",
+            [
+                ("preset", m.get("preset")),
+                ("parameters", f"{m['parameters']:,}"),
+                ("image size", _size(m.get("image_size"))),
+                ("channels in/out", f"{m.get('in_channels')} / {m.get('out_channels')}"),
+                ("width", f"{m.get('channels')} x {','.join(map(str, m.get('channel_mult', [])))}"),
+                ("res blocks per level", m.get("num_res_blocks")),
+                ("attention at", ",".join(map(str, m.get("attention_resolutions", []))) or "none"),
+                ("dropout", m.get("dropout")),
+            ],
+        ),
+    ]
+    blocks = Table(title="parameters per block", title_justify="left")
+    blocks.add_column("block")
+    blocks.add_column("parameters", justify="right")
+    for name, n in m["blocks"].items():
+        blocks.add_row(name, f"{n:,}")
+    out.append(blocks)
+    out.append(
+        _table(
+            "diffusion",
+            [
+                ("schedule", d.get("schedule")),
+                ("timesteps T", d.get("timesteps")),
+                ("objective", d.get("objective")),
+                ("default sampler", d.get("default_sampler")),
+            ],
+        )
+    )
+    if tr:
+        out.append(
+            _table(
+                "training",
+                [
+                    ("steps / epochs", f"{tr.get('steps')} / {tr.get('epochs')}"),
+                    ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
+                    ("lr", f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')})"),
+                    ("EMA", tr.get("ema_decay")),
+                    ("precision", tr.get("precision")),
+                    ("seed", tr.get("seed")),
+                ],
+            )
+        )
+    if data:
+        out.append(
+            _table(
+                "data",
+                [
+                    ("source", data.get("source")),
+                    ("images", f"{data.get('used')} used of {data.get('found')} found"),
+                    ("skipped", data.get("skipped")),
+                    ("modes", ", ".join(f"{k} {v}" for k, v in data.get("modes", {}).items())),
+                    ("streamed", data.get("streamed")),
+                ],
+            )
+        )
+    if "run" in info:
+        r = info["run"]
+        last = r["last"] or {}
+        out.append(
+            _table(
+                "run",
+                [
+                    ("folder", r["folder"]),
+                    ("files", ", ".join(r["files"])),
+                    (
+                        "resumable",
+                        f"yes, {r['resume']}" if r["resumable"] else f"no: {r['resume']}",
+                    ),
+                    (
+                        "sample grids",
+                        f"{r['grids']}, newest {r['newest_grid']}" if r["grids"] else "none",
+                    ),
+                    ("logged steps", r["logged_steps"]),
+                    (
+                        "last loss",
+                        f"{last['loss']:.4f} at step {last['step']}" if "loss" in last else None,
+                    ),
+                ],
+            )
+        )
+    if tensors:
+        t = Table(title="tensors", title_justify="left")
+        for col in ("name", "shape", "dtype"):
+            t.add_column(col)
+        for row in info["tensors"]:
+            t.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"])
+        out.append(t)
+    return out
+
+
+def _size(size) -> str | None:
+    if not size:
+        return None
+    h, w = size
+    return f"{w}x{h}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"

@@ -1,0 +1,119 @@
+"""What is inside a checkpoint or a run directory, as plain dicts (the CLI renders them).
+
+Nothing here builds a network: parameter counts come from the stored tensors, so inspecting a
+256x256 checkpoint costs reading its header and tensors, not a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ddpm_cli.checkpoint import CheckpointError, load_checkpoint
+from ddpm_cli.config import SamplerConfig
+from ddpm_cli.errors import DataError
+from ddpm_cli.train_state import MODEL, STATE
+
+METRICS = "metrics.jsonl"
+
+
+def _block(name: str) -> str:
+    """The block a tensor belongs to: "down.0" for "down.0.res.1.conv1.weight", "temb" ..."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+def checkpoint_info(path: Path) -> dict:
+    """Everything a checkpoint says about itself: file, format, model, diffusion, training, data,
+    parameters per block, and its tensors."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    config = ckpt.config
+    tensors = ckpt.tensors
+    weights = tensors
+    if meta["kind"] == "train_state":
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    blocks: dict[str, int] = {}
+    for name, t in weights.items():
+        blocks[_block(name)] = blocks.get(_block(name), 0) + t.numel()
+    training = config.get("training", {})
+    diffusion = dict(config.get("diffusion", {}))
+    if "timesteps" in diffusion:
+        sampler = SamplerConfig().resolved(diffusion["timesteps"], training.get("objective", "eps"))
+        diffusion["objective"] = training.get("objective")
+        diffusion["default_sampler"] = f"{sampler.sampler.value}, {sampler.steps} steps"
+    optional = ("created", "weights", "ema_decay", "elapsed")
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "kind": meta["kind"],
+        "format": f"{meta['format']} v{meta['format_version']}",
+        "ddpm_version": meta["ddpm_version"],
+        "content_hash": meta["content_hash"],
+        "step": ckpt.step,
+        **{k: _number(meta[k]) for k in optional if k in meta},
+        "model": {
+            **config.get("model", {}),
+            "preset": training.get("preset"),
+            "parameters": sum(blocks.values()),
+            "blocks": blocks,
+        },
+        "diffusion": diffusion,
+        "training": training,
+        "data": config.get("data", {}),
+        "tensors": [
+            {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in tensors.items()
+        ],
+    }
+
+
+def run_info(folder: Path) -> dict:
+    """A run directory: its model's info, what files it has, whether it can resume, and its
+    training progress from metrics.jsonl."""
+    folder = Path(folder)
+    if not (folder / MODEL).exists() and not (folder / STATE).exists():
+        raise DataError(f"{folder}: no {MODEL} or {STATE}; is this a run directory?")
+    info = checkpoint_info(folder / MODEL if (folder / MODEL).exists() else folder / STATE)
+    resumable, why = False, f"no {STATE}"
+    if (folder / STATE).exists():
+        try:
+            state = load_checkpoint(folder / STATE, kind="train_state")
+            resumable, why = True, f"at step {state.step}"
+        except CheckpointError as e:
+            why = str(e)
+    grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
+    metrics = read_metrics(folder / METRICS)
+    info["run"] = {
+        "folder": str(folder),
+        "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
+        "resumable": resumable,
+        "resume": why,
+        "newest_grid": str(grids[-1]) if grids else None,
+        "grids": len(grids),
+        "logged_steps": len(metrics),
+        "last": metrics[-1] if metrics else None,
+    }
+    info["metrics"] = metrics
+    return info
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _number(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

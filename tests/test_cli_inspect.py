@@ -1,0 +1,101 @@
+"""`ddpm inspect`: checkpoints and run directories, as tables and JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import draw_shapes
+from ddpm_cli.checkpoint import load_checkpoint
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.run import train
+from ddpm_cli.unet import UNet, count_parameters
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    (root / "pics").mkdir()
+    for i in range(6):
+        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
+    cfg = TrainConfig(
+        preset="tiny", image_size=8, batch_size=4, device="cpu", seed=2, sample_every=2,
+        log_every=1, num_samples=4,
+    )  # fmt: skip
+    return train(str(root / "pics"), TrainConfig(**{**cfg.to_dict(), "steps": 3}),
+                 DiffusionConfig(schedule="cosine", timesteps=500), root / "run").out  # fmt: skip
+
+
+def inspect_json(runner, *args):
+    r = runner.invoke(app, ["inspect", *map(str, args), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_a_checkpoint_reports_its_model_diffusion_training_and_file(runner, run):
+    path = run / "model.safetensors"
+    info = inspect_json(runner, path)
+    ckpt = load_checkpoint(path)
+    model_config = ModelConfig(**{**ckpt.config["model"], "image_size": (8, 8)})
+    expected = count_parameters(UNet(model_config))
+    assert info["model"]["parameters"] == expected == sum(info["model"]["blocks"].values())
+    assert {"down.0", "up.1", "temb.0", "conv_in"} <= set(info["model"]["blocks"])
+    assert info["model"]["preset"] == "tiny" and info["model"]["channels"] == 32
+    assert info["diffusion"] == {
+        "schedule": "cosine",
+        "timesteps": 500,
+        "objective": "v",
+        "default_sampler": "dpm++, 20 steps",
+    }
+    assert info["content_hash"] == ckpt.meta["content_hash"] and info["step"] == 3
+    assert info["file_bytes"] == path.stat().st_size and info["kind"] == "model"
+    assert info["training"]["batch_size"] == 4 and info["data"]["used"] == 6
+    assert "tensors" not in info
+    with_tensors = inspect_json(runner, path, "--tensors")["tensors"]
+    assert {t["name"]: t["shape"] for t in with_tensors} == {
+        k: list(v.shape) for k, v in ckpt.tensors.items()
+    }
+
+
+def test_a_run_directory_adds_progress_and_resumability(runner, run, tmp_path):
+    info = inspect_json(runner, run)
+    r = info["run"]
+    assert r["resumable"] and r["resume"] == "at step 3"
+    assert r["logged_steps"] == 3 and r["last"]["step"] == 3
+    assert r["newest_grid"].endswith("step-0000003.png") and r["grids"] == 2
+    assert "train_state.safetensors" in r["files"]
+    state = inspect_json(runner, run / "train_state.safetensors")
+    assert state["kind"] == "train_state"
+    assert state["model"]["parameters"] == info["model"]["parameters"]
+    # a copy without its train state cannot resume, and says why
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    assert inspect_json(runner, tmp_path / "r")["run"]["resumable"] is False
+
+
+def test_tables_on_the_terminal(runner, run):
+    r = runner.invoke(app, ["inspect", str(run), "--tensors"])
+    assert r.exit_code == 0, r.output
+    n = inspect_json(runner, run)["model"]["parameters"]
+    for text in ("parameters per block", f"{n:,}", "cosine", "resumable", "yes, at step 3",
+                 "tensors", "conv_in.weight"):  # fmt: skip
+        assert text in r.stdout, text
+
+
+def test_bad_input_is_one_line(runner, tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    (tmp_path / "empty").mkdir()
+    for path, message in (
+        (tmp_path / "missing.safetensors", "no such checkpoint file or run directory"),
+        (foreign, "not a ddpm checkpoint"),
+        (tmp_path / "empty", "is this a run directory"),
+    ):
+        r = runner.invoke(app, ["inspect", str(path)])
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert message in line and r.stdout == ""
