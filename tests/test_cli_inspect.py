@@ -91,11 +91,31 @@ def test_bad_input_is_one_line(runner, tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     (tmp_path / "empty").mkdir()
     for path, message in (
-        (tmp_path / "missing.safetensors", "no such checkpoint file or run directory"),
+        (tmp_path / "missing.safetensors", "no such checkpoint file, run directory or image"),
         (foreign, "not a ddpm checkpoint"),
-        (tmp_path / "empty", "is this a run directory"),
+        (tmp_path / "empty", "no readable images found"),
     ):
         r = runner.invoke(app, ["inspect", str(path)])
         assert r.exit_code == 2, r.output
         (line,) = r.stderr.strip().splitlines()
         assert message in line and r.stdout == ""
+
+
+def test_an_image_folder_gets_the_training_preflight_report(runner, tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(3):
+        draw_shapes((20 + i, 10)).save(folder / f"{i}.png")
+    draw_shapes((40, 30), "L").save(folder / "sub" / "gray.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = runner.invoke(app, ["inspect", str(folder), "--image-size", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert (info["found"], info["used"], info["skipped"]) == (5, 4, 1)
+    assert info["modes"] == {"RGB": 3, "L": 1} and info["channels"] == 3
+    assert info["bytes"] == 4 * 3 * 16 * 16 and info["max_size"] == [40, 30]
+    assert info["skipped_files"][0]["path"].endswith("broken.png")
+    assert any("only 4 images" in w for w in info["warnings"])
+    table = runner.invoke(app, ["inspect", str(folder)])
+    assert table.exit_code == 0 and "4 readable of 5 found, 1 skipped" in table.stdout
+    assert table.stdout.count("│ skipped") == 1 and "warning" in table.stdout  # the reason row

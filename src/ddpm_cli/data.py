@@ -169,16 +169,7 @@ def load_folder(
         stream = available is not None and need > MEMORY_SHARE * available
     if stream:
         return _on_disk(folder, paths, report, channels)
-    decoded = []
-    for p in paths:
-        try:
-            img = decode_image(p.read_bytes(), str(p), size=image_size)
-        except (DataError, OSError) as e:
-            report.skipped.append((str(p), str(e)))
-            continue
-        report.modes[img.source_mode] += 1
-        report.sizes.append(img.source_size)
-        decoded.append(img)
+    decoded = list(decode_all(paths, image_size, report))
     _check_found(folder, decoded, report)
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for d in decoded) else 3
@@ -187,6 +178,37 @@ def load_folder(
     report.used = data.shape[0]
     report.bytes = data.numel()
     return InMemory(data), report
+
+
+def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport):
+    """Decode each file (resized and cropped), recording modes, sizes and failures in `report`;
+    yields the decoded images one at a time."""
+    for p in paths:
+        try:
+            img = decode_image(p.read_bytes(), str(p), size=image_size)
+        except (DataError, OSError) as e:
+            report.skipped.append((str(p), str(e)))
+            continue
+        report.modes[img.source_mode] += 1
+        report.sizes.append(img.source_size)
+        yield img
+
+
+def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
+    """The pre-flight report of a folder, every image decoded once and dropped: what `ddpm
+    train` would find, without training (or holding the images)."""
+    folder = Path(folder)
+    paths = scan(folder)
+    report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report.fingerprint = fingerprint(folder, paths)
+    gray = True
+    for img in decode_all(paths, image_size, report):
+        gray = gray and img.pixels.shape[0] == 1
+        report.used += 1
+    _check_found(folder, [None] * report.used, report)
+    report.channels = 1 if gray else 3
+    report.bytes = report.used * report.channels * image_size[0] * image_size[1]
+    return report
 
 
 def _on_disk(

@@ -73,7 +73,7 @@ def run_info(folder: Path) -> dict:
     """A run directory: its model's info, what files it has, whether it can resume, and its
     training progress from metrics.jsonl."""
     folder = Path(folder)
-    if not (folder / MODEL).exists() and not (folder / STATE).exists():
+    if not is_run_directory(folder):
         raise DataError(f"{folder}: no {MODEL} or {STATE}; is this a run directory?")
     info = checkpoint_info(folder / MODEL if (folder / MODEL).exists() else folder / STATE)
     resumable, why = False, f"no {STATE}"
@@ -117,3 +117,19 @@ def _number(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def is_run_directory(folder: Path) -> bool:
+    return (Path(folder) / MODEL).exists() or (Path(folder) / STATE).exists()
+
+
+def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
+    """A folder of training images: what `ddpm train` would find (every image decoded)."""
+    from ddpm_cli.data import folder_report
+
+    report = folder_report(folder, image_size)
+    return {
+        **report.summary(),
+        "skipped_files": [{"path": p, "reason": r} for p, r in report.skipped],
+        "warnings": report.warnings,
+    }

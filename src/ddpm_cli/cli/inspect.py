@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ddpm_cli.config import parse_size
 from ddpm_cli.errors import DataError
-from ddpm_cli.inspection import checkpoint_info, run_info
+from ddpm_cli.inspection import checkpoint_info, folder_info, is_run_directory, run_info
 
 out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
 
@@ -19,23 +20,38 @@ out_console = Console(highlight=False, soft_wrap=True)  # the report is this com
 def inspect(
     path: Annotated[
         Path,
-        typer.Argument(help="A checkpoint (.safetensors) written by ddpm, or a run directory."),
+        typer.Argument(
+            help="A checkpoint (.safetensors) written by ddpm, a run directory, or a folder of "
+            "training images (the report ddpm train would print, without training)."
+        ),
     ],
+    image_size: Annotated[
+        str, typer.Option("--image-size", help="For image folders: the training size, N or WxH.")
+    ] = "32",
     tensors: Annotated[
         bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Show what a checkpoint or run holds: model, diffusion, training, data, files.
+    """Show what a checkpoint, run or image folder holds.
 
     [dim]Examples:[/dim]
 
       [bold]ddpm inspect runs/shapes-1[/bold]
 
       [bold]ddpm inspect model.safetensors --json | jq .model.parameters[/bold]
+
+      [bold]ddpm inspect ./images --image-size 64[/bold]
     """
     if not path.exists():
-        raise DataError(f"{path}: no such checkpoint file or run directory")
+        raise DataError(f"{path}: no such checkpoint file, run directory or image folder")
+    if path.is_dir() and not is_run_directory(path):
+        report = folder_info(path, parse_size(image_size))
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            out_console.print(folder_table(report))
+        return
     info = run_info(path) if path.is_dir() else checkpoint_info(path)
     if as_json:
         if not tensors:
@@ -168,6 +184,33 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             t.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"])
         out.append(t)
     return out
+
+
+SKIPPED_SHOWN = 10
+
+
+def folder_table(r: dict) -> Table:
+    rows = [
+        ("folder", r["source"]),
+        ("images", f"{r['used']} readable of {r['found']} found, {r['skipped']} skipped"),
+        ("modes", ", ".join(f"{k} {v}" for k, v in sorted(r["modes"].items())) or "-"),
+        (
+            "sizes",
+            f"min {r['min_size'][0]}x{r['min_size'][1]}, median {r['median_size'][0]}x"
+            f"{r['median_size'][1]}, max {r['max_size'][0]}x{r['max_size'][1]}",
+        ),
+        (
+            "decoded",
+            f"{r['bytes'] / 2**20:.1f} MiB as {r['channels']}x{r['image_size'][0]}x"
+            f"{r['image_size'][1]} uint8",
+        ),
+    ]
+    for s in r["skipped_files"][:SKIPPED_SHOWN]:
+        rows.append(("skipped", s["reason"]))
+    if len(r["skipped_files"]) > SKIPPED_SHOWN:
+        rows.append(("skipped", f"... and {len(r['skipped_files']) - SKIPPED_SHOWN} more"))
+    rows += [("warning", w) for w in r["warnings"]]
+    return _table("image folder", rows)
 
 
 def _size(size) -> str | None:
