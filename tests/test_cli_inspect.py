@@ -119,3 +119,28 @@ def test_an_image_folder_gets_the_training_preflight_report(runner, tmp_path):
     table = runner.invoke(app, ["inspect", str(folder)])
     assert table.exit_code == 0 and "4 readable of 5 found, 1 skipped" in table.stdout
     assert table.stdout.count("│ skipped") == 1 and "warning" in table.stdout  # the reason row
+
+
+def test_schedules_side_by_side_against_a_plain_python_recomputation(runner, run):
+    r = runner.invoke(
+        app, ["inspect", "--schedule", "linear", "--schedule", "cosine", "-T", "200", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["timesteps"] == 200 and list(info["schedules"]) == ["linear", "cosine"]
+    rows = info["schedules"]["linear"]
+    assert [row["t"] for row in rows] == [0, 2, 10, 20, 50, 100, 149, 179, 199]
+    # linear betas rescaled by 1000/T from 1e-4..0.02, alpha_bar their running product
+    lo, hi = 1e-4 * 1000 / 200, 0.02 * 1000 / 200
+    betas = [lo + (hi - lo) * i / 199 for i in range(200)]
+    for row in rows:
+        ab = 1.0
+        for b in betas[: row["t"] + 1]:
+            ab *= 1 - b
+        assert abs(row["alpha_bar"] - ab) < 1e-12 and abs(row["beta"] - betas[row["t"]]) < 1e-12
+        assert abs(row["snr"] - ab / (1 - ab)) < 1e-9 * max(1.0, row["snr"])
+    table = runner.invoke(app, ["inspect", "--schedule", "cosine"])
+    assert table.exit_code == 0 and "cosine alpha_bar" in table.stdout
+    for args in ([], [str(run), "--schedule", "linear"]):
+        bad = runner.invoke(app, ["inspect", *args])
+        assert bad.exit_code == 2 and "give a PATH" in bad.stderr

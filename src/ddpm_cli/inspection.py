@@ -133,3 +133,38 @@ def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
         "skipped_files": [{"path": p, "reason": r} for p, r in report.skipped],
         "warnings": report.warnings,
     }
+
+
+KEY_FRACTIONS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def key_timesteps(T: int) -> list[int]:
+    """t = 0, T-1 and a few between (1%, 5%, 10%, 25%, 50%, 75%, 90% of the chain)."""
+    return sorted({min(T - 1, round(f * (T - 1))) for f in KEY_FRACTIONS})
+
+
+def schedule_info(schedules: list[str], timesteps: int) -> dict:
+    """beta_t, alpha_bar_t and the signal-to-noise ratio at key t, for each schedule (float64)."""
+    import math
+
+    from ddpm_cli.config import DiffusionConfig
+    from ddpm_cli.schedules import DiffusionTables
+
+    out = {}
+    for name in schedules:
+        tables = DiffusionTables.from_config(DiffusionConfig(schedule=name, timesteps=timesteps))
+        rows = []
+        for t in key_timesteps(timesteps):
+            ab = float(tables.alpha_bar[t])
+            snr = ab / (1 - ab)
+            rows.append(
+                {
+                    "t": t,
+                    "beta": float(tables.betas[t]),
+                    "alpha_bar": ab,
+                    "snr": snr,
+                    "log_snr": math.log(snr),
+                }
+            )
+        out[name] = rows
+    return {"timesteps": timesteps, "schedules": out}

@@ -10,21 +10,38 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ddpm_cli.config import parse_size
-from ddpm_cli.errors import DataError
-from ddpm_cli.inspection import checkpoint_info, folder_info, is_run_directory, run_info
+from ddpm_cli.config import Schedule, parse_size
+from ddpm_cli.errors import DataError, UsageError
+from ddpm_cli.inspection import (
+    checkpoint_info,
+    folder_info,
+    is_run_directory,
+    run_info,
+    schedule_info,
+)
 
 out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
 
 
 def inspect(
     path: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="A checkpoint (.safetensors) written by ddpm, a run directory, or a folder of "
             "training images (the report ddpm train would print, without training)."
         ),
-    ],
+    ] = None,
+    schedule: Annotated[
+        list[Schedule] | None,
+        typer.Option(
+            "--schedule",
+            help="Instead of a PATH: beta_t, alpha_bar_t and SNR at key t (repeat to compare).",
+            show_default=False,
+        ),
+    ] = None,
+    timesteps: Annotated[
+        int, typer.Option("--timesteps", "-T", min=2, help="With --schedule: T.")
+    ] = 1000,
     image_size: Annotated[
         str, typer.Option("--image-size", help="For image folders: the training size, N or WxH.")
     ] = "32",
@@ -42,7 +59,18 @@ def inspect(
       [bold]ddpm inspect model.safetensors --json | jq .model.parameters[/bold]
 
       [bold]ddpm inspect ./images --image-size 64[/bold]
+
+      [bold]ddpm inspect --schedule linear --schedule cosine[/bold]
     """
+    if (path is None) == (not schedule):
+        raise UsageError("give a PATH (checkpoint, run or image folder), or --schedule NAME")
+    if schedule:
+        info = schedule_info([s.value for s in schedule], timesteps)
+        if as_json:
+            print(json.dumps(info, indent=2))
+        else:
+            out_console.print(schedule_table(info))
+        return
     if not path.exists():
         raise DataError(f"{path}: no such checkpoint file, run directory or image folder")
     if path.is_dir() and not is_run_directory(path):
@@ -187,6 +215,22 @@ def tables(info: dict, tensors: bool) -> list[Table]:
 
 
 SKIPPED_SHOWN = 10
+
+
+def schedule_table(info: dict) -> Table:
+    names = list(info["schedules"])
+    t = Table(title=f"schedules, T = {info['timesteps']}", title_justify="left")
+    t.add_column("t", justify="right")
+    for name in names:
+        for col in ("beta", "alpha_bar", "SNR"):
+            t.add_column(f"{name} {col}", justify="right")
+    for i, row in enumerate(info["schedules"][names[0]]):
+        cells = [str(row["t"])]
+        for name in names:
+            r = info["schedules"][name][i]
+            cells += [f"{r['beta']:.3g}", f"{r['alpha_bar']:.4g}", f"{r['snr']:.3g}"]
+        t.add_row(*cells)
+    return t
 
 
 def folder_table(r: dict) -> Table:
