@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ddpm_cli.batches import Batches
 from ddpm_cli.config import DiffusionConfig, SamplerConfig, TrainConfig
-from ddpm_cli.data import Batches, load_folder
+from ddpm_cli.data import load_folder
 from ddpm_cli.device import resolve_device
 from ddpm_cli.presets import PRESETS, build_model_config
 from ddpm_cli.samplers import from_config

@@ -7,6 +7,7 @@ import torch
 
 import ddpm_cli.data as data
 from conftest import draw_shapes
+from ddpm_cli.batches import Batches
 from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
@@ -29,7 +30,7 @@ def pictures(tmp_path):
 
 
 def all_batches(images, workers=0, epochs=3, batch_size=4, start=(0, 0)):
-    batches = data.Batches(images, batch_size, seed=9, flip=True, workers=workers)
+    batches = Batches(images, batch_size, seed=9, flip=True, workers=workers)
     feed = batches.iterate(*start)
     out = [next(feed) for _ in range(epochs * batches.per_epoch)]
     feed.close()
@@ -84,7 +85,7 @@ def test_an_image_that_breaks_mid_run_is_replaced_and_reported(pictures):
     assert failed and failed[0][0] == str(broken)
     assert torch.equal(x, images[3][0])  # the next image stands in, the same one every time
     seen = []
-    batches = data.Batches(images, 11, seed=1, flip=False, on_skip=seen.extend)
+    batches = Batches(images, 11, seed=1, flip=False, on_skip=seen.extend)
     next(batches.iterate(0, 0))
     assert [p for p, _ in seen] == [str(broken)]
     # a run lists it once in skipped.txt, however many epochs meet it

@@ -1,19 +1,15 @@
-"""Training data: image folders and the built-in dataset -> uint8 images -> batches.
+"""Training data: image folders, the built-in dataset and data caches -> uint8 images.
 
 A folder is scanned recursively. When its decoded images fit in memory, every image is decoded
 once, resized (shorter side) and center-cropped, into one uint8 tensor (N, C, H, W): `InMemory`.
-Otherwise (or with stream=True) images stay on disk and DataLoader workers decode each batch
-ahead of the training step: `OnDisk`. Either way batches come from a seeded permutation per
-epoch, so a run's data order is fixed by its seed, resumes exactly, and the two give the same
-bytes.
+Otherwise (or with stream=True) images stay on disk, decoded per batch by DataLoader workers:
+`OnDisk`. batches.py turns either into the seeded batches of a run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,10 +274,6 @@ class OnDisk(torch.utils.data.Dataset):
         raise DataError(f"none of the {len(self.paths)} images can be decoded any more")
 
 
-def _collate(items):
-    return torch.stack([x for x, _ in items]), [f for _, fs in items for f in fs]
-
-
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(C, H, W) in [-1, 1] -> uint8 (C, H, W), rounded."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -290,97 +282,6 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 in [-1, 1]."""
     return batch.float() / 127.5 - 1.0
-
-
-class Batches:
-    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips.
-
-    The position (epoch, index of the next batch in the epoch) is all the state there is:
-    `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
-    """
-
-    def __init__(
-        self,
-        images: InMemory | OnDisk,
-        batch_size: int,
-        seed: int,
-        flip: bool,
-        workers: int = 0,
-        on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
-    ):
-        if len(images) == 0:
-            raise DataError("no training images")
-        self.images, self.batch_size, self.seed, self.flip = images, batch_size, seed, flip
-        self.workers, self.on_skip = workers, on_skip
-        self.per_epoch = max(1, math.ceil(len(images) / batch_size))
-
-    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n = len(self.images)
-        order = torch.randperm(n, generator=g)
-        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return order, flips
-
-    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image indices and flip decisions of batch `index` of `epoch`; the last batch of an
-        epoch may be short, and a dataset smaller than the batch repeats within the batch."""
-        order, flips = self.epoch_order(epoch)
-        n = len(self.images)
-        if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
-            reps = math.ceil(self.batch_size / n)
-            return order.repeat(reps)[: self.batch_size], flips.repeat(reps)[: self.batch_size]
-        sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return order[sl], flips[sl]
-
-    def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
-        """(epoch, batch index) from the given position on, for ever."""
-        while True:
-            yield epoch, index
-            index += 1
-            if index >= self.per_epoch:
-                epoch, index = epoch + 1, 0
-
-    def batch(self, epoch: int, index: int) -> torch.Tensor:
-        """One batch as uint8 (B, C, H, W)."""
-        return next(self.iterate(epoch, index))
-
-    def iterate(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
-        """The batches from position (epoch, index) on, in order; on disk, `workers` processes
-        decode ahead of the training step."""
-        plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
-        if isinstance(self.images, InMemory):
-            for idx, fl in plan:
-                yield _flip(self.images.data[idx], fl)
-            return
-        flips: list[torch.Tensor] = []
-
-        def index_lists():
-            for idx, fl in plan:
-                flips.append(fl)
-                yield idx.tolist()
-
-        loader = torch.utils.data.DataLoader(
-            self.images,
-            batch_sampler=index_lists(),
-            num_workers=self.workers,
-            collate_fn=_collate,
-            prefetch_factor=4 if self.workers else None,
-            # the loader seeds its workers from this generator, not from the global RNG (which
-            # dropout uses): creating a loader must not shift a resumed run's random numbers
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        for x, failed in loader:
-            if failed:
-                self.on_skip(failed)
-            yield _flip(x, flips.pop(0))
-
-
-def _flip(x: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
-    if fl.any():
-        x = x.clone()
-        x[fl] = x[fl].flip(-1)
-    return x
 
 
 def is_cache_file(source: str | None) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_cli.batches import Batches
 from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
 from ddpm_cli.config import (
     DiffusionConfig,
@@ -32,7 +33,7 @@ from ddpm_cli.config import (
     from_dict,
     jsonable,
 )
-from ddpm_cli.data import Batches, DataReport, InMemory, load_source
+from ddpm_cli.data import DataReport, InMemory, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import write_atomic

@@ -1,0 +1,111 @@
+"""Batches for training: a seeded permutation and flips per epoch, from images held in memory
+or decoded from disk ahead of the step by DataLoader workers.
+
+The order and the flips are decided in the main process from (seed, epoch) alone, so the two
+sources give the same bytes and a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ddpm_cli.data import InMemory, OnDisk
+from ddpm_cli.errors import DataError
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), [f for _, fs in items for f in fs]
+
+
+class Batches:
+    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips.
+
+    The position (epoch, index of the next batch in the epoch) is all the state there is:
+    `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
+    """
+
+    def __init__(
+        self,
+        images: InMemory | OnDisk,
+        batch_size: int,
+        seed: int,
+        flip: bool,
+        workers: int = 0,
+        on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
+    ):
+        if len(images) == 0:
+            raise DataError("no training images")
+        self.images, self.batch_size, self.seed, self.flip = images, batch_size, seed, flip
+        self.workers, self.on_skip = workers, on_skip
+        self.per_epoch = max(1, math.ceil(len(images) / batch_size))
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.images)
+        order = torch.randperm(n, generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return order, flips
+
+    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image indices and flip decisions of batch `index` of `epoch`; the last batch of an
+        epoch may be short, and a dataset smaller than the batch repeats within the batch."""
+        order, flips = self.epoch_order(epoch)
+        n = len(self.images)
+        if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
+            reps = math.ceil(self.batch_size / n)
+            return order.repeat(reps)[: self.batch_size], flips.repeat(reps)[: self.batch_size]
+        sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return order[sl], flips[sl]
+
+    def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) from the given position on, for ever."""
+        while True:
+            yield epoch, index
+            index += 1
+            if index >= self.per_epoch:
+                epoch, index = epoch + 1, 0
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """One batch as uint8 (B, C, H, W)."""
+        return next(self.iterate(epoch, index))
+
+    def iterate(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
+        """The batches from position (epoch, index) on, in order; on disk, `workers` processes
+        decode ahead of the training step."""
+        plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
+        if isinstance(self.images, InMemory):
+            for idx, fl in plan:
+                yield _flip(self.images.data[idx], fl)
+            return
+        flips: list[torch.Tensor] = []
+
+        def index_lists():
+            for idx, fl in plan:
+                flips.append(fl)
+                yield idx.tolist()
+
+        loader = torch.utils.data.DataLoader(
+            self.images,
+            batch_sampler=index_lists(),
+            num_workers=self.workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if self.workers else None,
+            # the loader seeds its workers from this generator, not from the global RNG (which
+            # dropout uses): creating a loader must not shift a resumed run's random numbers
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        for x, failed in loader:
+            if failed:
+                self.on_skip(failed)
+            yield _flip(x, flips.pop(0))
+
+
+def _flip(x: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
+    if fl.any():
+        x = x.clone()
+        x[fl] = x[fl].flip(-1)
+    return x
