@@ -166,7 +166,7 @@ def load_folder(
     if stream:
         return _on_disk(folder, paths, report, channels)
     decoded = list(decode_all(paths, image_size, report))
-    _check_found(folder, decoded, report)
+    _check_found(folder, len(decoded), report)
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for d in decoded) else 3
     report.channels = channels
@@ -201,7 +201,7 @@ def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
     for img in decode_all(paths, image_size, report):
         gray = gray and img.pixels.shape[0] == 1
         report.used += 1
-    _check_found(folder, [None] * report.used, report)
+    _check_found(folder, report.used, report)
     report.channels = 1 if gray else 3
     report.bytes = report.used * report.channels * image_size[0] * image_size[1]
     return report
@@ -221,7 +221,7 @@ def _on_disk(
         report.modes[mode] += 1
         report.sizes.append(size)
         kept.append(p)
-    _check_found(folder, kept, report)
+    _check_found(folder, len(kept), report)
     if channels is None:
         gray = all(m in GRAY_MODES or m.startswith("I;") for m in report.modes)
         channels = 1 if gray else 3
@@ -231,7 +231,7 @@ def _on_disk(
     return OnDisk(kept, report.image_size, channels), report
 
 
-def _check_found(folder: Path, found: list, report: DataReport) -> None:
+def _check_found(folder: Path, found: int, report: DataReport) -> None:
     if not found:
         why = f"; e.g. {report.skipped[0][1]}" if report.skipped else ""
         raise DataError(f"{folder}: no readable images found (png, jpg, webp, bmp, tiff, gif){why}")

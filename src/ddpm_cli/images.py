@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ddpm_cli.errors import DataError
 
@@ -184,9 +184,13 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def encode_png(img: Image.Image) -> bytes:
+def encode_png(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes, with `text` as tEXt chunks (provenance) when given."""
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 

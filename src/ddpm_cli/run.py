@@ -37,8 +37,9 @@ from ddpm_cli.data import DataReport, InMemory, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import write_atomic
+from ddpm_cli.images import encode_png
 from ddpm_cli.presets import build_model_config
-from ddpm_cli.sampling import SamplingModel, encode_png, generate, grid_image
+from ddpm_cli.sampling import SamplingModel, generate, grid_image
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_step
 from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
@@ -124,7 +125,7 @@ def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed:
     images = torch.cat(
         [x for _, x in generate(sm, SamplerConfig(), list(range(n)), seed, n, device)]
     )
-    return encode_png(grid_image(images), {})
+    return encode_png(grid_image(images))
 
 
 def train(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_cli.config import SPACINGS, SamplerConfig, SamplerName
-from ddpm_cli.diffusion import predict_eps_from_x0, predict_x0_and_eps
+from ddpm_cli.diffusion import predict_x0_and_eps
 from ddpm_cli.schedules import DiffusionTables
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal noise
@@ -177,9 +177,8 @@ def _walk(
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = model(x, t_batch).to(x.dtype)
         x0, eps = predict_x0_and_eps(tables, objective, x, t_batch, out)
-        if clip:  # predicted x_0 in the data range, and the eps that goes with it
+        if clip:  # predicted x_0 in the data range (samplers that use eps re-derive it)
             x0 = x0.clamp(-1, 1)
-            eps = predict_eps_from_x0(tables, x, t_batch, x0)
         x = update(i, t, t_prev, x, x0, eps)
         yield SampleStep(i, len(pairs), t, t_prev, x, x0)
 
@@ -222,6 +221,9 @@ def ddim(
     pairs = timestep_pairs(tables.timesteps, steps, spacing, tables)
 
     def update(i, t, t_prev, x, x0, eps):
+        if clip:  # the eps that goes with the clipped x_0 (as improved-diffusion does)
+            ab = alpha_bar(tables, t)
+            eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         z = noise(tuple(x.shape)).to(x.device, x.dtype) if eta > 0 and t_prev >= 0 else None
         return ddim_update(tables, x, t, t_prev, x0, eps, eta, z)
 

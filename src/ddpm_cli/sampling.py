@@ -9,14 +9,13 @@ in a batch. Noise is drawn on the CPU and moved to the device.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from ddpm_cli import __version__
 from ddpm_cli.checkpoint import (
@@ -29,7 +28,7 @@ from ddpm_cli.checkpoint import (
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import available_memory
 from ddpm_cli.errors import ConfigError, DataError
-from ddpm_cli.images import encode_gif, hstack, labelled, to_pil
+from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train_state import MODEL, STATE
@@ -193,10 +192,10 @@ def generate(
         x_T = noise((len(chunk), c, h, w))
         steps = from_config(sampler, net, tables, x_T, noise, sm.objective)
         record = trajectory is not None and start == 0 and trajectory_images > 0
-        keep = set()
+        keep: set[int] = set()
         x = x_T
         for step in steps:
-            if not keep:
+            if record and not keep:
                 n_frames = min(step.total, TRAJECTORY_FRAMES)
                 keep = {round(i * (step.total - 1) / max(n_frames - 1, 1)) for i in range(n_frames)}
             if record and step.index in keep:  # x_t as the network saw it, and its x_0
@@ -236,15 +235,6 @@ def provenance(sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: 
         "ddpm:version": __version__,
         "Software": f"ddpm {__version__}",
     }
-
-
-def encode_png(img: Image.Image, text: dict[str, str]) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 def regenerate_command(text: dict[str, str], index: int) -> str:

@@ -17,12 +17,12 @@ from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
+from ddpm_cli.images import encode_png
 from ddpm_cli.sampling import (
     Trajectory,
     check_model,
     check_precision,
     default_batch_size,
-    encode_png,
     generate,
     grid_image,
     load_for_sampling,
