@@ -37,4 +37,6 @@ def test_readme_and_ci_run_the_same_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert TEST_COMMAND in readme
     assert TEST_COMMAND in ci
+    # a failed install must fail the run: set -e does not stop on the left of `&&`
+    assert f"{TEST_COMMAND} || exit $?" in ci
     assert "ruff check" in ci
