@@ -144,3 +144,66 @@ def test_schedules_side_by_side_against_a_plain_python_recomputation(runner, run
     for args in ([], [str(run), "--schedule", "linear"]):
         bad = runner.invoke(app, ["inspect", *args])
         assert bad.exit_code == 2 and "give a PATH" in bad.stderr
+
+
+def _has_colour(img, rgb, tol=30) -> bool:
+    colours = [c for _, c in img.getcolors(maxcolors=1 << 24)]
+    return any(all(abs(a - b) <= tol for a, b in zip(c, rgb, strict=True)) for c in colours)
+
+
+TAB_BLUE, TAB_ORANGE, TAB_GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
+
+
+def test_loss_curve_in_the_terminal_and_as_a_plot(runner, run, tmp_path):
+    from PIL import Image
+
+    from ddpm_cli.cli.inspect import loss_curve
+
+    line = loss_curve([{"step": s, "loss": 1.0 / s} for s in range(1, 101)])
+    spark = line.split("[cyan]")[1].split("[/cyan]")[0]
+    assert len(spark) == 60 and spark[0] == "█" and spark[-1] == "▁"
+    assert list(spark) == sorted(spark, reverse=True)  # falling loss, falling bars
+    assert "1 at step 1" in line and "0.01 at step 100" in line
+    r = runner.invoke(app, ["inspect", str(run), "--plot", str(tmp_path / "loss.png")])
+    assert r.exit_code == 0, r.output
+    assert "loss (log scale)" in r.stdout
+    img = Image.open(tmp_path / "loss.png").convert("RGB")
+    assert img.size == (900, 624)
+    # the loss in black and one line per quarter of the timesteps (matplotlib's first colours)
+    assert (
+        _has_colour(img, (0, 0, 0)) and _has_colour(img, TAB_BLUE) and _has_colour(img, TAB_GREEN)
+    )
+    again = runner.invoke(app, ["inspect", str(run), "--plot", str(tmp_path / "loss.png")])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_schedule_plot_draws_one_line_per_schedule(runner, tmp_path):
+    from PIL import Image
+
+    from ddpm_cli.inspection import schedule_curves, schedule_info
+
+    curves = schedule_curves(["linear"], 100)["linear"]
+    for row in schedule_info(["linear"], 100)["schedules"]["linear"]:
+        assert curves["alpha_bar"][row["t"]] == pytest.approx(row["alpha_bar"], rel=1e-12)
+        assert curves["log_snr"][row["t"]] == pytest.approx(row["log_snr"], rel=1e-9)
+    out = tmp_path / "s.png"
+    args = ["inspect", "--schedule", "linear", "--schedule", "cosine", "--plot", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    img = Image.open(out).convert("RGB")
+    assert _has_colour(img, TAB_BLUE) and _has_colour(img, TAB_ORANGE)
+    assert not _has_colour(img, TAB_GREEN, tol=10)  # two schedules, two colours
+
+
+def test_plot_errors(runner, run, tmp_path, monkeypatch):
+    cases = (
+        ([str(run), "--plot", str(tmp_path / "loss.jpg")], "written as .png, .svg, .pdf"),
+        ([str(run / "model.safetensors"), "--plot", str(tmp_path / "a.png")], "not a run dir"),
+        ([str(run), "--plot", str(tmp_path / "no" / "a.png")], "does not exist"),
+    )
+    for args, message in cases:
+        r = runner.invoke(app, ["inspect", *args])
+        assert r.exit_code == 2 and message in r.stderr, r.output
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    r = runner.invoke(app, ["inspect", str(run), "--plot", str(tmp_path / "a.png")])
+    assert r.exit_code == 2 and 'pip install "ddpm-cli[plot]"' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()

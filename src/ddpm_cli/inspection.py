@@ -168,3 +168,21 @@ def schedule_info(schedules: list[str], timesteps: int) -> dict:
             )
         out[name] = rows
     return {"timesteps": timesteps, "schedules": out}
+
+
+def schedule_curves(schedules: list[str], timesteps: int) -> dict[str, dict[str, list[float]]]:
+    """alpha_bar_t and log-SNR for every t of each schedule (float64; log-SNR is NaN where
+    alpha_bar_t is 0, so a plot leaves that point out)."""
+    from ddpm_cli.config import DiffusionConfig
+    from ddpm_cli.schedules import DiffusionTables
+
+    out = {}
+    for name in schedules:
+        ab = DiffusionTables.from_config(DiffusionConfig(schedule=name, timesteps=timesteps))
+        ab = ab.alpha_bar.double()
+        log_snr = (ab / (1 - ab)).log()
+        out[name] = {
+            "alpha_bar": ab.tolist(),
+            "log_snr": log_snr.nan_to_num(nan=float("nan"), neginf=float("nan")).tolist(),
+        }
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -12,13 +13,16 @@ from rich.table import Table
 
 from ddpm_cli.config import Schedule, parse_size
 from ddpm_cli.errors import DataError, UsageError
+from ddpm_cli.files import check_output_path, write_atomic
 from ddpm_cli.inspection import (
     checkpoint_info,
     folder_info,
     is_run_directory,
     run_info,
+    schedule_curves,
     schedule_info,
 )
+from ddpm_cli.plots import loss_plot, plot_format, schedule_plot
 
 out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
 
@@ -48,6 +52,18 @@ def inspect(
     tensors: Annotated[
         bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")
     ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw a chart (.png, .svg or .pdf): the loss curve of a run directory, or "
+            "alpha_bar_t and log-SNR of the --schedule(s). Needs matplotlib (the plot extra).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --plot file.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show what a checkpoint, run or image folder holds.
@@ -60,12 +76,25 @@ def inspect(
 
       [bold]ddpm inspect ./images --image-size 64[/bold]
 
-      [bold]ddpm inspect --schedule linear --schedule cosine[/bold]
+      [bold]ddpm inspect runs/shapes-1 --plot loss.png[/bold]
+
+      [bold]ddpm inspect --schedule linear --schedule cosine --plot schedules.png[/bold]
     """
     if (path is None) == (not schedule):
         raise UsageError("give a PATH (checkpoint, run or image folder), or --schedule NAME")
+    if plot is not None:
+        plot_format(plot)
+        check_output_path(plot, overwrite=overwrite)
+        if path is not None and not (path.is_dir() and is_run_directory(path)):
+            raise UsageError(
+                f"--plot draws a run directory's loss curve or --schedule curves; {path} is not "
+                "a run directory"
+            )
     if schedule:
-        info = schedule_info([s.value for s in schedule], timesteps)
+        names = [s.value for s in schedule]
+        info = schedule_info(names, timesteps)
+        if plot is not None:
+            write_atomic(plot, schedule_plot(schedule_curves(names, timesteps), plot_format(plot)))
         if as_json:
             print(json.dumps(info, indent=2))
         else:
@@ -81,6 +110,8 @@ def inspect(
             out_console.print(folder_table(report))
         return
     info = run_info(path) if path.is_dir() else checkpoint_info(path)
+    if plot is not None:
+        write_atomic(plot, loss_plot(info["metrics"], plot_format(plot), title=str(path)))
     if as_json:
         if not tensors:
             info.pop("tensors")
@@ -89,6 +120,32 @@ def inspect(
         return
     for table in tables(info, tensors):
         out_console.print(table)
+    if info.get("metrics"):
+        out_console.print(loss_curve(info["metrics"]))
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def loss_curve(metrics: list[dict], width: int = 60) -> str:
+    """The loss over training as one line of block characters (log scale, mean per column)."""
+    points = [(m["step"], m["loss"]) for m in metrics if m.get("loss", 0) > 0 and "step" in m]
+    if not points:
+        return "loss curve: no loss logged yet"
+    logs = [math.log(loss) for _, loss in points]
+    columns = min(width, len(logs))
+    means = []
+    for c in range(columns):
+        chunk = logs[c * len(logs) // columns : (c + 1) * len(logs) // columns]
+        means.append(sum(chunk) / len(chunk))
+    lo, hi = min(means), max(means)
+    span = (hi - lo) or 1.0
+    line = "".join(SPARK[round((m - lo) / span * (len(SPARK) - 1))] for m in means)
+    (s0, l0), (s1, l1) = points[0], points[-1]
+    return (
+        f"[bold]loss[/bold] (log scale) {l0:.4g} at step {s0} [cyan]{line}[/cyan] "
+        f"{l1:.4g} at step {s1}"
+    )
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
