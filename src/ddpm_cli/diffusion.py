@@ -7,6 +7,8 @@ Timesteps `t` are zero-based integer tensors of shape (B,), one per item of the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ddpm_cli.schedules import DiffusionTables
@@ -169,3 +171,93 @@ def predict_x0_and_eps(
     if objective == "x0":
         return out, predict_eps_from_x0(tables, xt, t, out)
     return predict_x0_from_v(tables, xt, t, out), predict_eps_from_v(tables, xt, t, out)
+
+
+# --- The variational bound (eq. 5 of Ho et al. 2020), in bits per dimension -------------------
+#
+# L = L_T + sum_{t>1} L_{t-1} + L_0, where L_T = KL(q(x_T | x_0) || N(0, I)) (the prior term),
+# L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) and L_0 = -log p(x_0 | x_1), the
+# discretized Gaussian decoder (eq. 13). The math runs in float64; divided by ln 2 and by the
+# number of dimensions, nats per image become bits per dimension. Zero-based t = 0 is the
+# paper's t = 1 (the decoder term).
+
+BIN = 1.0 / 255.0  # half the width of one of the 256 intensity levels in [-1, 1]
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) per element, in nats."""
+    return 0.5 * (
+        log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+        + (mean1 - mean2).pow(2) * torch.exp(-log_var2) - 1.0
+    )  # fmt: skip
+
+
+def _log_diff_ndtr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(Phi(b) - Phi(a)) for a < b, accurate in both tails (Phi the standard normal CDF)."""
+    right = (a + b) > 0  # on the right, Phi(b) - Phi(a) = Phi(-a) - Phi(-b): stay in a left tail
+    lo, hi = torch.where(right, -b, a), torch.where(right, -a, b)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log(-torch.expm1((log_lo - log_hi).clamp(max=-1e-300)))
+
+
+def discretized_gaussian_log_likelihood(
+    x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+) -> torch.Tensor:
+    """log p(x_0 | x_1) per element: the mass of N(mean, exp(log_var)) on x_0's intensity bin,
+    with the lowest and highest bins reaching out to -inf and +inf (eq. 13)."""
+    inv_std = torch.exp(-0.5 * log_var)
+    lower, upper = (x0 - BIN - mean) * inv_std, (x0 + BIN - mean) * inv_std
+    first, last = x0 < -1.0 + BIN, x0 > 1.0 - BIN
+    return torch.where(
+        first,
+        torch.special.log_ndtr(upper),
+        torch.where(last, torch.special.log_ndtr(-lower), _log_diff_ndtr(lower, upper)),
+    )
+
+
+def reverse_log_variance(tables: DiffusionTables, variance: str) -> torch.Tensor:
+    """log sigma_t^2 of p(x_{t-1} | x_t), shape (T,): "small" is beta_tilde_t, "large" is beta_t
+    with t = 0's entry set to beta_tilde at t = 1 (a decoder with beta_1 would be too narrow to be
+    useful at 1e-4, and beta_tilde_0 is 0), as in the authors' code."""
+    if variance == "small":
+        return tables.beta_tilde_log_clipped
+    if variance == "large":
+        return torch.log(torch.cat([tables.beta_tilde[1:2], tables.betas[1:]]))
+    raise ValueError(f"unknown variance {variance!r}")
+
+
+def _bits(nats: torch.Tensor) -> torch.Tensor:
+    """Mean over all but the batch dimension, in bits."""
+    return nats.mean(dim=tuple(range(1, nats.ndim))) / math.log(2.0)
+
+
+def prior_bpd(tables: DiffusionTables, x0: torch.Tensor) -> torch.Tensor:
+    """L_T per image (B,), bits/dim: how far q(x_T | x_0) is from the prior N(0, I)."""
+    t = torch.full((x0.shape[0],), tables.timesteps - 1, dtype=torch.long)
+    mean, _, log_var = q_mean_variance(tables, x0, t)
+    zero = torch.zeros_like(mean)
+    return _bits(normal_kl(mean, log_var.expand_as(mean), zero, zero))
+
+
+def vb_terms_bpd(
+    tables: DiffusionTables,
+    x0: torch.Tensor,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    x0_pred: torch.Tensor,
+    log_var: torch.Tensor,
+) -> torch.Tensor:
+    """The bound's term at t per image (B,), bits/dim: L_{t-1} for t > 0, L_0 at t = 0.
+
+    p(x_{t-1} | x_t) = N(posterior mean from x0_pred and x_t, sigma_t^2) (eq. 6-7 with x0_pred
+    for x_0), with log sigma_t^2 = log_var[t] (shape (T,), see `reverse_log_variance`). The
+    `tables` should be float64; every input is promoted to float64.
+    """
+    x0, xt, x0_pred = x0.double(), xt.double(), x0_pred.double()
+    true_mean, _, true_log_var = q_posterior_mean_variance(tables, x0, xt, t)
+    model_mean, _, _ = q_posterior_mean_variance(tables, x0_pred, xt, t)
+    log_var = extract(log_var, t, xt.shape).expand_as(xt)
+    kl = normal_kl(true_mean, true_log_var.expand_as(xt), model_mean, log_var)
+    decoder = -discretized_gaussian_log_likelihood(x0, model_mean, log_var)
+    first = (t == 0).reshape(-1, *([1] * (xt.ndim - 1)))
+    return _bits(torch.where(first, decoder, kl))
