@@ -7,7 +7,8 @@ For each held-out image x_0 (eq. 5 of Ho et al. 2020):
 The prior term L_T and the decoder term L_0 are computed exactly for every image. The T - 1 KL
 terms are either all computed (one network evaluation each, the full bound), or estimated
 without bias from K timesteps per image, one drawn uniformly from each of K strata of 2..T
-(evenly spaced in log t) and weighted by its stratum's size. Each term uses a fresh x_t ~ q(x_t | x_0).
+(evenly spaced in log t) and weighted by its stratum's size. Each term uses a fresh
+x_t ~ q(x_t | x_0).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def bound(
     """The variational bound of each image in `batches` (uint8), in bits/dim.
 
     `network(x_t, t)` is the trained model. `variance` is sigma_t^2 of p(x_{t-1} | x_t): "small"
-    (beta_tilde_t), "large" (beta_t), or log sigma_t^2 itself as a (T,) tensor. `tables` are float64 (the bound's math runs in
-    float64 on `device`, or on the CPU for MPS, which has no float64). `on_evaluations(n)` is
-    called after each batch of n network evaluations.
+    (beta_tilde_t), "large" (beta_t), or log sigma_t^2 itself as a (T,) tensor. `tables` are
+    float64 (the bound's math runs in float64 on `device`, or on the CPU for MPS, which has no
+    float64). `on_evaluations(n)` is called after each batch of n network evaluations.
     """
     if isinstance(variance, str) and variance not in VARIANCES:
         raise ConfigError(f"unknown variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
