@@ -51,3 +51,10 @@ def ddpm_executable() -> str:
     exe = shutil.which("ddpm", path=str(Path(sys.executable).parent)) or shutil.which("ddpm")
     assert exe, "the ddpm console script is not installed (pip install -e .)"
     return exe
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own user cache directory (FID statistics, Inception weights), so no
+    test reads or writes the real one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))

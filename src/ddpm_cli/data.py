@@ -170,7 +170,7 @@ def load_folder(
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for d in decoded) else 3
     report.channels = channels
-    data = torch.stack([_to_uint8(_to_channels(d.pixels, d.alpha, channels)) for d in decoded])
+    data = torch.stack([to_uint8(_to_channels(d.pixels, d.alpha, channels)) for d in decoded])
     report.used = data.shape[0]
     report.bytes = data.numel()
     return InMemory(data), report
@@ -240,7 +240,7 @@ def _check_found(folder: Path, found: int, report: DataReport) -> None:
 def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
     """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
     img = decode_image(Path(path).read_bytes(), str(path), size=image_size)
-    return _to_uint8(_to_channels(img.pixels, img.alpha, channels))
+    return to_uint8(_to_channels(img.pixels, img.alpha, channels))
 
 
 class InMemory:
@@ -274,7 +274,7 @@ class OnDisk(torch.utils.data.Dataset):
         raise DataError(f"none of the {len(self.paths)} images can be decoded any more")
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(C, H, W) in [-1, 1] -> uint8 (C, H, W), rounded."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
@@ -343,7 +343,7 @@ def load_source(
         data = builtin.DATASETS[name](size=image_size[0])
         if channels is not None and channels != data.shape[1]:
             data = torch.stack(
-                [_to_uint8(_to_channels(to_model_range(d), None, channels)) for d in data]
+                [to_uint8(_to_channels(to_model_range(d), None, channels)) for d in data]
             )
         report = DataReport(
             source=f"{BUILTIN_PREFIX}{name}",

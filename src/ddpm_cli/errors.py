@@ -34,3 +34,7 @@ class DeviceError(UsageError):
 
 class OutputError(DdpmError):
     """An output file could not be written."""
+
+
+class MissingExtra(UsageError):
+    """An optional dependency (an extra such as ddpm-cli[plot]) is not installed."""

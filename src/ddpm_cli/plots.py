@@ -9,16 +9,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ddpm_cli.errors import ConfigError, DdpmError
+from ddpm_cli.errors import ConfigError, MissingExtra
 
 FORMATS = (".png", ".svg", ".pdf")
 INSTALL_HINT = 'pip install "ddpm-cli[plot]"'
-
-
-class MissingExtra(DdpmError):
-    """An optional dependency is not installed."""
-
-    exit_code = 2
 
 
 def plot_format(path: Path) -> str:

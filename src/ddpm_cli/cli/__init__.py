@@ -11,6 +11,7 @@ import typer
 
 from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console
+from ddpm_cli.cli.eval import eval_
 from ddpm_cli.cli.inspect import inspect
 from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
@@ -55,6 +56,7 @@ app.command(name="noise", context_settings=CONTEXT)(noise)
 app.command(name="train", context_settings=CONTEXT)(train)
 app.command(name="sample", context_settings=CONTEXT)(sample)
 app.command(name="inspect", context_settings=CONTEXT)(inspect)
+app.command(name="eval", context_settings=CONTEXT)(eval_)
 
 
 def main() -> None:

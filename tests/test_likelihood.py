@@ -16,7 +16,7 @@ from ddpm_cli.diffusion import (
     reverse_log_variance,
     vb_terms_bpd,
 )
-from ddpm_cli.evaluation import bound, evaluations, image_batches, strata
+from ddpm_cli.likelihood import bound, evaluations, image_batches, strata
 from ddpm_cli.schedules import DiffusionTables
 
 MU, S = 0.1, 0.2  # every pixel of the "images" is N(MU, S^2), quantized to 256 levels

@@ -1,0 +1,234 @@
+"""`ddpm eval`: bits/dim on held-out images (--data) and FID/KID of samples (--fid-ref)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ddpm_cli.cli.common import DeviceOpt, JsonOpt, QuietOpt, err_console, note_line
+from ddpm_cli.cli.sample import S
+from ddpm_cli.config import Precision, SamplerConfig, SamplerName
+from ddpm_cli.device import resolve_device
+from ddpm_cli.errors import UsageError
+from ddpm_cli.evaluation import likelihood, sample_quality
+from ddpm_cli.fid import STANDARD_N, WEIGHTS_NAME, check_weights
+from ddpm_cli.likelihood import VARIANCES
+from ddpm_cli.sampling import check_model, check_precision, load_for_sampling
+
+TASKS = {
+    "bound": "bound (network evaluations)",
+    "reference": "reference images",
+    "samples": "samples drawn",
+    "features": "samples embedded",
+}
+
+
+def eval_(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="A model.safetensors written by ddpm train, or its run directory."),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Held-out images (a folder, builtin:NAME or a data cache): report the "
+            "negative log-likelihood bound in bits/dim.",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="With --data: only the first N images (sorted)."),
+    ] = None,
+    t_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--t-samples",
+            min=1,
+            help="With --data: estimate the T-1 KL terms from K timesteps per image (unbiased, "
+            "K+1 network evaluations per image instead of T). Default: all T.",
+            show_default=False,
+        ),
+    ] = None,
+    variance: Annotated[
+        str,
+        typer.Option(
+            "--variance", help="With --data: sigma_t^2 of the reverse process, small or large."
+        ),
+    ] = "small",
+    fid_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--fid-ref",
+            help="Reference images (a folder, builtin:NAME or a data cache): report FID and KID "
+            "of -n samples against all of them.",
+            show_default=False,
+        ),
+    ] = None,
+    num: Annotated[
+        int, typer.Option("--num", "-n", min=2, help="With --fid-ref: samples to draw.")
+    ] = 5000,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--inception-weights",
+            help=f"The FID Inception-v3 weights as safetensors. Default: {WEIGHTS_NAME} in the "
+            "user cache directory (ddpm/ under ~/.cache on Linux, ~/Library/Caches on macOS).",
+            show_default=False,
+        ),
+    ] = None,
+    ref_cache: Annotated[
+        bool,
+        typer.Option("--ref-cache/--no-ref-cache", help="Cache the reference features."),
+    ] = True,
+    sampler: Annotated[
+        SamplerName | None,
+        typer.Option("--sampler", help="With --fid-ref: as in ddpm sample.", show_default=False),
+    ] = S.sampler,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="With --fid-ref: as in ddpm sample.")
+    ] = S.steps,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the noise and samples.")
+    ] = 0,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Use the raw training weights instead of the EMA.")
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory."),
+    ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option("--precision", help="Sampling precision for --fid-ref (the bound is fp32)."),
+    ] = Precision.fp32,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure a model: bits/dim on held-out images, FID and KID of its samples.
+
+    The bound is the paper's (eq. 5): the prior term, the KL terms and the discretized decoder,
+    on images resized as for training. FID uses the standard Inception-v3 features through
+    torch-fidelity (pip install "ddpm-cli[fid]") and weights from a local file.
+
+    [dim]Examples:[/dim]
+
+      [bold]ddpm eval runs/shapes-1 --data ./held-out --t-samples 50[/bold]
+
+      [bold]ddpm eval model.safetensors --fid-ref ./train-images -n 10000[/bold]
+
+      [bold]ddpm eval model.safetensors --data ./test --json | jq .likelihood.bits_per_dim[/bold]
+    """
+    if data is None and fid_ref is None:
+        raise UsageError("say what to measure: --data DIR (bits/dim) and/or --fid-ref DIR (FID)")
+    if variance not in VARIANCES:
+        raise UsageError(f"--variance must be one of: {', '.join(VARIANCES)}")
+    if fid_ref is not None:
+        check_weights(inception_weights)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    sm = load_for_sampling(checkpoint, raw=raw, device=dev)
+    check_model(sm)
+    T = sm.diffusion.timesteps
+    if t_samples is not None and t_samples > T - 1:
+        raise UsageError(f"--t-samples {t_samples}: at most T - 1 = {T - 1} (drop it for all T)")
+    report: dict = {"checkpoint": str(sm.path), "content_hash": sm.content_hash}
+    # the header waits for the first progress, so that bad input gets its one error line alone
+    header = f"[bold]ddpm eval[/bold] {sm.path} ({sm.weights} weights, step {sm.step}), {dev}"
+    view = EvalProgress(quiet, header)
+    try:
+        if data is not None:
+            report["likelihood"] = likelihood(
+                sm, data, limit=limit, t_samples=t_samples, variance=variance,
+                batch_size=batch_size, seed=seed, device=dev, progress=view.update,
+            )  # fmt: skip
+            if report["likelihood"]["training_images"] and not quiet:
+                note_line("these are the model's training images: a training-set bound")
+        if fid_ref is not None:
+            config = SamplerConfig(sampler=sampler, steps=steps)
+            report["fid"] = sample_quality(
+                sm, fid_ref, n=num, sampler=config, seed=seed, batch_size=batch_size,
+                device=dev, precision=precision, weights=inception_weights,
+                use_cache=ref_cache, progress=view.update,
+            )  # fmt: skip
+    finally:
+        view.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for line in summary_lines(report):
+        print(line)
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    if "likelihood" in report:
+        r = report["likelihood"]
+        how = "full bound" if r["t_samples"] is None else f"estimate from {r['t_samples']} t/image"
+        lines.append(
+            f"bits/dim  {r['bits_per_dim']:.4f} ± {r['stderr']:.4f}  ({r['images']} images of "
+            f"{r['data']}, {how}, variance {r['variance']})"
+        )
+        t = r["terms"]
+        lines.append(
+            f"  terms   prior L_T {t['prior']:.3g}, KL L_1..L_T-1 {t['kl']:.4f}, "
+            f"decoder L_0 {t['decoder']:.4f}"
+        )
+    if "fid" in report:
+        r = report["fid"]
+        label = f"estimate from {r['samples']} samples" if r["estimate"] else f"{r['samples']}"
+        s = r["sampler"]
+        lines.append(
+            f"FID       {r['fid']:.3f}  ({label}; papers use {STANDARD_N:,}; "
+            f"{r['reference_images']} reference images)"
+        )
+        lines.append(
+            f"KID       {r['kid']:.5f} ± {r['kid_std']:.5f}  ({s['sampler']} {s['steps']} steps, "
+            f"seed {r['seed']})"
+        )
+    return lines
+
+
+class EvalProgress:
+    """A Rich bar per task on a terminal; otherwise a plain line at most every 10 seconds."""
+
+    def __init__(self, quiet: bool, header: str):
+        self.quiet, self.header = quiet, header
+        self.tasks: dict[str, int] = {}
+        self.last = 0.0
+        self.progress = None
+
+    def update(self, task: str, done: int, total: int) -> None:
+        if self.header is not None and not self.quiet:
+            err_console.print(self.header)
+            if err_console.is_terminal:
+                self.progress = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=err_console,
+                )
+                self.progress.start()
+        self.header = None
+        if self.progress is not None:
+            if task not in self.tasks:
+                self.tasks[task] = self.progress.add_task(TASKS.get(task, task), total=total)
+            self.progress.update(self.tasks[task], completed=done, total=total)
+        elif not self.quiet:
+            now = time.perf_counter()
+            if now - self.last >= 10 or done == total:
+                self.last = now
+                err_console.print(f"{TASKS.get(task, task)}: {done}/{total}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
