@@ -54,6 +54,8 @@ def test_a_checkpoint_reports_its_model_diffusion_training_and_file(runner, run)
     assert info["content_hash"] == ckpt.meta["content_hash"] and info["step"] == 3
     assert info["file_bytes"] == path.stat().st_size and info["kind"] == "model"
     assert info["training"]["batch_size"] == 4 and info["data"]["used"] == 6
+    assert info["torch_version"] == torch.__version__  # a string, even where it looks numeric
+    assert isinstance(info["safetensors_version"], str) and info["ddpm_version"]
     assert "tensors" not in info
     with_tensors = inspect_json(runner, path, "--tensors")["tensors"]
     assert {t["name"]: t["shape"] for t in with_tensors} == {
@@ -82,6 +84,7 @@ def test_tables_on_the_terminal(runner, run):
     assert r.exit_code == 0, r.output
     n = inspect_json(runner, run)["model"]["parameters"]
     for text in ("parameters per block", f"{n:,}", "cosine", "resumable", "yes, at step 3",
+                 f"torch {torch.__version__}",
                  "tensors", "conv_in.weight"):  # fmt: skip
         assert text in r.stdout, text
 

@@ -63,12 +63,23 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str, met
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
         "ddpm_version": __version__,
+        "torch_version": torch.__version__,
+        "safetensors_version": _safetensors_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "content_hash": content_hash(tensors),
     }
     for key, value in meta.items():
         header[key] = value if isinstance(value, str) else json.dumps(value)
     write_atomic(Path(path), save(tensors, metadata=header))
+
+
+def _safetensors_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("safetensors")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def read_header(path: Path) -> dict:

@@ -44,6 +44,7 @@ def checkpoint_info(path: Path) -> dict:
         diffusion["objective"] = training.get("objective")
         diffusion["default_sampler"] = f"{sampler.sampler.value}, {sampler.steps} steps"
     optional = ("created", "weights", "ema_decay", "elapsed")
+    versions = ("torch_version", "safetensors_version")  # strings: "2.10" is not a number
     return {
         "path": str(path),
         "file_bytes": path.stat().st_size,
@@ -53,6 +54,7 @@ def checkpoint_info(path: Path) -> dict:
         "content_hash": meta["content_hash"],
         "step": ckpt.step,
         **{k: _number(meta[k]) for k in optional if k in meta},
+        **{k: meta[k] for k in versions if k in meta},
         "model": {
             **config.get("model", {}),
             "preset": training.get("preset"),

@@ -171,6 +171,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                     + (f", {info['weights']} weights" if "weights" in info else ""),
                 ),
                 ("format", f"{info['format']}, written by ddpm {info['ddpm_version']}"),
+                ("with", _versions(info)),
                 ("created", info.get("created")),
                 ("content hash", info["content_hash"]),
                 ("step", info["step"]),
@@ -312,6 +313,14 @@ def folder_table(r: dict) -> Table:
         rows.append(("skipped", f"... and {len(r['skipped_files']) - SKIPPED_SHOWN} more"))
     rows += [("warning", w) for w in r["warnings"]]
     return _table("image folder", rows)
+
+
+def _versions(info: dict) -> str | None:
+    """The library versions a checkpoint was written with (absent in files before 0.1)."""
+    parts = [
+        f"{k} {info[f'{k}_version']}" for k in ("torch", "safetensors") if f"{k}_version" in info
+    ]
+    return ", ".join(parts) or None
 
 
 def _size(size) -> str | None:
