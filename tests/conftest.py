@@ -33,6 +33,21 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def train_tiny(root: Path, images: int, diffusion=None, **config) -> Path:
+    """Train the tiny preset on `images` drawn pictures in root/pics for a few steps; returns
+    the run directory, root/run."""
+    from ddpm_cli.config import DiffusionConfig, TrainConfig
+    from ddpm_cli.run import train
+
+    (root / "pics").mkdir()
+    for i in range(images):
+        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
+    base = dict(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=2,
+                sample_every=0, log_every=1)  # fmt: skip
+    cfg = TrainConfig(**{**base, **config})
+    return train(str(root / "pics"), cfg, diffusion or DiffusionConfig(), root / "run").out
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

@@ -8,26 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import draw_shapes
+from conftest import draw_shapes, train_tiny
 from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
-from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_cli.run import train
+from ddpm_cli.config import DiffusionConfig, ModelConfig
 from ddpm_cli.unet import UNet, count_parameters
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
-    (root / "pics").mkdir()
-    for i in range(6):
-        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
-    cfg = TrainConfig(
-        preset="tiny", image_size=8, batch_size=4, device="cpu", seed=2, sample_every=2,
-        log_every=1, num_samples=4,
-    )  # fmt: skip
-    return train(str(root / "pics"), TrainConfig(**{**cfg.to_dict(), "steps": 3}),
-                 DiffusionConfig(schedule="cosine", timesteps=500), root / "run").out  # fmt: skip
+    diffusion = DiffusionConfig(schedule="cosine", timesteps=500)
+    return train_tiny(root, 6, diffusion, seed=2, steps=3, sample_every=2, num_samples=4)
 
 
 def inspect_json(runner, *args):

@@ -13,9 +13,9 @@ import scipy.linalg
 import torch
 from safetensors.torch import save_file
 
-from conftest import draw_shapes
+from conftest import draw_shapes, train_tiny
 from ddpm_cli.cli import app
-from ddpm_cli.config import DiffusionConfig, SamplerConfig, TrainConfig
+from ddpm_cli.config import DiffusionConfig, SamplerConfig
 from ddpm_cli.errors import DataError
 from ddpm_cli.evaluation import sample_quality
 from ddpm_cli.fid import (
@@ -27,7 +27,6 @@ from ddpm_cli.fid import (
     load_inception,
     mean_cov,
 )
-from ddpm_cli.run import train
 from ddpm_cli.sampling import load_for_sampling
 
 
@@ -178,12 +177,7 @@ def test_bad_inception_weights_are_refused_clearly(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fidrun")
-    (root / "pics").mkdir()
-    for i in range(8):
-        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
-    cfg = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=2,
-                      sample_every=0, log_every=1)  # fmt: skip
-    train(str(root / "pics"), cfg, DiffusionConfig(timesteps=50), root / "run")
+    train_tiny(root, 8, DiffusionConfig(timesteps=50))
     return root
 
 

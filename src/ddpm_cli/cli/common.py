@@ -112,3 +112,28 @@ TimestepsOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no report or notes.")]
+RawOpt = Annotated[
+    bool, typer.Option("--raw", help="Use the raw training weights of the run instead of the EMA.")
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory.")
+]
+
+
+def count_bars():
+    """Rich progress bars on stderr: description, bar, done/total, time remaining."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )

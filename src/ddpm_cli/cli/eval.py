@@ -8,9 +8,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ddpm_cli.cli.common import DeviceOpt, JsonOpt, QuietOpt, err_console, note_line
+from ddpm_cli.cli.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RawOpt,
+    count_bars,
+    err_console,
+    note_line,
+)
 from ddpm_cli.cli.sample import S
 from ddpm_cli.config import Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import resolve_device
@@ -97,13 +105,8 @@ def eval_(
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the noise and samples.")
     ] = 0,
-    raw: Annotated[
-        bool, typer.Option("--raw", help="Use the raw training weights instead of the EMA.")
-    ] = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory."),
-    ] = None,
+    raw: RawOpt = False,
+    batch_size: BatchSizeOpt = None,
     precision: Annotated[
         Precision,
         typer.Option("--precision", help="Sampling precision for --fid-ref (the bound is fp32)."),
@@ -209,13 +212,7 @@ class EvalProgress:
         if self.header is not None and not self.quiet:
             err_console.print(self.header)
             if err_console.is_terminal:
-                self.progress = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=err_console,
-                )
+                self.progress = count_bars()
                 self.progress.start()
         self.header = None
         if self.progress is not None:

@@ -10,9 +10,16 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ddpm_cli.cli.common import DeviceOpt, QuietOpt, SeedOpt, err_console
+from ddpm_cli.cli.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    QuietOpt,
+    RawOpt,
+    SeedOpt,
+    count_bars,
+    err_console,
+)
 from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
@@ -96,14 +103,8 @@ def sample(
     clip: Annotated[
         bool, typer.Option("--clip/--no-clip", help="Clip the predicted x_0 to [-1, 1].")
     ] = S.clip,
-    raw: Annotated[
-        bool,
-        typer.Option("--raw", help="Use the raw training weights of the run instead of the EMA."),
-    ] = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory."),
-    ] = None,
+    raw: RawOpt = False,
+    batch_size: BatchSizeOpt = None,
     precision: Annotated[
         Precision, typer.Option("--precision", help="bf16/fp16 autocast (fp16: CUDA only).")
     ] = Precision.fp32,
@@ -300,13 +301,7 @@ class SampleProgress:
         self.progress = None
         self.t = time.perf_counter()
         if not quiet and err_console.is_terminal:
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=err_console,
-            )
+            self.progress = count_bars()
             self.images = self.progress.add_task("images", total=total)
             self.steps = self.progress.add_task("denoise", total=steps)
             self.progress.start()
