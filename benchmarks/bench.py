@@ -1,14 +1,22 @@
-"""Training and sampling throughput of ddpm's presets on this machine.
+"""Training, forward and sampling throughput of ddpm's presets, and of the peers side by side.
 
-    python benchmarks/bench.py                       # small and cifar10 presets, auto device
+    python benchmarks/bench.py                          # small and cifar10 presets, auto device
+    python benchmarks/bench.py --preset cifar10 --peers # + diffusers, denoising-diffusion-pytorch
     python benchmarks/bench.py --preset tiny --steps 20 --json
-    python benchmarks/bench.py --preset small --stream          # decode from disk per batch
+    python benchmarks/bench.py --preset small --stream  # decode from disk per batch
 
-For each preset: training img/s through the real pipeline (a folder of PNGs decoded by the
-loader, seeded batches with flips, forward, backward, Adam, EMA), the share of step time spent
-waiting for data, sampling img/s per sampler and step count (every step is one network
-evaluation: a few are timed and scaled to the step count), and peak memory.
-Numbers print to stdout; this is a benchmark, not a test, and nothing here asserts a speed.
+Workloads, per preset and implementation:
+  train                 forward, backward, optimizer and EMA on batches from a folder of PNGs
+                        (ddpm: its loader, seeded batches with flips; the peers get the same
+                        batches), with the share of step time spent waiting for data
+  forward               one network evaluation at the batch size, no gradients
+  sample:NAME:STEPS     img/s of whole samples; every step is one network evaluation, so a few
+                        are timed and scaled to the step count
+
+Each implementation runs in its own process, so that peak memory (allocated on CUDA, resident
+set on the CPU) is its own, and nothing one warms up helps another. --peers needs the `bench`
+extra (diffusers, denoising-diffusion-pytorch); benchmarks/peers.py builds the peers at ddpm's
+configuration. Numbers print to stdout; nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +43,8 @@ from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import new_state, resolve, train_step
 
+PEERS = ("diffusers", "denoising-diffusion-pytorch")
+
 
 def make_folder(root: Path, n: int, size: int) -> Path:
     g = torch.Generator().manual_seed(0)
@@ -44,7 +55,7 @@ def make_folder(root: Path, n: int, size: int) -> Path:
 
 
 def peak_memory(device: torch.device) -> float:
-    """Peak memory in MiB: allocated on CUDA, resident set of the process otherwise."""
+    """Peak memory in MB: allocated on CUDA, resident set of the process otherwise."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,136 +67,200 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(preset: str, args, device: torch.device, folder: Path) -> list[dict]:
+def timed(fn, n: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Seconds for n calls of fn() after `warmup` untimed ones; fn returns its own wait time."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    wait, start = 0.0, time.perf_counter()
+    for _ in range(n):
+        wait += fn() or 0.0
+    sync(device)
+    return time.perf_counter() - start, wait
+
+
+def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> list[dict]:
+    """Every workload of one implementation at one preset."""
     size = PRESETS[preset].image_size[0] if args.image_size is None else args.image_size
     data, report = load_folder(folder, (size, size), stream=args.stream)
     config = TrainConfig(
-        preset=preset,
-        image_size=size,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        seed=0,
-        device=str(device),
-        steps=10**9,
-        workers=args.workers,
-    )
+        preset=preset, image_size=size, batch_size=args.batch_size, precision=args.precision,
+        seed=0, device=str(device), steps=10**9, workers=args.workers, compile=args.compile,
+    )  # fmt: skip
     config = resolve(config, device, report.used, report.channels)
     model_config = build_model_config(preset, (size, size), report.channels)
-    state = new_state(model_config, config, device)
     tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
-    forward = torch.compile(state.model) if args.compile else state.model
     batches = Batches(data, config.batch_size, config.seed, config.flip, config.workers)
     feed = batches.iterate(0, 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    wait = total = 0.0
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        micro = [next(feed)]
-        t1 = time.perf_counter()
-        train_step(state, micro, tables, config, device, forward)
-        sync(device)
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            wait += t1 - t0
-            total += t2 - t0
-    feed.close()
-    images = args.steps * config.batch_size
+    n, prec = config.batch_size, config.precision.value
     common = {
-        "impl": "ddpm",
-        "preset": preset,
-        "device": str(device),
-        "precision": config.precision.value,
-        "batch": config.batch_size,
-        "image_size": size,
-        "data": f"stream x{config.workers}" if report.streamed else "memory",
-    }
-    rows = [
-        {
-            **common,
-            "workload": "train",
-            "img_per_s": images / total,
-            "data_wait_share": wait / total,
-            "peak_mib": peak_memory(device),
-        }
-    ]
+        "impl": impl, "preset": preset, "device": str(device), "precision": prec, "batch": n,
+        "image_size": size, "data": f"stream x{config.workers}" if report.streamed else "memory",
+    }  # fmt: skip
 
-    n = config.batch_size
+    if impl == "ddpm":
+        state = new_state(model_config, config, device)
+        net = torch.compile(state.model) if args.compile else state.model
+
+        def train_once() -> float:
+            t0 = time.perf_counter()
+            micro = [next(feed)]
+            wait = time.perf_counter() - t0
+            train_step(state, micro, tables, config, device, net)
+            return wait
+
+        model = state.ema.eval()
+        params = sum(p.numel() for p in state.model.parameters())
+    else:
+        from peers import PeerTrainer, copy_model, parameters
+
+        trainer = PeerTrainer(impl, model_config, device, prec)
+
+        def train_once() -> float:
+            t0 = time.perf_counter()
+            batch = next(feed)
+            wait = time.perf_counter() - t0
+            trainer.step(batch)
+            return wait
+
+        peer = copy_model(trainer.model)
+        params = parameters(peer)
+
+        def model(x, t):
+            return peer(x, t).sample if impl == "diffusers" else peer(x, t)
+
+    seconds, wait = timed(train_once, args.steps, args.warmup, device)
+    feed.close()
+    common["parameters"] = params
+    rows = [{**common, "workload": "train", "img_per_s": args.steps * n / seconds,
+             "data_wait_share": wait / seconds, "peak_mem_mb": peak_memory(device)}]  # fmt: skip
+
     g = torch.Generator().manual_seed(0)
-    model = state.ema.eval()
+    x = torch.randn(n, report.channels, size, size, generator=g).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
+    def forward_once() -> None:
+        with torch.no_grad(), autocast:
+            model(x, t)
+
+    seconds, _ = timed(forward_once, args.sample_evals, 1, device)
+    rows.append({**common, "workload": "forward", "img_per_s": args.sample_evals * n / seconds,
+                 "peak_mem_mb": peak_memory(device)})  # fmt: skip
+
     for spec in args.samplers.split(","):
         name, _, steps = spec.partition(":")
-        sampler_config = SamplerConfig(sampler=name, steps=int(steps) if steps else None)
-        resolved = sampler_config.resolved(tables.timesteps, config.objective.value)
-        x_T = torch.randn(n, report.channels, size, size, generator=g).to(device)
-        steps_iter = from_config(
-            sampler_config,
-            model,
-            tables,
-            x_T,
-            lambda s: torch.randn(s, generator=g).to(device),
-            config.objective.value,
+        resolved = SamplerConfig(sampler=name, steps=int(steps) if steps else None).resolved(
+            tables.timesteps, config.objective.value
         )
-        next(steps_iter)  # warm-up evaluation
+        if impl == "ddpm":
+            seconds, evals = time_ours(
+                model, resolved, tables, x, g, config, args, device, autocast
+            )
+        elif impl == "diffusers":
+            from peers import peer_sampler, time_peer_sampling
+
+            scheduler = peer_sampler(impl, resolved.sampler.value, resolved.steps)
+            with autocast:
+                seconds, evals = time_peer_sampling(
+                    model, scheduler, x, args.sample_evals, lambda: sync(device)
+                )
+        else:
+            continue  # its samplers run whole loops only; train and forward compare the network
+        rows.append({
+            **common, "workload": f"sample:{resolved.sampler.value}:{resolved.steps}",
+            "img_per_s": n / (seconds / evals * resolved.steps),
+            "evals_img_per_s": evals * n / seconds, "peak_mem_mb": peak_memory(device),
+        })  # fmt: skip
+    return rows
+
+
+def time_ours(model, resolved, tables, x, g, config, args, device, autocast):
+    steps = from_config(
+        resolved, model, tables, x, lambda s: torch.randn(s, generator=g).to(device),
+        config.objective.value,
+    )  # fmt: skip
+    with torch.no_grad(), autocast:
+        next(steps)  # warm-up evaluation
         sync(device)
-        t0 = time.perf_counter()
-        evals = 0
-        for _ in steps_iter:  # every step is one network evaluation: time a few, scale up
+        t0, evals = time.perf_counter(), 0
+        for _ in steps:
             evals += 1
             if evals >= args.sample_evals:
                 break
         sync(device)
-        seconds = time.perf_counter() - t0
-        per_image = seconds / max(evals, 1) * resolved.steps / n
-        rows.append(
-            {
-                **common,
-                "workload": f"sample:{resolved.sampler.value}:{resolved.steps}",
-                "img_per_s": 1 / per_image,
-                "evals_img_per_s": evals * n / seconds,
-                "peak_mib": peak_memory(device),
-            }
-        )
-    return rows
+    return time.perf_counter() - t0, max(evals, 1)
 
 
-def main() -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--preset",
-        action="append",
-        choices=sorted(PRESETS),
-        help="preset(s) to measure (repeatable); default: small and cifar10",
-    )
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                   help="preset(s) to measure (repeatable); default small, cifar10")  # fmt: skip
+    p.add_argument("--peers", action="store_true", help="also run diffusers and d-d-pytorch")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument(
-        "--samplers",
-        default="dpm++:20,ddim:50,ddpm:100,ddpm:1000",
-        help="sampler:steps list; img/s from --sample-evals timed network evaluations",
-    )
+    p.add_argument("--samplers", default="dpm++:20,ddim:50,ddpm:100,ddpm:1000",
+                   help="sampler:steps list, timed over --sample-evals evaluations")  # fmt: skip
     p.add_argument("--sample-evals", type=int, default=10)
     p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile ddpm's network")
     p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes with --stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = p.parse_args()
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON: impl, preset, folder, options
+    return p.parse_args(argv)
+
+
+def print_row(row: dict, base: dict[tuple, float], as_json: bool) -> None:
+    key = (row["preset"], row["workload"])
+    if row["impl"] == "ddpm":
+        base[key] = row["img_per_s"]
+    elif key in base:
+        row["ddpm_speedup"] = base[key] / row["img_per_s"]
+    if as_json:
+        print(json.dumps(row), flush=True)
+        return
+    share = row.get("data_wait_share")
+    wait = f"{100 * share:.1f}%" if share is not None else ""
+    ratio = f"x{row['ddpm_speedup']:.2f}" if "ddpm_speedup" in row else ""
+    print(f"{row['impl']:<28} {row['preset']:<8} {row['workload']:<18} {row['batch']:>5} "
+          f"{row['precision']:>5} {row['img_per_s']:>9.2f} {wait:>9} {row['peak_mem_mb']:>9.0f} "
+          f"{ratio:>8}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        options = argparse.Namespace(**spec["options"])
+        device = resolve_device(options.device)
+        for row in worker(spec["impl"], spec["preset"], options, device, Path(spec["folder"])):
+            print(json.dumps(row), flush=True)
+        return
     device = resolve_device(args.device)
+    impls = ["ddpm"]
+    if args.peers:
+        for name, module in zip(PEERS, ("diffusers", "denoising_diffusion_pytorch"), strict=True):
+            try:
+                __import__(module)
+                impls.append(name)
+            except ImportError:
+                print(f"# {name} is not installed: pip install -e '.[bench]'", file=sys.stderr)
     presets = args.preset or ["small", "cifar10"]
     if not args.json:
         print(
             f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {platform.processor() or ''} "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         )
-        print(
-            f"{'preset':<12} {'workload':<18} {'data':<10} {'batch':>5} {'prec':>5} "
-            f"{'img/s':>9} {'data wait':>9} {'peak MiB':>9}"
-        )
+        print(f"{'impl':<28} {'preset':<8} {'workload':<18} {'batch':>5} {'prec':>5} "
+              f"{'img/s':>9} {'data wait':>9} {'peak MB':>9} {'ddpm is':>8}")  # fmt: skip
+    base: dict[tuple, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folders: dict[int, Path] = {}
         for preset in presets:
@@ -193,19 +268,16 @@ def main() -> None:
             if size not in folders:
                 (Path(tmp) / str(size)).mkdir()
                 folders[size] = make_folder(Path(tmp) / str(size), args.images, size)
-            for row in bench(preset, args, device, folders[size]):
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    share = row.get("data_wait_share")
-                    wait = f"{100 * share:.1f}%" if share is not None else ""
-                    print(
-                        f"{row['preset']:<12} {row['workload']:<18} {row['data']:<10} "
-                        f"{row['batch']:>5} "
-                        f"{row['precision']:>5} {row['img_per_s']:>9.2f} {wait:>9} "
-                        f"{row['peak_mib']:>9.0f}",
-                        flush=True,
-                    )
+            for impl in impls:
+                spec = {"impl": impl, "preset": preset, "folder": str(folders[size]),
+                        "options": vars(args)}  # fmt: skip
+                cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"# {impl} {preset} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+                    continue
+                for line in out.stdout.splitlines():
+                    print_row(json.loads(line), base, args.json)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,27 @@ def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():
     assert preset_for((32, 32), accelerated=False) == "small"
     with pytest.raises(ConfigError, match="unknown preset"):
         build_model_config("huge", (32, 32), 3)
+
+
+def test_cpu_dropout_drops_p_of_the_values_and_keeps_the_mean():
+    from ddpm_cli.unet import Dropout
+
+    layer = Dropout(0.1)
+    x = torch.ones(2, 8, 250, 250, requires_grad=True)  # 1M values
+    torch.manual_seed(0)
+    y = layer(x)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # binomial spread at 1M draws is 0.0003
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), y)  # the global generator decides the mask
+    assert not torch.equal(layer(x), y)
+    # masks are not correlated between neighbouring values (four come from one 64-bit draw)
+    m = (y.detach() == 0).flatten().double()
+    assert abs(((m[:-1] * m[1:]).mean() - m.mean() ** 2).item()) < 0.002
+    layer.eval()
+    assert layer(x) is x
+    assert Dropout(0.0).train()(x) is x

@@ -113,10 +113,22 @@ def new_state(model_config: ModelConfig, config: TrainConfig, device: torch.devi
     torch.manual_seed(config.seed)  # weight init and dropout
     model = UNet(model_config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_adam(model, config.lr, device)
     scaler = torch.amp.GradScaler("cuda") if config.precision is Precision.fp16 else None
     noise_gen = torch.Generator().manual_seed(config.seed + 1)
     return TrainState(model, ema, optimizer, scaler, noise_gen)
+
+
+def make_adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has one for the device (CUDA; the CPU since
+    torch 2.4: 3x faster than the per-tensor loop for the cifar10 preset, docs/benchmarks.md),
+    otherwise the multi-tensor (foreach) implementation. Same math either way."""
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # a torch without the fused kernel for this device
+    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
 @torch.no_grad()
@@ -157,8 +169,6 @@ def train_step(
     n_images = sum(b.shape[0] for b in batches)
     for micro in batches:
         x0 = to_model_range(micro).to(device)
-        if device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, T, (x0.shape[0],), generator=state.noise_gen)
         eps = torch.randn(x0.shape, generator=state.noise_gen)
         with autocast:

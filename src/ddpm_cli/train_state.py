@@ -18,6 +18,9 @@ from ddpm_cli.train import TrainState
 MODEL, STATE = "model.safetensors", "train_state.safetensors"
 
 
+IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
 def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
@@ -72,10 +75,14 @@ def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
         if k.startswith("optim."):
             _, i, name = k.split(".", 2)
             optim_state.setdefault(int(i), {})[name] = v
+    # how Adam runs (fused, foreach) belongs to this machine, not to the saved run
+    kernels = [{k: g.get(k) for k in IMPLEMENTATION} for g in state.optimizer.param_groups]
     try:
         state.optimizer.load_state_dict(
             {"state": optim_state, "param_groups": ckpt.json("optimizer_groups")}
         )
+        for group, chosen in zip(state.optimizer.param_groups, kernels, strict=True):
+            group.update(chosen)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state does not fit the model ({e})"
