@@ -35,12 +35,18 @@ class Batches:
         flip: bool,
         workers: int = 0,
         on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
+        shard: tuple[int, int] = (0, 1),
     ):
+        """`batch_size` images per process; with `shard` = (rank, world), the global batch of
+        batch_size x world images is cut into world equal parts, and this process gets part
+        `rank` (only its own images are decoded)."""
         if len(images) == 0:
             raise DataError("no training images")
-        self.images, self.batch_size, self.seed, self.flip = images, batch_size, seed, flip
+        self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
+        self.rank, self.world = shard
+        self.batch_size = batch_size * self.world  # the global batch
         self.workers, self.on_skip = workers, on_skip
-        self.per_epoch = max(1, math.ceil(len(images) / batch_size))
+        self.per_epoch = max(1, math.ceil(len(images) / self.batch_size))
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
@@ -51,15 +57,23 @@ class Batches:
         return order, flips
 
     def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image indices and flip decisions of batch `index` of `epoch`; the last batch of an
-        epoch may be short, and a dataset smaller than the batch repeats within the batch."""
+        """Image indices and flip decisions of this process's part of batch `index` of `epoch`.
+        The last batch of an epoch may be short in a single process; in a job it is filled from
+        the start of the epoch's order, so that every process gets an equal part. A dataset
+        smaller than the batch repeats within the batch."""
         order, flips = self.epoch_order(epoch)
         n = len(self.images)
         if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
             reps = math.ceil(self.batch_size / n)
-            return order.repeat(reps)[: self.batch_size], flips.repeat(reps)[: self.batch_size]
-        sl = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return order[sl], flips[sl]
+            order, flips = order.repeat(reps), flips.repeat(reps)
+            index = 0
+        start = index * self.batch_size
+        idx, fl = order[start : start + self.batch_size], flips[start : start + self.batch_size]
+        if self.world > 1 and idx.numel() < self.batch_size:
+            missing = self.batch_size - idx.numel()
+            idx, fl = torch.cat([idx, order[:missing]]), torch.cat([fl, flips[:missing]])
+        part = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        return (idx[part], fl[part]) if self.world > 1 else (idx, fl)
 
     def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
         """(epoch, batch index) from the given position on, for ever."""

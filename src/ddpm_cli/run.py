@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ddpm_cli import distributed
 from ddpm_cli.batches import Batches
 from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
 from ddpm_cli.config import (
@@ -142,6 +143,7 @@ def train(
     into `out`, or continue the run in `resume`. `given`: the options the user set explicitly,
     checked against the stored run on resume."""
     started = time.perf_counter()
+    ckpt = model_config = stored_data = None
     if resume is not None:
         if source is not None:
             raise UsageError("--resume trains on the run's own stored data; drop the DATA argument")
@@ -157,7 +159,19 @@ def train(
         model_config = config_section(ckpt, "model", ModelConfig)
         stored_data = ckpt.config.get("data", {})
         source = stored_data.get("source")
-    device = resolve_device(config.device)
+    d, device = distributed.init(resolve_device(config.device))
+    try:
+        return _train(source, config, diffusion, out, resume, on_event, should_stop, started,
+                      d, device, ckpt, model_config, stored_data)  # fmt: skip
+    finally:
+        distributed.shutdown()
+
+
+def _train(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,
+           ckpt, model_config, stored_data) -> RunResult:  # fmt: skip
+    """The run itself, in this process of a job of d.world (1 without torchrun)."""
+    if not d.main:  # progress, files and messages are rank 0's
+        on_event = lambda kind, info: None  # noqa: E731
 
     if resume is not None and (out / CACHE).exists():
         images, report = load_source(str(out / CACHE), config.image_size, config.channels)
@@ -175,21 +189,14 @@ def train(
                 f"{out} already holds a run; continue it with --resume {out} "
                 "or choose another --out"
             )
-        config = resolve(config, device, report.used, report.channels)
+        config = resolve(config, device, report.used, report.channels, d.world)
         model_config = build_model_config(config.preset, config.image_size, report.channels)
     else:
-        config = resolve(config, device, report.used, report.channels)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
-        stale.unlink(missing_ok=True)
-    if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
-        (out / CACHE).unlink(missing_ok=True)
-        if config.data_cache and isinstance(images, InMemory):
-            _write_cache(out, images.data, report)
-        (out / METRICS).unlink(missing_ok=True)
-        (out / SKIPPED).unlink(missing_ok=True)
-    else:
-        _truncate_metrics(out / METRICS, ckpt.step)
+        config = resolve(config, device, report.used, report.channels, d.world)
+    # rank 0's choices (the run directory's name, a random seed) are the job's
+    out, config = distributed.broadcast(d, (out, config))
+    if d.main:
+        _prepare_directory(out, resume, config, images, report, ckpt)
 
     reported: set[str] = set()
 
@@ -199,13 +206,15 @@ def train(
         reported.update(p for p, _ in failed)
         if not failed:
             return
-        with open(out / SKIPPED, "a") as f:
-            f.writelines(f"{p}\t{r}\n" for p, r in failed)
+        if d.main:
+            with open(out / SKIPPED, "a") as f:
+                f.writelines(f"{p}\t{r}\n" for p, r in failed)
         on_event("skip", {"failed": failed})
 
     batches = Batches(
-        images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip
-    )
+        images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
+        shard=(d.rank, d.world),
+    )  # fmt: skip
     total = total_steps(config, batches.per_epoch)
     configs = {
         "model": model_config.to_dict(),
@@ -217,11 +226,24 @@ def train(
 
     state = new_state(model_config, config, device)
     elapsed0 = restore_state(state, ckpt, device) if resume is not None else 0.0
+    stored_world = d.world
+    if resume is not None:  # runs saved before distributed training had one process
+        stored_world = ckpt.json("world_size") if "world_size" in ckpt.meta else 1
+    if stored_world != d.world:  # keep the data position: the same image of the epoch
+        seen = state.batch_in_epoch * config.batch_size * stored_world
+        state.batch_in_epoch = seen // batches.batch_size
     tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
-    forward = torch.compile(state.model) if config.compile else state.model
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         state.model.to(memory_format=torch.channels_last)
+    forward = state.model
+    if d.active:
+        # every rank starts from the same weights (the same seed); dropout differs per rank
+        torch.manual_seed(distributed.rank_seed(config.seed, d.rank, state.step))
+        forward = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(forward) if config.compile else forward
 
     on_event(
         "start",
@@ -237,9 +259,11 @@ def train(
             "step": state.step,
             "device": str(device),
             "resumed": resume is not None,
+            "world": d.world,
+            "stored_world": stored_world,
         },
     )
-    if report.skipped:
+    if report.skipped and d.main:
         lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
         (out / SKIPPED).write_text(lines)
 
@@ -258,13 +282,16 @@ def train(
         window, t_log = [], now
 
     def checkpoint() -> None:
+        if not d.main:
+            return
         elapsed = elapsed0 + time.perf_counter() - started
-        save_run(out, state, configs, elapsed, ema_decay_at(state.step, config.ema_decay))
+        decay = ema_decay_at(state.step, config.ema_decay)
+        save_run(out, state, configs, elapsed, decay, world=d.world)
         on_event("checkpoint", {"step": state.step, "path": out / MODEL})
 
     feed = batches.iterate(state.epoch, state.batch_in_epoch)
     while state.step < total:
-        if should_stop():
+        if distributed.any_rank(d, should_stop(), device):
             status = "stopped"
             break
         micro = []
@@ -273,7 +300,14 @@ def train(
             state.batch_in_epoch += 1
             if state.batch_in_epoch >= batches.per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        result = train_step(state, micro, tables, config, device, forward)
+        with distributed.collective("a training step"):
+            result = train_step(state, micro, tables, config, device, forward, (d.rank, d.world))
+        if d.active:  # the whole global batch's losses, for the log
+            parts = distributed.gather(d, (result.losses, result.t))
+            losses, ts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            result = replace(result, loss=losses.mean().item(), losses=losses, t=ts)
+        if not d.main:
+            continue
         last_loss = result.loss
         window.append(result)
         on_event(
@@ -298,10 +332,25 @@ def train(
         log_window()
     if state.step and (state.step % config.checkpoint_every or status == "stopped"):
         checkpoint()
-    if status == "done" and config.sample_every and state.step % config.sample_every:
+    done_off_grid = config.sample_every and state.step % config.sample_every
+    if status == "done" and done_off_grid and d.main:
         _write_grid(out, state, diffusion, config, model_config, device, on_event)
     on_event("end", {"status": status, "step": state.step, "out": out})
     return RunResult(out, state.step, total, status, last_loss)
+
+
+def _prepare_directory(out, resume, config, images, report, ckpt) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
+        stale.unlink(missing_ok=True)
+    if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
+        (out / CACHE).unlink(missing_ok=True)
+        if config.data_cache and isinstance(images, InMemory):
+            _write_cache(out, images.data, report)
+        (out / METRICS).unlink(missing_ok=True)
+        (out / SKIPPED).unlink(missing_ok=True)
+    else:
+        _truncate_metrics(out / METRICS, ckpt.step)
 
 
 def _write_grid(out, state, diffusion, config, model_config, device, on_event):

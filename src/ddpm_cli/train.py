@@ -61,8 +61,11 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int:
     return min(candidates)
 
 
-def resolve(config: TrainConfig, device: torch.device, n_images: int, channels: int):
-    """Fill in the values left as None ("auto") from the device and data; refuse bad mixes."""
+def resolve(
+    config: TrainConfig, device: torch.device, n_images: int, channels: int, world: int = 1
+):
+    """Fill in the values left as None ("auto") from the device and data; refuse bad mixes.
+    `world` processes each take `batch_size` images of every global batch."""
     accelerated = device.type in ("cuda", "mps")
     precision = config.precision
     if precision is None:
@@ -74,7 +77,7 @@ def resolve(config: TrainConfig, device: torch.device, n_images: int, channels: 
     preset = (
         config.preset if config.preset != "auto" else preset_for(config.image_size, accelerated)
     )
-    per_epoch = max(1, math.ceil(n_images / batch))
+    per_epoch = max(1, math.ceil(n_images / (batch * world)))
     steps = total_steps(replace(config, batch_size=batch), per_epoch)
     warmup = config.warmup_steps
     if warmup is None:
@@ -154,8 +157,17 @@ def train_step(
     config: TrainConfig,
     device: torch.device,
     forward: Callable,
+    shard: tuple[int, int] = (0, 1),
 ) -> StepResult:
-    """One optimizer step over `grad_accum` uint8 micro-batches. Raises TrainingDiverged."""
+    """One optimizer step over `grad_accum` uint8 micro-batches. Raises TrainingDiverged.
+
+    In a job of `world` processes (`shard` = (rank, world)), each micro-batch is this rank's
+    equal share of a global batch, and `forward` is the DistributedDataParallel model, which
+    averages the gradients. Every rank draws t and eps for the whole global batch from the
+    same generator and keeps its share, so the job computes what one process would with the
+    global batch.
+    """
+    rank, world = shard
     T = tables.timesteps
     state.model.train()
     for group in state.optimizer.param_groups:
@@ -167,27 +179,29 @@ def train_step(
     )
     all_losses, all_t = [], []
     n_images = sum(b.shape[0] for b in batches)
-    for micro in batches:
+    no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last micro
+    for i, micro in enumerate(batches):
         x0 = to_model_range(micro).to(device)
-        t = torch.randint(0, T, (x0.shape[0],), generator=state.noise_gen)
-        eps = torch.randn(x0.shape, generator=state.noise_gen)
-        with autocast:
-            per_item = training_losses(
-                forward,
-                tables,
-                x0,
-                t.to(device),
-                eps.to(device),
-                config.objective.value,
-                config.min_snr_gamma,
-            )
-        # every image counts the same, however the images fall into micro-batches
-        loss = per_item.sum() / n_images
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(_diverged_message(config, state.step, "loss"))
-        (state.scaler.scale(loss) if state.scaler else loss).backward()
+        b = x0.shape[0]
+        t = torch.randint(0, T, (b * world,), generator=state.noise_gen)[rank * b : (rank + 1) * b]
+        eps = torch.randn((b * world, *x0.shape[1:]), generator=state.noise_gen)
+        eps = eps[rank * b : (rank + 1) * b]
+        accumulate = no_sync() if no_sync and i < len(batches) - 1 else contextlib.nullcontext()
+        with accumulate:
+            with autocast:
+                per_item = training_losses(
+                    forward, tables, x0, t.to(device), eps.to(device), config.objective.value,
+                    config.min_snr_gamma,
+                )  # fmt: skip
+            # every image counts the same, however the images fall into micro-batches
+            loss = per_item.sum() / n_images
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
         all_losses.append(per_item.detach().float().cpu())
         all_t.append(t)
+    # checked after every backward, so that in a job all ranks have joined the gradients'
+    # all-reduce before one of them stops (the others then stop at the gradient norm)
+    if not all(torch.isfinite(x).all() for x in all_losses):
+        raise TrainingDiverged(_diverged_message(config, state.step, "loss"))
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)

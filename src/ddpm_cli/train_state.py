@@ -35,9 +35,13 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_run(out: Path, state: TrainState, configs: dict, elapsed: float, decay: float) -> None:
-    """train_state first, then the model: each atomic, so a crash leaves both loadable."""
+def save_run(
+    out: Path, state: TrainState, configs: dict, elapsed: float, decay: float, world: int = 1
+) -> None:
+    """train_state first, then the model: each atomic, so a crash leaves both loadable.
+    `world`: the number of processes training (the global batch is batch_size x world)."""
     meta = {
+        "world_size": world,
         "config": configs,
         "step": state.step,
         "epoch": state.epoch,

@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddpm_cli import distributed
 from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
 from ddpm_cli.config import DiffusionConfig, Objective, Precision, Schedule, TrainConfig
 from ddpm_cli.presets import PRESETS
@@ -175,6 +176,7 @@ def train(
         if ctx.get_parameter_source(key).name == "COMMANDLINE":
             given[key] = locals()[key]
 
+    quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
     stop = {"signal": None}
 
     def handler(signum, frame):
@@ -203,10 +205,21 @@ def train(
         view.close()
         for s, h in previous.items():
             signal.signal(s, h)
-    if (result.out / "model.safetensors").exists():
+    if (result.out / "model.safetensors").exists() and distributed.env_main():
         print(result.out / "model.safetensors")
     if result.status == "stopped":
         raise typer.Exit(EXIT_SIGNAL.get(stop["signal"], 130))
+
+
+def _batch(config, world: int) -> str:
+    """Per-process batch x accumulation (x processes) = the global batch."""
+    parts = [str(config.batch_size), str(config.grad_accum)] + ([str(world)] if world > 1 else [])
+    text = " x ".join(parts)
+    if world > 1:
+        text += f" processes = {config.batch_size * config.grad_accum * world} global"
+    else:
+        text += " (grad accum)"
+    return text
 
 
 class ProgressView:
@@ -333,7 +346,7 @@ def preflight_table(info: dict) -> Table:
         ),
         (
             "training",
-            f"{info['total']} steps, batch {config.batch_size} x {config.grad_accum}, "
+            f"{info['total']} steps, batch {_batch(config, info.get('world', 1))}, "
             f"lr {config.lr:g} (warm-up {config.warmup_steps}), EMA {config.ema_decay}, "
             f"seed {config.seed}",
         ),
@@ -347,6 +360,11 @@ def preflight_table(info: dict) -> Table:
             f"{info['out']}" + (f" (resuming at step {info['step']})" if info["resumed"] else ""),
         ),
     ]
+    world, stored = info.get("world", 1), info.get("stored_world", 1)
+    if info["resumed"] and world != stored:
+        now = config.batch_size * config.grad_accum * world
+        note = f"saved by {stored} processes, resumed by {world}: the global batch is now {now}"
+        rows.append(("note", note + " (docs/distributed.md)"))
     for k, v in rows:
         table.add_row(k, v)
     return table

@@ -1,0 +1,157 @@
+"""Running as one process of a torchrun job: PyTorch's own distributed engine, nothing of ours.
+
+torchrun (or SLURM/Kubernetes launchers through it) starts one process per GPU and sets RANK,
+WORLD_SIZE, LOCAL_RANK and the rendezvous variables. `init()` joins the process group (NCCL on
+CUDA, gloo on the CPU) with a timeout, so a collective that waits for a dead process fails
+instead of hanging; torchrun itself stops the other processes when one exits with an error.
+Without WORLD_SIZE > 1 everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddpm_cli.errors import DdpmError
+
+DEFAULT_TIMEOUT_S = 600  # DDPM_DIST_TIMEOUT overrides; rank 0's sample grids must fit in it
+
+
+class DistributedError(DdpmError):
+    """Another process of the job failed, or the group could not be formed."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Dist()
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_main() -> bool:
+    """True unless this is a torchrun process other than rank 0 (known before init)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun job this process belongs to (if any) and pick its device: on CUDA,
+    the GPU numbered LOCAL_RANK. Returns (SINGLE, device) when not launched by torchrun."""
+    if not launched():
+        return SINGLE, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs: start at most "
+                "as many processes per node as there are GPUs (--nproc-per-node)"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type == "mps":
+        raise DistributedError("torchrun on MPS is not supported by PyTorch; use one process")
+    if not dist.is_initialized():
+        seconds = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=seconds)
+        try:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout
+            )
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(f"cannot join the torchrun job: {e}") from None
+    return Dist(rank, world, local), device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed for one process's own randomness (dropout) from the run seed, its rank and the
+    step it starts at: different on every rank, the same on every rerun."""
+    digest = hashlib.sha256(f"ddpm-rank:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def collective(what: str):
+    """A context that turns a failed collective (a process died, a timeout) into one line."""
+    return _Collective(what)
+
+
+class _Collective:
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and dist.is_initialized() and _is_collective_failure(error):
+            raise DistributedError(
+                f"{self.what} failed: another process of the torchrun job stopped or timed out "
+                f"({str(error).strip().splitlines()[0][:200]})"
+            ) from None
+        return False
+
+
+FAILURE_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe")
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """A distributed error, or a RuntimeError from a backend about a lost peer or a timeout
+    (not, say, an out-of-memory error raised inside the same step)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(w in text for w in FAILURE_WORDS)
+
+
+def broadcast(d: Dist, value):
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not d.active:
+        return value
+    box = [value]
+    with collective("sharing the run's settings"):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any."""
+    if not d.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    with collective("agreeing on a stop"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(d: Dist, value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not d.active:
+        return [value]
+    out = [None] * d.world
+    with collective("gathering results"):
+        dist.all_gather_object(out, value)
+    return out
