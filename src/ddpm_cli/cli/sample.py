@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
+from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
@@ -166,30 +167,50 @@ def sample(
     if out == STDIO and num > 1 and grid is None:
         grid, out = STDIO, None  # several images on stdout: as one grid
 
+    if distributed.launched() and (out in (None, STDIO) or grid is not None or trajectory):
+        raise UsageError(
+            "under torchrun, ddpm sample writes numbered files only (-o DIR); make a grid or a "
+            "trajectory from one process"
+        )
     indices = list(range(start, start + num))
     folder = Path(out) if out not in (None, STDIO) else None
     files = [folder / f"{k:06d}.png" for k in indices] if folder else []
     _check_outputs(folder, files, grid, trajectory, overwrite)
 
-    dev = resolve_device(device)
+    quiet = quiet or not distributed.env_main()
+    d, dev = distributed.init(resolve_device(device))
+    try:
+        _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
+                batch_size, precision, compile, trajectory_images, as_json, quiet)  # fmt: skip
+    finally:
+        distributed.shutdown()
+
+
+def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
+            batch_size, precision, compile, trajectory_images, as_json, quiet) -> None:  # fmt: skip
+    """Draw `indices` (in a torchrun job: this rank's share) and write them."""
+    start, num = indices[0], len(indices)
+    to_stdout = STDIO in (out, grid)
     check_precision(precision, dev)
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     check_model(sm)
     resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
-    seed = new_seed() if seed is None else seed
-    batch = batch_size or default_batch_size(sm.model_config, dev, num)
+    seed = distributed.broadcast(d, new_seed() if seed is None else seed)
+    indices = indices[d.rank :: d.world]  # image k is the same whichever process draws it
+    batch = batch_size or default_batch_size(sm.model_config, dev, len(indices))
     text = provenance(sm, config, seed, precision)
     if not quiet:
+        share = f" ({len(indices)} per process, {d.world} processes)" if d.active else ""
         err_console.print(
             f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
-            f"{num} images, {resolved.sampler.value} {resolved.steps} steps "
+            f"{num} images{share}, {resolved.sampler.value} {resolved.steps} steps "
             f"({resolved.spacing}), seed {seed}, batch {batch}, {dev}, {precision.value}"
         )
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
 
     traj = Trajectory() if trajectory else None
-    view = SampleProgress(quiet, num, resolved.steps)
+    view = SampleProgress(quiet, len(indices), resolved.steps)
     written: list[str] = []
     images = []
     t0 = time.perf_counter()
@@ -227,6 +248,11 @@ def sample(
         raise typer.Exit(130) from None
     view.close()
     seconds = time.perf_counter() - t0
+    if d.active:  # rank 0 lists every process's files, in index order
+        written = sorted(p for part in distributed.gather(d, written) for p in part)
+        seconds = max(distributed.gather(d, seconds))
+        if not d.main:
+            return
 
     grid_path = None
     if grid is not None:

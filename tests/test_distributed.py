@@ -1,0 +1,149 @@
+"""torchrun jobs on the CPU (gloo): two processes train and sample exactly as one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import draw_shapes
+from ddpm_cli.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo jobs on Linux and macOS")
+
+TRAIN = ["train", "pics", "--preset", "tiny", "--image-size", "8", "--seed", "3",
+         "--sample-every", "0", "--log-every", "1"]  # fmt: skip
+
+
+def torchrun(cwd: Path, *args: str, procs: int = 2, wait: bool = True, **env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={procs}", "-m", "ddpm_cli", *args]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=environment, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+
+
+def ddpm(cwd: Path, *args: str):
+    return subprocess.run([sys.executable, "-m", "ddpm_cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """16 pictures; a 2-process run with batch 4 and a 1-process run with batch 8."""
+    root = tmp_path_factory.mktemp("dist")
+    (root / "pics").mkdir()
+    for i in range(16):
+        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
+    two = torchrun(root, *TRAIN, "--batch-size", "4", "--steps", "4", "--out", "two")
+    one = ddpm(root, *TRAIN, "--batch-size", "8", "--steps", "4", "--out", "one")
+    assert two.returncode == 0, two.stderr
+    assert one.returncode == 0, one.stderr
+    return root, two, one
+
+
+def test_two_processes_train_the_weights_of_one_with_the_global_batch(jobs):
+    root, two, _ = jobs
+    a = load_file(str(root / "one" / "train_state.safetensors"))
+    b = load_file(str(root / "two" / "train_state.safetensors"))
+    for prefix in ("model.", "ema."):
+        diff = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith(prefix))
+        assert diff < 1e-5, prefix
+    # the same losses, logged once, for the whole global batch
+    logs = [[json.loads(line)["loss"] for line in (root / run / "metrics.jsonl").open()]
+            for run in ("one", "two")]  # fmt: skip
+    assert len(logs[0]) == 4 and logs[0] == pytest.approx(logs[1], rel=1e-5)
+    assert "batch 4 x 1 x 2 processes = 8 global" in two.stderr
+
+
+def test_only_rank_0_writes_and_reports(jobs):
+    root, two, _ = jobs
+    files = sorted(p.name for p in (root / "two").iterdir())
+    assert files == ["data_cache.safetensors", "metrics.jsonl", "model.safetensors",
+                     "train_state.safetensors"]  # fmt: skip
+    assert two.stdout.strip().splitlines() == [str(Path("two") / "model.safetensors")]
+    assert two.stderr.count("finished at step 4") == 1 and two.stderr.count("step 1 ") == 1
+    assert load_checkpoint(root / "two" / "train_state.safetensors").json("world_size") == 2
+
+
+def test_resume_with_another_world_size(jobs):
+    root, _, _ = jobs
+    r = ddpm(root, "train", "--resume", "two", "--steps", "6")
+    assert r.returncode == 0, r.stderr
+    assert "saved by 2 processes, resumed by 1: the global batch is now 4" in r.stderr
+    state = load_checkpoint(root / "two" / "train_state.safetensors")
+    assert state.step == 6 and state.json("world_size") == 1
+
+
+def test_distributed_sampling_writes_the_images_of_one_process(jobs):
+    root, _, _ = jobs
+    args = ["sample", "one", "-n", "5", "--seed", "4", "--steps", "4"]
+    two = torchrun(root, *args, "-o", "s2")
+    one = ddpm(root, *args, "-o", "s1")
+    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    for k in range(5):
+        name = f"{k:06d}.png"
+        assert (root / "s2" / name).read_bytes() == (root / "s1" / name).read_bytes()
+    assert two.stdout.splitlines() == [str(Path("s2") / f"{k:06d}.png") for k in range(5)]
+    grid = torchrun(root, "sample", "one", "-n", "2", "--grid", "g.png")
+    assert grid.returncode != 0 and "writes numbered files only" in grid.stderr
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """The torchrun workers of `parent`, by RANK (read from /proc)."""
+    out = {}
+    for pid in Path("/proc").iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            stat = (pid / "stat").read_text().split()
+            env = (pid / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e[5:] for e in env if e.startswith(b"RANK=")]
+        if ranks and int(stat[3]) != 1 and _descends(int(pid.name), parent):
+            out[int(ranks[0])] = int(pid.name)
+    return out
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().split()[3])
+        except OSError:
+            return False
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_a_rank_that_dies_ends_the_job_quickly_and_non_zero(jobs):
+    root, _, _ = jobs
+    job = torchrun(root, *TRAIN, "--batch-size", "4", "--steps", "100000", "--out", "killed",
+                   "--checkpoint-every", "2", wait=False, DDPM_DIST_TIMEOUT="30")  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (root / "killed" / "model.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        ranks = _rank_pids(job.pid)
+        assert 1 in ranks, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        t0 = time.time()
+        job.wait(timeout=90)
+        assert time.time() - t0 < 90 and job.returncode != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    # the last checkpoint is whole
+    assert load_checkpoint(root / "killed" / "train_state.safetensors").step >= 2
