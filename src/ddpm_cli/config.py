@@ -67,6 +67,10 @@ class ModelConfig:
     num_res_blocks: int = 2  # residual blocks per level on the way down (one more going up)
     attention_resolutions: tuple[int, ...] = (16,)  # shorter-side sizes that get self-attention
     dropout: float = 0.1
+    # how the stride-2 convolutions pad: "symmetric" (1 pixel on every side; ddpm's own models)
+    # or "bottom_right" (1 pixel after the last row and column only: TensorFlow's SAME padding,
+    # as in the authors' code and the google/ddpm-* weights)
+    downsample_padding: str = "symmetric"
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -96,6 +100,11 @@ class ModelConfig:
         for c in {self.channels * m for m in self.channel_mult} | {self.channels}:
             if c % min(32, c):
                 raise ConfigError(f"{c} channels cannot be split into {min(32, c)} norm groups")
+        if self.downsample_padding not in ("symmetric", "bottom_right"):
+            raise ConfigError(
+                "downsample_padding must be symmetric or bottom_right, "
+                f"got {self.downsample_padding}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -239,7 +248,9 @@ class SamplerConfig:
     sampler: SamplerName | None = None
     steps: int | None = None  # None: ddpm every timestep (T, the paper), ddim 50, dpm++ 20
     eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral-like
-    variance: str = "large"  # ddpm: "large" (sigma^2 = beta, the paper's CIFAR-10) or "small"
+    # ddpm: "large" (sigma^2 = beta, the paper's CIFAR-10) or "small" (beta_tilde); None: large
+    # when ddpm is named, small when it is the automatic choice for eps models
+    variance: str | None = None
     spacing: str | None = None  # None: linspace for ddpm, logsnr for ddim and dpm++
     clip: bool = True  # clip predicted x_0 to [-1, 1]
 
@@ -254,7 +265,7 @@ class SamplerConfig:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
             raise ConfigError(f"eta must be between 0 and 1, got {self.eta}")
-        if self.variance not in ("large", "small"):
+        if self.variance not in (None, "large", "small"):
             raise ConfigError(f"variance must be large or small, got {self.variance!r}")
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ConfigError(
@@ -272,7 +283,7 @@ class SamplerConfig:
         if self.sampler is None:
             if objective != "eps":
                 return replace(self, sampler=SamplerName.dpmpp).resolved(timesteps, objective)
-            auto = replace(self, sampler=SamplerName.ddpm, variance="small")
+            auto = replace(self, sampler=SamplerName.ddpm, variance=self.variance or "small")
             return replace(auto, steps=self.steps or min(100, timesteps)).resolved(timesteps)
         steps = self.steps or SAMPLER_DEFAULT_STEPS[self.sampler] or timesteps
         if self.steps is None:
@@ -282,7 +293,8 @@ class SamplerConfig:
                 f"--steps {steps} is more than the model's {timesteps} diffusion timesteps"
             )
         spacing = self.spacing or SAMPLER_DEFAULT_SPACING[self.sampler]
-        return SamplerConfig(self.sampler, steps, self.eta, self.variance, spacing, self.clip)
+        variance = self.variance or "large"
+        return SamplerConfig(self.sampler, steps, self.eta, variance, spacing, self.clip)
 
     def to_dict(self) -> dict:
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}

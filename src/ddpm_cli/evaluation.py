@@ -31,7 +31,7 @@ from ddpm_cli.fid import (
     store_features,
 )
 from ddpm_cli.likelihood import bound, evaluations, image_batches
-from ddpm_cli.sampling import SamplingModel, default_batch_size, generate
+from ddpm_cli.sampling import SamplingModel, default_batch_size, generate, with_model_defaults
 from ddpm_cli.schedules import DiffusionTables
 
 Progress = Callable[[str, int, int], None]
@@ -154,6 +154,7 @@ def sample_quality(
         if use_cache:
             store_features(key, ref)
     _check_reference(reference, ref.shape[0], n)
+    sampler = with_model_defaults(sampler, sm, clip_given=False)
     resolved = sampler.resolved(sm.diffusion.timesteps, sm.objective)
     batch = batch_size or default_batch_size(sm.model_config, device, n)
     drawn = _counter(progress, "samples", n)

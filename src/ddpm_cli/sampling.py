@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,9 @@ class SamplingModel:
     content_hash: str
     weights: str  # "ema" or "raw"
     step: int
+    # sampler settings the checkpoint asks for where the user sets none (an imported model's
+    # scheduler: {"variance": "small", "clip": true}); empty for models ddpm trained
+    defaults: dict = field(default_factory=dict)
 
 
 def load_for_sampling(
@@ -95,7 +98,17 @@ def load_for_sampling(
         content_hash=ckpt.meta["content_hash"],
         weights="raw" if raw else "ema",
         step=ckpt.step,
+        defaults=dict(ckpt.config.get("sampler") or {}),
     )
+
+
+def with_model_defaults(config: SamplerConfig, sm: SamplingModel, clip_given: bool):
+    """`config` with the checkpoint's own sampler settings where the user chose none."""
+    if config.variance is None and sm.defaults.get("variance"):
+        config = replace(config, variance=sm.defaults["variance"])
+    if not clip_given and "clip" in sm.defaults:
+        config = replace(config, clip=bool(sm.defaults["clip"]))
+    return config
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -107,11 +107,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A stride-2 3x3 convolution; `padding` as ModelConfig.downsample_padding."""
+
+    def __init__(self, ch: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.bottom_right = padding == "bottom_right"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -154,7 +159,7 @@ class UNet(nn.Module):
                 skips.append(cur)
             self.down.append(Level(chans, temb_ch, config.dropout, config.attends_at(level)))
             if level != len(mult) - 1:
-                self.downsample.append(Downsample(cur))
+                self.downsample.append(Downsample(cur, config.downsample_padding))
                 skips.append(cur)
 
         self.mid_res1 = ResBlock(cur, cur, temb_ch, config.dropout)

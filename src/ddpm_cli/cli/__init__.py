@@ -13,6 +13,7 @@ from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console
 from ddpm_cli.cli.eval import eval_
 from ddpm_cli.cli.inspect import inspect
+from ddpm_cli.cli.interop import export, import_
 from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
@@ -57,6 +58,8 @@ app.command(name="train", context_settings=CONTEXT)(train)
 app.command(name="sample", context_settings=CONTEXT)(sample)
 app.command(name="inspect", context_settings=CONTEXT)(inspect)
 app.command(name="eval", context_settings=CONTEXT)(eval_)
+app.command(name="import", context_settings=CONTEXT)(import_)
+app.command(name="export", context_settings=CONTEXT)(export)
 
 
 def main() -> None:

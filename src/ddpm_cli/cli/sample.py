@@ -38,6 +38,7 @@ from ddpm_cli.sampling import (
     regenerate_command,
     render_trajectory,
     to_image,
+    with_model_defaults,
 )
 
 S = SamplerConfig()  # the one source of defaults
@@ -151,7 +152,7 @@ def sample(
         sampler=sampler,
         steps=steps,
         eta=S.eta if eta is None else eta,
-        variance=variance or S.variance,
+        variance=variance,
         spacing=spacing,
         clip=clip,
     )
@@ -178,22 +179,26 @@ def sample(
     _check_outputs(folder, files, grid, trajectory, overwrite)
 
     quiet = quiet or not distributed.env_main()
+    clip_given = ctx.get_parameter_source("clip").name == "COMMANDLINE"
     d, dev = distributed.init(resolve_device(device))
     try:
         _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
-                batch_size, precision, compile, trajectory_images, as_json, quiet)  # fmt: skip
+                batch_size, precision, compile, trajectory_images, as_json, quiet,
+                clip_given)  # fmt: skip
     finally:
         distributed.shutdown()
 
 
 def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
-            batch_size, precision, compile, trajectory_images, as_json, quiet) -> None:  # fmt: skip
+            batch_size, precision, compile, trajectory_images, as_json, quiet,
+            clip_given) -> None:  # fmt: skip
     """Draw `indices` (in a torchrun job: this rank's share) and write them."""
     start, num = indices[0], len(indices)
     to_stdout = STDIO in (out, grid)
     check_precision(precision, dev)
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     check_model(sm)
+    config = with_model_defaults(config, sm, clip_given)
     resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
     seed = distributed.broadcast(d, new_seed() if seed is None else seed)
     indices = indices[d.rank :: d.world]  # image k is the same whichever process draws it

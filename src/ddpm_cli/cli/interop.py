@@ -1,0 +1,82 @@
+"""`ddpm import` and `ddpm export`: diffusers folders in and out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console
+from ddpm_cli.errors import UsageError
+from ddpm_cli.files import check_output_path
+from ddpm_cli.interop import export_checkpoint, import_folder
+
+
+def import_(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="A diffusers DDPM pipeline folder (model_index.json, unet/, scheduler/) or a "
+            "UNet2DModel folder, with safetensors weights."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The ddpm checkpoint to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a diffusers DDPM model (such as google/ddpm-cifar10-32) into a ddpm checkpoint.
+
+    The network, the beta schedule, T, the prediction type, the variance and clipping of the
+    scheduler carry over; an option with no ddpm equivalent is refused by name.
+
+    [dim]Examples:[/dim]
+
+      [bold]ddpm import ddpm-cifar10-32/ -o cifar10.safetensors[/bold]
+
+      [bold]ddpm sample cifar10.safetensors -n 64 --grid grid.png[/bold]
+    """
+    if out.suffix != ".safetensors":
+        raise UsageError(f"{out}: the checkpoint is a .safetensors file")
+    check_output_path(out, overwrite=overwrite)
+    info = import_folder(folder, out)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    if not quiet:
+        m, d = info["model"], info["diffusion"]
+        err_console.print(
+            f"imported {folder}: {m['channels']} x {','.join(map(str, m['channel_mult']))} "
+            f"at {m['image_size'][1]}x{m['image_size'][0]}, {d['schedule']} T={d['timesteps']}, "
+            f"predicting {info['objective']}, sampler defaults {info['sampler'] or 'none'}"
+        )
+    print(out)
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors (or its run directory).")],
+    diffusers: Annotated[
+        Path,
+        typer.Option("--diffusers", help="Folder to write: DDPMPipeline.from_pretrained loads it."),
+    ],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Write into a folder that has files.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a ddpm checkpoint as a diffusers folder (UNet2DModel and DDPMScheduler).
+
+    [dim]Example:[/dim]
+
+      [bold]ddpm export runs/shapes-1 --diffusers shapes-diffusers/[/bold]
+    """
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.safetensors"
+    if diffusers.exists() and not diffusers.is_dir():
+        raise UsageError(f"{diffusers}: exists and is not a directory")
+    if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:
+        raise UsageError(f"{diffusers}: is not empty; pass --overwrite to write into it")
+    info = export_checkpoint(checkpoint, diffusers)
+    print(json.dumps(info, indent=2) if as_json else diffusers)

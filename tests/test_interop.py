@@ -1,0 +1,181 @@
+"""diffusers interop: import and export against diffusers itself (a test-only dependency)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+from ddpm_cli.cli import app
+from ddpm_cli.config import ModelConfig, SamplerConfig
+from ddpm_cli.interop import import_folder
+from ddpm_cli.samplers import from_config
+from ddpm_cli.sampling import load_for_sampling
+from ddpm_cli.schedules import DiffusionTables
+
+# google/ddpm-cifar10-32's UNet2DModel configuration (its config.json), and a small one
+CIFAR10 = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 256, 256],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "act_fn": "silu", "attention_head_dim": None, "center_input_sample": False,
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}  # fmt: skip
+SMALL = {**CIFAR10, "sample_size": 16, "layers_per_block": 1, "block_out_channels": [32, 64],
+         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "downsample_padding": 1}  # fmt: skip
+SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+             "beta_end": 0.02, "variance_type": "fixed_small", "clip_sample": True}  # fmt: skip
+
+
+def diffusers_folder(path, unet_config, scheduler=SCHEDULER, seed=0):
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**unet_config)
+    with torch.no_grad():  # random weights everywhere (diffusers zero-inits nothing we'd miss)
+        for p in unet.parameters():
+            p.normal_(0, 0.05)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(**scheduler).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    return unet.eval()
+
+
+@pytest.mark.parametrize("config", [CIFAR10, SMALL], ids=["cifar10", "small"])
+def test_an_imported_unet_computes_what_diffusers_computes(tmp_path, config):
+    theirs = diffusers_folder(tmp_path / "d", config)
+    info = import_folder(tmp_path / "d", tmp_path / "m.safetensors")
+    assert info["objective"] == "eps" and info["sampler"] == {"variance": "small", "clip": True}
+    ours = load_for_sampling(tmp_path / "m.safetensors").model
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    if config is CIFAR10:
+        assert sum(p.numel() for p in ours.parameters()) == 35_746_307
+    g = torch.Generator().manual_seed(1)
+    size = config["sample_size"]
+    x, t = torch.randn(2, 3, size, size, generator=g), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t), theirs(x, t).sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interop")
+    unet = diffusers_folder(root / "d", SMALL)
+    import_folder(root / "d", root / "m.safetensors")
+    return root, unet
+
+
+def ours_sample(path, sampler: SamplerConfig, seed: int) -> torch.Tensor:
+    """Our sampler from the pipeline's noise: x_T first, then each step's, from one generator."""
+    sm = load_for_sampling(path)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    tables = DiffusionTables.from_config(sm.diffusion).to("cpu", torch.float32)
+    for step in from_config(sampler, sm.model, tables, x, lambda s: torch.randn(s, generator=g)):
+        x = step.x
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def test_ten_steps_give_the_images_of_ddpmpipeline_and_ddimpipeline(small):
+    root, unet = small
+    scheduler = DDPMScheduler(**SCHEDULER)
+    want = DDPMPipeline(unet, scheduler)(
+        batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
+        output_type="np",
+    ).images  # fmt: skip
+    got = ours_sample(root / "m.safetensors",
+                      SamplerConfig(sampler="ddpm", steps=10, spacing="leading", variance="small"),
+                      5)  # fmt: skip
+    assert torch.allclose(got, torch.from_numpy(want), atol=1e-4)
+    # ddpm's DDIM re-derives eps from the clipped x_0, as diffusers does when asked to
+    want = DDIMPipeline(unet, DDIMScheduler.from_config(scheduler.config))(
+        batch_size=2, generator=torch.Generator().manual_seed(6), num_inference_steps=10,
+        eta=0.0, use_clipped_model_output=True, output_type="np",
+    ).images  # fmt: skip
+    got = ours_sample(root / "m.safetensors",
+                      SamplerConfig(sampler="ddim", steps=10, spacing="leading"), 6)  # fmt: skip
+    assert torch.allclose(got, torch.from_numpy(want), atol=1e-4)
+
+
+def test_export_loads_in_diffusers_and_round_trips(small, runner, tmp_path):
+    root, _ = small
+    out = tmp_path / "exported"
+    r = runner.invoke(app, ["export", str(root / "m.safetensors"), "--diffusers", str(out)])
+    assert r.exit_code == 0, r.output
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.variance_type == "fixed_small"
+    ours = load_for_sampling(root / "m.safetensors").model
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t), pipe.unet(x, t).sample, atol=1e-5, rtol=1e-5)
+    back = tmp_path / "back.safetensors"
+    r = runner.invoke(app, ["import", str(out), "-o", str(back)])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(root / "m.safetensors")), load_file(str(back))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_trained_by_ddpm_exports_with_its_schedule(tmp_path, runner):
+    from conftest import train_tiny
+    from ddpm_cli.config import DiffusionConfig
+
+    run = train_tiny(tmp_path, 4, DiffusionConfig(schedule="cosine", timesteps=200))
+    out = tmp_path / "exp"
+    assert runner.invoke(app, ["export", str(run), "--diffusers", str(out)]).exit_code == 0
+    pipe = DDPMPipeline.from_pretrained(out)
+    ours = load_for_sampling(run).model
+    # the same betas in diffusers' scheduler and ours
+    tables = DiffusionTables.from_config(DiffusionConfig(schedule="cosine", timesteps=200))
+    assert torch.allclose(pipe.scheduler.betas.double(), tables.betas, atol=1e-6)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 150])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t), pipe.unet(x, t).sample, atol=1e-5, rtol=1e-5)
+    again = runner.invoke(app, ["export", str(run), "--diffusers", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
+    cases = {
+        "multihead": ({**SMALL, "attention_head_dim": 8}, SCHEDULER, "attention_head_dim=8"),
+        "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
+                  "resnet_time_scale_shift"),
+        "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
+                    "unsupported variance_type 'learned_range'"),
+        "betas": (SMALL, {**SCHEDULER, "beta_end": 0.03}, "match none of ddpm's schedules"),
+    }  # fmt: skip
+    for name, (unet, scheduler, message) in cases.items():
+        diffusers_folder(tmp_path / name, unet, scheduler)
+        r = runner.invoke(
+            app, ["import", str(tmp_path / name), "-o", str(tmp_path / "x.safetensors")]
+        )
+        assert r.exit_code == 2, (name, r.output)
+        (line,) = r.stderr.strip().splitlines()
+        assert message in line, (name, line)
+        assert not (tmp_path / "x.safetensors").exists()
+    # a folder with only a pickle
+    pickled = tmp_path / "pickled" / "unet"
+    pickled.mkdir(parents=True)
+    (pickled / "config.json").write_text(json.dumps(SMALL))
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02pickle")
+    r = runner.invoke(app, ["import", str(pickled), "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "a pickle file" in r.stderr
+    r = runner.invoke(
+        app, ["import", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.safetensors")]
+    )
+    assert r.exit_code == 2 and "not a directory" in r.stderr
+
+
+def test_model_config_round_trip_keeps_the_padding():
+    from ddpm_cli.interop import model_config
+
+    assert model_config(CIFAR10).downsample_padding == "bottom_right"
+    assert model_config(SMALL) == ModelConfig(
+        image_size=(16, 16), channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(8,), dropout=0.0,
+    )  # fmt: skip
