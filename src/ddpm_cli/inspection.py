@@ -89,7 +89,7 @@ def run_info(folder: Path) -> dict:
     metrics = read_metrics(folder / METRICS)
     info["run"] = {
         "folder": str(folder),
-        "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
+        "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[0] != "."),
         "resumable": resumable,
         "resume": why,
         "newest_grid": str(grids[-1]) if grids else None,

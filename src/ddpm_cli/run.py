@@ -37,7 +37,7 @@ from ddpm_cli.config import (
 from ddpm_cli.data import DataReport, InMemory, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import write_atomic
+from ddpm_cli.files import RunLock, write_atomic
 from ddpm_cli.images import encode_png
 from ddpm_cli.presets import build_model_config
 from ddpm_cli.sampling import SamplingModel, generate, grid_image
@@ -195,6 +195,20 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         config = resolve(config, device, report.used, report.channels, d.world)
     # rank 0's choices (the run directory's name, a random seed) are the job's
     out, config = distributed.broadcast(d, (out, config))
+    lock = None
+    if d.main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()  # before anything in the directory changes
+    try:
+        return _run_loop(source, config, diffusion, out, resume, on_event, should_stop, started,
+                         d, device, ckpt, model_config, stored_data, images, report)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,
+              ckpt, model_config, stored_data, images, report) -> RunResult:  # fmt: skip
     if d.main:
         _prepare_directory(out, resume, config, images, report, ckpt)
 

@@ -1,0 +1,210 @@
+"""Reliability: no pickle anywhere, one trainer per run directory, full disks, kills."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import draw_shapes
+from ddpm_cli.checkpoint import load_checkpoint
+from ddpm_cli.cli import app
+from ddpm_cli.files import RunLock
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm_cli"
+
+
+def test_the_source_never_unpickles():
+    """No module imports pickle (or its relatives) or calls torch.load / numpy.load."""
+    banned_modules = {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal"}
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]]
+            else:
+                names = []
+            found += [f"{path.name}: import {n}" for n in names if n in banned_modules]
+            if isinstance(node, ast.Attribute) and node.attr == "load":
+                owner = node.value
+                if isinstance(owner, ast.Name) and owner.id in ("torch", "np", "numpy"):
+                    found.append(f"{path.name}:{node.lineno}: {owner.id}.load")
+    assert found == []
+    assert len(list(SRC.rglob("*.py"))) > 20  # the scan saw the package
+
+
+def _pics(root: Path, n: int = 8) -> Path:
+    (root / "pics").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        draw_shapes((12 + i, 12)).save(root / "pics" / f"{i}.png")
+    return root / "pics"
+
+
+TRAIN = ["--preset", "tiny", "--image-size", "8", "--batch-size", "4", "--seed", "1",
+         "--sample-every", "0", "--log-every", "1"]  # fmt: skip
+
+
+def test_a_second_trainer_on_the_same_run_directory_refuses(runner, tmp_path):
+    pics = _pics(tmp_path)
+    held = RunLock(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    held.acquire()
+    try:
+        r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out",
+                                str(tmp_path / "run")])  # fmt: skip
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert f"another ddpm train (pid {os.getpid()}) is using this run directory" in line
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    finally:
+        held.release()
+    ok = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out",
+                             str(tmp_path / "run")])  # fmt: skip
+    assert ok.exit_code == 0, ok.output  # released: the next one trains
+
+
+def test_two_real_processes_on_one_out(tmp_path):
+    pics = _pics(tmp_path)
+    cmd = [sys.executable, "-m", "ddpm_cli", "train", str(pics), *TRAIN, "--out",
+           str(tmp_path / "run")]  # fmt: skip
+    first = subprocess.Popen([*cmd, "--steps", "100000", "--checkpoint-every", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "run" / "model.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "already holds a run" in second.stderr
+        resume = [sys.executable, "-m", "ddpm_cli", "train", "--resume", str(tmp_path / "run")]
+        third = subprocess.run(resume, capture_output=True, text=True, timeout=60)
+        assert third.returncode == 2 and "another ddpm train" in third.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+class DiskFull:
+    """Makes os.replace fail with ENOSPC for files whose name matches, as a full disk would
+    fail the write before it (the temporary file is written, then the rename is refused)."""
+
+    def __init__(self, monkeypatch, pattern: str, after: int = 0):
+        self.pattern, self.after, self.calls = pattern, after, 0
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            if self.pattern in str(dst):
+                self.calls += 1
+                if self.calls > self.after:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real(src, dst, *a, **k)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(runner, tmp_path, monkeypatch):
+    pics = _pics(tmp_path)
+    out = tmp_path / "run"
+    # the first two checkpoint writes (train_state, model at step 2) succeed, then the disk fills
+    DiskFull(monkeypatch, ".safetensors", after=3)
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "6", "--checkpoint-every",
+                            "2", "--no-data-cache", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    assert "cannot write: disk full" in line and "Traceback" not in r.output
+    assert load_checkpoint(out / "model.safetensors").step == 2
+    assert load_checkpoint(out / "train_state.safetensors").step in (2, 4)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written files
+
+
+def test_a_full_disk_while_sampling_is_one_line(runner, tmp_path, monkeypatch):
+    from conftest import train_tiny
+
+    run = train_tiny(tmp_path, 4)
+    DiskFull(monkeypatch, "000001.png")
+    r = runner.invoke(app, ["sample", str(run), "-n", "3", "--steps", "2", "-o",
+                            str(tmp_path / "imgs")])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip().splitlines()[-1].endswith("000001.png: cannot write: disk full")
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000.png"]
+
+
+def _train_cmd(pics: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "ddpm_cli", "train", str(pics), *TRAIN, "--steps", str(steps),
+            "--checkpoint-every", "1", "--no-data-cache", "--out", str(out), "-q"]  # fmt: skip
+
+
+KILL_TRIALS = int(os.environ.get("DDPM_KILL_TRIALS", "6"))  # CI's slice; the full suite: 20+
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill a run at random moments (many land inside checkpoint writes, which happen every
+    step here); the latest checkpoint always loads, and resuming finishes the run."""
+    pics = _pics(tmp_path)
+    rng = random.Random(0)  # fixed seed: the same moments every run of the suite
+    in_write = 0
+    for trial in range(KILL_TRIALS):
+        out = tmp_path / f"k{trial}"
+        job = subprocess.Popen(_train_cmd(pics, out, 1000), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 60
+        while not (out / "model.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        if trial % 2:  # inside a checkpoint write: while its temporary file exists
+            while not list(out.glob(".*.tmp")) and time.time() < deadline:
+                pass
+            in_write += bool(list(out.glob(".*.tmp")))
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        state = load_checkpoint(out / "train_state.safetensors")  # whole, hash verified
+        model = load_checkpoint(out / "model.safetensors")
+        assert model.step in (state.step, state.step - 1)  # killed between the two writes
+        r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--resume", str(out),
+                            "--steps", str(state.step + 2), "-q"], capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2
+        assert not list(out.glob(".*.tmp"))  # the resumed run swept the torn write away
+    assert in_write >= KILL_TRIALS // 2 - 1  # most of the odd trials caught a write in progress
+
+
+def test_a_run_resumed_after_a_kill_ends_with_the_uninterrupted_weights(tmp_path):
+    pics = _pics(tmp_path)
+    whole = subprocess.run(_train_cmd(pics, tmp_path / "whole", 12), capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    job = subprocess.Popen(_train_cmd(pics, tmp_path / "cut", 12), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill right after a checkpoint at step 3 or later
+        try:
+            if load_checkpoint(tmp_path / "cut" / "train_state.safetensors").step >= 3:
+                break
+        except Exception:
+            pass
+        time.sleep(0.02)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    cut_at = load_checkpoint(tmp_path / "cut" / "train_state.safetensors").step
+    assert 3 <= cut_at < 12  # really interrupted
+    resumed = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--resume",
+                              str(tmp_path / "cut"), "-q"], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "whole" / "train_state.safetensors").tensors
+    b = load_checkpoint(tmp_path / "cut" / "train_state.safetensors").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.", "optim.")))
