@@ -7,10 +7,11 @@ Nothing here builds a network: parameter counts come from the stored tensors, so
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from ddpm_cli.checkpoint import CheckpointError, load_checkpoint
-from ddpm_cli.config import SamplerConfig
+from ddpm_cli.checkpoint import CheckpointError, config_section, load_checkpoint
+from ddpm_cli.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cli.errors import DataError
 from ddpm_cli.train_state import MODEL, STATE
 
@@ -37,14 +38,25 @@ def checkpoint_info(path: Path) -> dict:
     blocks: dict[str, int] = {}
     for name, t in weights.items():
         blocks[_block(name)] = blocks.get(_block(name), 0) + t.numel()
+    # the sections must be what their dataclasses accept, as for sampling (one clear error)
+    for name, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig),
+                      ("training", TrainConfig)):  # fmt: skip
+        if name in config:
+            config_section(ckpt, name, cls)
     training = config.get("training", {})
     diffusion = dict(config.get("diffusion", {}))
+    data = config.get("data", {})
+    data = (
+        {k: v for k, v in data.items() if k != "modes" or isinstance(v, dict)}
+        if isinstance(data, dict)
+        else {}
+    )
     if "timesteps" in diffusion:
         sampler = SamplerConfig().resolved(diffusion["timesteps"], training.get("objective", "eps"))
         diffusion["objective"] = training.get("objective")
         diffusion["default_sampler"] = f"{sampler.sampler.value}, {sampler.steps} steps"
-    optional = ("created", "weights", "ema_decay", "elapsed")
-    versions = ("torch_version", "safetensors_version")  # strings: "2.10" is not a number
+    numbers = {k: _number(meta[k]) for k in ("ema_decay", "elapsed") if k in meta}
+    strings = ("created", "weights", "torch_version", "safetensors_version")  # "2.10" is text
     return {
         "path": str(path),
         "file_bytes": path.stat().st_size,
@@ -53,8 +65,9 @@ def checkpoint_info(path: Path) -> dict:
         "ddpm_version": meta["ddpm_version"],
         "content_hash": meta["content_hash"],
         "step": ckpt.step,
-        **{k: _number(meta[k]) for k in optional if k in meta},
-        **{k: meta[k] for k in versions if k in meta},
+        # a damaged file may hold anything here: keep only what is the type it should be
+        **{k: v for k, v in numbers.items() if _finite(v)},
+        **{k: meta[k] for k in strings if k in meta},
         "model": {
             **config.get("model", {}),
             "preset": training.get("preset"),
@@ -63,7 +76,7 @@ def checkpoint_info(path: Path) -> dict:
         },
         "diffusion": diffusion,
         "training": training,
-        "data": config.get("data", {}),
+        "data": data,
         "tensors": [
             {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
             for k, v in tensors.items()
@@ -112,6 +125,16 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def _finite(v) -> bool:
+    """A real number a float can hold (not a bool, NaN, infinity or a 400-digit integer)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _number(text: str):

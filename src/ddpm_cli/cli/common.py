@@ -20,7 +20,9 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def error_line(message: str) -> None:
-    """One red line on stderr."""
+    """One red line on stderr (line breaks inside the message, say from a damaged file's
+    metadata quoted in it, are shown escaped)."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     err_console.print(f"[bold red]error:[/] {escape(message)}")
 
 
