@@ -9,7 +9,9 @@
       data_cache.safetensors   the decoded training images (uint8), reused on resume and
                                usable as the DATA of a new run (not written when streaming)
       skipped.txt              images that could not be read, and why
+      .lock                    held while a process trains here (files.RunLock)
 
+run_files.py writes the files; under torchrun only rank 0 does (docs/distributed.md).
 Progress is reported to `on_event(kind, info)`; nothing here prints.
 """
 
@@ -25,28 +27,32 @@ import torch
 
 from ddpm_cli import distributed
 from ddpm_cli.batches import Batches
-from ddpm_cli.checkpoint import config_section, load_checkpoint, save_checkpoint
+from ddpm_cli.checkpoint import config_section, load_checkpoint
 from ddpm_cli.config import (
     DiffusionConfig,
     ModelConfig,
-    SamplerConfig,
     TrainConfig,
     from_dict,
     jsonable,
 )
-from ddpm_cli.data import DataReport, InMemory, load_source
+from ddpm_cli.data import load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import RunLock, write_atomic
-from ddpm_cli.images import encode_png
+from ddpm_cli.files import RunLock
 from ddpm_cli.presets import build_model_config
-from ddpm_cli.sampling import SamplingModel, generate, grid_image
+from ddpm_cli.run_files import (
+    CACHE,
+    METRICS,
+    SKIPPED,
+    metrics_record,
+    prepare_directory,
+    write_grid,
+)
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_step
 from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
-METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
     "steps",
@@ -107,26 +113,6 @@ def _merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) 
             "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"
         )
     return from_dict(TrainConfig, values)
-
-
-def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
-    """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
-    default with this seed (its default sampler, image k from its own noise)."""
-    sm = SamplingModel(
-        model=ema,
-        model_config=model_config,
-        diffusion=diffusion,
-        objective=config.objective.value,
-        path=Path(MODEL),
-        content_hash="",
-        weights="ema",
-        step=0,
-    )
-    n = config.num_samples
-    images = torch.cat(
-        [x for _, x in generate(sm, SamplerConfig(), list(range(n)), seed, n, device)]
-    )
-    return encode_png(grid_image(images))
 
 
 def train(
@@ -210,7 +196,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
 def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,
               ckpt, model_config, stored_data, images, report) -> RunResult:  # fmt: skip
     if d.main:
-        _prepare_directory(out, resume, config, images, report, ckpt)
+        prepare_directory(out, resume, config, images, report, ckpt)
 
     reported: set[str] = set()
 
@@ -289,7 +275,7 @@ def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, sta
         nonlocal window, t_log
         now = time.perf_counter()
         elapsed = elapsed0 + now - started
-        record = _metrics(window, state, config, diffusion.timesteps, now - t_log, elapsed)
+        record = metrics_record(window, state, config, diffusion.timesteps, now - t_log, elapsed)
         with open(out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         on_event("log", record)
@@ -338,7 +324,7 @@ def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, sta
         if state.step % config.log_every == 0 or state.step == total:
             log_window()
         if config.sample_every and state.step % config.sample_every == 0:
-            _write_grid(out, state, diffusion, config, model_config, device, on_event)
+            write_grid(out, state, diffusion, config, model_config, device, on_event)
         if state.step % config.checkpoint_every == 0:
             checkpoint()
     feed.close()  # stops the DataLoader workers, if any
@@ -348,69 +334,6 @@ def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, sta
         checkpoint()
     done_off_grid = config.sample_every and state.step % config.sample_every
     if status == "done" and done_off_grid and d.main:
-        _write_grid(out, state, diffusion, config, model_config, device, on_event)
+        write_grid(out, state, diffusion, config, model_config, device, on_event)
     on_event("end", {"status": status, "step": state.step, "out": out})
     return RunResult(out, state.step, total, status, last_loss)
-
-
-def _prepare_directory(out, resume, config, images, report, ckpt) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
-        stale.unlink(missing_ok=True)
-    if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
-        (out / CACHE).unlink(missing_ok=True)
-        if config.data_cache and isinstance(images, InMemory):
-            _write_cache(out, images.data, report)
-        (out / METRICS).unlink(missing_ok=True)
-        (out / SKIPPED).unlink(missing_ok=True)
-    else:
-        _truncate_metrics(out / METRICS, ckpt.step)
-
-
-def _write_grid(out, state, diffusion, config, model_config, device, on_event):
-    png = sample_grid(state.ema, diffusion, config, model_config, device, config.seed)
-    path = out / "samples" / f"step-{state.step:07d}.png"
-    path.parent.mkdir(exist_ok=True)
-    write_atomic(path, png)
-    on_event("sample", {"step": state.step, "path": path})
-
-
-def _metrics(window, state, config, T: int, seconds: float, elapsed: float) -> dict:
-    losses = torch.cat([r.losses for r in window])
-    ts = torch.cat([r.t for r in window])
-    quarters = []
-    for q in range(4):
-        mask = (ts >= q * T / 4) & (ts < (q + 1) * T / 4)
-        quarters.append(losses[mask].mean().item() if mask.any() else None)
-    return {
-        "step": state.step,
-        "epoch": state.epoch,
-        "loss": losses.mean().item(),
-        "loss_quarters": quarters,
-        "lr": state.optimizer.param_groups[0]["lr"],
-        "grad_norm": sum(r.grad_norm for r in window) / len(window),
-        "img_per_s": losses.numel() / seconds if seconds > 0 else None,
-        "ema_decay": ema_decay_at(state.step, config.ema_decay),
-        "elapsed": elapsed,
-    }
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines past `step`: a run resumed from an older checkpoint logs them again."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines(keepends=True)
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    write_atomic(path, "".join(keep).encode())
-
-
-def _write_cache(out: Path, data: torch.Tensor, report: DataReport) -> None:
-    save_checkpoint(
-        out / CACHE,
-        {"images": data},
-        "data_cache",
-        {"config": {"data": report.summary()}, "step": 0},
-    )

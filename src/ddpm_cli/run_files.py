@@ -1,0 +1,105 @@
+"""The files of a run directory: its preparation, metrics, sample grids and data cache.
+
+Written by rank 0 of a training run (run.py); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.checkpoint import save_checkpoint
+from ddpm_cli.config import SamplerConfig, TrainConfig
+from ddpm_cli.data import DataReport, InMemory
+from ddpm_cli.files import write_atomic
+from ddpm_cli.images import encode_png
+from ddpm_cli.sampling import SamplingModel, generate, grid_image
+from ddpm_cli.train import ema_decay_at
+from ddpm_cli.train_state import MODEL
+
+METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
+
+
+def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
+    """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
+    default with this seed (its default sampler, image k from its own noise)."""
+    sm = SamplingModel(
+        model=ema,
+        model_config=model_config,
+        diffusion=diffusion,
+        objective=config.objective.value,
+        path=Path(MODEL),
+        content_hash="",
+        weights="ema",
+        step=0,
+    )
+    n = config.num_samples
+    images = torch.cat(
+        [x for _, x in generate(sm, SamplerConfig(), list(range(n)), seed, n, device)]
+    )
+    return encode_png(grid_image(images))
+
+
+def prepare_directory(out, resume, config, images, report, ckpt) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
+        stale.unlink(missing_ok=True)
+    if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
+        (out / CACHE).unlink(missing_ok=True)
+        if config.data_cache and isinstance(images, InMemory):
+            write_cache(out, images.data, report)
+        (out / METRICS).unlink(missing_ok=True)
+        (out / SKIPPED).unlink(missing_ok=True)
+    else:
+        truncate_metrics(out / METRICS, ckpt.step)
+
+
+def write_grid(out, state, diffusion, config, model_config, device, on_event):
+    png = sample_grid(state.ema, diffusion, config, model_config, device, config.seed)
+    path = out / "samples" / f"step-{state.step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, png)
+    on_event("sample", {"step": state.step, "path": path})
+
+
+def metrics_record(window, state, config, T: int, seconds: float, elapsed: float) -> dict:
+    losses = torch.cat([r.losses for r in window])
+    ts = torch.cat([r.t for r in window])
+    quarters = []
+    for q in range(4):
+        mask = (ts >= q * T / 4) & (ts < (q + 1) * T / 4)
+        quarters.append(losses[mask].mean().item() if mask.any() else None)
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": losses.mean().item(),
+        "loss_quarters": quarters,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": sum(r.grad_norm for r in window) / len(window),
+        "img_per_s": losses.numel() / seconds if seconds > 0 else None,
+        "ema_decay": ema_decay_at(state.step, config.ema_decay),
+        "elapsed": elapsed,
+    }
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past `step`: a run resumed from an older checkpoint logs them again."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_atomic(path, "".join(keep).encode())
+
+
+def write_cache(out: Path, data: torch.Tensor, report: DataReport) -> None:
+    save_checkpoint(
+        out / CACHE,
+        {"images": data},
+        "data_cache",
+        {"config": {"data": report.summary()}, "step": 0},
+    )
