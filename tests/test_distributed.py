@@ -147,3 +147,20 @@ def test_a_rank_that_dies_ends_the_job_quickly_and_non_zero(jobs):
             os.killpg(job.pid, signal.SIGKILL)
     # the last checkpoint is whole
     assert load_checkpoint(root / "killed" / "train_state.safetensors").step >= 2
+
+
+def test_an_epoch_limit_survives_a_change_in_the_number_of_processes():
+    """Steps of the old global batch do not count against the new one: 100 epochs of CIFAR-10
+    at batch 128 on one GPU, stopped at step 20,000 (epoch 51), resumed on four GPUs."""
+    from types import SimpleNamespace
+
+    from ddpm_cli.config import TrainConfig
+    from ddpm_cli.run import _steps_left_by_epoch
+
+    state = SimpleNamespace(step=20_000, epoch=51, batch_in_epoch=10)
+    config = TrainConfig(epochs=100, batch_size=128)
+    per_epoch = 98  # 50,000 images / (128 x 4)
+    assert _steps_left_by_epoch(config, state, per_epoch, 9_800) == 20_000 + 49 * 98 - 10
+    capped = TrainConfig(epochs=100, steps=21_000, batch_size=128)
+    assert _steps_left_by_epoch(capped, state, per_epoch, 9_800) == 21_000
+    assert _steps_left_by_epoch(TrainConfig(steps=30_000), state, per_epoch, 30_000) == 30_000

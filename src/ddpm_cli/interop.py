@@ -74,6 +74,13 @@ def locate(folder: Path) -> tuple[Path, Path | None]:
 
 def model_config(cfg: dict) -> ModelConfig:
     """ddpm's ModelConfig for a UNet2DModel config, or a refusal naming the option."""
+    try:
+        return _model_config(cfg)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise InteropError(f"UNet2DModel config does not map: {e}") from None
+
+
+def _model_config(cfg: dict) -> ModelConfig:
     for key, want in REQUIRED.items():
         if key in cfg and cfg[key] != want and not (key == "norm_eps" and _close(cfg[key], want)):
             raise InteropError(f"unsupported UNet2DModel option {key}={cfg[key]!r} (not {want!r})")
@@ -93,7 +100,10 @@ def model_config(cfg: dict) -> ModelConfig:
     ch = widths[0]
     if any(w % ch for w in widths):
         raise InteropError(f"block_out_channels {widths} are not multiples of the first")
-    heads = cfg.get("attention_head_dim")
+    if "attention_head_dim" not in cfg:  # diffusers then uses 8 channels per head
+        raise InteropError("the UNet2DModel config has no attention_head_dim (diffusers then "
+                           "uses heads of 8 channels); ddpm's attention has one head")  # fmt: skip
+    heads = cfg["attention_head_dim"]
     if heads is not None and any(a and heads != w for a, w in zip(attn, widths, strict=True)):
         raise InteropError(f"unsupported UNet2DModel option attention_head_dim={heads} (one head)")
     size = cfg.get("sample_size", 32)

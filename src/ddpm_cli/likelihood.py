@@ -139,7 +139,12 @@ def bound(
         x0_pred = predict_x0_and_eps(tab32, objective, xt, t.to(device), out)[0].clamp(-1, 1)
         on_evaluations(x0.shape[0])
         return vb_terms_bpd(
-            tab64, x0.to(math_device), xt.to(math_device), t.to(math_device), x0_pred, log_var
+            tab64,
+            x0.to(math_device),
+            xt.to(math_device),
+            t.to(math_device),
+            x0_pred.to(math_device),
+            log_var,
         ).cpu()
 
     for batch in batches:

@@ -18,6 +18,7 @@ Progress is reported to `on_event(kind, info)`; nothing here prints.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -80,6 +81,16 @@ class RunResult:
     total: int
     status: str  # "done" or "stopped"
     loss: float | None
+
+
+def _steps_left_by_epoch(config: TrainConfig, state, per_epoch: int, total: int) -> int:
+    """After resuming with another number of processes, steps counted so far were of another
+    global batch: an epoch limit becomes the steps left to its end, in today's batches."""
+    if config.epochs is None:
+        return total
+    left = (config.epochs - state.epoch) * per_epoch - state.batch_in_epoch
+    by_epoch = state.step + max(0, math.ceil(left / config.grad_accum))
+    return min(by_epoch, config.steps) if config.steps is not None else by_epoch
 
 
 def next_run_dir(root: Path, name: str) -> Path:
@@ -232,10 +243,11 @@ def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, sta
     if stored_world != d.world:  # keep the data position: the same image of the epoch
         seen = state.batch_in_epoch * config.batch_size * stored_world
         state.batch_in_epoch = seen // batches.batch_size
+        total = _steps_left_by_epoch(config, state, batches.per_epoch, total)
     tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
-    if device.type == "cuda":
+    if device.type == "cuda":  # (the U-Net makes its activations channels_last itself; the
+        # weights stay contiguous, so restored Adam moments match them for the fused kernel)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        state.model.to(memory_format=torch.channels_last)
     forward = state.model
     if d.active:
         # every rank starts from the same weights (the same seed); dropout differs per rank
@@ -318,7 +330,7 @@ def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, sta
                 "epoch": state.epoch,
                 "loss": result.loss,
                 "lr": state.optimizer.param_groups[0]["lr"],
-                "images": sum(m.shape[0] for m in micro),
+                "images": sum(m.shape[0] for m in micro) * d.world,
             },
         )
         if state.step % config.log_every == 0 or state.step == total:
