@@ -17,6 +17,7 @@ Progress is reported to `on_event(kind, info)`; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -157,16 +158,16 @@ def train(
         stored_data = ckpt.config.get("data", {})
         source = stored_data.get("source")
     d, device = distributed.init(resolve_device(config.device))
-    try:
+    with contextlib.ExitStack() as held:  # the process group, then the run directory's lock
+        held.callback(distributed.shutdown)
         return _train(source, config, diffusion, out, resume, on_event, should_stop, started,
-                      d, device, ckpt, model_config, stored_data)  # fmt: skip
-    finally:
-        distributed.shutdown()
+                      d, device, ckpt, model_config, stored_data, held)  # fmt: skip
 
 
 def _train(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,
-           ckpt, model_config, stored_data) -> RunResult:  # fmt: skip
-    """The run itself, in this process of a job of d.world (1 without torchrun)."""
+           ckpt, model_config, stored_data, held: contextlib.ExitStack) -> RunResult:  # fmt: skip
+    """The run itself, in this process of a job of d.world (1 without torchrun); what it
+    must release when it ends goes on `held`."""
     if not d.main:  # progress, files and messages are rank 0's
         on_event = lambda kind, info: None  # noqa: E731
 
@@ -192,21 +193,9 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         config = resolve(config, device, report.used, report.channels, d.world)
     # rank 0's choices (the run directory's name, a random seed) are the job's
     out, config = distributed.broadcast(d, (out, config))
-    lock = None
     if d.main:
         Path(out).mkdir(parents=True, exist_ok=True)
-        lock = RunLock(out).acquire()  # before anything in the directory changes
-    try:
-        return _run_loop(source, config, diffusion, out, resume, on_event, should_stop, started,
-                         d, device, ckpt, model_config, stored_data, images, report)  # fmt: skip
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run_loop(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,
-              ckpt, model_config, stored_data, images, report) -> RunResult:  # fmt: skip
-    if d.main:
+        held.enter_context(RunLock(out))  # before anything in the directory changes
         prepare_directory(out, resume, config, images, report, ckpt)
 
     reported: set[str] = set()
