@@ -35,13 +35,15 @@ import torch
 from PIL import Image
 
 from ddpm_cli.batches import Batches
-from ddpm_cli.config import DiffusionConfig, SamplerConfig, TrainConfig
+from ddpm_cli.config import DiffusionConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import load_folder
-from ddpm_cli.device import resolve_device
+from ddpm_cli.device import resolve_device, to_device
 from ddpm_cli.presets import PRESETS, build_model_config
+from ddpm_cli.run import SYNC_EVERY
 from ddpm_cli.samplers import from_config
+from ddpm_cli.sampling import network
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import new_state, resolve, train_step
+from ddpm_cli.train import check_finite, compiled, new_state, resolve, to_host, train_step
 
 PEERS = ("diffusers", "denoising-diffusion-pytorch")
 
@@ -67,16 +69,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, n: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """Seconds for n calls of fn() after `warmup` untimed ones; fn returns its own wait time."""
+def timed(fn, n: int, warmup: int, device: torch.device) -> tuple[float, float, float]:
+    """Seconds for n calls of fn() after `warmup` untimed ones, the time fn() reported waiting,
+    and the seconds the warm-up took (compilation, kernel choice)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
+    warm = time.perf_counter() - start
     wait, start = 0.0, time.perf_counter()
     for _ in range(n):
         wait += fn() or 0.0
     sync(device)
-    return time.perf_counter() - start, wait
+    return time.perf_counter() - start, wait, warm
 
 
 def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> list[dict]:
@@ -90,7 +95,9 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
     config = resolve(config, device, report.used, report.channels)
     model_config = build_model_config(preset, (size, size), report.channels)
     tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
-    batches = Batches(data, config.batch_size, config.seed, config.flip, config.workers)
+    batches = Batches(
+        data, config.batch_size, config.seed, config.flip, config.workers, device=device
+    )
     feed = batches.iterate(0, 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -102,13 +109,21 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
 
     if impl == "ddpm":
         state = new_state(model_config, config, device)
-        net = torch.compile(state.model) if args.compile else state.model
+        net = compiled(state.model, device, False) if args.compile else state.model
+        if device.type == "cuda":  # as run.py sets them
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        pending = []
+        every = 1 if device.type == "cpu" else SYNC_EVERY
 
         def train_once() -> float:
             t0 = time.perf_counter()
             micro = [next(feed)]
             wait = time.perf_counter() - t0
-            train_step(state, micro, tables, config, device, net)
+            pending.append(train_step(state, micro, tables, config, device, net))
+            if len(pending) >= every:  # the host reads the losses as often as run.py does
+                check_finite(to_host(pending), config)
+                pending.clear()
             return wait
 
         model = state.ema.eval()
@@ -131,24 +146,34 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
         def model(x, t):
             return peer(x, t).sample if impl == "diffusers" else peer(x, t)
 
-    seconds, wait = timed(train_once, args.steps, args.warmup, device)
+    seconds, wait, warm = timed(train_once, args.steps, args.warmup, device)
     feed.close()
     common["parameters"] = params
     rows = [{**common, "workload": "train", "img_per_s": args.steps * n / seconds,
-             "data_wait_share": wait / seconds, "peak_mem_mb": peak_memory(device)}]  # fmt: skip
+             "steps_per_s": args.steps / seconds, "data_wait_share": wait / seconds,
+             "warmup_s": warm, "peak_mem_mb": peak_memory(device)}]  # fmt: skip
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, report.channels, size, size, generator=g).to(device)
-    t = torch.randint(0, 1000, (n,), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+    ns = args.sample_batch or n
+    x = torch.randn(ns, report.channels, size, size, generator=g).to(device)
+    t = torch.randint(0, 1000, (ns,), generator=g).to(device)
+    if impl == "ddpm":  # the network as `ddpm sample` runs it (CUDA graphs on CUDA)
+        fwd = network(model, device, Precision(prec), args.compile)
+    else:
+
+        def fwd(x, t):
+            with autocast:
+                return model(x, t)
 
     def forward_once() -> None:
-        with torch.no_grad(), autocast:
-            model(x, t)
+        with torch.no_grad():
+            fwd(x, t)
 
-    seconds, _ = timed(forward_once, args.sample_evals, 1, device)
-    rows.append({**common, "workload": "forward", "img_per_s": args.sample_evals * n / seconds,
-                 "peak_mem_mb": peak_memory(device)})  # fmt: skip
+    seconds, _, warm = timed(forward_once, args.sample_evals, 2, device)
+    common["batch"] = ns
+    rows.append({**common, "workload": "forward", "img_per_s": args.sample_evals * ns / seconds,
+                 "warmup_s": warm, "peak_mem_mb": peak_memory(device)})  # fmt: skip
 
     for spec in args.samplers.split(","):
         name, _, steps = spec.partition(":")
@@ -156,39 +181,39 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
             tables.timesteps, config.objective.value
         )
         if impl == "ddpm":
-            seconds, evals = time_ours(
-                model, resolved, tables, x, g, config, args, device, autocast
-            )
+            seconds, evals = time_ours(fwd, resolved, tables, x, g, config, args, device)
         elif impl == "diffusers":
             from peers import peer_sampler, time_peer_sampling
 
             scheduler = peer_sampler(impl, resolved.sampler.value, resolved.steps)
             with autocast:
+                limit = 10**9 if args.full_samples else args.sample_evals
                 seconds, evals = time_peer_sampling(
-                    model, scheduler, x, args.sample_evals, lambda: sync(device)
+                    model, scheduler, x, limit, lambda: sync(device)
                 )
         else:
             continue  # its samplers run whole loops only; train and forward compare the network
         rows.append({
             **common, "workload": f"sample:{resolved.sampler.value}:{resolved.steps}",
-            "img_per_s": n / (seconds / evals * resolved.steps),
-            "evals_img_per_s": evals * n / seconds, "peak_mem_mb": peak_memory(device),
+            "img_per_s": ns / (seconds / evals * resolved.steps),
+            "batch_seconds": seconds / evals * resolved.steps,
+            "evals_img_per_s": evals * ns / seconds, "peak_mem_mb": peak_memory(device),
         })  # fmt: skip
     return rows
 
 
-def time_ours(model, resolved, tables, x, g, config, args, device, autocast):
+def time_ours(fwd, resolved, tables, x, g, config, args, device):
     steps = from_config(
-        resolved, model, tables, x, lambda s: torch.randn(s, generator=g).to(device),
+        resolved, fwd, tables, x, lambda s: to_device(torch.randn(s, generator=g), device),
         config.objective.value,
     )  # fmt: skip
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         next(steps)  # warm-up evaluation
         sync(device)
         t0, evals = time.perf_counter(), 0
         for _ in steps:
             evals += 1
-            if evals >= args.sample_evals:
+            if evals >= args.sample_evals and not args.full_samples:
                 break
         sync(device)
     return time.perf_counter() - t0, max(evals, 1)
@@ -202,14 +227,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="batch for forward and sampling (default: --batch-size)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--samplers", default="dpm++:20,ddim:50,ddpm:100,ddpm:1000",
                    help="sampler:steps list, timed over --sample-evals evaluations")  # fmt: skip
     p.add_argument("--sample-evals", type=int, default=10)
+    p.add_argument("--full-samples", action="store_true",
+                   help="time every step of each sampler, not --sample-evals of them")  # fmt: skip
     p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
     p.add_argument("--compile", action="store_true", help="torch.compile ddpm's network")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN times its kernels per shape, for the peers too")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes with --stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -240,6 +271,7 @@ def main() -> None:
         spec = json.loads(args.worker)
         options = argparse.Namespace(**spec["options"])
         device = resolve_device(options.device)
+        torch.backends.cudnn.benchmark = bool(options.cudnn_benchmark)
         for row in worker(spec["impl"], spec["preset"], options, device, Path(spec["folder"])):
             print(json.dumps(row), flush=True)
         return
@@ -277,7 +309,8 @@ def main() -> None:
                     print(f"# {impl} {preset} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
                     continue
                 for line in out.stdout.splitlines():
-                    print_row(json.loads(line), base, args.json)
+                    if line.startswith("{"):  # a peer may print notes of its own
+                        print_row(json.loads(line), base, args.json)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 or decoded from disk ahead of the step by DataLoader workers.
 
 The order and the flips are decided in the main process from (seed, epoch) alone, so the two
-sources give the same bytes and a resumed run sees the same data.
+sources give the same bytes and a resumed run sees the same data. On CUDA, images held in memory
+move to the GPU once, when they fit, and batches are gathered and flipped there.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ddpm_cli.data import InMemory, OnDisk
+from ddpm_cli.device import to_device
 from ddpm_cli.errors import DataError
 
 
 def _collate(items):
     return torch.stack([x for x, _ in items]), [f for _, fs in items for f in fs]
+
+
+RESIDENT_SHARE = 0.25  # of the GPU's free memory that training images may take
 
 
 class Batches:
@@ -36,10 +41,12 @@ class Batches:
         workers: int = 0,
         on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
         shard: tuple[int, int] = (0, 1),
+        device: torch.device | None = None,
     ):
         """`batch_size` images per process; with `shard` = (rank, world), the global batch of
         batch_size x world images is cut into world equal parts, and this process gets part
-        `rank` (only its own images are decoded)."""
+        `rank` (only its own images are decoded). With a CUDA `device`, images in memory that
+        take at most RESIDENT_SHARE of its free memory are kept there."""
         if len(images) == 0:
             raise DataError("no training images")
         self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
@@ -47,6 +54,11 @@ class Batches:
         self.batch_size = batch_size * self.world  # the global batch
         self.workers, self.on_skip = workers, on_skip
         self.per_epoch = max(1, math.ceil(len(images) / self.batch_size))
+        self.resident = None  # the images on the GPU, when they live there
+        if isinstance(images, InMemory) and device is not None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if images.data.numel() <= RESIDENT_SHARE * free:
+                self.resident = images.data.to(device)
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
@@ -91,9 +103,14 @@ class Batches:
         """The batches from position (epoch, index) on, in order; on disk, `workers` processes
         decode ahead of the training step."""
         plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
+        if self.resident is not None:
+            for idx, fl in plan:
+                dev = self.resident.device
+                yield _flip(self.resident[to_device(idx, dev)], to_device(fl, dev), fl.any())
+            return
         if isinstance(self.images, InMemory):
             for idx, fl in plan:
-                yield _flip(self.images.data[idx], fl)
+                yield _flip(self.images.data[idx], fl, fl.any())
             return
         flips: list[torch.Tensor] = []
 
@@ -115,11 +132,13 @@ class Batches:
         for x, failed in loader:
             if failed:
                 self.on_skip(failed)
-            yield _flip(x, flips.pop(0))
+            fl = flips.pop(0)
+            yield _flip(x, fl, fl.any())
 
 
-def _flip(x: torch.Tensor, fl: torch.Tensor) -> torch.Tensor:
-    if fl.any():
-        x = x.clone()
-        x[fl] = x[fl].flip(-1)
-    return x
+def _flip(x: torch.Tensor, fl: torch.Tensor, any_flip) -> torch.Tensor:
+    """Images i with fl[i] mirrored left to right; `any_flip` is fl.any() read on the host
+    (a selection, not masked indexing, so nothing waits for the GPU)."""
+    if not any_flip:
+        return x
+    return torch.where(fl.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)

@@ -189,7 +189,7 @@ class TrainConfig:
     steps: int | None = None  # with neither, 100 epochs
     seed: int | None = None
     precision: Precision | None = None  # None: bf16 on CUDA with bf16 support, else fp32
-    compile: bool = False
+    compile: bool | None = None  # None: on CUDA for runs of train.COMPILE_MIN_STEPS or more
     device: str = "auto"
     sample_every: int = 1000  # steps between sample grids (0: never)
     checkpoint_every: int = 1000  # steps between checkpoints

@@ -51,7 +51,16 @@ from ddpm_cli.run_files import (
     write_grid,
 )
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import ema_decay_at, new_state, resolve, total_steps, train_step
+from ddpm_cli.train import (
+    check_finite,
+    compiled,
+    ema_decay_at,
+    new_state,
+    resolve,
+    to_host,
+    total_steps,
+    train_step,
+)
 from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
@@ -71,6 +80,7 @@ RESUMABLE = {
     "data_cache",
 }
 DIFFUSION_OPTIONS = ("schedule", "timesteps")  # part of the model: never changed on resume
+SYNC_EVERY = 25  # steps between the host's waits for an accelerator (see the loop)
 
 Event = Callable[[str, dict], None]
 
@@ -213,7 +223,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
 
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
-        shard=(d.rank, d.world),
+        shard=(d.rank, d.world), device=device,
     )  # fmt: skip
     total = total_steps(config, batches.per_epoch)
     configs = {
@@ -237,6 +247,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
     if device.type == "cuda":  # (the U-Net makes its activations channels_last itself; the
         # weights stay contiguous, so restored Adam moments match them for the fused kernel)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: +19% img/s (docs/benchmarks.md)
     forward = state.model
     if d.active:
         # every rank starts from the same weights (the same seed); dropout differs per rank
@@ -244,7 +255,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         forward = torch.nn.parallel.DistributedDataParallel(
             state.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    forward = torch.compile(forward) if config.compile else forward
+    forward = compiled(forward, device, d.active) if config.compile else forward
 
     on_event(
         "start",
@@ -268,9 +279,47 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
         (out / SKIPPED).write_text(lines)
 
-    window: list = []
+    window: list = []  # host results since the last metrics line
+    pending: list = []  # results still on the device (train.py: steps never wait for it)
+    # how often the host waits for the device: every step on the CPU, where it costs nothing;
+    # every SYNC_EVERY steps on an accelerator, and always before anything is written
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     t_log = time.perf_counter()
     status, last_loss = "done", None
+
+    def flush() -> None:
+        """Bring the pending results to the host, check them (TrainingDiverged at the first
+        non-finite step), add them to the log window and report progress."""
+        nonlocal pending, last_loss
+        if not pending:
+            return
+        results = to_host(pending)
+        pending = []
+        check_finite(results, config)
+        if d.active:  # the whole global batch's losses, for the log
+            parts = distributed.gather(d, [(r.losses, r.t) for r in results])
+            results = [
+                replace(r, losses=torch.cat([p[i][0] for p in parts]),
+                        t=torch.cat([p[i][1] for p in parts]))
+                for i, r in enumerate(results)
+            ]  # fmt: skip
+        if not d.main:
+            return
+        window.extend(results)
+        losses = torch.cat([r.losses for r in results])
+        last_loss = results[-1].loss
+        on_event(
+            "step",
+            {
+                "step": state.step,
+                "total": total,
+                "epoch": state.epoch,
+                "loss": losses.mean().item(),
+                "steps": len(results),  # the steps this report covers
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "images": losses.numel(),
+            },
+        )
 
     def log_window() -> None:
         nonlocal window, t_log
@@ -292,7 +341,10 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
 
     feed = batches.iterate(state.epoch, state.batch_in_epoch)
     while state.step < total:
-        if distributed.any_rank(d, should_stop(), device):
+        # in a job, the ranks agree on a stop where they also wait for the device
+        if (not d.active or state.step % sync_every == 0) and distributed.any_rank(
+            d, should_stop(), device
+        ):
             status = "stopped"
             break
         micro = []
@@ -302,34 +354,28 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             if state.batch_in_epoch >= batches.per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         with distributed.collective("a training step"):
-            result = train_step(state, micro, tables, config, device, forward, (d.rank, d.world))
-        if d.active:  # the whole global batch's losses, for the log
-            parts = distributed.gather(d, (result.losses, result.t))
-            losses, ts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            result = replace(result, loss=losses.mean().item(), losses=losses, t=ts)
+            pending.append(
+                train_step(state, micro, tables, config, device, forward, (d.rank, d.world))
+            )
+        step = state.step
+        log = step % config.log_every == 0 or step == total
+        grid = config.sample_every and step % config.sample_every == 0
+        save = step % config.checkpoint_every == 0
+        if log or grid or save or step % sync_every == 0:
+            with distributed.collective("a training step"):
+                flush()
         if not d.main:
             continue
-        last_loss = result.loss
-        window.append(result)
-        on_event(
-            "step",
-            {
-                "step": state.step,
-                "total": total,
-                "epoch": state.epoch,
-                "loss": result.loss,
-                "lr": state.optimizer.param_groups[0]["lr"],
-                "images": sum(m.shape[0] for m in micro) * d.world,
-            },
-        )
-        if state.step % config.log_every == 0 or state.step == total:
+        if log:
             log_window()
-        if config.sample_every and state.step % config.sample_every == 0:
+        if grid:
             write_grid(out, state, diffusion, config, model_config, device, on_event)
-        if state.step % config.checkpoint_every == 0:
+        if save:
             checkpoint()
     feed.close()  # stops the DataLoader workers, if any
-    if window:  # a stop between log steps: log the partial window too
+    with distributed.collective("a training step"):
+        flush()
+    if d.main and window:  # a stop between log steps: log the partial window too
         log_window()
     if state.step and (state.step % config.checkpoint_every or status == "stopped"):
         checkpoint()

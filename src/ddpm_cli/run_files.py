@@ -77,7 +77,7 @@ def metrics_record(window, state, config, T: int, seconds: float, elapsed: float
         "loss": losses.mean().item(),
         "loss_quarters": quarters,
         "lr": state.optimizer.param_groups[0]["lr"],
-        "grad_norm": sum(r.grad_norm for r in window) / len(window),
+        "grad_norm": sum(float(r.grad_norm) for r in window) / len(window),
         "img_per_s": losses.numel() / seconds if seconds > 0 else None,
         "ema_decay": ema_decay_at(state.step, config.ema_decay),
         "elapsed": elapsed,

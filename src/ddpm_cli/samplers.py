@@ -100,7 +100,7 @@ class SampleStep:
 
 def alpha_bar(tables: DiffusionTables, t: int) -> float:
     """alpha_bar_t as a Python float (float64); 1 at t = -1, "before" the first step."""
-    return 1.0 if t < 0 else float(tables.alpha_bar[t])
+    return 1.0 if t < 0 else tables.host_alpha_bar[t]
 
 
 # ---- updates: pure functions of one pair -------------------------------------------------------

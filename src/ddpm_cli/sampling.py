@@ -3,13 +3,18 @@
 Image k of seed s always starts from the same noise: each image index has its own generator,
 seeded from (s, k), which draws that image's x_T and then its noise at every step. So an image
 does not depend on how many images are drawn with it, on the batch size, or on its position
-in a batch. Noise is drawn on the CPU and moved to the device.
+in a batch. Noise is drawn on the CPU and moved to the device without waiting for it.
+
+On CUDA the network runs from CUDA graphs (`GraphedForward`): its ~600 kernels are queued by
+one call instead of one Python dispatch each, which is what bounds small batches
+(docs/benchmarks.md). DDPM_CUDA_GRAPHS=0 turns them off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +32,7 @@ from ddpm_cli.checkpoint import (
 )
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import available_memory
+from ddpm_cli.device import to_device
 from ddpm_cli.errors import ConfigError, DataError
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
@@ -157,18 +163,61 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
 
 
-def _network(model: UNet, device: torch.device, precision: Precision, compile: bool):
+def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
+    """model(x, t) as sampling runs it: compiled or not, under autocast for bf16 and fp16
+    (returning float32), and from CUDA graphs on CUDA."""
     check_precision(precision, device)
     net = torch.compile(model) if compile else model
-    if precision is Precision.fp32:
-        return net
-    dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+    forward = net
+    if precision is not Precision.fp32:
+        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
 
-    def forward(x, t):
-        with torch.autocast(device.type, dtype=dtype):
-            return net(x, t).float()
+        def forward(x, t):
+            with torch.autocast(device.type, dtype=dtype):
+                return net(x, t).float()
 
+    if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
+        return GraphedForward(forward)
     return forward
+
+
+class GraphedForward:
+    """`forward(x, t)` (no gradients, no randomness) replayed from a CUDA graph captured once
+    per input shape; a shape whose capture fails runs eagerly. The result is a copy, so that
+    it outlives the next replay."""
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+        self.graphs: dict[tuple, tuple | None] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t)
+        captured = self.graphs[key]
+        if captured is None:
+            return self.forward(x, t)
+        graph, x_in, t_in, out = captured
+        x_in.copy_(x)
+        t_in.copy_(t)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor):
+        x_in, t_in = x.clone(), t.clone()
+        try:
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):  # cuDNN and cuBLAS choose their kernels outside the graph
+                    self.forward(x_in, t_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                out = self.forward(x_in, t_in)
+        except RuntimeError:
+            return None
+        return graph, x_in, t_in, out
 
 
 def generate(
@@ -191,7 +240,7 @@ def generate(
     """
     sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
     tables = DiffusionTables.from_config(sm.diffusion).to(device, torch.float32)
-    net = _network(sm.model, device, precision, compile)
+    net = network(sm.model, device, precision, compile)
     c = sm.model_config.in_channels
     h, w = sm.model_config.image_size
     for start in range(0, len(indices), batch_size):
@@ -200,7 +249,7 @@ def generate(
 
         def noise(shape, gens=gens):
             z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
-            return z.to(device)
+            return to_device(z, device)
 
         x_T = noise((len(chunk), c, h, w))
         steps = from_config(sampler, net, tables, x_T, noise, sm.objective)

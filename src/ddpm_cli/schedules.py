@@ -9,6 +9,7 @@ Timesteps are zero-based, as in the authors' code: index t in [0, T-1] is the pa
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -94,6 +95,12 @@ class DiffusionTables:
     @property
     def timesteps(self) -> int:
         return self.betas.shape[0]
+
+    @functools.cached_property
+    def host_alpha_bar(self) -> list[float]:
+        """alpha_bar as Python floats (the values of this copy's dtype), read from the device
+        once: samplers need scalars every step, and reading one from a GPU waits for it."""
+        return self.alpha_bar.double().cpu().tolist()
 
     @classmethod
     def build(cls, betas: torch.Tensor) -> DiffusionTables:

@@ -4,6 +4,11 @@ One optimizer step: `grad_accum` micro-batches of L_simple (or the chosen object
 uniform and eps ~ N(0, I) drawn from the run's own generator, global grad-norm clipping, Adam
 with linear warm-up, then an EMA update. Everything random comes from seeded generators whose
 states are saved, so a resumed run continues bit for bit on the CPU.
+
+A step never waits for the device: its losses and gradient norm stay where they were computed
+(`StepResult`), and the caller brings a few steps' worth to the host at once (`to_host`), then
+checks them (`check_finite`). On a GPU the host thus queues the next steps while the device
+works, instead of stalling at every `.item()` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from ddpm_cli.config import ModelConfig, Precision, TrainConfig
 from ddpm_cli.data import to_model_range
+from ddpm_cli.device import to_device
 from ddpm_cli.diffusion import training_losses
 from ddpm_cli.errors import ConfigError, DdpmError
 from ddpm_cli.presets import preset_for
@@ -28,6 +34,9 @@ from ddpm_cli.unet import UNet
 PAPER_WARMUP = 5000  # Ho et al. 2020, appendix B
 WARMUP_SHARE = 0.05  # short runs warm up over at most 5% of their steps
 MAX_WORKERS = 4  # DataLoader processes decoding ahead when data is streamed from disk
+# a CUDA run of this many steps or more compiles its network: on an H100, compiling took
+# about 1.5-3 minutes and the steps then ran 1.9x faster (docs/benchmarks.md)
+COMPILE_MIN_STEPS = 10_000
 
 
 class TrainingDiverged(DdpmError):
@@ -86,8 +95,12 @@ def resolve(
     workers = config.workers
     if workers is None:  # leave a core to the training step
         workers = min(MAX_WORKERS, max(1, (os.cpu_count() or 2) - 1))
+    compile = config.compile
+    if compile is None:
+        compile = device.type == "cuda" and steps >= COMPILE_MIN_STEPS
     return replace(
         config,
+        compile=compile,
         workers=workers,
         precision=precision,
         batch_size=batch,
@@ -96,6 +109,17 @@ def resolve(
         seed=seed,
         channels=channels,
     )
+
+
+def compiled(forward: torch.nn.Module, device: torch.device, distributed: bool):
+    """torch.compile'd `forward`. On CUDA in one process with CUDA graphs as well
+    ("reduce-overhead"): eager dispatch, not arithmetic, bounds the cifar10 preset's step on an
+    H100 (docs/benchmarks.md). DistributedDataParallel's gradient hooks stay outside graphs."""
+    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+    # where compiling fails (no C compiler for Triton, an unsupported GPU), run eagerly: torch
+    # logs a warning, and the run goes on at eager speed
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(forward, mode=mode)
 
 
 @dataclass
@@ -118,8 +142,14 @@ def new_state(model_config: ModelConfig, config: TrainConfig, device: torch.devi
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = make_adam(model, config.lr, device)
     scaler = torch.amp.GradScaler("cuda") if config.precision is Precision.fp16 else None
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
-    return TrainState(model, ema, optimizer, scaler, noise_gen)
+    return TrainState(model, ema, optimizer, scaler, noise_generator(config.seed, device))
+
+
+def noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of t and eps: on the GPU itself for CUDA (drawing a batch's eps on the
+    host took longer than the rest of the host's work for a step), on the CPU otherwise."""
+    where = device if device.type == "cuda" else torch.device("cpu")
+    return torch.Generator(where).manual_seed(seed + 1)
 
 
 def make_adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -144,10 +174,43 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
-    grad_norm: float
-    losses: torch.Tensor  # (B * grad_accum,) per-item losses, on the CPU
+    """One optimizer step's numbers, left on the device that computed them until `to_host`."""
+
+    step: int  # the optimizer step this was (1-based)
+    losses: torch.Tensor  # (B * grad_accum,) per-item losses
     t: torch.Tensor  # (B * grad_accum,) their timesteps
+    grad_norm: torch.Tensor  # () before clipping
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.float().mean())
+
+
+def to_host(results: list[StepResult]) -> list[StepResult]:
+    """The results with their tensors on the CPU: one wait for the device for all of them."""
+    if not results:
+        return []
+    sizes = [r.losses.numel() for r in results]
+    flat = torch.cat([torch.cat([r.losses.float(), r.t.float()]) for r in results])
+    norms = torch.stack([r.grad_norm.float().reshape(()) for r in results])
+    flat, norms = flat.cpu(), norms.cpu()
+    out, at = [], 0
+    for r, n, norm in zip(results, sizes, norms, strict=True):
+        losses, t = flat[at : at + n], flat[at + n : at + 2 * n].long()
+        out.append(StepResult(r.step, losses, t, norm))
+        at += 2 * n
+    return out
+
+
+def check_finite(results: list[StepResult], config: TrainConfig) -> None:
+    """Raise TrainingDiverged at the first step (host results) whose loss or gradient norm is
+    not finite. Under fp16 a non-finite gradient norm is the grad scaler's business (it skips
+    that step), so only the loss counts there."""
+    for r in results:
+        if not torch.isfinite(r.losses).all():
+            raise TrainingDiverged(_diverged_message(config, r.step - 1, "loss"))
+        if config.precision is not Precision.fp16 and not torch.isfinite(r.grad_norm):
+            raise TrainingDiverged(_diverged_message(config, r.step - 1, "gradient norm"))
 
 
 def train_step(
@@ -159,7 +222,10 @@ def train_step(
     forward: Callable,
     shard: tuple[int, int] = (0, 1),
 ) -> StepResult:
-    """One optimizer step over `grad_accum` uint8 micro-batches. Raises TrainingDiverged.
+    """One optimizer step over `grad_accum` uint8 micro-batches (on the CPU or on `device`).
+
+    Nothing here waits for the device: a non-finite loss is found later, by `check_finite`.
+    Until then the weights may hold NaN; the caller checks before anything is written.
 
     In a job of `world` processes (`shard` = (rank, world)), each micro-batch is this rank's
     equal share of a global batch, and `forward` is the DistributedDataParallel model, which
@@ -169,6 +235,7 @@ def train_step(
     """
     rank, world = shard
     T = tables.timesteps
+    gen = state.noise_gen
     state.model.train()
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, config.lr, config.warmup_steps)
@@ -181,32 +248,26 @@ def train_step(
     n_images = sum(b.shape[0] for b in batches)
     no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last micro
     for i, micro in enumerate(batches):
-        x0 = to_model_range(micro).to(device)
+        x0 = to_model_range(to_device(micro, device))
         b = x0.shape[0]
-        t = torch.randint(0, T, (b * world,), generator=state.noise_gen)[rank * b : (rank + 1) * b]
-        eps = torch.randn((b * world, *x0.shape[1:]), generator=state.noise_gen)
-        eps = eps[rank * b : (rank + 1) * b]
+        mine = slice(rank * b, (rank + 1) * b)
+        t = torch.randint(0, T, (b * world,), generator=gen, device=gen.device)[mine]
+        eps = torch.randn((b * world, *x0.shape[1:]), generator=gen, device=gen.device)[mine]
         accumulate = no_sync() if no_sync and i < len(batches) - 1 else contextlib.nullcontext()
         with accumulate:
             with autocast:
                 per_item = training_losses(
-                    forward, tables, x0, t.to(device), eps.to(device), config.objective.value,
-                    config.min_snr_gamma,
+                    forward, tables, x0, to_device(t, device), to_device(eps, device),
+                    config.objective.value, config.min_snr_gamma,
                 )  # fmt: skip
             # every image counts the same, however the images fall into micro-batches
             loss = per_item.sum() / n_images
             (state.scaler.scale(loss) if state.scaler else loss).backward()
-        all_losses.append(per_item.detach().float().cpu())
+        all_losses.append(per_item.detach())
         all_t.append(t)
-    # checked after every backward, so that in a job all ranks have joined the gradients'
-    # all-reduce before one of them stops (the others then stop at the gradient norm)
-    if not all(torch.isfinite(x).all() for x in all_losses):
-        raise TrainingDiverged(_diverged_message(config, state.step, "loss"))
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
-    if not torch.isfinite(grad_norm) and state.scaler is None:
-        raise TrainingDiverged(_diverged_message(config, state.step, "gradient norm"))
     if state.scaler:
         state.scaler.step(state.optimizer)  # skips the step when fp16 overflowed
         state.scaler.update()
@@ -215,8 +276,7 @@ def train_step(
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     update_ema(state.ema, state.model, ema_decay_at(state.step, config.ema_decay))
-    losses = torch.cat(all_losses)
-    return StepResult(losses.mean().item(), float(grad_norm), losses, torch.cat(all_t))
+    return StepResult(state.step, torch.cat(all_losses), torch.cat(all_t), grad_norm.detach())
 
 
 _AMP = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}

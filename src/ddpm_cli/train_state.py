@@ -94,7 +94,11 @@ def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
     if state.scaler and ckpt.json("scaler"):
         state.scaler.load_state_dict(ckpt.json("scaler"))
     torch.set_rng_state(t["rng.torch"])
-    state.noise_gen.set_state(t["rng.noise"])
+    try:
+        state.noise_gen.set_state(t["rng.noise"])
+    except RuntimeError:  # saved on another kind of device (train.noise_generator): the run
+        # goes on with fresh draws, as seeded as ever, instead of the saved sequence
+        state.noise_gen.manual_seed(state.noise_gen.initial_seed() + ckpt.step)
     if device.type == "cuda":
         keys = sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
         cuda_states = [t[k] for k in keys]

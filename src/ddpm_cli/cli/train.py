@@ -134,7 +134,12 @@ def train(
         typer.Option("--precision", help="Default: bf16 on CUDA with bf16 support, else fp32."),
     ] = D.precision,
     compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model.")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model (CUDA graphs on CUDA). Default: on CUDA for runs of "
+            "10000 steps or more, where the minutes of compiling pay off.",
+        ),
     ] = D.compile,
     device: DeviceOpt = D.device,
     schedule: ScheduleOpt = DiffusionConfig.schedule,
@@ -255,8 +260,8 @@ class ProgressView:
             )
 
     def on_step(self, info: dict) -> None:
-        s = self.smoothed
-        self.smoothed = info["loss"] if s is None else 0.98 * s + 0.02 * info["loss"]
+        s, w = self.smoothed, 0.98 ** info["steps"]  # a report may cover several steps
+        self.smoothed = info["loss"] if s is None else w * s + (1 - w) * info["loss"]
         now = time.perf_counter()
         if self.last is not None and now > self.last:
             rate = info["images"] / (now - self.last)
