@@ -118,7 +118,7 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
 
         def train_once() -> float:
             t0 = time.perf_counter()
-            micro = [next(feed)]
+            micro = [next(feed)[0]]
             wait = time.perf_counter() - t0
             pending.append(train_step(state, micro, tables, config, device, net))
             if len(pending) >= every:  # the host reads the losses as often as run.py does
@@ -135,7 +135,7 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
 
         def train_once() -> float:
             t0 = time.perf_counter()
-            batch = next(feed)
+            batch = next(feed)[0]
             wait = time.perf_counter() - t0
             trainer.step(batch)
             return wait

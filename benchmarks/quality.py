@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     device = torch.device("cpu")
-    data = DATASETS["shapes"](size=32).float() / 127.5 - 1
+    data = DATASETS["shapes"](size=32)[0].float() / 127.5 - 1
     data = data[torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(1))]
     floor = scores(data[: args.n], data[args.n : 2 * args.n])
     print(f"# noise floor (two sets of {args.n} data images): " + _fmt(floor))

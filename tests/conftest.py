@@ -48,6 +48,20 @@ def train_tiny(root: Path, images: int, diffusion=None, **config) -> Path:
     return train(str(root / "pics"), cfg, diffusion or DiffusionConfig(), root / "run").out
 
 
+def poison_losses(monkeypatch, call: int) -> None:
+    """Make the losses of the `call`-th training micro-batch NaN (1-based)."""
+    from ddpm_cli import train as train_mod
+
+    real, calls = train_mod.training_losses, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == call else out
+
+    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

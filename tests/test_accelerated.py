@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import draw_shapes
+from conftest import draw_shapes, poison_losses
 from ddpm_cli.batches import Batches
 from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
 from ddpm_cli.data import InMemory
@@ -88,24 +88,28 @@ def test_resident_batches_equal_the_host_batches_byte_for_byte():
     assert gpu.resident is not None and gpu.resident.is_cuda
     a, b = host.iterate(0, 0), gpu.iterate(0, 0)
     for _ in range(7):  # past an epoch's end
-        x, y = next(a), next(b)
+        x, y = next(a)[0], next(b)[0]
         assert y.is_cuda and torch.equal(x, y.cpu())
 
 
 @cuda
 @pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
-def test_cuda_graphs_replay_the_eager_network(precision):
+@pytest.mark.parametrize("classes", [(), ("a", "b")])
+def test_cuda_graphs_replay_the_eager_network(precision, classes):
     from ddpm_cli.presets import build_model_config
-    from ddpm_cli.sampling import GraphedForward, network
+    from ddpm_cli.sampling import GraphedForward, guided, network
     from ddpm_cli.unet import UNet
 
     torch.manual_seed(0)
-    model = UNet(build_model_config("tiny", (16, 16), 3)).cuda().eval()
+    model = UNet(build_model_config("tiny", (16, 16), 3, classes=classes)).cuda().eval()
     for p in model.parameters():  # the zero-initialised layers would hide a wrong replay
         p.data.normal_(0, 0.05)
-    net = network(model, torch.device("cuda"), precision, compile=False)
-    assert isinstance(net, GraphedForward)
-    eager = net.forward
+    graphed = network(model, torch.device("cuda"), precision, compile=False)
+    assert isinstance(graphed, GraphedForward)
+    net, eager = graphed, graphed.forward
+    if classes:  # guided: three inputs to the graph, a batch of two halves
+        y = torch.tensor([0, 1, 1, 0, 1], device="cuda")
+        net, eager = guided(graphed, y, 2.0, 2), guided(graphed.forward, y, 2.0, 2)
     with torch.no_grad():
         for _ in range(3):  # fresh inputs each time: the graph reads them, not stale copies
             x = torch.randn(5, 3, 16, 16, device="cuda")
@@ -115,7 +119,7 @@ def test_cuda_graphs_replay_the_eager_network(precision):
             ref = eager(x, t)
             assert not torch.equal(out, again)  # each call's own result, not a shared buffer
             assert (out - ref).norm() / ref.norm() < 1e-5
-    assert len(net.graphs) == 1
+    assert len(graphed.graphs) == 1
 
 
 @cuda
@@ -125,7 +129,6 @@ def test_a_cuda_run_logs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
     losses agree step by step, to the few percent by which Adam's first steps amplify the
     rounding of cuDNN's kernels, which are not bitwise deterministic; another seed is far off);
     and a NaN is caught before the next checkpoint."""
-    from ddpm_cli import train as train_mod
     from ddpm_cli.checkpoint import load_checkpoint
 
     (tmp_path / "pics").mkdir()
@@ -158,14 +161,7 @@ def test_a_cuda_run_logs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
 
     assert distance(runs["whole"], part) < 0.1 * distance(runs["whole"], runs["other"])
 
-    real, calls = train_mod.training_losses, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out * float("nan") if calls["n"] == 37 else out
-
-    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    poison_losses(monkeypatch, 37)
     with pytest.raises(TrainingDiverged, match="non-finite at step 37"):
         train(str(tmp_path / "pics"), TrainConfig(**{**cfg, "log_every": 20}, steps=60),
               DiffusionConfig(), tmp_path / "nan")  # fmt: skip

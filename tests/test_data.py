@@ -32,7 +32,7 @@ def pictures(tmp_path):
 def all_batches(images, workers=0, epochs=3, batch_size=4, start=(0, 0)):
     batches = Batches(images, batch_size, seed=9, flip=True, workers=workers)
     feed = batches.iterate(*start)
-    out = [next(feed) for _ in range(epochs * batches.per_epoch)]
+    out = [next(feed)[0] for _ in range(epochs * batches.per_epoch)]
     feed.close()
     return out
 

@@ -164,3 +164,39 @@ def test_an_epoch_limit_survives_a_change_in_the_number_of_processes():
     capped = TrainConfig(epochs=100, steps=21_000, batch_size=128)
     assert _steps_left_by_epoch(capped, state, per_epoch, 9_800) == 21_000
     assert _steps_left_by_epoch(TrainConfig(steps=30_000), state, per_epoch, 30_000) == 30_000
+
+
+def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):
+    """Labels and the dropped-label draws are sharded like the images: 2 x 4 equals 1 x 8."""
+    for i in range(16):
+        folder = tmp_path / "pics" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        draw_shapes((12 + i, 12)).save(folder / f"{i}.png")
+    two = torchrun(tmp_path, *TRAIN, "--batch-size", "4", "--steps", "3", "--out", "two")
+    one = ddpm(tmp_path, *TRAIN, "--batch-size", "8", "--steps", "3", "--out", "one")
+    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    a = load_file(str(tmp_path / "one" / "train_state.safetensors"))
+    b = load_file(str(tmp_path / "two" / "train_state.safetensors"))
+    assert "model.class_emb.weight" in a
+    assert max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("model.")) < 1e-5
+    args = [
+        "sample",
+        "one",
+        "-n",
+        "2",
+        "--class",
+        "all",
+        "--guidance",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+    ]
+    s2 = torchrun(tmp_path, *args, "-o", "s2")
+    s1 = ddpm(tmp_path, *args, "-o", "s1")
+    assert s2.returncode == 0 and s1.returncode == 0, s2.stderr + s1.stderr
+    names = sorted(p.name for p in (tmp_path / "s1").iterdir())
+    assert names == ["a-000000.png", "a-000001.png", "b-000000.png", "b-000001.png"]
+    for name in names:
+        assert (tmp_path / "s2" / name).read_bytes() == (tmp_path / "s1" / name).read_bytes()

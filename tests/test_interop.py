@@ -148,6 +148,8 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
                     "unsupported variance_type 'learned_range'"),
         "betas": (SMALL, {**SCHEDULER, "beta_end": 0.03}, "match none of ddpm's schedules"),
+        "classes": ({**SMALL, "num_class_embeds": 10}, SCHEDULER,
+                    "num_class_embeds=10 without ddpm's class names"),
     }  # fmt: skip
     for name, (unet, scheduler, message) in cases.items():
         diffusers_folder(tmp_path / name, unet, scheduler)
@@ -189,3 +191,37 @@ def test_model_config_round_trip_keeps_the_padding():
         image_size=(16, 16), channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attention_resolutions=(8,), dropout=0.0,
     )  # fmt: skip
+
+
+def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_path, runner):
+    """UNet2DModel's num_class_embeds is ddpm's class embedding (one more row: no class)."""
+    from ddpm_cli.checkpoint import save_checkpoint
+    from ddpm_cli.config import DiffusionConfig, TrainConfig
+    from ddpm_cli.presets import build_model_config
+    from ddpm_cli.unet import UNet
+
+    config = build_model_config("small", (16, 16), 3, classes=("cat", "dog", "owl"))
+    torch.manual_seed(0)
+    model = UNet(config)
+    for p in model.parameters():  # the zero-initialised layers would hide a wrong mapping
+        p.data.normal_(0, 0.05)
+    configs = {"model": config.to_dict(), "diffusion": DiffusionConfig().to_dict(),
+               "training": TrainConfig().to_dict()}  # fmt: skip
+    save_checkpoint(tmp_path / "c.safetensors", model.state_dict(), "model",
+                    {"config": configs, "step": 1})  # fmt: skip
+    out = tmp_path / "exported"
+    r = runner.invoke(app, ["export", str(tmp_path / "c.safetensors"), "--diffusers", str(out)])
+    assert r.exit_code == 0, r.output
+    theirs = UNet2DModel.from_pretrained(out / "unet").eval()
+    assert theirs.config.num_class_embeds == 4
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 300, 600, 999]), torch.arange(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), theirs(x, t, class_labels=y).sample,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    back = tmp_path / "back.safetensors"
+    r = runner.invoke(app, ["import", str(out), "-o", str(back)])
+    assert r.exit_code == 0, r.output
+    sm = load_for_sampling(back)
+    assert sm.model_config.classes == ("cat", "dog", "owl")
+    a, b = model.state_dict(), load_file(str(back))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

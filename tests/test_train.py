@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddpm_executable, draw_shapes
+from conftest import ddpm_executable, draw_shapes, poison_losses
 from ddpm_cli import train as train_mod
 from ddpm_cli.checkpoint import load_checkpoint, load_model
 from ddpm_cli.cli import app
@@ -133,15 +133,7 @@ def test_resume_refuses_conflicting_options_and_missing_runs(colours, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, monkeypatch):
-    real = train_mod.training_losses
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out * float("nan") if calls["n"] == 5 else out
-
-    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    poison_losses(monkeypatch, 5)
     with pytest.raises(TrainingDiverged, match="non-finite at step 5.*learning rate.*bad input"):
         train(
             str(colours),
@@ -371,7 +363,7 @@ def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
     config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32")
     state = new_state(build_model_config("tiny", (8, 8), 3), config, torch.device("cpu"))
 
-    def losses(model, tables, x0, t, eps, objective, gamma):
+    def losses(model, tables, x0, t, eps, objective, gamma, y=None):
         weight = 1.0 if x0.shape[0] == 4 else 5.0  # per-item loss p * weight, p one parameter
         return model.conv_in.bias[0] * torch.full((x0.shape[0],), weight)
 

@@ -19,14 +19,18 @@ from ddpm_cli.errors import DataError
 
 
 def _collate(items):
-    return torch.stack([x for x, _ in items]), [f for _, fs in items for f in fs]
+    """(images, every failure, failures per item): OnDisk replaced an item that failed k
+    times by image i + k, whose label is the one to use."""
+    failed = [f for _, fs in items for f in fs]
+    return torch.stack([x for x, _ in items]), failed, torch.tensor([len(fs) for _, fs in items])
 
 
 RESIDENT_SHARE = 0.25  # of the GPU's free memory that training images may take
 
 
 class Batches:
-    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips.
+    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips, each with
+    its images' class labels (None for unlabelled data).
 
     The position (epoch, index of the next batch in the epoch) is all the state there is:
     `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
@@ -97,26 +101,31 @@ class Batches:
 
     def batch(self, epoch: int, index: int) -> torch.Tensor:
         """One batch as uint8 (B, C, H, W)."""
-        return next(self.iterate(epoch, index))
+        return next(self.iterate(epoch, index))[0]
 
-    def iterate(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
-        """The batches from position (epoch, index) on, in order; on disk, `workers` processes
-        decode ahead of the training step."""
+    def iterate(self, epoch: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The batches (uint8 images, labels) from position (epoch, index) on, in order; on
+        disk, `workers` processes decode ahead of the training step."""
+        labels = self.images.labels
         plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
         if self.resident is not None:
             for idx, fl in plan:
                 dev = self.resident.device
-                yield _flip(self.resident[to_device(idx, dev)], to_device(fl, dev), fl.any())
+                x = _flip(self.resident[to_device(idx, dev)], to_device(fl, dev), fl.any())
+                yield x, None if labels is None else labels[idx]
             return
         if isinstance(self.images, InMemory):
             for idx, fl in plan:
-                yield _flip(self.images.data[idx], fl, fl.any())
+                yield (
+                    _flip(self.images.data[idx], fl, fl.any()),
+                    (None if labels is None else labels[idx]),
+                )
             return
-        flips: list[torch.Tensor] = []
+        flips: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def index_lists():
             for idx, fl in plan:
-                flips.append(fl)
+                flips.append((idx, fl))
                 yield idx.tolist()
 
         loader = torch.utils.data.DataLoader(
@@ -129,11 +138,12 @@ class Batches:
             # dropout uses): creating a loader must not shift a resumed run's random numbers
             generator=torch.Generator().manual_seed(self.seed),
         )
-        for x, failed in loader:
+        for x, failed, shifts in loader:
             if failed:
                 self.on_skip(failed)
-            fl = flips.pop(0)
-            yield _flip(x, fl, fl.any())
+            idx, fl = flips.pop(0)
+            used = (idx + shifts) % len(self.images)  # the images that stood in, if any
+            yield _flip(x, fl, fl.any()), None if labels is None else labels[used]
 
 
 def _flip(x: torch.Tensor, fl: torch.Tensor, any_flip) -> torch.Tensor:

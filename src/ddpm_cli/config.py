@@ -71,8 +71,19 @@ class ModelConfig:
     # or "bottom_right" (1 pixel after the last row and column only: TensorFlow's SAME padding,
     # as in the authors' code and the google/ddpm-* weights)
     downsample_padding: str = "symmetric"
+    # class-conditional models: the class names, in label order (empty: unconditional). The
+    # network learns one embedding per class and one more for "no class" (label len(classes)),
+    # which classifier-free guidance needs.
+    classes: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"class names must be distinct, got {list(self.classes)}")
         size = self.image_size
         if isinstance(size, int):
             size = (size, size)
@@ -190,6 +201,10 @@ class TrainConfig:
     seed: int | None = None
     precision: Precision | None = None  # None: bf16 on CUDA with bf16 support, else fp32
     compile: bool | None = None  # None: on CUDA for runs of train.COMPILE_MIN_STEPS or more
+    unconditional: bool = False  # ignore the class subfolders of the data
+    # classifier-free guidance: the share of training images whose class is replaced by "no
+    # class", so that one network learns both (Ho & Salimans 2022 use 0.1 or 0.2)
+    cond_drop: float = 0.1
     device: str = "auto"
     sample_every: int = 1000  # steps between sample grids (0: never)
     checkpoint_every: int = 1000  # steps between checkpoints
@@ -209,6 +224,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ConfigError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
         if self.channels not in (None, 1, 3, 4):

@@ -4,6 +4,10 @@ A folder is scanned recursively. When its decoded images fit in memory, every im
 once, resized (shorter side) and center-cropped, into one uint8 tensor (N, C, H, W): `InMemory`.
 Otherwise (or with stream=True) images stay on disk, decoded per batch by DataLoader workers:
 `OnDisk`. batches.py turns either into the seeded batches of a run.
+
+A folder whose images all sit in two or more subfolders (torchvision's ImageFolder layout,
+DIR/cat/*.png, DIR/dog/*.png) is labelled: the subfolder is the image's class, classes in
+sorted name order. Both kinds of data then carry `labels`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ddpm_cli.images import decode_image
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TINY_DATASET = 100  # below this many images a model mostly memorises its data
+IMBALANCE = 10  # warn when the largest class has this many times the images of the smallest
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -40,6 +45,8 @@ class DataReport:
     fingerprint: str | None = None  # hash of the folder's file names and sizes (folders only)
     streamed: bool = False  # decoded batch by batch from disk rather than held in memory
     stored: dict | None = None  # the summary a data cache was saved with (sizes are not kept)
+    classes: list[str] = field(default_factory=list)  # class names, in label order
+    class_counts: list[int] = field(default_factory=list)  # images per class, as used
 
     @property
     def name(self) -> str:
@@ -58,6 +65,13 @@ class DataReport:
         small = sum(1 for w, h in self.sizes if w < tw or h < th)
         if small:
             out.append(f"{small} images are smaller than {tw}x{th} and were upscaled")
+        if self.class_counts and max(self.class_counts) >= IMBALANCE * min(self.class_counts):
+            most, least = (self.class_counts.index(f(self.class_counts)) for f in (max, min))
+            out.append(
+                f"classes are imbalanced: {self.classes[most]} has "
+                f"{self.class_counts[most]} images, {self.classes[least]} "
+                f"{self.class_counts[least]}; the small classes will be learned poorly"
+            )
         return out
 
     def summary(self) -> dict:
@@ -79,7 +93,15 @@ class DataReport:
             "bytes": self.bytes,
             "fingerprint": self.fingerprint,
             "streamed": self.streamed,
+            "classes": list(self.classes),
+            "class_counts": list(self.class_counts),
         }
+
+    def set_labels(self, labels: list[int], names: list[str]) -> torch.Tensor:
+        """Record the classes of the images used; returns the labels as a tensor."""
+        self.classes = list(names)
+        self.class_counts = [labels.count(i) for i in range(len(names))]
+        return torch.tensor(labels, dtype=torch.long)
 
 
 MEMORY_SHARE = 0.5  # decoded training data may take at most this share of available memory
@@ -111,6 +133,22 @@ def scan(folder: Path) -> list[Path]:
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+def class_labels(folder: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
+    """Each image's class (the index of its first-level subfolder among the sorted names) and
+    the class names; None unless every image sits in one of two or more subfolders."""
+    firsts = []
+    for p in paths:
+        parts = p.relative_to(folder).parts
+        if len(parts) < 2:
+            return None
+        firsts.append(parts[0])
+    names = sorted(set(firsts))
+    if len(names) < 2:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    return [index[f] for f in firsts], names
 
 
 def _to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -152,33 +190,40 @@ def load_folder(
     image_size: tuple[int, int],
     channels: int | None = None,
     stream: bool | None = None,
+    classes: bool = True,
 ) -> tuple[InMemory | OnDisk, DataReport]:
     """The images under `folder`: decoded into memory, or (stream True, or None and the decoded
-    images would take more than MEMORY_SHARE of the available memory) left on disk."""
+    images would take more than MEMORY_SHARE of the available memory) left on disk. With
+    `classes`, a folder of class subfolders gives labelled images."""
     folder = Path(folder)
     paths = scan(folder)
     report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
     report.fingerprint = fingerprint(folder, paths)
+    labelled = class_labels(folder, paths) if classes else None
+    label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else None
     need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
     if stream is None:
         available = available_memory()
         stream = available is not None and need > MEMORY_SHARE * available
     if stream:
-        return _on_disk(folder, paths, report, channels)
+        return _on_disk(folder, paths, report, channels, label_of, labelled)
     decoded = list(decode_all(paths, image_size, report))
     _check_found(folder, len(decoded), report)
     if channels is None:
-        channels = 1 if all(d.pixels.shape[0] == 1 for d in decoded) else 3
+        channels = 1 if all(d.pixels.shape[0] == 1 for _, d in decoded) else 3
     report.channels = channels
-    data = torch.stack([to_uint8(_to_channels(d.pixels, d.alpha, channels)) for d in decoded])
+    data = torch.stack([to_uint8(_to_channels(d.pixels, d.alpha, channels)) for _, d in decoded])
     report.used = data.shape[0]
     report.bytes = data.numel()
-    return InMemory(data), report
+    labels = None
+    if labelled:
+        labels = report.set_labels([label_of[p] for p, _ in decoded], labelled[1])
+    return InMemory(data, labels), report
 
 
 def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport):
     """Decode each file (resized and cropped), recording modes, sizes and failures in `report`;
-    yields the decoded images one at a time."""
+    yields (path, decoded image) one at a time."""
     for p in paths:
         try:
             img = decode_image(p.read_bytes(), str(p), size=image_size)
@@ -187,7 +232,7 @@ def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataRepor
             continue
         report.modes[img.source_mode] += 1
         report.sizes.append(img.source_size)
-        yield img
+        yield p, img
 
 
 def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
@@ -197,19 +242,25 @@ def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
     paths = scan(folder)
     report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
     report.fingerprint = fingerprint(folder, paths)
-    gray = True
-    for img in decode_all(paths, image_size, report):
+    labelled = class_labels(folder, paths)
+    label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else {}
+    gray, used = True, []
+    for p, img in decode_all(paths, image_size, report):
         gray = gray and img.pixels.shape[0] == 1
-        report.used += 1
+        used.append(label_of.get(p))
+    report.used = len(used)
     _check_found(folder, report.used, report)
+    if labelled:
+        report.set_labels(used, labelled[1])
     report.channels = 1 if gray else 3
     report.bytes = report.used * report.channels * image_size[0] * image_size[1]
     return report
 
 
 def _on_disk(
-    folder: Path, paths: list[Path], report: DataReport, channels: int | None
-) -> tuple[OnDisk, DataReport]:
+    folder: Path, paths: list[Path], report: DataReport, channels: int | None,
+    label_of: dict | None, labelled,
+) -> tuple[OnDisk, DataReport]:  # fmt: skip
     """Read only the headers now (modes, sizes, unreadable files); pixels are decoded per batch."""
     kept = []
     for p in paths:
@@ -228,7 +279,8 @@ def _on_disk(
     h, w = report.image_size
     report.channels, report.used, report.streamed = channels, len(kept), True
     report.bytes = len(kept) * channels * h * w
-    return OnDisk(kept, report.image_size, channels), report
+    labels = report.set_labels([label_of[p] for p in kept], labelled[1]) if labelled else None
+    return OnDisk(kept, report.image_size, channels, labels), report
 
 
 def _check_found(folder: Path, found: int, report: DataReport) -> None:
@@ -244,10 +296,11 @@ def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) 
 
 
 class InMemory:
-    """Decoded images held as one uint8 tensor (N, C, H, W)."""
+    """Decoded images held as one uint8 tensor (N, C, H, W), with their class labels (N,) for
+    labelled data."""
 
-    def __init__(self, data: torch.Tensor):
-        self.data = data
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
+        self.data, self.labels = data, labels
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -257,8 +310,12 @@ class OnDisk(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers). An image that fails to decode
     is replaced by the next readable one, the same one every time, and reported."""
 
-    def __init__(self, paths: list[Path], image_size: tuple[int, int], channels: int):
+    def __init__(
+        self, paths: list[Path], image_size: tuple[int, int], channels: int,
+        labels: torch.Tensor | None = None,
+    ):  # fmt: skip
         self.paths, self.image_size, self.channels = list(paths), image_size, channels
+        self.labels = labels  # (N,) class labels, for labelled data
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -318,7 +375,14 @@ def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
     )
     report.modes.update(summary.get("modes", {}))
     report.stored = summary | {"used": report.used, "streamed": False}
-    return InMemory(data), report
+    labels = ckpt.tensors.get("labels")
+    names = summary.get("classes") or []
+    if labels is not None:
+        ok = labels.dtype == torch.long and labels.shape == (data.shape[0],) and names
+        if not ok or labels.min() < 0 or labels.max() >= len(names):
+            raise DataError(f"{path}: its labels do not fit its images and classes")
+        report.set_labels(labels.tolist(), names)
+    return InMemory(data, labels), report
 
 
 def load_source(
@@ -326,9 +390,20 @@ def load_source(
     image_size: tuple[int, int],
     channels: int | None,
     stream: bool | None = None,
+    classes: bool = True,
 ) -> tuple[InMemory | OnDisk, DataReport]:
     """Training images for a source: a folder, "builtin:NAME", None (the default built-in), or
-    the data_cache.safetensors of an earlier run (decoded images, used as they are)."""
+    the data_cache.safetensors of an earlier run (decoded images, used as they are). Without
+    `classes`, labels are dropped: the data is unlabelled."""
+    images, report = _load_source(source, image_size, channels, stream, classes)
+    if not classes and images.labels is not None:
+        images.labels, report.classes, report.class_counts = None, [], []
+        if report.stored is not None:
+            report.stored = report.stored | {"classes": [], "class_counts": []}
+    return images, report
+
+
+def _load_source(source, image_size, channels, stream, classes):
     from ddpm_cli import builtin
 
     if is_cache_file(source):
@@ -340,7 +415,7 @@ def load_source(
             raise DataError(f"unknown built-in dataset {name!r}; choose one of: {known}")
         if image_size[0] != image_size[1]:
             raise DataError("built-in datasets are square: use --image-size N")
-        data = builtin.DATASETS[name](size=image_size[0])
+        data, labels, names = builtin.DATASETS[name](size=image_size[0])
         if channels is not None and channels != data.shape[1]:
             data = torch.stack(
                 [to_uint8(_to_channels(to_model_range(d), None, channels)) for d in data]
@@ -355,5 +430,5 @@ def load_source(
         )
         report.modes["RGB"] = data.shape[0]
         report.sizes = [(image_size[1], image_size[0])] * data.shape[0]
-        return InMemory(data), report
-    return load_folder(Path(source), image_size, channels, stream)
+        return InMemory(data, report.set_labels(labels.tolist(), names)), report
+    return load_folder(Path(source), image_size, channels, stream, classes)

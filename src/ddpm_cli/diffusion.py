@@ -150,14 +150,16 @@ def training_losses(
     eps: torch.Tensor,
     objective: str = "eps",
     gamma: float | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-item loss (B,): the weighted mean squared error of the model's prediction.
+    """Per-item loss (B,): the weighted mean squared error of the model's prediction, given
+    class labels `y` for a class-conditional model.
 
     With objective "eps" and no weighting this is L_simple, eq. 14 of Ho et al. 2020.
     """
     xt = q_sample(tables, x0, t, eps)
     target = training_target(objective, x0, eps, v_target(tables, x0, t, eps))
-    out = model(xt, t)
+    out = model(xt, t) if y is None else model(xt, t, y)
     mse = (out.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
     return mse * loss_weight(tables, t, objective, gamma).to(mse.dtype)
 

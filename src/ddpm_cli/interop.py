@@ -33,10 +33,13 @@ REQUIRED = {
     "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False,
     "freq_shift": 1, "center_input_sample": False, "mid_block_scale_factor": 1,
     "norm_eps": 1e-6, "norm_num_groups": 32, "resnet_time_scale_shift": "default",
-    "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "add_attention": True, "class_embed_type": None,
     "downsample_type": "conv", "upsample_type": "conv", "time_embedding_dim": None,
     "attn_norm_num_groups": None,
 }  # fmt: skip
+# a class-conditional model: num_class_embeds = classes + 1 ("no class"), and the class names
+# under this key, which diffusers keeps in the config and otherwise ignores
+CLASSES_KEY = "ddpm_classes"
 
 
 class InteropError(DataError):
@@ -111,6 +114,13 @@ def _model_config(cfg: dict) -> ModelConfig:
     padding = {0: "bottom_right", 1: "symmetric"}.get(cfg.get("downsample_padding", 1))
     if padding is None:
         raise InteropError(f"unsupported downsample_padding={cfg['downsample_padding']!r}")
+    classes = cfg.get(CLASSES_KEY) or []
+    embeds = cfg.get("num_class_embeds")
+    if embeds is not None and (not isinstance(classes, list) or embeds != len(classes) + 1):
+        raise InteropError(
+            f"unsupported UNet2DModel option num_class_embeds={embeds!r} without ddpm's class "
+            f"names ({CLASSES_KEY}: one per class, and one embedding more for no class)"
+        )
     try:
         return ModelConfig(
             image_size=(h, w), in_channels=cfg.get("in_channels", 3),
@@ -119,6 +129,7 @@ def _model_config(cfg: dict) -> ModelConfig:
             num_res_blocks=cfg.get("layers_per_block", 2),
             attention_resolutions=tuple(min(h, w) >> i for i, a in enumerate(attn) if a),
             dropout=float(cfg.get("dropout", 0.0)), downsample_padding=padding,
+            classes=tuple(classes) if embeds is not None else (),
         )  # fmt: skip
     except DataError:
         raise
@@ -191,6 +202,8 @@ def name_pairs(config: ModelConfig) -> list[tuple[str, str, str]]:
         ("temb.2", "time_embedding.linear_2", "same"),
         ("conv_in", "conv_in", "same"),
     ]
+    if config.classes:
+        pairs.append(("class_emb", "class_embedding", "embedding"))
 
     def res(ours, theirs, shortcut):
         names = ["norm1", "conv1", "norm2", "conv2"]
@@ -229,8 +242,8 @@ def from_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict:
     out = {}
     try:
         for ours, theirs, kind in name_pairs(config):
-            if kind == "same":
-                for p in ("weight", "bias"):
+            if kind in ("same", "embedding"):
+                for p in ("weight", "bias") if kind == "same" else ("weight",):
                     out[f"{ours}.{p}"] = state[f"{theirs}.{p}"]
                 continue
             out[f"{ours}.norm.weight"] = state[f"{theirs}.group_norm.weight"]
@@ -249,8 +262,8 @@ def to_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
     """ddpm's UNet state dict as a UNet2DModel state dict."""
     out = {}
     for ours, theirs, kind in name_pairs(config):
-        if kind == "same":
-            for p in ("weight", "bias"):
+        if kind in ("same", "embedding"):
+            for p in ("weight", "bias") if kind == "same" else ("weight",):
                 out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
             continue
         out[f"{theirs}.group_norm.weight"] = state[f"{ours}.norm.weight"]
@@ -317,7 +330,10 @@ def export_checkpoint(path: Path, folder: Path) -> dict:
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "downsample_padding": 0 if config.downsample_padding == "bottom_right" else 1,
         "dropout": config.dropout, "attention_head_dim": None, **REQUIRED,
+        "num_class_embeds": config.num_classes + 1 if config.classes else None,
     }  # fmt: skip
+    if config.classes:
+        unet[CLASSES_KEY] = list(config.classes)
     T = diffusion.timesteps
     scale = 1000 / T
     schedule = {

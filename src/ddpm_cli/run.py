@@ -181,10 +181,15 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
     if not d.main:  # progress, files and messages are rank 0's
         on_event = lambda kind, info: None  # noqa: E731
 
+    labelled = not config.unconditional
     if resume is not None and (out / CACHE).exists():
-        images, report = load_source(str(out / CACHE), config.image_size, config.channels)
+        images, report = load_source(
+            str(out / CACHE), config.image_size, config.channels, classes=labelled
+        )
     else:
-        images, report = load_source(source, config.image_size, config.channels, config.stream)
+        images, report = load_source(
+            source, config.image_size, config.channels, config.stream, classes=labelled
+        )
     if resume is not None and report.fingerprint != stored_data.get("fingerprint"):
         raise UsageError(
             f"{source} has changed since the run started (files added, removed or resized), so "
@@ -198,7 +203,9 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
                 "or choose another --out"
             )
         config = resolve(config, device, report.used, report.channels, d.world)
-        model_config = build_model_config(config.preset, config.image_size, report.channels)
+        model_config = build_model_config(
+            config.preset, config.image_size, report.channels, classes=tuple(report.classes)
+        )
     else:
         config = resolve(config, device, report.used, report.channels, d.world)
     # rank 0's choices (the run directory's name, a random seed) are the job's
@@ -347,16 +354,19 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         ):
             status = "stopped"
             break
-        micro = []
+        micro, labels = [], []
         for _ in range(config.grad_accum):
-            micro.append(next(feed))
+            x, y = next(feed)
+            micro.append(x)
+            labels.append(y)
             state.batch_in_epoch += 1
             if state.batch_in_epoch >= batches.per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         with distributed.collective("a training step"):
-            pending.append(
-                train_step(state, micro, tables, config, device, forward, (d.rank, d.world))
-            )
+            pending.append(train_step(
+                state, micro, tables, config, device, forward, (d.rank, d.world),
+                labels if model_config.num_classes else None, model_config.num_classes,
+            ))  # fmt: skip
         step = state.step
         log = step % config.log_every == 0 or step == total
         grid = config.sample_every and step % config.sample_every == 0

@@ -49,7 +49,7 @@ def prepare_directory(out, resume, config, images, report, ckpt) -> None:
     if resume is None:  # a fresh run owns this directory: no leftovers of an earlier attempt
         (out / CACHE).unlink(missing_ok=True)
         if config.data_cache and isinstance(images, InMemory):
-            write_cache(out, images.data, report)
+            write_cache(out, images, report)
         (out / METRICS).unlink(missing_ok=True)
         (out / SKIPPED).unlink(missing_ok=True)
     else:
@@ -96,10 +96,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(keep).encode())
 
 
-def write_cache(out: Path, data: torch.Tensor, report: DataReport) -> None:
+def write_cache(out: Path, images: InMemory, report: DataReport) -> None:
+    tensors = {"images": images.data}
+    if images.labels is not None:
+        tensors["labels"] = images.labels
     save_checkpoint(
         out / CACHE,
-        {"images": data},
+        tensors,
         "data_cache",
         {"config": {"data": report.summary()}, "step": 0},
     )

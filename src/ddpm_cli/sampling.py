@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from ddpm_cli.checkpoint import (
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import available_memory
 from ddpm_cli.device import to_device
-from ddpm_cli.errors import ConfigError, DataError
+from ddpm_cli.errors import ConfigError, DataError, UsageError
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
@@ -172,9 +173,9 @@ def network(model: UNet, device: torch.device, precision: Precision, compile: bo
     if precision is not Precision.fp32:
         dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
 
-        def forward(x, t):
+        def forward(*inputs):
             with torch.autocast(device.type, dtype=dtype):
-                return net(x, t).float()
+                return net(*inputs).float()
 
     if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
         return GraphedForward(forward)
@@ -182,42 +183,60 @@ def network(model: UNet, device: torch.device, precision: Precision, compile: bo
 
 
 class GraphedForward:
-    """`forward(x, t)` (no gradients, no randomness) replayed from a CUDA graph captured once
-    per input shape; a shape whose capture fails runs eagerly. The result is a copy, so that
-    it outlives the next replay."""
+    """`forward(x, t[, y])` (no gradients, no randomness) replayed from a CUDA graph captured
+    once per input shape; a shape whose capture fails runs eagerly. The result is a copy, so
+    that it outlives the next replay."""
 
     def __init__(self, forward: Callable):
         self.forward = forward
         self.graphs: dict[tuple, tuple | None] = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(x, t)
+            self.graphs[key] = self._capture(inputs)
         captured = self.graphs[key]
         if captured is None:
-            return self.forward(x, t)
-        graph, x_in, t_in, out = captured
-        x_in.copy_(x)
-        t_in.copy_(t)
+            return self.forward(*inputs)
+        graph, static, out = captured
+        for buffer, a in zip(static, inputs, strict=True):
+            buffer.copy_(a)
         graph.replay()
         return out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor):
-        x_in, t_in = x.clone(), t.clone()
+    def _capture(self, inputs: tuple[torch.Tensor, ...]):
+        static = [a.clone() for a in inputs]
+        device = inputs[0].device
         try:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), torch.no_grad():
                 for _ in range(2):  # cuDNN and cuBLAS choose their kernels outside the graph
-                    self.forward(x_in, t_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+                    self.forward(*static)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
-                out = self.forward(x_in, t_in)
+                out = self.forward(*static)
         except RuntimeError:
             return None
-        return graph, x_in, t_in, out
+        return graph, static, out
+
+
+def guided(net: Callable, labels: torch.Tensor, guidance: float, null: int) -> Callable:
+    """The network for sampling images of classes `labels` (B,), with classifier-free guidance
+    of weight w = `guidance` (Ho & Salimans 2022): out = (1 + w) out(y) - w out(no class), both
+    in one batched forward pass. Combining the raw outputs is combining the eps predictions,
+    for eps, x0 and v models alike: each is affine in eps at a fixed x_t, and the weights sum
+    to 1. w = 0 is plain conditional sampling (one pass)."""
+    if guidance == 0:
+        return lambda x, t: net(x, t, labels)
+    both = torch.cat([labels, torch.full_like(labels, null)])
+
+    def forward(x, t):
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return cond + guidance * (cond - uncond)
+
+    return forward
 
 
 def generate(
@@ -232,11 +251,15 @@ def generate(
     trajectory: Trajectory | None = None,
     trajectory_images: int = 0,
     on_step: Callable[[int, int], None] = lambda i, total: None,
+    labels: list[int] | None = None,
+    guidance: float = 0.0,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Sample the images `indices` in batches; yields (indices, images in [-1, 1] on the CPU).
 
-    With `trajectory`, the first `trajectory_images` images of the first batch are recorded at
-    up to TRAJECTORY_FRAMES evenly spread steps.
+    For a class-conditional model, `labels` (one per index) are the images' classes, sampled
+    with classifier-free guidance of weight `guidance`; without labels it samples with no
+    class. With `trajectory`, the first `trajectory_images` images of the first batch are
+    recorded at up to TRAJECTORY_FRAMES evenly spread steps.
     """
     sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
     tables = DiffusionTables.from_config(sm.diffusion).to(device, torch.float32)
@@ -252,7 +275,11 @@ def generate(
             return to_device(z, device)
 
         x_T = noise((len(chunk), c, h, w))
-        steps = from_config(sampler, net, tables, x_T, noise, sm.objective)
+        model = net
+        if labels is not None:
+            y = to_device(torch.tensor(labels[start : start + batch_size]), device)
+            model = guided(net, y, guidance, sm.model_config.num_classes)
+        steps = from_config(sampler, model, tables, x_T, noise, sm.objective)
         record = trajectory is not None and start == 0 and trajectory_images > 0
         keep: set[int] = set()
         x = x_T
@@ -279,8 +306,38 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return to_pil(x[:3], "RGB")
 
 
-def provenance(sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: Precision) -> dict:
-    """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added)."""
+def resolve_classes(requested: list[str], sm: SamplingModel) -> list[int]:
+    """Class labels for `--class` values: names, indices or "all" (every class, in order)."""
+    names = sm.model_config.classes
+    if not names:
+        raise UsageError(
+            f"{sm.path} was trained without classes; drop --class (a folder of class "
+            "subfolders trains a class-conditional model)"
+        )
+    labels: list[int] = []
+    for value in requested:
+        if value == "all":
+            labels.extend(range(len(names)))
+        elif value in names:
+            labels.append(names.index(value))
+        elif value.isdigit() and int(value) < len(names):
+            labels.append(int(value))
+        else:
+            raise UsageError(f"unknown class {value!r}; the model knows: {', '.join(names)}")
+    return labels
+
+
+def image_name(index: int, label: int | None, names: tuple[str, ...]) -> str:
+    """The file of image `index`: 000037.png, or cat-000037.png for class cat."""
+    return f"{index:06d}.png" if label is None else f"{names[label]}-{index:06d}.png"
+
+
+def provenance(
+    sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: Precision,
+    guidance: float = 0.0,
+) -> dict:  # fmt: skip
+    """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added, and
+    "ddpm:class" for a class-conditional sample)."""
     s = sampler.resolved(sm.diffusion.timesteps, sm.objective)
     return {
         "ddpm:checkpoint": sm.path.name,
@@ -294,6 +351,7 @@ def provenance(sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: 
         "ddpm:clip": json.dumps(s.clip),
         "ddpm:seed": str(seed),
         "ddpm:precision": precision.value,
+        "ddpm:guidance": str(guidance),
         "ddpm:version": __version__,
         "Software": f"ddpm {__version__}",
     }
@@ -316,6 +374,10 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
         parts.append("--raw")
     if text["ddpm:precision"] != "fp32":
         parts.append(f"--precision {text['ddpm:precision']}")
+    if "ddpm:class" in text:
+        parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
+        if float(text.get("ddpm:guidance", 0)):
+            parts.append(f"--guidance {text['ddpm:guidance']}")
     return " ".join(parts)
 
 

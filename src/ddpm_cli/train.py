@@ -221,8 +221,12 @@ def train_step(
     device: torch.device,
     forward: Callable,
     shard: tuple[int, int] = (0, 1),
+    labels: list[torch.Tensor] | None = None,
+    num_classes: int = 0,
 ) -> StepResult:
-    """One optimizer step over `grad_accum` uint8 micro-batches (on the CPU or on `device`).
+    """One optimizer step over `grad_accum` uint8 micro-batches (on the CPU or on `device`),
+    with their class labels for a model of `num_classes` classes. A share config.cond_drop
+    of the labels, drawn from the noise generator, becomes "no class" (label num_classes).
 
     Nothing here waits for the device: a non-finite loss is found later, by `check_finite`.
     Until then the weights may hold NaN; the caller checks before anything is written.
@@ -253,12 +257,17 @@ def train_step(
         mine = slice(rank * b, (rank + 1) * b)
         t = torch.randint(0, T, (b * world,), generator=gen, device=gen.device)[mine]
         eps = torch.randn((b * world, *x0.shape[1:]), generator=gen, device=gen.device)[mine]
+        y = None
+        if labels is not None:
+            drop = torch.rand(b * world, generator=gen, device=gen.device)[mine] < config.cond_drop
+            y = to_device(labels[i], device)
+            y = torch.where(to_device(drop, device), num_classes, y)
         accumulate = no_sync() if no_sync and i < len(batches) - 1 else contextlib.nullcontext()
         with accumulate:
             with autocast:
                 per_item = training_losses(
                     forward, tables, x0, to_device(t, device), to_device(eps, device),
-                    config.objective.value, config.min_snr_gamma,
+                    config.objective.value, config.min_snr_gamma, y,
                 )  # fmt: skip
             # every image counts the same, however the images fall into micro-batches
             loss = per_item.sum() / n_images

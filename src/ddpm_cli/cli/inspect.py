@@ -190,6 +190,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ("res blocks per level", m.get("num_res_blocks")),
                 ("attention at", ",".join(map(str, m.get("attention_resolutions", []))) or "none"),
                 ("dropout", m.get("dropout")),
+                ("classes", ", ".join(m.get("classes") or []) or "none (unconditional)"),
             ],
         ),
     ]
@@ -296,6 +297,14 @@ def folder_table(r: dict) -> Table:
         ("folder", r["source"]),
         ("images", f"{r['used']} readable of {r['found']} found, {r['skipped']} skipped"),
         ("modes", ", ".join(f"{k} {v}" for k, v in sorted(r["modes"].items())) or "-"),
+        (
+            "classes",
+            ", ".join(
+                f"{c} {n}"
+                for c, n in zip(r.get("classes") or [], r.get("class_counts") or [], strict=False)
+            )
+            or "none: trains unconditionally",
+        ),  # fmt: skip
         (
             "sizes",
             f"min {r['min_size'][0]}x{r['min_size'][1]}, median {r['median_size'][0]}x"

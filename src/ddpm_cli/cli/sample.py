@@ -33,10 +33,13 @@ from ddpm_cli.sampling import (
     default_batch_size,
     generate,
     grid_image,
+    grid_image_rows,
+    image_name,
     load_for_sampling,
     provenance,
     regenerate_command,
     render_trajectory,
+    resolve_classes,
     to_image,
     with_model_defaults,
 )
@@ -50,7 +53,9 @@ def sample(
         Path,
         typer.Argument(help="A model.safetensors written by ddpm train, or its run directory."),
     ],
-    num: Annotated[int, typer.Option("--num", "-n", min=1, help="Number of images.")] = 16,
+    num: Annotated[
+        int, typer.Option("--num", "-n", min=1, help="Number of images (per class with --class).")
+    ] = 16,
     out: Annotated[
         str | None,
         typer.Option(
@@ -68,6 +73,24 @@ def sample(
         int,
         typer.Option("--start", min=0, help="Index of the first image (to redraw one image)."),
     ] = 0,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class",
+            help="Class-conditional models: the class, by name or index (repeatable; all = "
+            "every class, a grid row each). Default: no class.",
+            show_default=False,
+        ),
+    ] = None,
+    guidance: Annotated[
+        float,
+        typer.Option(
+            "--guidance",
+            min=0.0,
+            help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
+            "0 is plain conditional sampling; larger is more typical of the class, less varied.",
+        ),
+    ] = 0.0,
     seed: SeedOpt = None,
     sampler: Annotated[
         SamplerName | None,
@@ -173,42 +196,53 @@ def sample(
             "under torchrun, ddpm sample writes numbered files only (-o DIR); make a grid or a "
             "trajectory from one process"
         )
-    indices = list(range(start, start + num))
+    if guidance and not classes:
+        raise UsageError("--guidance steers towards a class: add --class NAME")
+    if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
+        grid, out = STDIO, None
     folder = Path(out) if out not in (None, STDIO) else None
-    files = [folder / f"{k:06d}.png" for k in indices] if folder else []
-    _check_outputs(folder, files, grid, trajectory, overwrite)
 
     quiet = quiet or not distributed.env_main()
     clip_given = ctx.get_parameter_source("clip").name == "COMMANDLINE"
     d, dev = distributed.init(resolve_device(device))
     try:
-        _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
-                batch_size, precision, compile, trajectory_images, as_json, quiet,
-                clip_given)  # fmt: skip
+        _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, out, grid,
+                trajectory, overwrite, seed, raw, batch_size, precision, compile,
+                trajectory_images, as_json, quiet, clip_given)  # fmt: skip
     finally:
         distributed.shutdown()
 
 
-def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, seed, raw,
-            batch_size, precision, compile, trajectory_images, as_json, quiet,
-            clip_given) -> None:  # fmt: skip
-    """Draw `indices` (in a torchrun job: this rank's share) and write them."""
-    start, num = indices[0], len(indices)
+def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, out, grid,
+            trajectory, overwrite, seed, raw, batch_size, precision, compile,
+            trajectory_images, as_json, quiet, clip_given) -> None:  # fmt: skip
+    """Draw images start.. start+num-1 (of each class asked for; in a torchrun job, this
+    rank's share) and write them."""
     to_stdout = STDIO in (out, grid)
     check_precision(precision, dev)
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
+    labels = resolve_classes(classes, sm) if classes else None
+    names = sm.model_config.classes
+    jobs = [(k, c) for c in labels or [None] for k in range(start, start + num)]
+    files = [folder / image_name(k, c, names) for k, c in jobs] if folder else []
+    _check_outputs(folder, files, grid, trajectory, overwrite)
     check_model(sm)
     config = with_model_defaults(config, sm, clip_given)
     resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
     seed = distributed.broadcast(d, new_seed() if seed is None else seed)
-    indices = indices[d.rank :: d.world]  # image k is the same whichever process draws it
-    batch = batch_size or default_batch_size(sm.model_config, dev, len(indices))
-    text = provenance(sm, config, seed, precision)
+    total = len(jobs)
+    jobs = jobs[d.rank :: d.world]  # image k is the same whichever process draws it
+    indices = [k for k, _ in jobs]
+    batch = batch_size or default_batch_size(sm.model_config, dev, len(jobs))
+    text = provenance(sm, config, seed, precision, guidance)
     if not quiet:
         share = f" ({len(indices)} per process, {d.world} processes)" if d.active else ""
+        which = ""
+        if labels:
+            which = f" of {', '.join(names[c] for c in labels)}, guidance {guidance:g}"
         err_console.print(
             f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
-            f"{num} images{share}, {resolved.sampler.value} {resolved.steps} steps "
+            f"{total} images{which}{share}, {resolved.sampler.value} {resolved.steps} steps "
             f"({resolved.spacing}), seed {seed}, batch {batch}, {dev}, {precision.value}"
         )
     if folder:
@@ -217,7 +251,7 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
     traj = Trajectory() if trajectory else None
     view = SampleProgress(quiet, len(indices), resolved.steps)
     written: list[str] = []
-    images = []
+    images, images_done = [], []
     t0 = time.perf_counter()
     try:
         for chunk, x in generate(
@@ -232,20 +266,26 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
             traj,
             trajectory_images,
             view.step,
+            [c for _, c in jobs] if labels else None,
+            guidance,
         ):
-            for k, img in zip(chunk, x, strict=True):
+            done = len(images_done)
+            for (k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
+                meta = {**text, "ddpm:index": str(k)}
+                if c is not None:
+                    meta["ddpm:class"] = names[c]
                 png = encode_png(
-                    to_image(img),
-                    {**text, "ddpm:index": str(k), "ddpm:command": regenerate_command(text, k)},
+                    to_image(img), {**meta, "ddpm:command": regenerate_command(meta, k)}
                 )
                 if folder:
-                    path = folder / f"{k:06d}.png"
+                    path = folder / image_name(k, c, names)
                     write_atomic(path, png)
                     written.append(str(path))
                 elif out == STDIO:
                     write_stdout(png)
             if grid is not None:
                 images.append(x)
+            images_done.extend(chunk)
             view.batch_done(len(chunk))
     except KeyboardInterrupt:
         view.close()
@@ -260,8 +300,9 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
             return
 
     grid_path = None
-    if grid is not None:
-        png = encode_png(grid_image(torch.cat(images)), text)
+    if grid is not None:  # a row per class
+        drawn = torch.cat(images)
+        png = encode_png(grid_image_rows(drawn, num) if labels else grid_image(drawn), text)
         if grid == STDIO:
             write_stdout(png)
         else:
@@ -272,7 +313,7 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
 
     if not quiet:
         err_console.print(
-            f"{num} images in {seconds:.1f} s ({num / seconds:.2f} img/s)"
+            f"{total} images in {seconds:.1f} s ({total / seconds:.2f} img/s)"
             + (f"; grid {grid_path}" if grid_path else "")
             + (f"; trajectory {trajectory}" if trajectory else "")
         )
@@ -284,6 +325,8 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
             "sampler": resolved.to_dict(),
             "seed": seed,
             "indices": [start, start + num - 1],
+            "classes": [names[c] for c in labels] if labels else None,
+            "guidance": guidance,
             "files": written,
             "grid": grid_path,
             "trajectory": str(trajectory) if trajectory else None,
@@ -291,7 +334,7 @@ def _sample(d, dev, checkpoint, config, indices, folder, out, grid, trajectory, 
             "precision": precision.value,
             "batch_size": batch,
             "seconds": seconds,
-            "img_per_s": num / seconds,
+            "img_per_s": total / seconds,
         }
         print(json.dumps(summary))
     elif not to_stdout:

@@ -98,6 +98,24 @@ def train(
     min_snr_gamma: Annotated[
         float | None, typer.Option("--min-snr-gamma", help="Min-SNR-gamma loss weighting (e.g. 5).")
     ] = D.min_snr_gamma,
+    unconditional: Annotated[
+        bool,
+        typer.Option(
+            "--unconditional",
+            help="Ignore the class subfolders of DATA (a folder of subfolders, one per class, "
+            "trains a class-conditional model).",
+        ),
+    ] = D.unconditional,
+    cond_drop: Annotated[
+        float,
+        typer.Option(
+            "--cond-drop",
+            min=0.0,
+            max=1.0,
+            help="Class-conditional: the share of images trained with no class, so that "
+            "one network also learns unconditional samples for --guidance.",
+        ),
+    ] = D.cond_drop,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = D.lr,
     warmup_steps: Annotated[
         int | None,
@@ -322,6 +340,15 @@ def preflight_table(info: dict) -> Table:
             + (f", {s['skipped']} skipped (see skipped.txt)" if s["skipped"] else ""),
         ),
         ("modes", modes or "-"),
+        (
+            "classes",
+            ", ".join(
+                f"{c} {n}" for c, n in zip(model.classes, s.get("class_counts", []), strict=False)
+            )
+            + f" (class-conditional, label dropped for {config.cond_drop:.0%})"
+            if model.classes
+            else "none (unconditional)",
+        ),
         (
             "sizes",
             f"min {s['min_size'][0]}x{s['min_size'][1]}, median "

@@ -1,0 +1,267 @@
+"""Class-conditional models and classifier-free guidance (issue 10)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_shapes
+from ddpm_cli.batches import Batches
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
+from ddpm_cli.data import class_labels, folder_report, load_folder, load_source, scan
+from ddpm_cli.presets import build_model_config
+from ddpm_cli.run import train
+from ddpm_cli.sampling import generate, guided, load_for_sampling
+from ddpm_cli.unet import UNet
+
+RED, BLUE, MAGENTA = (255, 0, 0), (0, 0, 255), (255, 0, 255)
+COLOURS = {"red": torch.tensor([1.0, -1, -1]), "blue": torch.tensor([-1.0, -1, 1])}
+MAGENTA_T = torch.tensor([1.0, -1, 1])
+CPU = torch.device("cpu")
+
+
+def solid_folder(root, counts: dict[str, list[tuple[tuple[int, int, int], int]]]):
+    """root/CLASS/i.png: solid 8x8 images, `n` of each colour per class."""
+    for name, parts in counts.items():
+        (root / name).mkdir(parents=True)
+        i = 0
+        for colour, n in parts:
+            for _ in range(n):
+                Image.new("RGB", (8, 8), colour).save(root / name / f"{i:03d}.png")
+                i += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny conditional model on two classes: "red" is 3/4 red and 1/4 magenta, "blue" 3/4
+    blue and 1/4 magenta. Magenta is ambiguous (as likely under either class), so guidance
+    should sample it less: that is how it trades variety for class fidelity."""
+    root = tmp_path_factory.mktemp("cond")
+    data = solid_folder(
+        root / "data", {"red": [(RED, 48), (MAGENTA, 16)], "blue": [(BLUE, 48), (MAGENTA, 16)]}
+    )
+    config = TrainConfig(preset="tiny", image_size=8, batch_size=32, device="cpu", seed=5,
+                         steps=600, lr=1e-3, objective="v", cond_drop=0.2, sample_every=0,
+                         log_every=100, checkpoint_every=600)  # fmt: skip
+    return train(str(data), config, DiffusionConfig(), out=root / "run").out
+
+
+def sample_means(run, label: int, guidance: float, n: int = 48) -> torch.Tensor:
+    sm = load_for_sampling(run)
+    sampler = SamplerConfig(sampler="dpm++", steps=20)
+    x = torch.cat([x for _, x in generate(sm, sampler, list(range(n)), 0, n, torch.device("cpu"),
+                                          labels=[label] * n, guidance=guidance)])  # fmt: skip
+    assert x.std(dim=(2, 3)).mean() < 0.15  # solid images, not noise
+    return x.mean(dim=(2, 3))
+
+
+def nearest(means: torch.Tensor) -> list[str]:
+    refs = {**COLOURS, "magenta": MAGENTA_T}
+    names = list(refs)
+    dist = torch.stack([(means - refs[k]).norm(dim=1) for k in names], dim=1)
+    return [names[i] for i in dist.argmin(dim=1)]
+
+
+def test_conditioning_is_learned_and_guidance_trades_variety_for_the_class(model_dir):
+    sm = load_for_sampling(model_dir)
+    assert sm.model_config.classes == ("blue", "red")  # sorted subfolder names
+    for label, name, other in ((0, "blue", "red"), (1, "red", "blue")):
+        plain = sample_means(model_dir, label, 0.0)
+        kinds = nearest(plain)
+        # every sample is of its class or the ambiguous colour; the other class never appears
+        assert kinds.count(other) == 0
+        assert kinds.count(name) >= 24  # 3/4 expected: 36 of 48
+        assert (plain - COLOURS[name]).norm(dim=1).min() < 0.3  # and close to the colour
+        strong = sample_means(model_dir, label, 4.0)
+        # guidance moves the ambiguous samples into the class: less within-class variance
+        assert nearest(strong).count(name) > kinds.count(name)
+        assert strong.var(dim=0).sum() < 0.5 * plain.var(dim=0).sum()
+
+
+def test_unconditional_sampling_of_a_conditional_model_draws_both_classes(model_dir):
+    sm = load_for_sampling(model_dir)
+    sampler = SamplerConfig(sampler="dpm++", steps=20)
+    x = torch.cat([x for _, x in generate(sm, sampler, list(range(48)), 1, 48, CPU)])
+    kinds = nearest(x.mean(dim=(2, 3)))
+    assert kinds.count("red") >= 6 and kinds.count("blue") >= 6
+
+
+def test_guided_network_is_the_papers_combination():
+    """(1 + w) out(y) - w out(no class), from one batched pass, and one pass at w = 0."""
+    calls = []
+
+    def net(x, t, y):
+        calls.append(x.shape[0])
+        return x * (y[:, None] + 1).float() + t[:, None].float()
+
+    x, t, y = torch.randn(3, 1), torch.tensor([5, 6, 7]), torch.tensor([0, 1, 0])
+    null = 2
+    out = guided(net, y, 1.5, null)(x, t)
+    cond = x * (y[:, None] + 1).float() + t[:, None].float()
+    uncond = x * (null + 1) + t[:, None].float()
+    torch.testing.assert_close(out, 2.5 * cond - 1.5 * uncond)
+    assert calls == [6]
+    torch.testing.assert_close(guided(net, y, 0.0, null)(x, t), cond)
+    assert calls == [6, 3]
+
+
+def test_the_network_embeds_classes_and_no_class():
+    config = build_model_config("tiny", (8, 8), 3, classes=("a", "b", "c"))
+    torch.manual_seed(0)
+    net = UNet(config).eval()
+    assert net.class_emb.weight.shape == (4, net.temb[2].out_features)  # 3 classes + none
+    for p in net.parameters():  # wake the zero-initialised output layers
+        p.data.normal_(0, 0.1)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        none = net(x, t)
+        assert torch.equal(none, net(x, t, torch.tensor([3, 3])))
+        assert not torch.allclose(net(x, t, torch.tensor([0, 0])), net(x, t, torch.tensor([1, 1])))
+    plain = UNet(build_model_config("tiny", (8, 8), 3))
+    assert plain.class_emb is None
+    with pytest.raises(ValueError, match="without classes"):
+        plain(x, t, torch.tensor([0, 0]))
+
+
+def test_class_folders_are_labelled_and_flat_or_mixed_folders_are_not(tmp_path):
+    data = solid_folder(tmp_path / "d", {"cat": [(RED, 3)], "dog": [(BLUE, 5)]})
+    labels, names = class_labels(data, scan(data))
+    assert names == ["cat", "dog"] and labels == [0, 0, 0, 1, 1, 1, 1, 1]
+    images, report = load_folder(data, (8, 8))
+    assert report.classes == ["cat", "dog"] and report.class_counts == [3, 5]
+    assert images.labels.tolist() == labels
+    assert torch.equal(images.data[images.labels == 1][:, 2], torch.full((5, 8, 8), 255))
+    streamed, _ = load_folder(data, (8, 8), stream=True)
+    assert streamed.labels.tolist() == labels
+    assert load_folder(data, (8, 8), classes=False)[0].labels is None
+    assert folder_report(data, (8, 8)).summary()["class_counts"] == [3, 5]
+    Image.new("RGB", (8, 8)).save(data / "loose.png")  # an image outside the class folders
+    assert class_labels(data, scan(data)) is None
+    single = solid_folder(tmp_path / "s", {"only": [(RED, 2)]})
+    assert class_labels(single, scan(single)) is None
+
+
+def test_batches_carry_each_images_label_through_shuffles_and_flips(tmp_path):
+    data = solid_folder(tmp_path / "d", {"a": [(RED, 5)], "b": [(BLUE, 6)], "c": [(MAGENTA, 3)]})
+    for stream in (False, True):
+        images, _ = load_folder(data, (8, 8), stream=stream)
+        feed = Batches(images, 4, seed=3, flip=True, workers=0).iterate(0, 0)
+        for _ in range(8):
+            x, y = next(feed)
+            blue = x[:, 2, 0, 0] == 255
+            red = x[:, 0, 0, 0] == 255
+            assert torch.equal(y == 0, red & ~blue) and torch.equal(y == 1, blue & ~red)
+            assert torch.equal(y == 2, red & blue)
+
+
+def test_preflight_warns_on_imbalanced_classes(tmp_path):
+    data = solid_folder(tmp_path / "d", {"big": [(RED, 30)], "small": [(BLUE, 2)]})
+    report = folder_report(data, (8, 8))
+    assert any("imbalanced: big has 30 images, small 2" in w for w in report.warnings)
+    even = folder_report(solid_folder(tmp_path / "e", {"a": [(RED, 3)], "b": [(BLUE, 3)]}), (8, 8))
+    assert not any("imbalanced" in w for w in even.warnings)
+
+
+def test_the_builtin_shapes_are_labelled_by_shape():
+    images, report = load_source("builtin:shapes", (16, 16), None)
+    assert report.classes == ["circle", "square", "triangle"]
+    assert images.labels.shape == (images.data.shape[0],)
+    assert all(abs(n / images.data.shape[0] - 1 / 3) < 0.05 for n in report.class_counts)
+    # a square fills its bounding box, a circle pi/4 of it, a triangle half: how much of its
+    # bounding box each image's shape fills says the labels follow the shapes
+    x = images.data.float()
+    fg = (x - x[:, :, :1, :1]).abs().sum(1) > 60  # (N, H, W): differs from the corner
+    rows, cols = fg.any(2).sum(1), fg.any(1).sum(1)
+    fill = fg.sum(dim=(1, 2)) / (rows * cols).clamp(min=1)
+    share = [float(fill[images.labels == k].mean()) for k in range(3)]
+    assert share[1] > share[0] + 0.1 and share[0] > share[2] + 0.1, share
+
+
+def test_a_conditional_run_resumes_bit_for_bit(tmp_path):
+    data = solid_folder(tmp_path / "d", {"a": [(RED, 8)], "b": [(BLUE, 8)]})
+    base = dict(preset="tiny", image_size=8, batch_size=8, device="cpu", seed=1,
+                sample_every=0, log_every=1)  # fmt: skip
+    whole = train(str(data), TrainConfig(**base, steps=6), DiffusionConfig(), tmp_path / "w").out
+    part = train(str(data), TrainConfig(**base, steps=3), DiffusionConfig(), tmp_path / "p").out
+    train(None, TrainConfig(), DiffusionConfig(), resume=part, given={"steps": 6})
+    from ddpm_cli.checkpoint import load_checkpoint
+
+    a = load_checkpoint(whole / "train_state.safetensors").tensors
+    b = load_checkpoint(part / "train_state.safetensors").tensors
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    assert "class_emb.weight" in load_checkpoint(whole / "model.safetensors").tensors
+    flat = train(str(data), TrainConfig(**base, steps=1, unconditional=True), DiffusionConfig(),
+                 tmp_path / "u").out  # fmt: skip
+    assert load_for_sampling(flat).model_config.classes == ()
+
+
+def test_cli_samples_classes_by_name_index_and_all(model_dir, runner, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["sample", str(model_dir), "-n", "2", "--class", "red", "--class",
+                            "0", "--guidance", "1.5", "-o", str(out), "--sampler", "dpm++",
+                            "--steps", "4", "--seed", "3", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["classes"] == ["red", "blue"] and summary["guidance"] == 1.5
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["blue-000000.png", "blue-000001.png", "red-000000.png", "red-000001.png"]
+    text = Image.open(out / "red-000001.png").text
+    assert text["ddpm:class"] == "red" and text["ddpm:guidance"] == "1.5"
+    assert "--class red --guidance 1.5" in text["ddpm:command"]
+    # the recorded command redraws the image exactly
+    again = tmp_path / "again"
+    cmd = text["ddpm:command"].split()[3:]  # drop "ddpm sample CKPT"
+    r = runner.invoke(app, ["sample", str(model_dir), *cmd, "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    assert (again / "red-000001.png").read_bytes() == (out / "red-000001.png").read_bytes()
+
+    grid = tmp_path / "grid.png"
+    r = runner.invoke(app, ["sample", str(model_dir), "-n", "3", "--class", "all", "--grid",
+                            str(grid), "--sampler", "dpm++", "--steps", "4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)  # a row per class (8 px + 2)
+
+
+def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):
+    r = runner.invoke(app, ["sample", str(model_dir), "--class", "cat", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown class 'cat'; the model knows: blue, red" in r.stderr
+    r = runner.invoke(app, ["sample", str(model_dir), "--class", "7", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown class '7'" in r.stderr
+    r = runner.invoke(app, ["sample", str(model_dir), "--guidance", "2", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "add --class" in r.stderr
+
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        draw_shapes((12, 12)).save(tmp_path / "pics" / f"{i}.png")
+    cfg = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=1,
+                      sample_every=0)  # fmt: skip
+    plain = train(str(tmp_path / "pics"), cfg, DiffusionConfig(), tmp_path / "plain").out
+    r = runner.invoke(app, ["sample", str(plain), "--class", "0", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "trained without classes; drop --class" in r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_inspect_lists_the_classes(model_dir, runner):
+    r = runner.invoke(app, ["inspect", str(model_dir / "model.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["classes"] == ["blue", "red"]
+
+
+def test_model_config_refuses_repeated_class_names():
+    with pytest.raises(Exception, match="distinct"):
+        ModelConfig(classes=("a", "a"))
+
+
+def test_a_streamed_image_that_stops_decoding_is_replaced_with_its_label(tmp_path):
+    """The stand-in image (the next readable one) brings its own label."""
+    data = solid_folder(tmp_path / "d", {"a": [(RED, 3)], "b": [(BLUE, 3)]})
+    images, _ = load_folder(data, (8, 8), stream=True)
+    (data / "a" / "002.png").write_bytes(b"not a png any more")  # after the header scan
+    feed = Batches(images, 6, seed=0, flip=False, workers=0).iterate(0, 0)
+    x, y = next(feed)
+    assert torch.equal(y == 1, x[:, 2, 0, 0] == 255)  # blue images are labelled b, and only they
