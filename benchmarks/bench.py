@@ -38,10 +38,10 @@ from ddpm_cli.batches import Batches
 from ddpm_cli.config import DiffusionConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import load_folder
 from ddpm_cli.device import resolve_device, to_device
+from ddpm_cli.forward import network
 from ddpm_cli.presets import PRESETS, build_model_config
 from ddpm_cli.run import SYNC_EVERY
 from ddpm_cli.samplers import from_config
-from ddpm_cli.sampling import network
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.train import check_finite, compiled, new_state, resolve, to_host, train_step
 

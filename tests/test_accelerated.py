@@ -96,8 +96,8 @@ def test_resident_batches_equal_the_host_batches_byte_for_byte():
 @pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
 @pytest.mark.parametrize("classes", [(), ("a", "b")])
 def test_cuda_graphs_replay_the_eager_network(precision, classes):
+    from ddpm_cli.forward import GraphedForward, guided, network
     from ddpm_cli.presets import build_model_config
-    from ddpm_cli.sampling import GraphedForward, guided, network
     from ddpm_cli.unet import UNet
 
     torch.manual_seed(0)

@@ -12,10 +12,12 @@ from conftest import draw_shapes
 from ddpm_cli.batches import Batches
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
-from ddpm_cli.data import class_labels, folder_report, load_folder, load_source, scan
+from ddpm_cli.data import class_labels, folder_report, load_folder, scan
+from ddpm_cli.forward import guided
 from ddpm_cli.presets import build_model_config
 from ddpm_cli.run import train
-from ddpm_cli.sampling import generate, guided, load_for_sampling
+from ddpm_cli.sampling import generate, load_for_sampling
+from ddpm_cli.sources import load_source
 from ddpm_cli.unet import UNet
 
 RED, BLUE, MAGENTA = (255, 0, 0), (0, 0, 255), (255, 0, 255)
@@ -265,3 +267,26 @@ def test_a_streamed_image_that_stops_decoding_is_replaced_with_its_label(tmp_pat
     feed = Batches(images, 6, seed=0, flip=False, workers=0).iterate(0, 0)
     x, y = next(feed)
     assert torch.equal(y == 1, x[:, 2, 0, 0] == 255)  # blue images are labelled b, and only they
+
+
+def test_training_grids_show_a_row_per_class_as_sample_draws_them(tmp_path, runner):
+    data = solid_folder(tmp_path / "d", {"a": [(RED, 4)], "b": [(BLUE, 4)]})
+    config = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=4, steps=2,
+                         sample_every=2, num_samples=5)  # fmt: skip
+    run = train(str(data), config, DiffusionConfig(), tmp_path / "run").out
+    grid = Image.open(run / "samples" / "step-0000002.png")
+    assert grid.size == (2 * 10 + 2, 2 * 10 + 2)  # 5 samples, 2 classes: 2 rows of 2
+    r = runner.invoke(app, ["sample", str(run), "--seed", "4", "--class", "all", "-n", "2",
+                            "--grid", str(tmp_path / "g.png")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert list(Image.open(tmp_path / "g.png").getdata()) == list(grid.getdata())
+    # one class: the usual square grid, not a strip
+    r = runner.invoke(app, ["sample", str(run), "--class", "a", "-n", "4", "--steps", "2",
+                            "--grid", str(tmp_path / "one.png")])  # fmt: skip
+    assert r.exit_code == 0 and Image.open(tmp_path / "one.png").size == (22, 22)
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b", "c\\d"])
+def test_class_names_that_cannot_name_a_file_are_refused(name):
+    with pytest.raises(Exception, match="cannot name a file"):
+        ModelConfig(classes=("ok", name))

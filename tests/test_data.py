@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ddpm_cli.data as data
+import ddpm_cli.sources as sources
 from conftest import draw_shapes
 from ddpm_cli.batches import Batches
 from ddpm_cli.checkpoint import load_checkpoint
@@ -117,7 +118,7 @@ def test_a_data_cache_feeds_a_new_run(pictures, tmp_path, runner):
         str(pictures), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "a"
     )
     cache = first.out / "data_cache.safetensors"
-    images, report = data.load_source(str(cache), (8, 8), None)
+    images, report = sources.load_source(str(cache), (8, 8), None)
     direct, _ = data.load_folder(pictures, (8, 8))
     assert torch.equal(images.data, direct.data)
     assert report.source == str(pictures) and report.summary()["found"] == 11
@@ -126,9 +127,9 @@ def test_a_data_cache_feeds_a_new_run(pictures, tmp_path, runner):
         pictures
     )
     with pytest.raises(DataError, match="holds 8 images; .* --image-size 8"):
-        data.load_source(str(cache), (16, 16), None)
+        sources.load_source(str(cache), (16, 16), None)
     with pytest.raises(DataError, match="holds 3-channel images"):
-        data.load_source(str(cache), (8, 8), 1)
+        sources.load_source(str(cache), (8, 8), 1)
     result = runner.invoke(app, ["train", str(cache), "--image-size", "16", "--out", "x"])
     assert result.exit_code == 2 and "--image-size 8" in result.output
 

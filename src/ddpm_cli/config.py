@@ -84,6 +84,9 @@ class ModelConfig:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"class names must be distinct, got {list(self.classes)}")
+        for c in self.classes:  # they name sampled files: CLASS-000000.png
+            if c in ("", ".", "..") or any(ch in c for ch in "/\\\0"):
+                raise ConfigError(f"class name {c!r} cannot name a file; rename the class")
         size = self.image_size
         if isinstance(size, int):
             size = (size, size)

@@ -3,7 +3,8 @@
 A folder is scanned recursively. When its decoded images fit in memory, every image is decoded
 once, resized (shorter side) and center-cropped, into one uint8 tensor (N, C, H, W): `InMemory`.
 Otherwise (or with stream=True) images stay on disk, decoded per batch by DataLoader workers:
-`OnDisk`. batches.py turns either into the seeded batches of a run.
+`OnDisk`. batches.py turns either into the seeded batches of a run; sources.py adds the
+built-in dataset and data caches.
 
 A folder whose images all sit in two or more subfolders (torchvision's ImageFolder layout,
 DIR/cat/*.png, DIR/dog/*.png) is labelled: the subfolder is the image's class, classes in
@@ -151,7 +152,7 @@ def class_labels(folder: Path, paths: list[Path]) -> tuple[list[int], list[str]]
     return [index[f] for f in firsts], names
 
 
-def _to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
+def to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
     """(C, H, W) in [-1, 1] with C = 1 or 3 -> `channels` channels (alpha appended for 4)."""
     if channels in (3, 4) and pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)
@@ -212,7 +213,7 @@ def load_folder(
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for _, d in decoded) else 3
     report.channels = channels
-    data = torch.stack([to_uint8(_to_channels(d.pixels, d.alpha, channels)) for _, d in decoded])
+    data = torch.stack([to_uint8(to_channels(d.pixels, d.alpha, channels)) for _, d in decoded])
     report.used = data.shape[0]
     report.bytes = data.numel()
     labels = None
@@ -292,7 +293,7 @@ def _check_found(folder: Path, found: int, report: DataReport) -> None:
 def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
     """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
     img = decode_image(Path(path).read_bytes(), str(path), size=image_size)
-    return to_uint8(_to_channels(img.pixels, img.alpha, channels))
+    return to_uint8(to_channels(img.pixels, img.alpha, channels))
 
 
 class InMemory:
@@ -339,96 +340,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 in [-1, 1]."""
     return batch.float() / 127.5 - 1.0
-
-
-def is_cache_file(source: str | None) -> bool:
-    return source is not None and source.endswith(".safetensors")
-
-
-def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
-    """The decoded images of an earlier run (its data_cache.safetensors), with its data summary.
-
-    The images were cropped and converted when they were cached, so size and channels must match.
-    """
-    from ddpm_cli.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(Path(path), kind="data_cache")
-    data = ckpt.tensors.get("images")
-    if data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0:
-        raise DataError(f"{path}: not a data cache of uint8 images (N, C, H, W)")
-    size, c = tuple(data.shape[-2:]), data.shape[1]
-    if size != tuple(image_size):
-        h, w = size
-        text = str(h) if h == w else f"{w}x{h}"
-        raise DataError(f"{path} holds {text} images; train at that size with --image-size {text}")
-    if channels is not None and channels != c:
-        raise DataError(f"{path} holds {c}-channel images; drop --channels or use --channels {c}")
-    summary = dict(ckpt.config.get("data", {}))
-    report = DataReport(
-        source=summary.get("source", str(path)),
-        found=data.shape[0],
-        used=data.shape[0],
-        channels=c,
-        image_size=size,
-        bytes=data.numel(),
-        fingerprint=summary.get("fingerprint"),
-    )
-    report.modes.update(summary.get("modes", {}))
-    report.stored = summary | {"used": report.used, "streamed": False}
-    labels = ckpt.tensors.get("labels")
-    names = summary.get("classes") or []
-    if labels is not None:
-        ok = labels.dtype == torch.long and labels.shape == (data.shape[0],) and names
-        if not ok or labels.min() < 0 or labels.max() >= len(names):
-            raise DataError(f"{path}: its labels do not fit its images and classes")
-        report.set_labels(labels.tolist(), names)
-    return InMemory(data, labels), report
-
-
-def load_source(
-    source: str | None,
-    image_size: tuple[int, int],
-    channels: int | None,
-    stream: bool | None = None,
-    classes: bool = True,
-) -> tuple[InMemory | OnDisk, DataReport]:
-    """Training images for a source: a folder, "builtin:NAME", None (the default built-in), or
-    the data_cache.safetensors of an earlier run (decoded images, used as they are). Without
-    `classes`, labels are dropped: the data is unlabelled."""
-    images, report = _load_source(source, image_size, channels, stream, classes)
-    if not classes and images.labels is not None:
-        images.labels, report.classes, report.class_counts = None, [], []
-        if report.stored is not None:
-            report.stored = report.stored | {"classes": [], "class_counts": []}
-    return images, report
-
-
-def _load_source(source, image_size, channels, stream, classes):
-    from ddpm_cli import builtin
-
-    if is_cache_file(source):
-        return load_cache(Path(source), image_size, channels)
-    if source is None or source.startswith(BUILTIN_PREFIX):
-        name = builtin.DEFAULT if source is None else source[len(BUILTIN_PREFIX) :]
-        if name not in builtin.DATASETS:
-            known = ", ".join(f"{BUILTIN_PREFIX}{k}" for k in builtin.DATASETS)
-            raise DataError(f"unknown built-in dataset {name!r}; choose one of: {known}")
-        if image_size[0] != image_size[1]:
-            raise DataError("built-in datasets are square: use --image-size N")
-        data, labels, names = builtin.DATASETS[name](size=image_size[0])
-        if channels is not None and channels != data.shape[1]:
-            data = torch.stack(
-                [to_uint8(_to_channels(to_model_range(d), None, channels)) for d in data]
-            )
-        report = DataReport(
-            source=f"{BUILTIN_PREFIX}{name}",
-            found=data.shape[0],
-            used=data.shape[0],
-            channels=data.shape[1],
-            image_size=image_size,
-            bytes=data.numel(),
-        )
-        report.modes["RGB"] = data.shape[0]
-        report.sizes = [(image_size[1], image_size[0])] * data.shape[0]
-        return InMemory(data, report.set_labels(labels.tolist(), names)), report
-    return load_folder(Path(source), image_size, channels, stream, classes)

@@ -17,7 +17,7 @@ import torch
 
 from ddpm_cli.checkpoint import read_header
 from ddpm_cli.config import Precision, SamplerConfig
-from ddpm_cli.data import BUILTIN_PREFIX, is_cache_file, load_source, scan, to_uint8
+from ddpm_cli.data import BUILTIN_PREFIX, scan, to_uint8
 from ddpm_cli.errors import DataError
 from ddpm_cli.fid import (
     STANDARD_N,
@@ -33,6 +33,7 @@ from ddpm_cli.fid import (
 from ddpm_cli.likelihood import bound, evaluations, image_batches
 from ddpm_cli.sampling import SamplingModel, default_batch_size, generate, with_model_defaults
 from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.sources import is_cache_file, load_source
 
 Progress = Callable[[str, int, int], None]
 FEATURE_BATCH = 50  # images per Inception forward pass (299x299 activations are large)

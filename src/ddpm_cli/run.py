@@ -37,7 +37,6 @@ from ddpm_cli.config import (
     from_dict,
     jsonable,
 )
-from ddpm_cli.data import load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import RunLock
@@ -51,6 +50,7 @@ from ddpm_cli.run_files import (
     write_grid,
 )
 from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.sources import load_source
 from ddpm_cli.train import (
     check_finite,
     compiled,
@@ -302,14 +302,15 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             return
         results = to_host(pending)
         pending = []
-        check_finite(results, config)
-        if d.active:  # the whole global batch's losses, for the log
+        if d.active:  # the whole global batch's losses: for the log, and for every rank to
+            # reach the same verdict below
             parts = distributed.gather(d, [(r.losses, r.t) for r in results])
             results = [
                 replace(r, losses=torch.cat([p[i][0] for p in parts]),
                         t=torch.cat([p[i][1] for p in parts]))
                 for i, r in enumerate(results)
             ]  # fmt: skip
+        check_finite(results, config)
         if not d.main:
             return
         window.extend(results)

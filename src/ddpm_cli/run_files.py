@@ -15,7 +15,7 @@ from ddpm_cli.config import SamplerConfig, TrainConfig
 from ddpm_cli.data import DataReport, InMemory
 from ddpm_cli.files import write_atomic
 from ddpm_cli.images import encode_png
-from ddpm_cli.sampling import SamplingModel, generate, grid_image
+from ddpm_cli.sampling import SamplingModel, generate, grid_image, grid_image_rows
 from ddpm_cli.train import ema_decay_at
 from ddpm_cli.train_state import MODEL
 
@@ -24,7 +24,8 @@ METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.tx
 
 def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
     """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
-    default with this seed (its default sampler, image k from its own noise)."""
+    default with this seed (its default sampler, image k from its own noise); for a
+    class-conditional model a row per class, as `--class all -n K` draws them."""
     sm = SamplingModel(
         model=ema,
         model_config=model_config,
@@ -35,11 +36,15 @@ def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed:
         weights="ema",
         step=0,
     )
-    n = config.num_samples
-    images = torch.cat(
-        [x for _, x in generate(sm, SamplerConfig(), list(range(n)), seed, n, device)]
-    )
-    return encode_png(grid_image(images))
+    n, classes = config.num_samples, model_config.num_classes
+    if not classes:
+        batches = generate(sm, SamplerConfig(), list(range(n)), seed, n, device)
+        return encode_png(grid_image(torch.cat([x for _, x in batches])))
+    per = max(1, n // classes)
+    labels = [c for c in range(classes) for _ in range(per)]
+    indices = list(range(per)) * classes
+    batches = generate(sm, SamplerConfig(), indices, seed, len(indices), device, labels=labels)
+    return encode_png(grid_image_rows(torch.cat([x for _, x in batches]), per))
 
 
 def prepare_directory(out, resume, config, images, report, ckpt) -> None:

@@ -3,18 +3,14 @@
 Image k of seed s always starts from the same noise: each image index has its own generator,
 seeded from (s, k), which draws that image's x_T and then its noise at every step. So an image
 does not depend on how many images are drawn with it, on the batch size, or on its position
-in a batch. Noise is drawn on the CPU and moved to the device without waiting for it.
-
-On CUDA the network runs from CUDA graphs (`GraphedForward`): its ~600 kernels are queued by
-one call instead of one Python dispatch each, which is what bounds small batches
-(docs/benchmarks.md). DDPM_CUDA_GRAPHS=0 turns them off.
+in a batch. Noise is drawn on the CPU and moved to the device without waiting for it. The
+network runs as forward.py wraps it (precision, compilation, CUDA graphs, guidance).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -34,7 +30,8 @@ from ddpm_cli.checkpoint import (
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import available_memory
 from ddpm_cli.device import to_device
-from ddpm_cli.errors import ConfigError, DataError, UsageError
+from ddpm_cli.errors import DataError, UsageError
+from ddpm_cli.forward import guided, network
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
@@ -157,86 +154,6 @@ class Trajectory:
         self.steps.append((index, t))
         self.x.append(x.float().cpu())
         self.x0.append(x0[:k].float().cpu())
-
-
-def check_precision(precision: Precision, device: torch.device) -> None:
-    if precision is Precision.fp16 and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
-
-
-def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
-    """model(x, t) as sampling runs it: compiled or not, under autocast for bf16 and fp16
-    (returning float32), and from CUDA graphs on CUDA."""
-    check_precision(precision, device)
-    net = torch.compile(model) if compile else model
-    forward = net
-    if precision is not Precision.fp32:
-        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
-
-        def forward(*inputs):
-            with torch.autocast(device.type, dtype=dtype):
-                return net(*inputs).float()
-
-    if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
-        return GraphedForward(forward)
-    return forward
-
-
-class GraphedForward:
-    """`forward(x, t[, y])` (no gradients, no randomness) replayed from a CUDA graph captured
-    once per input shape; a shape whose capture fails runs eagerly. The result is a copy, so
-    that it outlives the next replay."""
-
-    def __init__(self, forward: Callable):
-        self.forward = forward
-        self.graphs: dict[tuple, tuple | None] = {}
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        captured = self.graphs[key]
-        if captured is None:
-            return self.forward(*inputs)
-        graph, static, out = captured
-        for buffer, a in zip(static, inputs, strict=True):
-            buffer.copy_(a)
-        graph.replay()
-        return out.clone()
-
-    def _capture(self, inputs: tuple[torch.Tensor, ...]):
-        static = [a.clone() for a in inputs]
-        device = inputs[0].device
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(2):  # cuDNN and cuBLAS choose their kernels outside the graph
-                    self.forward(*static)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
-                out = self.forward(*static)
-        except RuntimeError:
-            return None
-        return graph, static, out
-
-
-def guided(net: Callable, labels: torch.Tensor, guidance: float, null: int) -> Callable:
-    """The network for sampling images of classes `labels` (B,), with classifier-free guidance
-    of weight w = `guidance` (Ho & Salimans 2022): out = (1 + w) out(y) - w out(no class), both
-    in one batched forward pass. Combining the raw outputs is combining the eps predictions,
-    for eps, x0 and v models alike: each is affine in eps at a fixed x_t, and the weights sum
-    to 1. w = 0 is plain conditional sampling (one pass)."""
-    if guidance == 0:
-        return lambda x, t: net(x, t, labels)
-    both = torch.cat([labels, torch.full_like(labels, null)])
-
-    def forward(x, t):
-        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return cond + guidance * (cond - uncond)
-
-    return forward
 
 
 def generate(

@@ -25,8 +25,9 @@ from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.evaluation import likelihood, sample_quality
 from ddpm_cli.fid import STANDARD_N, WEIGHTS_NAME, check_weights
+from ddpm_cli.forward import check_precision
 from ddpm_cli.likelihood import VARIANCES
-from ddpm_cli.sampling import check_model, check_precision, load_for_sampling
+from ddpm_cli.sampling import check_model, load_for_sampling
 
 TASKS = {
     "bound": "bound (network evaluations)",

@@ -25,11 +25,11 @@ from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
+from ddpm_cli.forward import check_precision
 from ddpm_cli.images import encode_png
 from ddpm_cli.sampling import (
     Trajectory,
     check_model,
-    check_precision,
     default_batch_size,
     generate,
     grid_image,
@@ -234,6 +234,8 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
     jobs = jobs[d.rank :: d.world]  # image k is the same whichever process draws it
     indices = [k for k, _ in jobs]
     batch = batch_size or default_batch_size(sm.model_config, dev, len(jobs))
+    if guidance and not batch_size:  # guidance runs the network on twice the batch
+        batch = max(1, batch // 2)
     text = provenance(sm, config, seed, precision, guidance)
     if not quiet:
         share = f" ({len(indices)} per process, {d.world} processes)" if d.active else ""
@@ -302,7 +304,8 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
     grid_path = None
     if grid is not None:  # a row per class
         drawn = torch.cat(images)
-        png = encode_png(grid_image_rows(drawn, num) if labels else grid_image(drawn), text)
+        rows = labels and len(labels) > 1
+        png = encode_png(grid_image_rows(drawn, num) if rows else grid_image(drawn), text)
         if grid == STDIO:
             write_stdout(png)
         else:

@@ -345,7 +345,8 @@ def preflight_table(info: dict) -> Table:
             ", ".join(
                 f"{c} {n}" for c, n in zip(model.classes, s.get("class_counts", []), strict=False)
             )
-            + f" (class-conditional, label dropped for {config.cond_drop:.0%})"
+            + f" (class-conditional, label dropped for {config.cond_drop:.0%}; "
+            "--unconditional ignores the subfolders)"
             if model.classes
             else "none (unconditional)",
         ),

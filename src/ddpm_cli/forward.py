@@ -1,0 +1,108 @@
+"""The network as sampling runs it: autocast precision, torch.compile, CUDA graphs, and
+classifier-free guidance.
+
+On CUDA the network runs from CUDA graphs (`GraphedForward`): its ~600 kernels are queued by one
+call instead of one Python dispatch each, which is what bounds small batches
+(docs/benchmarks.md). DDPM_CUDA_GRAPHS=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from ddpm_cli.config import Precision
+from ddpm_cli.errors import ConfigError
+from ddpm_cli.unet import UNet
+
+
+def check_precision(precision: Precision, device: torch.device) -> None:
+    if precision is Precision.fp16 and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+
+
+def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
+    """model(x, t) as sampling runs it: compiled or not, under autocast for bf16 and fp16
+    (returning float32), and from CUDA graphs on CUDA."""
+    check_precision(precision, device)
+    net = torch.compile(model) if compile else model
+    forward = net
+    if precision is not Precision.fp32:
+        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+
+        def forward(*inputs):
+            with torch.autocast(device.type, dtype=dtype):
+                return net(*inputs).float()
+
+    if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
+        return GraphedForward(forward)
+    return forward
+
+
+class GraphedForward:
+    """`forward(x, t[, y])` (no gradients, no randomness) replayed from a CUDA graph captured
+    once per input shape, on the inputs' own GPU; a shape whose capture fails, or whose first
+    replay differs from the eager result, runs eagerly. The result is a copy, so that it
+    outlives the next replay."""
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+        self.graphs: dict[tuple, tuple | None] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        captured = self.graphs[key]
+        if captured is None:
+            return self.forward(*inputs)
+        return self._replay(captured, inputs)
+
+    @staticmethod
+    def _replay(captured, inputs) -> torch.Tensor:
+        graph, static, out = captured
+        with torch.cuda.device(inputs[0].device):  # graphs capture and replay on the current GPU
+            for buffer, a in zip(static, inputs, strict=True):
+                buffer.copy_(a)
+            graph.replay()
+            return out.clone()
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]):
+        static = [a.clone() for a in inputs]
+        device = inputs[0].device
+        try:
+            with torch.cuda.device(device), torch.no_grad():
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # cuDNN and cuBLAS choose their kernels outside a graph
+                        eager = self.forward(*static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self.forward(*static)
+            captured = (graph, static, out)
+            replayed = self._replay(captured, static)
+        except RuntimeError:
+            return None
+        # an empty or wrong graph would repeat one output for ever: check it once
+        return captured if torch.allclose(replayed, eager, rtol=1e-3, atol=1e-4) else None
+
+
+def guided(net: Callable, labels: torch.Tensor, guidance: float, null: int) -> Callable:
+    """The network for sampling images of classes `labels` (B,), with classifier-free guidance
+    of weight w = `guidance` (Ho & Salimans 2022): out = (1 + w) out(y) - w out(no class), both
+    in one batched forward pass. Combining the raw outputs is combining the eps predictions,
+    for eps, x0 and v models alike: each is affine in eps at a fixed x_t, and the weights sum
+    to 1. w = 0 is plain conditional sampling (one pass)."""
+    if guidance == 0:
+        return lambda x, t: net(x, t, labels)
+    both = torch.cat([labels, torch.full_like(labels, null)])
+
+    def forward(x, t):
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return cond + guidance * (cond - uncond)
+
+    return forward
