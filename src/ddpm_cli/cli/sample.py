@@ -18,9 +18,9 @@ from ddpm_cli.cli.common import (
     QuietOpt,
     RawOpt,
     SeedOpt,
-    count_bars,
     err_console,
 )
+from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
@@ -367,35 +367,3 @@ def _check_outputs(folder, files, grid, trajectory, overwrite) -> None:
             check_output_path(Path(path), overwrite=overwrite)
     if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
         raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")
-
-
-class SampleProgress:
-    """Rich bars over images and over the denoising steps of the current batch on a terminal;
-    a plain line per batch otherwise."""
-
-    def __init__(self, quiet: bool, total: int, steps: int):
-        self.quiet, self.done, self.total = quiet, 0, total
-        self.progress = None
-        self.t = time.perf_counter()
-        if not quiet and err_console.is_terminal:
-            self.progress = count_bars()
-            self.images = self.progress.add_task("images", total=total)
-            self.steps = self.progress.add_task("denoise", total=steps)
-            self.progress.start()
-
-    def step(self, i: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.steps, completed=i, total=total)
-
-    def batch_done(self, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress.update(self.images, completed=self.done)
-        elif not self.quiet:
-            now = time.perf_counter()
-            err_console.print(f"{self.done}/{self.total} images ({now - self.t:.1f} s)")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None

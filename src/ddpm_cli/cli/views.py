@@ -1,0 +1,212 @@
+"""What `ddpm train` and `ddpm sample` show while they run: the pre-flight table and the
+progress views (Rich bars on a terminal, plain lines otherwise), all on stderr."""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ddpm_cli.cli.common import count_bars, err_console
+
+
+def _batch(config, world: int) -> str:
+    """Per-process batch x accumulation (x processes) = the global batch."""
+    parts = [str(config.batch_size), str(config.grad_accum)] + ([str(world)] if world > 1 else [])
+    text = " x ".join(parts)
+    if world > 1:
+        text += f" processes = {config.batch_size * config.grad_accum * world} global"
+    else:
+        text += " (grad accum)"
+    return text
+
+
+class ProgressView:
+    """Rich live progress on a terminal; plain lines at each log step otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress, self.task = quiet, None, None
+        self.smoothed = None  # loss, exponentially smoothed over steps
+        self.rate, self.last = None, None  # img/s, smoothed; time of the last step
+
+    def event(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        getattr(self, f"on_{kind}", lambda info: None)(info)
+
+    def on_start(self, info: dict) -> None:
+        err_console.print(preflight_table(info))
+        for w in info["report"].warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {w}")
+        if err_console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train[/bold]"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=info["total"], completed=info["step"], status=""
+            )
+
+    def on_step(self, info: dict) -> None:
+        s, w = self.smoothed, 0.98 ** info["steps"]  # a report may cover several steps
+        self.smoothed = info["loss"] if s is None else w * s + (1 - w) * info["loss"]
+        now = time.perf_counter()
+        if self.last is not None and now > self.last:
+            rate = info["images"] / (now - self.last)
+            self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
+        self.last = now
+        if self.progress is not None:
+            rate = f"  {self.rate:.1f} img/s" if self.rate else ""
+            self.progress.update(
+                self.task,
+                completed=info["step"],
+                status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}{rate}  "
+                f"lr {info['lr']:.2e}",
+            )
+
+    def on_log(self, r: dict) -> None:
+        if self.progress is None:
+            ips = f"{r['img_per_s']:.1f} img/s" if r["img_per_s"] else ""
+            err_console.print(
+                f"step {r['step']}  epoch {r['epoch']}  loss {r['loss']:.4f}  "
+                f"grad {r['grad_norm']:.3f}  lr {r['lr']:.2e}  {ips}  ema {r['ema_decay']:.4f}"
+            )
+
+    def on_skip(self, info: dict) -> None:
+        for _, reason in info["failed"]:
+            self._line(f"[yellow]warning:[/yellow] skipped (listed in skipped.txt): {reason}")
+
+    def on_sample(self, info: dict) -> None:
+        self._line(f"samples: {info['path']}")
+
+    def on_checkpoint(self, info: dict) -> None:
+        self._line(f"checkpoint at step {info['step']}: {info['path']}")
+
+    def on_end(self, info: dict) -> None:
+        self.close()
+        verb = "finished" if info["status"] == "done" else "stopped"
+        err_console.print(f"{verb} at step {info['step']}: {info['out']}")
+
+    def _line(self, text: str) -> None:
+        (self.progress.console if self.progress else err_console).print(f"[dim]{text}[/dim]")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def preflight_table(info: dict) -> Table:
+    report, config, model = info["report"], info["config"], info["model"]
+    s = info["data"]
+    table = Table(title="ddpm train", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    modes = ", ".join(f"{m} {n}" for m, n in sorted(s["modes"].items()))
+    rows = [
+        (
+            "data",
+            f"{s['source']}: {s['used']} images used of {s['found']} found"
+            + (f", {s['skipped']} skipped (see skipped.txt)" if s["skipped"] else ""),
+        ),
+        ("modes", modes or "-"),
+        (
+            "classes",
+            ", ".join(
+                f"{c} {n}" for c, n in zip(model.classes, s.get("class_counts", []), strict=False)
+            )
+            + f" (class-conditional, label dropped for {config.cond_drop:.0%}; "
+            "--unconditional ignores the subfolders)"
+            if model.classes
+            else "none (unconditional)",
+        ),
+        (
+            "sizes",
+            f"min {s['min_size'][0]}x{s['min_size'][1]}, median "
+            f"{s['median_size'][0]}x{s['median_size'][1]}, max "
+            f"{s['max_size'][0]}x{s['max_size'][1]}",
+        ),
+        (
+            "decoded",
+            f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size[0]}x"
+            f"{report.image_size[1]} uint8 (channels x height x width)"
+            + (
+                f"; streamed from disk, {config.workers} decoding processes"
+                if s.get("streamed")
+                else ", held in memory"
+            ),
+        ),
+        (
+            "model",
+            f"{config.preset}: {info['parameters']:,} parameters, channels "
+            f"{model.channels} x {','.join(map(str, model.channel_mult))}, "
+            f"attention at {','.join(map(str, model.attention_resolutions)) or 'none'}",
+        ),
+        (
+            "diffusion",
+            f"{info['diffusion'].schedule.value}, T={info['diffusion'].timesteps}, "
+            f"predicting {config.objective.value}",
+        ),
+        (
+            "training",
+            f"{info['total']} steps, batch {_batch(config, info.get('world', 1))}, "
+            f"lr {config.lr:g} (warm-up {config.warmup_steps}), EMA {config.ema_decay}, "
+            f"seed {config.seed}",
+        ),
+        (
+            "device",
+            f"{info['device']}, {config.precision.value}"
+            + (", compiled" if config.compile else ""),
+        ),
+        (
+            "run",
+            f"{info['out']}" + (f" (resuming at step {info['step']})" if info["resumed"] else ""),
+        ),
+    ]
+    world, stored = info.get("world", 1), info.get("stored_world", 1)
+    if info["resumed"] and world != stored:
+        now = config.batch_size * config.grad_accum * world
+        note = f"saved by {stored} processes, resumed by {world}: the global batch is now {now}"
+        rows.append(("note", note + " (docs/distributed.md)"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+class SampleProgress:
+    """Rich bars over images and over the denoising steps of the current batch on a terminal;
+    a plain line per batch otherwise."""
+
+    def __init__(self, quiet: bool, total: int, steps: int):
+        self.quiet, self.done, self.total = quiet, 0, total
+        self.progress = None
+        self.t = time.perf_counter()
+        if not quiet and err_console.is_terminal:
+            self.progress = count_bars()
+            self.images = self.progress.add_task("images", total=total)
+            self.steps = self.progress.add_task("denoise", total=steps)
+            self.progress.start()
+
+    def step(self, i: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.steps, completed=i, total=total)
+
+    def batch_done(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress.update(self.images, completed=self.done)
+        elif not self.quiet:
+            now = time.perf_counter()
+            err_console.print(f"{self.done}/{self.total} images ({now - self.t:.1f} s)")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
