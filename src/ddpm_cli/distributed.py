@@ -82,6 +82,16 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+def leave_together(d: Dist) -> None:
+    """Wait for every rank at the end of a job that went well, so that no process tears down
+    its connections while another still finishes (rank 0 writes the last checkpoint). A rank
+    that left early this way was seen to abort in gloo's teardown (exit -6), failing the job.
+    Not called on errors: the others may never arrive."""
+    if d.active:
+        with collective("finishing the job"):
+            dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -170,8 +170,10 @@ def train(
     d, device = distributed.init(resolve_device(config.device))
     with contextlib.ExitStack() as held:  # the process group, then the run directory's lock
         held.callback(distributed.shutdown)
-        return _train(source, config, diffusion, out, resume, on_event, should_stop, started,
-                      d, device, ckpt, model_config, stored_data, held)  # fmt: skip
+        result = _train(source, config, diffusion, out, resume, on_event, should_stop, started,
+                        d, device, ckpt, model_config, stored_data, held)  # fmt: skip
+        distributed.leave_together(d)
+        return result
 
 
 def _train(source, config, diffusion, out, resume, on_event, should_stop, started, d, device,

@@ -209,6 +209,7 @@ def sample(
         _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, out, grid,
                 trajectory, overwrite, seed, raw, batch_size, precision, compile,
                 trajectory_images, as_json, quiet, clip_given)  # fmt: skip
+        distributed.leave_together(d)
     finally:
         distributed.shutdown()
 
