@@ -88,7 +88,7 @@ def randn(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from `generator`, then moved to `device`."""
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    return to_device(torch.randn(shape, generator=generator, dtype=dtype), torch.device(device))
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -40,6 +40,8 @@ REQUIRED = {
 # a class-conditional model: num_class_embeds = classes + 1 ("no class"), and the class names
 # under this key, which diffusers keeps in the config and otherwise ignores
 CLASSES_KEY = "ddpm_classes"
+# the tensors a layer of each kind in name_pairs has, under the same names on both sides
+PLAIN = {"same": ("weight", "bias"), "embedding": ("weight",)}
 
 
 class InteropError(DataError):
@@ -242,9 +244,8 @@ def from_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict:
     out = {}
     try:
         for ours, theirs, kind in name_pairs(config):
-            if kind in ("same", "embedding"):
-                for p in ("weight", "bias") if kind == "same" else ("weight",):
-                    out[f"{ours}.{p}"] = state[f"{theirs}.{p}"]
+            if kind in PLAIN:
+                out |= {f"{ours}.{p}": state[f"{theirs}.{p}"] for p in PLAIN[kind]}
                 continue
             out[f"{ours}.norm.weight"] = state[f"{theirs}.group_norm.weight"]
             out[f"{ours}.norm.bias"] = state[f"{theirs}.group_norm.bias"]
@@ -262,9 +263,8 @@ def to_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
     """ddpm's UNet state dict as a UNet2DModel state dict."""
     out = {}
     for ours, theirs, kind in name_pairs(config):
-        if kind in ("same", "embedding"):
-            for p in ("weight", "bias") if kind == "same" else ("weight",):
-                out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
+        if kind in PLAIN:
+            out |= {f"{theirs}.{p}": state[f"{ours}.{p}"] for p in PLAIN[kind]}
             continue
         out[f"{theirs}.group_norm.weight"] = state[f"{ours}.norm.weight"]
         out[f"{theirs}.group_norm.bias"] = state[f"{ours}.norm.bias"]
