@@ -16,7 +16,9 @@ Workloads, per preset and implementation:
 Each implementation runs in its own process, so that peak memory (allocated on CUDA, resident
 set on the CPU) is its own, and nothing one warms up helps another. --peers needs the `bench`
 extra (diffusers, denoising-diffusion-pytorch); benchmarks/peers.py builds the peers at ddpm's
-configuration. Numbers print to stdout; nothing here asserts a speed.
+configuration. ddpm's process tunes the C allocator as the `ddpm` command does
+(device.tune_allocator); --tune-malloc-peers tunes the peers' processes too. Numbers print to
+stdout; nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from PIL import Image
 from ddpm_cli.batches import Batches
 from ddpm_cli.config import DiffusionConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import load_folder
-from ddpm_cli.device import resolve_device, to_device
+from ddpm_cli.device import resolve_device, to_device, tune_allocator
 from ddpm_cli.forward import network
 from ddpm_cli.presets import PRESETS, build_model_config
 from ddpm_cli.run import SYNC_EVERY
@@ -109,7 +111,9 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
 
     if impl == "ddpm":
         state = new_state(model_config, config, device)
-        net = compiled(state.model, device, False) if args.compile else state.model
+        net = state.model
+        if args.compile:
+            net = compiled(net, device, False, args.compile_mode)
         if device.type == "cuda":  # as run.py sets them
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
@@ -239,8 +243,12 @@ def parse_args(argv=None):
                    help="time every step of each sampler, not --sample-evals of them")  # fmt: skip
     p.add_argument("--images", type=int, default=256, help="PNG files in the data folder")
     p.add_argument("--compile", action="store_true", help="torch.compile ddpm's network")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for training (default: as ddpm train)")  # fmt: skip
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN times its kernels per shape, for the peers too")  # fmt: skip
+    p.add_argument("--tune-malloc-peers", action="store_true",
+                   help="the peers' processes keep large blocks mapped, as ddpm's do")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes with --stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -272,8 +280,10 @@ def main() -> None:
         options = argparse.Namespace(**spec["options"])
         device = resolve_device(options.device)
         torch.backends.cudnn.benchmark = bool(options.cudnn_benchmark)
+        tuned = spec["impl"] == "ddpm" or options.tune_malloc_peers  # as the `ddpm` command
+        tuned = tune_allocator() if tuned else False
         for row in worker(spec["impl"], spec["preset"], options, device, Path(spec["folder"])):
-            print(json.dumps(row), flush=True)
+            print(json.dumps({**row, "malloc_tuned": tuned}), flush=True)
         return
     device = resolve_device(args.device)
     impls = ["ddpm"]

@@ -8,7 +8,10 @@
 # compare  bench.py at the cifar10 preset, bf16, batch 128: ddpm (with and without cuDNN's
 #          kernel timing, with and without CUDA graphs) against diffusers and
 #          denoising-diffusion-pytorch; BASE=dir also runs an older checkout's bench.py
-# compile  the same with --compile (compilation time reported as warmup_s)
+# compile  training with --compile, per torch.compile mode (COMPILE_MODES, default
+#          "reduce-overhead max-autotune"; compilation time reported as warmup_s)
+# variants benchmarks/variants.py: ways of running the sampling network (eager, bf16 weights,
+#          CUDA graphs) at batch 256 and 32; VARIANTS= adds compiled ones
 # samples  whole 256-image samples: 1000 DDPM steps and 20 DPM-Solver++ steps, ddpm and diffusers
 # cli      `ddpm train` and `ddpm sample` as a user runs them, timed; a one-process torchrun
 #          job on NCCL
@@ -47,7 +50,7 @@ for what in "$@"; do
                 "${BENCH[@]}" --sample-evals 20 --samplers dpm++:20,ddpm:1000 \
                 | sed 's/"impl": "ddpm"/"impl": "ddpm-before"/' | tee -a "$OUT/compare.jsonl"
         fi
-        for flags in "" "--cudnn-benchmark"; do
+        for flags in ${COMPARE_FLAGS-"" "--cudnn-benchmark"}; do
             timeout 300 $PY benchmarks/bench.py "${BENCH[@]}" $flags --peers --sample-evals 20 \
                 --samplers dpm++:20,ddpm:1000 | sed "s/}$/, \"flags\": \"$flags\"}/" \
                 | tee -a "$OUT/compare.jsonl"
@@ -55,7 +58,7 @@ for what in "$@"; do
         DDPM_CUDA_GRAPHS=0 timeout 120 $PY benchmarks/bench.py "${BENCH[@]}" --cudnn-benchmark \
             --sample-evals 20 --samplers dpm++:20 \
             | sed 's/}$/, "flags": "--cudnn-benchmark, no graphs"}/' | tee -a "$OUT/compare.jsonl"
-        for b in 1 8 32; do  # small batches: where CUDA graphs should matter
+        for b in ${SMALL_BATCHES-1 8 32}; do  # small batches: where CUDA graphs should matter
             for graphs in 1 0; do
                 DDPM_CUDA_GRAPHS=$graphs timeout 60 $PY benchmarks/bench.py --preset cifar10 \
                     --precision bf16 --batch-size $b --steps 3 --warmup 1 --sample-evals 50 \
@@ -66,10 +69,17 @@ for what in "$@"; do
         ;;
     compile)
         stage compile
-        for mode in default reduce-overhead; do
-            timeout 170 $PY benchmarks/bench.py "${BENCH[@]}" --compile --compile-mode $mode \
+        for mode in ${COMPILE_MODES:-reduce-overhead max-autotune}; do
+            timeout 400 $PY benchmarks/bench.py "${BENCH[@]}" --compile --compile-mode $mode \
                 --sample-evals 20 --samplers dpm++:20 \
                 | sed "s/}$/, \"flags\": \"--compile-mode $mode\"}/" | tee -a "$OUT/compile.jsonl"
+        done
+        ;;
+    variants)
+        stage variants
+        for b in 256 32; do
+            timeout 300 $PY benchmarks/variants.py --batch $b \
+                --variants "${VARIANTS:-eager,pure,graphs,pure-graphs}" | tee -a "$OUT/variants.jsonl"
         done
         ;;
     samples)

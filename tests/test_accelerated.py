@@ -167,3 +167,96 @@ def test_a_cuda_run_logs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
               DiffusionConfig(), tmp_path / "nan")  # fmt: skip
     ckpt = load_checkpoint(tmp_path / "nan" / "model.safetensors")
     assert ckpt.step == 30 and all(torch.isfinite(v).all() for v in ckpt.tensors.values())
+
+
+def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
+    """device.place lays 4-D weights out NHWC (the activations' layout), and a resumed run's
+    Adam moments follow the weights (the fused kernel needs equal layouts; a saved moment is
+    contiguous). Resuming bit for bit is test_train's; this checks the layouts themselves."""
+    from ddpm_cli.checkpoint import load_checkpoint
+    from ddpm_cli.config import ModelConfig
+    from ddpm_cli.device import place
+    from ddpm_cli.train import new_state, resolve
+    from ddpm_cli.train_state import restore_state
+    from ddpm_cli.unet import UNet
+
+    model = place(UNet(ModelConfig(channels=32, channel_mult=(1, 2))), "cpu")
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # 3x3 kernels: the two layouts differ
+
+    (tmp_path / "pics").mkdir()
+    for i in range(8):
+        draw_shapes((12 + i, 12)).save(tmp_path / "pics" / f"{i}.png")
+    cfg = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=2,
+                      sample_every=0, log_every=1)  # fmt: skip
+    out = train(str(tmp_path / "pics"), cfg, DiffusionConfig(), tmp_path / "run").out
+    ckpt = load_checkpoint(out / "train_state.safetensors")
+    config = resolve(cfg, torch.device("cpu"), 8, 3)
+    state = new_state(ckpt_model_config(ckpt), config, torch.device("cpu"))
+    restore_state(state, ckpt, torch.device("cpu"))
+    for p in state.model.parameters():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert state.optimizer.state[p][moment].stride() == p.stride()
+
+
+def ckpt_model_config(ckpt):
+    from ddpm_cli.checkpoint import config_section
+    from ddpm_cli.config import ModelConfig
+
+    return config_section(ckpt, "model", ModelConfig)
+
+
+def test_bf16_sampling_runs_a_bf16_copy_close_to_float32():
+    """forward.network at bf16 runs bf16 weights (not autocast) and leaves the model alone;
+    its output is float32 and within bf16's rounding of the float32 network's."""
+    from ddpm_cli.config import ModelConfig
+    from ddpm_cli.device import place
+    from ddpm_cli.forward import network
+    from ddpm_cli.unet import UNet
+
+    torch.manual_seed(0)
+    model = place(UNet(ModelConfig(channels=32, channel_mult=(1, 2))), "cpu").eval()
+    for p in model.parameters():  # the zero-initialised output layers would hide everything
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        exact = model(x, t)
+        seen = []  # the dtypes the first convolution computed with (the copy keeps the hook)
+        model.conv_in.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+        bf16 = network(model, torch.device("cpu"), Precision.bf16, compile=False)(x, t)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert bf16.dtype == torch.float32 and exact.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    error = float((bf16 - exact).norm() / exact.norm())
+    assert 1e-4 < error < 2e-2  # bf16 arithmetic happened, and only bf16's rounding
+
+
+def test_tune_allocator_stops_the_page_faults_of_large_tensors():
+    """With glibc's defaults, every large tensor is mapped fresh from the kernel and its pages
+    fault in again; device.tune_allocator keeps them (checked in fresh processes)."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux's")
+    code = (
+        "import resource, torch\n"
+        "from ddpm_cli.device import tune_allocator\n"
+        "print(tune_allocator())\n"
+        "x = torch.randn(2**24)\n"  # 64 MiB: over glibc's largest automatic mmap threshold
+        "for _ in range(3): y = x * 2; del y\n"  # warm up
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10): y = x * 2; del y\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for tune in ("0", "1"):
+        env = {**__import__("os").environ, "DDPM_TUNE_MALLOC": tune}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+        faults[tune] = (out[0], int(out[1]))
+    assert faults["0"][0] == "False" and faults["1"][0] == "True"
+    # 10 blocks of 64 MiB: 16,384 pages each when mapped fresh (fewer with huge pages), none
+    # when kept
+    assert faults["0"][1] > 10 * 1000 and faults["1"][1] < 200, faults

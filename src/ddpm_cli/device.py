@@ -3,12 +3,17 @@
 `resolve_device("auto")` picks CUDA, then MPS, then the CPU. Sampling noise is drawn on the CPU
 from an explicit `torch.Generator` and then moved, so one seed gives the same images' noise on every
 device. Host-to-device copies go through `to_device`, which does not wait for the device.
+Networks go to their device through `place` (channels_last weights), and a CLI process tunes
+the C allocator for large tensors once (`tune_allocator`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import secrets
+import sys
 
 import torch
 
@@ -101,3 +106,41 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """`model` on `device` with its 4-D weights channels_last (NHWC), the layout the U-Net's
+    activations use there, except on MPS. With weights left NCHW, every convolution copied its
+    weight into NHWC in the forward pass and its weight gradient back in the backward pass:
+    5% of a cifar10 training step on the CPU (docs/benchmarks.md). Optimizer moments created
+    afterwards follow the weights' layout."""
+    device = torch.device(device)
+    model = model.to(device)
+    if device.type != "mps":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def tune_allocator() -> bool:
+    """Keep freed large blocks in the process instead of returning them to the system, on glibc
+    (Linux). By default glibc maps each block over a few MB fresh from the kernel and unmaps it
+    when freed, so every activation of every step faulted its pages in again, zero-filled:
+    30,000-150,000 page faults per cifar10 step, 4-6% of the time on the CPU
+    (docs/benchmarks.md). The cost is that the process keeps its peak memory until it exits,
+    which suits a command that trains or samples. DDPM_TUNE_MALLOC=0 leaves glibc as it is.
+    Returns whether the allocator was tuned."""
+    if os.environ.get("DDPM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # this process's C library
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # blocks up to 1 GiB come from the heap (older glibc refuses more than 32 MiB), and up to
+    # 2 GiB of free heap stays mapped
+    if not (mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

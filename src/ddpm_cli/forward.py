@@ -8,6 +8,7 @@ call instead of one Python dispatch each, which is what bounds small batches
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -24,21 +25,32 @@ def check_precision(precision: Precision, device: torch.device) -> None:
 
 
 def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
-    """model(x, t) as sampling runs it: compiled or not, under autocast for bf16 and fp16
-    (returning float32), and from CUDA graphs on CUDA."""
-    check_precision(precision, device)
-    net = torch.compile(model) if compile else model
-    forward = net
-    if precision is not Precision.fp32:
-        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+    """model(x, t[, y]) as sampling runs it, returning float32: compiled or not, from CUDA
+    graphs on CUDA. bf16 runs a bf16 copy of the weights on bf16 inputs; fp16 runs under
+    autocast.
 
-        def forward(*inputs):
-            with torch.autocast(device.type, dtype=dtype):
-                return net(*inputs).float()
+    bf16 weights instead of bf16 autocast: autocast casts every weight at every call and keeps
+    GroupNorm and SiLU in float32 (twice the memory traffic) before the next convolution casts
+    their output to bf16 anyway. On an H100 the network ran 26% faster (docs/benchmarks.md) at
+    the same distance from the float32 output. fp16 keeps autocast: its narrow range needs the
+    float32 normalisation."""
+    check_precision(precision, device)
+    if precision is Precision.bf16:
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    net = torch.compile(model) if compile else model
+
+    def forward(x, *inputs):
+        if precision is Precision.fp16:
+            with torch.autocast(device.type, dtype=torch.float16):
+                return net(x, *inputs).float()
+        return net(x.to(_DTYPE[precision]), *inputs).float()
 
     if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
         return GraphedForward(forward)
     return forward
+
+
+_DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 
 
 class GraphedForward:

@@ -29,7 +29,7 @@ from ddpm_cli.checkpoint import (
 )
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
 from ddpm_cli.data import available_memory
-from ddpm_cli.device import to_device
+from ddpm_cli.device import place, to_device
 from ddpm_cli.errors import DataError, UsageError
 from ddpm_cli.forward import guided, network
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
@@ -94,7 +94,7 @@ def load_for_sampling(
     check_state_dict(file, model.state_dict(), tensors)
     model.load_state_dict(tensors)
     return SamplingModel(
-        model=model.to(device).eval(),
+        model=place(model, device).eval(),
         model_config=model_config,
         diffusion=diffusion,
         objective=training.objective.value,

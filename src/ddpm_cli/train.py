@@ -24,7 +24,7 @@ import torch
 
 from ddpm_cli.config import ModelConfig, Precision, TrainConfig
 from ddpm_cli.data import to_model_range
-from ddpm_cli.device import to_device
+from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion import training_losses
 from ddpm_cli.errors import ConfigError, DdpmError
 from ddpm_cli.presets import preset_for
@@ -111,11 +111,15 @@ def resolve(
     )
 
 
-def compiled(forward: torch.nn.Module, device: torch.device, distributed: bool):
+def compiled(
+    forward: torch.nn.Module, device: torch.device, distributed: bool, mode: str | None = None
+):
     """torch.compile'd `forward`. On CUDA in one process with CUDA graphs as well
     ("reduce-overhead"): eager dispatch, not arithmetic, bounds the cifar10 preset's step on an
-    H100 (docs/benchmarks.md). DistributedDataParallel's gradient hooks stay outside graphs."""
-    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+    H100 (docs/benchmarks.md). DistributedDataParallel's gradient hooks stay outside graphs.
+    `mode` overrides that choice (torch.compile's modes; benchmarks/bench.py --compile-mode)."""
+    if mode is None:
+        mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
     # where compiling fails (no C compiler for Triton, an unsupported GPU), run eagerly: torch
     # logs a warning, and the run goes on at eager speed
     torch._dynamo.config.suppress_errors = True
@@ -138,7 +142,7 @@ class TrainState:
 
 def new_state(model_config: ModelConfig, config: TrainConfig, device: torch.device) -> TrainState:
     torch.manual_seed(config.seed)  # weight init and dropout
-    model = UNet(model_config).to(device)
+    model = place(UNet(model_config), device)  # before Adam: its moments follow the layout
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = make_adam(model, config.lr, device)
     scaler = torch.amp.GradScaler("cuda") if config.precision is Precision.fp16 else None

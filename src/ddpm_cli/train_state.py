@@ -65,6 +65,17 @@ def save_run(
     )
 
 
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's moments in their weights' memory layout (channels_last, device.place): they are
+    saved contiguous, and the fused kernel needs a moment laid out as its weight."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            moments = optimizer.state.get(p, {})
+            for name, v in moments.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    moments[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
     """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds."""
     t = ckpt.tensors
@@ -87,6 +98,7 @@ def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
         )
         for group, chosen in zip(state.optimizer.param_groups, kernels, strict=True):
             group.update(chosen)
+        _match_layouts(state.optimizer)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state does not fit the model ({e})"

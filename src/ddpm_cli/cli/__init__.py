@@ -17,6 +17,7 @@ from ddpm_cli.cli.interop import export, import_
 from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
+from ddpm_cli.device import tune_allocator
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -64,6 +65,7 @@ app.command(name="export", context_settings=CONTEXT)(export)
 
 def main() -> None:
     """Entry point of the `ddpm` script and of `python -m ddpm_cli`."""
+    tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
     app()
 
 

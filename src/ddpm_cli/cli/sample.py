@@ -131,7 +131,8 @@ def sample(
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
     precision: Annotated[
-        Precision, typer.Option("--precision", help="bf16/fp16 autocast (fp16: CUDA only).")
+        Precision,
+        typer.Option("--precision", help="bf16: bf16 weights; fp16: autocast (CUDA only)."),
     ] = Precision.fp32,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     device: DeviceOpt = "auto",
