@@ -4,7 +4,8 @@ the sampling network is fastest on this device (the experiments behind forward.n
     python benchmarks/variants.py --preset cifar10 --batch 256 --variants eager,graphs
     python benchmarks/variants.py --variants compile,compile-autotune --evals 50
 
-Variants (comma-separated; each is run under bf16 autocast unless named `pure`):
+Variants (comma-separated; each is run under bf16 autocast unless named `pure` or `fp32`):
+  fp32, fp32-compile    float32, eager and torch.compile'd (for the CPU)
   eager             the network as it is, channels_last weights (device.place)
   pure              weights cast to bf16 once, inputs bf16, no autocast
   graphs, pure-graphs   the above replayed from a CUDA graph (forward.GraphedForward)
@@ -42,6 +43,8 @@ def variant(name: str, model: UNet, device: torch.device):
         net = torch.compile(net, mode=mode)
 
     def forward(x, t):
+        if name.startswith("fp32"):
+            return net(x, t)
         if pure:
             return net(x.to(torch.bfloat16), t).float()
         with torch.autocast(device.type, dtype=torch.bfloat16):
