@@ -11,6 +11,8 @@ the samples and images of the training data (nothing here needs downloaded weigh
   distributions. The 8x8 figure of two independent sets of 256 data images is the noise floor.
 - grain: the mean absolute response to a 3x3 Laplacian, relative to the data's (1.0 = as
   smooth as the data; leftover noise pushes it up).
+- vs first: with several --precision values, the mean absolute difference from the first
+  precision's samples of the same seeds, in 8-bit levels.
 
 Numbers print to stdout; this is an experiment that informs defaults, not a test.
 """
@@ -78,26 +80,32 @@ def main() -> None:
     p.add_argument("-n", type=int, default=256, help="samples per row")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
     args = p.parse_args()
     device = torch.device("cpu")
     data = DATASETS["shapes"](size=32)[0].float() / 127.5 - 1
     data = data[torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(1))]
     floor = scores(data[: args.n], data[args.n : 2 * args.n])
     print(f"# noise floor (two sets of {args.n} data images): " + _fmt(floor))
-    print(f"{'checkpoint':<28} {'sampler':<18} {'s/img':>7} {'swd32':>7} {'swd8':>7} {'grain':>6}")
+    print(f"{'checkpoint':<28} {'sampler':<18} {'prec':<5} {'s/img':>7} {'swd32':>7} {'swd8':>7} "
+          f"{'grain':>6} {'vs first':>8}")  # fmt: skip
     for path in args.checkpoints:
         sm = load_for_sampling(path, device=device)
         for spec in args.samplers.split(","):
             config = parse_sampler(spec)
-            t0 = time.perf_counter()
-            batches = generate(
-                sm, config, list(range(args.n)), args.seed, args.batch_size, device, Precision.fp32
-            )
-            samples = torch.cat([x for _, x in batches])
-            seconds = (time.perf_counter() - t0) / args.n
-            s = scores(samples, data)
-            name = f"{path.split('/')[-2] if '/' in path else path} ({sm.objective})"
-            print(f"{name:<28} {spec:<18} {seconds:>7.3f} " + _fmt(s, short=True), flush=True)
+            first = None  # the first precision's samples: the same seeds, pixel by pixel
+            for precision in args.precision.split(","):
+                t0 = time.perf_counter()
+                batches = generate(sm, config, list(range(args.n)), args.seed, args.batch_size,
+                                   device, Precision(precision))  # fmt: skip
+                samples = torch.cat([x for _, x in batches])
+                seconds = (time.perf_counter() - t0) / args.n
+                first = samples if first is None else first
+                apart = float((samples - first).abs().mean()) * 127.5  # in 8-bit levels
+                s = scores(samples, data)
+                name = f"{path.split('/')[-2] if '/' in path else path} ({sm.objective})"
+                print(f"{name:<28} {spec:<18} {precision:<5} {seconds:>7.3f} "
+                      + _fmt(s, short=True) + f" {apart:>8.2f}", flush=True)  # fmt: skip
 
 
 def _fmt(s: dict, short: bool = False) -> str:

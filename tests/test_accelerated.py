@@ -247,7 +247,7 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
         "x = torch.randn(2**24)\n"  # 64 MiB: over glibc's largest automatic mmap threshold
         "for _ in range(3): y = x * 2; del y\n"  # warm up
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(10): y = x * 2; del y\n"
+        "for _ in range(20): y = x * 2; del y\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
     faults = {}
@@ -257,6 +257,7 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
                              text=True, check=True).stdout.split()  # fmt: skip
         faults[tune] = (out[0], int(out[1]))
     assert faults["0"][0] == "False" and faults["1"][0] == "True"
-    # 10 blocks of 64 MiB: 16,384 pages each when mapped fresh (fewer with huge pages), none
-    # when kept
-    assert faults["0"][1] > 10 * 1000 and faults["1"][1] < 200, faults
+    # 20 blocks of 64 MiB: 16,384 pages each when mapped fresh (fewer with huge pages). Kept,
+    # none, except that now and then a small allocation lands in a freed block and the next
+    # one comes from fresh pages (seen: 0 to 4 blocks of 20, in 12 runs)
+    assert faults["0"][1] > 20 * 10_000 and faults["1"][1] < faults["0"][1] / 3, faults

@@ -101,6 +101,8 @@ def test_the_recorded_command_redraws_the_image(runner, runs, tmp_path, monkeypa
     command = text_chunks(tmp_path / "000003.png")["ddpm:command"]
     args = shlex.split(command)
     assert args[:3] == ["ddpm", "sample", "model.safetensors"] and "--eta" in args
+    # the default precision depends on the device, so the command names the one used
+    assert "--precision fp32" in command
     monkeypatch.chdir(runs["v"])
     again = runner.invoke(app, [*args[1:], "-o", "-", "-q"])
     assert again.exit_code == 0, again.output
@@ -284,3 +286,20 @@ def test_compiled_sampling_matches_eager(runner, runs, tmp_path):
         a = torch.tensor(list(Image.open(tmp_path / "eager" / f"00000{i}.png").getdata()))
         b = torch.tensor(list(Image.open(tmp_path / "compiled" / f"00000{i}.png").getdata()))
         assert (a - b).abs().max() <= 1  # the same images, up to rounding
+
+
+def test_the_default_precision_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monkeypatch):
+    from ddpm_cli.config import Precision
+    from ddpm_cli.errors import ConfigError
+    from ddpm_cli.forward import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision(None, cpu) is Precision.fp32
+    assert resolve_precision(Precision.bf16, cpu) is Precision.bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision(None, cuda) is Precision.bf16
+    assert resolve_precision(Precision.fp32, cuda) is Precision.fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(None, cuda) is Precision.fp32
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision(Precision.fp16, cpu)

@@ -19,9 +19,24 @@ from ddpm_cli.errors import ConfigError
 from ddpm_cli.unet import UNet
 
 
+def default_precision(device: torch.device) -> Precision:
+    """bf16 on a CUDA device that has it, fp32 elsewhere: on the CPUs measured, bf16 was
+    slower than fp32 (docs/benchmarks.md). Sampling in bf16 drew images 0.2-0.3 of an 8-bit
+    level from fp32's, at the same distance from the data (docs/sampling.md)."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Precision.bf16 if bf16_ok else Precision.fp32
+
+
 def check_precision(precision: Precision, device: torch.device) -> None:
     if precision is Precision.fp16 and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+
+
+def resolve_precision(precision: Precision | None, device: torch.device) -> Precision:
+    """The user's precision, or the device's default for None; refused where it cannot run."""
+    precision = default_precision(device) if precision is None else precision
+    check_precision(precision, device)
+    return precision
 
 
 def network(model: UNet, device: torch.device, precision: Precision, compile: bool):

@@ -289,8 +289,8 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
         parts.append("--no-clip")
     if text["ddpm:weights"] == "raw":
         parts.append("--raw")
-    if text["ddpm:precision"] != "fp32":
-        parts.append(f"--precision {text['ddpm:precision']}")
+    # always named: the default depends on the device (forward.default_precision)
+    parts.append(f"--precision {text['ddpm:precision']}")
     if "ddpm:class" in text:
         parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
         if float(text.get("ddpm:guidance", 0)):

@@ -26,7 +26,8 @@ from ddpm_cli.config import ModelConfig, Precision, TrainConfig
 from ddpm_cli.data import to_model_range
 from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion import training_losses
-from ddpm_cli.errors import ConfigError, DdpmError
+from ddpm_cli.errors import DdpmError
+from ddpm_cli.forward import resolve_precision
 from ddpm_cli.presets import preset_for
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.unet import UNet
@@ -76,12 +77,7 @@ def resolve(
     """Fill in the values left as None ("auto") from the device and data; refuse bad mixes.
     `world` processes each take `batch_size` images of every global batch."""
     accelerated = device.type in ("cuda", "mps")
-    precision = config.precision
-    if precision is None:
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = Precision.bf16 if bf16_ok else Precision.fp32
-    if precision is Precision.fp16 and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+    precision = resolve_precision(config.precision, device)
     batch = config.batch_size or (128 if device.type == "cuda" else 32)
     preset = (
         config.preset if config.preset != "auto" else preset_for(config.image_size, accelerated)

@@ -25,7 +25,7 @@ from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.evaluation import likelihood, sample_quality
 from ddpm_cli.fid import STANDARD_N, WEIGHTS_NAME, check_weights
-from ddpm_cli.forward import check_precision
+from ddpm_cli.forward import resolve_precision
 from ddpm_cli.likelihood import VARIANCES
 from ddpm_cli.sampling import check_model, load_for_sampling
 
@@ -109,9 +109,14 @@ def eval_(
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
     precision: Annotated[
-        Precision,
-        typer.Option("--precision", help="Sampling precision for --fid-ref (the bound is fp32)."),
-    ] = Precision.fp32,
+        Precision | None,
+        typer.Option(
+            "--precision",
+            help="Sampling precision for --fid-ref (the bound is fp32). Default: bf16 on CUDA "
+            "with bf16 support, else fp32.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -137,7 +142,7 @@ def eval_(
     if fid_ref is not None:
         check_weights(inception_weights)
     dev = resolve_device(device)
-    check_precision(precision, dev)
+    precision = resolve_precision(precision, dev)
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     check_model(sm)
     T = sm.diffusion.timesteps

@@ -25,7 +25,7 @@ from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
-from ddpm_cli.forward import check_precision
+from ddpm_cli.forward import resolve_precision
 from ddpm_cli.images import encode_png
 from ddpm_cli.sampling import (
     Trajectory,
@@ -131,9 +131,14 @@ def sample(
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
     precision: Annotated[
-        Precision,
-        typer.Option("--precision", help="bf16: bf16 weights; fp16: autocast (CUDA only)."),
-    ] = Precision.fp32,
+        Precision | None,
+        typer.Option(
+            "--precision",
+            help="Default: bf16 on CUDA with bf16 support, else fp32. bf16 runs bf16 weights; "
+            "fp16 runs under autocast (CUDA only).",
+            show_default=False,
+        ),
+    ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     device: DeviceOpt = "auto",
     trajectory: Annotated[
@@ -221,7 +226,7 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
     """Draw images start.. start+num-1 (of each class asked for; in a torchrun job, this
     rank's share) and write them."""
     to_stdout = STDIO in (out, grid)
-    check_precision(precision, dev)
+    precision = resolve_precision(precision, dev)
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     labels = resolve_classes(classes, sm) if classes else None
     names = sm.model_config.classes
