@@ -146,9 +146,13 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
 
         peer = copy_model(trainer.model)
         params = parameters(peer)
+        pure = args.peers_bf16_weights and prec == "bf16"  # as ddpm's forward.network runs
+        peer = peer.to(torch.bfloat16) if pure else peer
 
         def model(x, t):
-            return peer(x, t).sample if impl == "diffusers" else peer(x, t)
+            x = x.to(torch.bfloat16) if pure else x
+            out = peer(x, t).sample if impl == "diffusers" else peer(x, t)
+            return out.float() if pure else out
 
     seconds, wait, warm = timed(train_once, args.steps, args.warmup, device)
     feed.close()
@@ -158,7 +162,10 @@ def worker(impl: str, preset: str, args, device: torch.device, folder: Path) -> 
              "warmup_s": warm, "peak_mem_mb": peak_memory(device)}]  # fmt: skip
 
     g = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+    pure = impl != "ddpm" and args.peers_bf16_weights  # no autocast over bf16 weights
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=prec == "bf16" and not pure
+    )
     ns = args.sample_batch or n
     x = torch.randn(ns, report.channels, size, size, generator=g).to(device)
     t = torch.randint(0, 1000, (ns,), generator=g).to(device)
@@ -247,6 +254,8 @@ def parse_args(argv=None):
                    help="torch.compile mode for training (default: as ddpm train)")  # fmt: skip
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN times its kernels per shape, for the peers too")  # fmt: skip
+    p.add_argument("--peers-bf16-weights", action="store_true",
+                   help="bf16: peers sample on bf16 weights, as ddpm (else autocast)")  # fmt: skip
     p.add_argument("--tune-malloc-peers", action="store_true",
                    help="the peers' processes keep large blocks mapped, as ddpm's do")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="decode batches from disk (workers)")

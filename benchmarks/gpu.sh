@@ -9,7 +9,7 @@
 #          kernel timing, with and without CUDA graphs) against diffusers and
 #          denoising-diffusion-pytorch; BASE=dir also runs an older checkout's bench.py
 # compile  training with --compile, per torch.compile mode (COMPILE_MODES, default
-#          "reduce-overhead max-autotune"; compilation time reported as warmup_s)
+#          reduce-overhead; compilation time reported as warmup_s)
 # variants benchmarks/variants.py: ways of running the sampling network (eager, bf16 weights,
 #          CUDA graphs) at batch 256 and 32; VARIANTS= adds compiled ones
 # samples  whole 256-image samples: 1000 DDPM steps and 20 DPM-Solver++ steps, ddpm and diffusers
@@ -69,7 +69,7 @@ for what in "$@"; do
         ;;
     compile)
         stage compile
-        for mode in ${COMPILE_MODES:-reduce-overhead max-autotune}; do
+        for mode in ${COMPILE_MODES:-reduce-overhead}; do  # max-autotune: over 200 s each
             timeout 400 $PY benchmarks/bench.py "${BENCH[@]}" --compile --compile-mode $mode \
                 --sample-evals 20 --samplers dpm++:20 \
                 | sed "s/}$/, \"flags\": \"--compile-mode $mode\"}/" | tee -a "$OUT/compile.jsonl"

@@ -7,9 +7,11 @@ bench.py runs each implementation in its own process, one after the other, so a 
 speed drifts over minutes (a shared CPU) moves the ratio between runs. Here both networks, at
 the identical configuration (benchmarks/peers.py), take turns within each round: a training
 step (ddpm: train.train_step; diffusers: its example's step) or a forward pass of the same
-batch. Each prints one JSON line per workload with the median seconds per call of each, the
-ratio of the medians, and the ratio's range over the rounds. Both share this process's memory
-allocator: --tune-malloc applies ddpm's setting (device.tune_allocator) to both.
+batch (in bf16, ddpm runs bf16 weights as `ddpm sample` does, and diffusers autocast unless
+--peer-bf16-weights). Each prints one JSON line per workload with the median seconds per call
+of each, the ratio of the medians, and the ratio's range over the rounds. Both share this
+process's memory allocator: --tune-malloc applies ddpm's setting (device.tune_allocator) to
+both.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--workload", choices=["train", "forward", "both"], default="both")
     p.add_argument("--tune-malloc", action="store_true")
+    p.add_argument("--peer-bf16-weights", action="store_true",
+                   help="bf16 forward: diffusers on bf16 weights too (else autocast)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     from peers import PeerTrainer, copy_model
@@ -62,6 +66,8 @@ def main() -> None:
 
     ours_net = network(state.ema, device, Precision(args.precision), compile=False)
     theirs_net = copy_model(peer.model)
+    pure = args.peer_bf16_weights and args.precision == "bf16"
+    theirs_net = theirs_net.to(torch.bfloat16) if pure else theirs_net
     x = torch.randn(n, 3, 32, 32, generator=g).to(device)
     t = torch.randint(0, 1000, (n,), generator=g).to(device)
 
@@ -70,6 +76,9 @@ def main() -> None:
             ours_net(x, t)
 
     def theirs_forward():
+        if pure:
+            with torch.no_grad():
+                return theirs_net(x.to(torch.bfloat16), t).sample.float()
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
                                              enabled=args.precision == "bf16"):  # fmt: skip
             theirs_net(x, t)
@@ -92,6 +101,7 @@ def main() -> None:
         print(json.dumps({
             "workload": name, "preset": args.preset, "precision": args.precision, "batch": n,
             "device": str(device), "malloc_tuned": tuned, "rounds": args.rounds,
+            "peer_bf16_weights": pure,
             "ddpm_s": med["ddpm"], "diffusers_s": med["diffusers"],
             "ddpm_img_per_s": n / med["ddpm"], "diffusers_img_per_s": n / med["diffusers"],
             "ddpm_is": med["diffusers"] / med["ddpm"],

@@ -6,6 +6,8 @@ the CPU here."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,15 +95,17 @@ def test_resident_batches_equal_the_host_batches_byte_for_byte():
 
 
 @cuda
-@pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
+@pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16, Precision.fp16])
 @pytest.mark.parametrize("classes", [(), ("a", "b")])
 def test_cuda_graphs_replay_the_eager_network(precision, classes):
+    from ddpm_cli.device import place
     from ddpm_cli.forward import GraphedForward, guided, network
     from ddpm_cli.presets import build_model_config
     from ddpm_cli.unet import UNet
 
     torch.manual_seed(0)
-    model = UNet(build_model_config("tiny", (16, 16), 3, classes=classes)).cuda().eval()
+    model = UNet(build_model_config("tiny", (16, 16), 3, classes=classes))
+    model = place(model, torch.device("cuda")).eval()  # channels_last weights, as sampling has
     for p in model.parameters():  # the zero-initialised layers would hide a wrong replay
         p.data.normal_(0, 0.05)
     graphed = network(model, torch.device("cuda"), precision, compile=False)
@@ -176,6 +180,7 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     from ddpm_cli.checkpoint import load_checkpoint
     from ddpm_cli.config import ModelConfig
     from ddpm_cli.device import place
+    from ddpm_cli.sampling import load_for_sampling
     from ddpm_cli.train import new_state, resolve
     from ddpm_cli.train_state import restore_state
     from ddpm_cli.unet import UNet
@@ -194,6 +199,9 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     ckpt = load_checkpoint(out / "train_state.safetensors")
     config = resolve(cfg, torch.device("cpu"), 8, 3)
     state = new_state(ckpt_model_config(ckpt), config, torch.device("cpu"))
+    for model in (state.model, state.ema, load_for_sampling(out / "model.safetensors").model):
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     restore_state(state, ckpt, torch.device("cpu"))
     for p in state.model.parameters():
         for moment in ("exp_avg", "exp_avg_sq"):
@@ -240,6 +248,9 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt is Linux's")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        pytest.skip("transparent huge pages fault 2 MiB at a time: too few faults to count")
     code = (
         "import resource, torch\n"
         "from ddpm_cli.device import tune_allocator\n"
@@ -252,7 +263,8 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
     )
     faults = {}
     for tune in ("0", "1"):
-        env = {**__import__("os").environ, "DDPM_TUNE_MALLOC": tune}
+        # THP_MEM_ALLOC_ENABLE=1 would have torch ask for huge pages (as above)
+        env = {**os.environ, "DDPM_TUNE_MALLOC": tune, "THP_MEM_ALLOC_ENABLE": "0"}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout.split()  # fmt: skip
         faults[tune] = (out[0], int(out[1]))
@@ -261,3 +273,13 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
     # none, except that now and then a small allocation lands in a freed block and the next
     # one comes from fresh pages (seen: 0 to 4 blocks of 20, in 12 runs)
     assert faults["0"][1] > 20 * 10_000 and faults["1"][1] < faults["0"][1] / 3, faults
+
+
+def test_the_ddpm_process_tunes_the_allocator_before_running_a_command(monkeypatch, capsys):
+    import ddpm_cli.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append("tuned"))
+    monkeypatch.setattr(cli, "app", lambda: calls.append("command"))
+    cli.main()
+    assert calls == ["tuned", "command"]

@@ -288,7 +288,7 @@ def test_compiled_sampling_matches_eager(runner, runs, tmp_path):
         assert (a - b).abs().max() <= 1  # the same images, up to rounding
 
 
-def test_the_default_precision_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monkeypatch):
+def test_the_default_precision_is_bf16_on_ampere_and_later_and_fp32_elsewhere(monkeypatch):
     from ddpm_cli.config import Precision
     from ddpm_cli.errors import ConfigError
     from ddpm_cli.forward import resolve_precision
@@ -296,10 +296,31 @@ def test_the_default_precision_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monk
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_precision(None, cpu) is Precision.fp32
     assert resolve_precision(Precision.bf16, cpu) is Precision.bf16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision(None, cuda) is Precision.bf16
+    asked = []
+
+    def capability(device, major):
+        asked.append(device)
+        return (major, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability(d, 8))
+    assert resolve_precision(None, cuda) is Precision.bf16  # A100, H100 and later
     assert resolve_precision(Precision.fp32, cuda) is Precision.fp32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision(None, cuda) is Precision.fp32
+    # a T4 or V100 only emulates bf16 (torch.cuda.is_bf16_supported() says yes there)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability(d, 7))
+    assert resolve_precision(None, torch.device("cuda", 1)) is Precision.fp32
+    assert asked[-1] == torch.device("cuda", 1)  # the device asked about, not the current one
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision(Precision.fp16, cpu)
+
+
+def test_sample_takes_the_devices_default_precision(runner, runs, tmp_path, monkeypatch):
+    """Without --precision, `ddpm sample` samples at forward.default_precision (bf16 on a
+    recent GPU); here the CPU is made to claim bf16 as its default."""
+    import ddpm_cli.forward as forward
+    from ddpm_cli.config import Precision
+
+    monkeypatch.setattr(forward, "default_precision", lambda device: Precision.bf16)
+    r = sample(runner, runs["v"] / "model.safetensors", "-n", 1, "-o", tmp_path, "--seed", 1)
+    assert r.exit_code == 0, r.output
+    text = text_chunks(tmp_path / "000000.png")
+    assert text["ddpm:precision"] == "bf16" and "--precision bf16" in text["ddpm:command"]

@@ -30,6 +30,7 @@ from ddpm_cli.fid import (
     stats_key,
     store_features,
 )
+from ddpm_cli.forward import resolve_precision
 from ddpm_cli.likelihood import bound, evaluations, image_batches
 from ddpm_cli.sampling import SamplingModel, default_batch_size, generate, with_model_defaults
 from ddpm_cli.schedules import DiffusionTables
@@ -130,7 +131,7 @@ def sample_quality(
     seed: int,
     batch_size: int | None,
     device: torch.device,
-    precision: Precision = Precision.fp32,
+    precision: Precision | None = None,
     weights: Path | None = None,
     use_cache: bool = True,
     progress: Progress = lambda task, done, total: None,
@@ -138,6 +139,7 @@ def sample_quality(
     """FID and KID between n samples (image k as `ddpm sample --seed SEED` draws it) and every
     image of `reference`, decoded at the model's size and channels. The reference features are
     cached under the user cache directory, keyed by the reference's files and the weights."""
+    precision = resolve_precision(precision, device)
     start = time.perf_counter()
     features, digest = load_inception(weights, device)
     size, channels = sm.model_config.image_size, sm.model_config.in_channels

@@ -20,11 +20,13 @@ from ddpm_cli.unet import UNet
 
 
 def default_precision(device: torch.device) -> Precision:
-    """bf16 on a CUDA device that has it, fp32 elsewhere: on the CPUs measured, bf16 was
-    slower than fp32 (docs/benchmarks.md). Sampling in bf16 drew images 0.2-0.3 of an 8-bit
-    level from fp32's, at the same distance from the data (docs/sampling.md)."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return Precision.bf16 if bf16_ok else Precision.fp32
+    """bf16 on a CUDA device that computes in it (compute capability 8.0, Ampere, and later),
+    fp32 elsewhere: older GPUs only emulate bf16 (cuDNN has no bf16 convolutions there), and
+    on the CPUs measured bf16 was slower than fp32 (docs/benchmarks.md). Sampling in bf16 drew
+    images 0.2-0.3 of an 8-bit level from fp32's, at the same distance from the data
+    (docs/sampling.md)."""
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return Precision.bf16 if native else Precision.fp32
 
 
 def check_precision(precision: Precision, device: torch.device) -> None:

@@ -253,8 +253,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         state.batch_in_epoch = seen // batches.batch_size
         total = _steps_left_by_epoch(config, state, batches.per_epoch, total)
     tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
-    if device.type == "cuda":  # (the U-Net makes its activations channels_last itself; the
-        # weights stay contiguous, so restored Adam moments match them for the fused kernel)
+    if device.type == "cuda":  # (weights are channels_last from new_state, device.place)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: +19% img/s (docs/benchmarks.md)
     forward = state.model

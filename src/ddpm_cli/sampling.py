@@ -31,7 +31,7 @@ from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConf
 from ddpm_cli.data import available_memory
 from ddpm_cli.device import place, to_device
 from ddpm_cli.errors import DataError, UsageError
-from ddpm_cli.forward import guided, network
+from ddpm_cli.forward import guided, network, resolve_precision
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
@@ -163,7 +163,7 @@ def generate(
     seed: int,
     batch_size: int,
     device: torch.device,
-    precision: Precision = Precision.fp32,
+    precision: Precision | None = None,
     compile: bool = False,
     trajectory: Trajectory | None = None,
     trajectory_images: int = 0,
@@ -176,8 +176,10 @@ def generate(
     For a class-conditional model, `labels` (one per index) are the images' classes, sampled
     with classifier-free guidance of weight `guidance`; without labels it samples with no
     class. With `trajectory`, the first `trajectory_images` images of the first batch are
-    recorded at up to TRAJECTORY_FRAMES evenly spread steps.
+    recorded at up to TRAJECTORY_FRAMES evenly spread steps. `precision` None is the device's
+    default, as for `ddpm sample` (forward.default_precision).
     """
+    precision = resolve_precision(precision, device)
     sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
     tables = DiffusionTables.from_config(sm.diffusion).to(device, torch.float32)
     net = network(sm.model, device, precision, compile)
