@@ -48,17 +48,22 @@ def test_check_finite_names_the_first_bad_step():
     check_finite([good, inf_norm], TrainConfig(precision=Precision.fp16))
 
 
-def test_a_run_resumed_on_another_kind_of_device_reseeds_its_noise(tmp_path):
-    """A train state whose noise generator came from the other kind of device (CUDA's is 16
-    bytes, the CPU's 5056) continues with fresh, seeded draws instead of failing."""
-    from ddpm_cli.checkpoint import load_checkpoint, save_checkpoint
-
+def tiny_run(tmp_path):
+    """A 2-step CPU run of the tiny preset on 8 drawn images: (its TrainConfig, its directory)."""
     (tmp_path / "pics").mkdir()
     for i in range(8):
         draw_shapes((12 + i, 12)).save(tmp_path / "pics" / f"{i}.png")
     cfg = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=2,
                       sample_every=0, log_every=1)  # fmt: skip
-    out = train(str(tmp_path / "pics"), cfg, DiffusionConfig(), tmp_path / "run").out
+    return cfg, train(str(tmp_path / "pics"), cfg, DiffusionConfig(), tmp_path / "run").out
+
+
+def test_a_run_resumed_on_another_kind_of_device_reseeds_its_noise(tmp_path):
+    """A train state whose noise generator came from the other kind of device (CUDA's is 16
+    bytes, the CPU's 5056) continues with fresh, seeded draws instead of failing."""
+    from ddpm_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, out = tiny_run(tmp_path)
     state = out / "train_state.safetensors"
     ckpt = load_checkpoint(state)
     tensors = dict(ckpt.tensors)
@@ -177,7 +182,7 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     """device.place lays 4-D weights out NHWC (the activations' layout), and a resumed run's
     Adam moments follow the weights (the fused kernel needs equal layouts; a saved moment is
     contiguous). Resuming bit for bit is test_train's; this checks the layouts themselves."""
-    from ddpm_cli.checkpoint import load_checkpoint
+    from ddpm_cli.checkpoint import config_section, load_checkpoint
     from ddpm_cli.config import ModelConfig
     from ddpm_cli.device import place
     from ddpm_cli.sampling import load_for_sampling
@@ -190,15 +195,10 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert not all(p.is_contiguous() for p in convs)  # 3x3 kernels: the two layouts differ
 
-    (tmp_path / "pics").mkdir()
-    for i in range(8):
-        draw_shapes((12 + i, 12)).save(tmp_path / "pics" / f"{i}.png")
-    cfg = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1, steps=2,
-                      sample_every=0, log_every=1)  # fmt: skip
-    out = train(str(tmp_path / "pics"), cfg, DiffusionConfig(), tmp_path / "run").out
+    cfg, out = tiny_run(tmp_path)
     ckpt = load_checkpoint(out / "train_state.safetensors")
     config = resolve(cfg, torch.device("cpu"), 8, 3)
-    state = new_state(ckpt_model_config(ckpt), config, torch.device("cpu"))
+    state = new_state(config_section(ckpt, "model", ModelConfig), config, torch.device("cpu"))
     for model in (state.model, state.ema, load_for_sampling(out / "model.safetensors").model):
         convs = [p for p in model.parameters() if p.dim() == 4]
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -206,13 +206,6 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     for p in state.model.parameters():
         for moment in ("exp_avg", "exp_avg_sq"):
             assert state.optimizer.state[p][moment].stride() == p.stride()
-
-
-def ckpt_model_config(ckpt):
-    from ddpm_cli.checkpoint import config_section
-    from ddpm_cli.config import ModelConfig
-
-    return config_section(ckpt, "model", ModelConfig)
 
 
 def test_bf16_sampling_runs_a_bf16_copy_close_to_float32():

@@ -134,7 +134,7 @@ def sample(
         Precision | None,
         typer.Option(
             "--precision",
-            help="Default: bf16 on CUDA with bf16 support, else fp32. bf16 runs bf16 weights; "
+            help="Default: bf16 on CUDA GPUs from Ampere on, else fp32. bf16 runs bf16 weights; "
             "fp16 runs under autocast (CUDA only).",
             show_default=False,
         ),
