@@ -324,3 +324,12 @@ def test_sample_takes_the_devices_default_precision(runner, runs, tmp_path, monk
     assert r.exit_code == 0, r.output
     text = text_chunks(tmp_path / "000000.png")
     assert text["ddpm:precision"] == "bf16" and "--precision bf16" in text["ddpm:command"]
+
+
+def test_the_report_counts_one_image_in_the_singular(runner, runs, tmp_path):
+    model = str(runs["v"] / "model.safetensors")
+    for n, words in ((1, "1 image"), (2, "2 images")):
+        r = runner.invoke(app, ["sample", model, "-n", str(n), "-o", str(tmp_path / str(n))])
+        assert r.exit_code == 0, r.output
+        report = " ".join(r.stderr.split())  # the console wraps long lines
+        assert f"): {words}, " in report and f" {words} in " in report, report

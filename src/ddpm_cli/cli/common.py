@@ -19,6 +19,11 @@ from ddpm_cli.errors import DdpmError
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def count(n: int, noun: str) -> str:
+    """'1 image', '3 images': a number with its noun (regular plurals)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def error_line(message: str) -> None:
     """One red line on stderr (line breaks inside the message, say from a damaged file's
     metadata quoted in it, are shown escaped)."""

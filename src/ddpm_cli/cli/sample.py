@@ -18,6 +18,7 @@ from ddpm_cli.cli.common import (
     QuietOpt,
     RawOpt,
     SeedOpt,
+    count,
     err_console,
 )
 from ddpm_cli.cli.views import SampleProgress
@@ -251,8 +252,9 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
             which = f" of {', '.join(names[c] for c in labels)}, guidance {guidance:g}"
         err_console.print(
             f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
-            f"{total} images{which}{share}, {resolved.sampler.value} {resolved.steps} steps "
-            f"({resolved.spacing}), seed {seed}, batch {batch}, {dev}, {precision.value}"
+            f"{count(total, 'image')}{which}{share}, {resolved.sampler.value} "
+            f"{resolved.steps} steps ({resolved.spacing}), seed {seed}, batch {batch}, {dev}, "
+            f"{precision.value}"
         )
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
@@ -298,7 +300,7 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
             view.batch_done(len(chunk))
     except KeyboardInterrupt:
         view.close()
-        err_console.print(f"[yellow]interrupted[/yellow]: {len(written)} images written")
+        err_console.print(f"[yellow]interrupted[/yellow]: {count(len(written), 'image')} written")
         raise typer.Exit(130) from None
     view.close()
     seconds = time.perf_counter() - t0
@@ -323,7 +325,7 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
 
     if not quiet:
         err_console.print(
-            f"{total} images in {seconds:.1f} s ({total / seconds:.2f} img/s)"
+            f"{count(total, 'image')} in {seconds:.1f} s ({total / seconds:.2f} img/s)"
             + (f"; grid {grid_path}" if grid_path else "")
             + (f"; trajectory {trajectory}" if trajectory else "")
         )
