@@ -20,6 +20,7 @@ difference from the eager fp32 output relative to its scale (a check, not a spee
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -33,11 +34,7 @@ from ddpm_cli.unet import UNet
 
 def variant(name: str, model: UNet, device: torch.device):
     pure = name.startswith("pure")
-    net = model
-    if pure:
-        net = place(UNet(model.config), device).eval()
-        net.load_state_dict(model.state_dict())
-        net = net.to(torch.bfloat16)
+    net = copy.deepcopy(model).to(torch.bfloat16) if pure else model
     if "compile" in name:
         mode = "max-autotune-no-cudagraphs" if "autotune" in name else None
         net = torch.compile(net, mode=mode)

@@ -41,6 +41,9 @@ def resolve_precision(precision: Precision | None, device: torch.device) -> Prec
     return precision
 
 
+_DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
+
+
 def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
     """model(x, t[, y]) as sampling runs it, returning float32: compiled or not, from CUDA
     graphs on CUDA. bf16 runs a bf16 copy of the weights on bf16 inputs; fp16 runs under
@@ -65,9 +68,6 @@ def network(model: UNet, device: torch.device, precision: Precision, compile: bo
     if device.type == "cuda" and os.environ.get("DDPM_CUDA_GRAPHS", "1") != "0":
         return GraphedForward(forward)
     return forward
-
-
-_DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 
 
 class GraphedForward:
