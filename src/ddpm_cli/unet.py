@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_cli import winograd
 from ddpm_cli.config import ModelConfig
 
 GROUPS = 32  # GroupNorm groups, as in the paper's code
@@ -43,6 +44,34 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution with stride 1 and padding 1. Where it is faster (float32 on the CPU,
+    128+ channels) it runs Winograd's algorithm: the same function, a quarter of the arithmetic."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+        self._filters: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        if not winograd.applies(x, self.weight, grad):
+            return super().forward(x)
+        if grad:
+            return winograd.conv3x3(x, self.weight, self.bias)
+        return winograd.conv3x3(x, self.weight, self.bias, self.inference_filters())
+
+    def inference_filters(self) -> torch.Tensor:
+        """The transformed filters, kept while the weight is unchanged: the same tensor, storage
+        and version counter (every in-place update, optimizer and EMA steps and load_state_dict
+        included, bumps it). Sampling at small batches would otherwise spend most of its time
+        transforming filters."""
+        w, key = self.weight, (self.weight.data_ptr(), self.weight._version)
+        if self._filters is None or self._filters[0] is not w or self._filters[1] != key:
+            with torch.no_grad():
+                self._filters = (w, key, winograd.filters(w))
+        return self._filters[2]
 
 
 class Dropout(nn.Module):
@@ -75,11 +104,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
         super().__init__()
         self.norm1 = norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
         self.norm2 = norm(out_ch)
         self.dropout = Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = zero_init(Conv3x3(out_ch, out_ch))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -125,7 +154,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv3x3(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -152,7 +181,7 @@ class UNet(nn.Module):
         self.class_emb = (
             nn.Embedding(config.num_classes + 1, temb_ch) if config.num_classes else None
         )
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv3x3(config.in_channels, ch)
 
         skips, cur = [ch], ch
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -182,7 +211,7 @@ class UNet(nn.Module):
                 self.upsample.append(Upsample(cur))
 
         self.norm_out = norm(cur)
-        self.conv_out = zero_init(nn.Conv2d(cur, config.out_channels, 3, padding=1))
+        self.conv_out = zero_init(Conv3x3(cur, config.out_channels))
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None

@@ -1,0 +1,157 @@
+"""3x3 convolutions by Winograd's minimal filtering algorithm F(4x4, 3x3), for the CPU.
+
+A direct 3x3 convolution spends 9 multiply-adds per output pixel per input channel. Winograd's
+algorithm (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks") cuts each
+image into overlapping 6x6 tiles, moves tiles and filters into a space where the convolution is
+an elementwise product (V = B^T d B, U = G g G^T), multiplies there, and brings 4x4 output tiles
+back (Y = A^T (U . V) A): 36 products per 16 outputs, a quarter of the arithmetic. Summed over
+input channels, the 36 elementwise products are 36 matrix products, done as one batched GEMM;
+the three transforms are small GEMMs by Kronecker products of the 6x6 matrices.
+
+PyTorch's CPU convolutions (oneDNN) are direct only. There, this is 1.3-1.9x faster, forward
+and backward, when both channel counts are 128 or more and the image 8x8 or larger; elsewhere
+the transforms cost more than the arithmetic saved (docs/benchmarks.md, benchmarks/winograd.py).
+`applies` picks those layers: float32 on the CPU, outside autocast. The result differs from a
+direct convolution by about 1e-5 relative (direct: about 1e-6, both against float64), far below
+what training or sampling notice. DDPM_WINOGRAD=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _kron(rows: list[list[float]]) -> torch.Tensor:
+    m = torch.tensor(rows, dtype=torch.float64)
+    return torch.kron(m, m)  # vec(M X M^T) = kron(M, M) @ vec(X) for row-major vec
+
+
+# Lavin & Gray's F(4x4, 3x3) with interpolation points 0, +-1, +-2 and infinity
+_KB = _kron([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+             [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])  # fmt: skip
+_KG = _kron([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])  # fmt: skip
+_KA = _kron([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
+_CACHE: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+# measured on the CPU (benchmarks/winograd.py): 64 channels break even, 32 run at half speed; a
+# 4x4 image is one tile padded to 6x6; with few tiles, transforming the filters at every call
+# (as training must) costs more than it saves
+MIN_CHANNELS = 128
+MIN_SIZE = 8
+MIN_TRAIN_TILES = 64
+
+
+def _mats(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(36, 36) input, (36, 9) filter and (16, 36) output transforms in `dtype`."""
+    if dtype not in _CACHE:
+        _CACHE[dtype] = (_KB.to(dtype), _KG.to(dtype), _KA.to(dtype))
+    return _CACHE[dtype]
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
+    """Whether conv3x3 (stride 1, padding 1) is the faster way for this input and weight, with
+    the filters transformed beforehand, or each time when the gradient is wanted (`grad`). The
+    inference rule does not look at the batch, so that an image's bytes do not depend on it
+    (docs/sampling.md); training wants 64 tiles or more (batch 1 at 8x8: 0.27x)."""
+    tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+    return (
+        (tiles >= MIN_TRAIN_TILES or not grad)
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+        and min(x.shape[2], x.shape[3]) >= MIN_SIZE
+        and not _cpu_autocast()
+        and os.environ.get("DDPM_WINOGRAD", "1") != "0"
+    )
+
+
+def filters(w: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """U = G w G^T for each channel pair: (Co, Ci, 3, 3) -> (36, Ci, Co), or with `flip` the
+    filters of the gradient's convolution (rotated 180 degrees, channels swapped): (36, Co, Ci)."""
+    co, ci = w.shape[:2]
+    _, kg, _ = _mats(w.dtype)
+    w9 = w.flip(2, 3).reshape(co, ci, 9).permute(2, 0, 1) if flip else (
+        w.reshape(co, ci, 9).permute(2, 1, 0))  # fmt: skip
+    return (kg @ w9.reshape(9, -1)).view(36, *w9.shape[1:])
+
+
+def _tiles(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """V = B^T d B for every overlapping 6x6 tile d of `x` (B, H, W, C), zero-padded by one
+    pixel and up to whole tiles: (36, tiles, C)."""
+    b, h, w, c = x.shape
+    kb, _, _ = _mats(x.dtype)
+    xp = F.pad(x, (0, 0, 1, 4 * nw - w + 1, 1, 4 * nh - h + 1))
+    d = xp.unfold(1, 6, 4).unfold(2, 6, 4).permute(4, 5, 0, 1, 2, 3).reshape(36, -1)
+    return (kb @ d).view(36, -1, c)
+
+
+def _convolve(v: torch.Tensor, u: torch.Tensor, shape: tuple[int, ...], bias: torch.Tensor | None):
+    """Output tiles Y = A^T (U . V) A, summed over input channels, laid out as (B, H, W, Co)."""
+    b, h, w, nh, nw = shape
+    co = u.shape[2]
+    _, _, ka = _mats(v.dtype)
+    y = (ka @ torch.bmm(v, u).view(36, -1)).view(4, 4, b, nh, nw, co).permute(2, 3, 0, 4, 1, 5)
+    out = torch.empty(b, nh, 4, nw, 4, co, dtype=v.dtype, device=v.device)
+    if bias is None:
+        out.copy_(y)
+    else:
+        torch.add(y, bias, out=out)
+    out = out.view(b, 4 * nh, 4 * nw, co)
+    return out if (4 * nh, 4 * nw) == (h, w) else out[:, :h, :w].contiguous()
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, u):
+        b, _, h, w = x.shape
+        shape = (b, h, w, -(-h // 4), -(-w // 4))
+        v = _tiles(x.permute(0, 2, 3, 1), *shape[3:])
+        ctx.save_for_backward(v, weight)
+        ctx.shape = shape
+        u = filters(weight) if u is None else u
+        return _convolve(v, u, shape, bias).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, weight = ctx.saved_tensors
+        b, h, w, nh, nw = ctx.shape
+        co, ci = weight.shape[:2]
+        g = grad.permute(0, 2, 3, 1)  # (B, H, W, Co)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # the input's gradient is the same convolution, flipped
+            u = filters(weight, flip=True)
+            dx = _convolve(_tiles(g, nh, nw), u, ctx.shape, None).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:  # dU = V^T dM with dM = A dY A^T per tile; dw = G^T dU G
+            _, kg, ka = _mats(g.dtype)
+            gp = F.pad(g, (0, 0, 0, 4 * nw - w, 0, 4 * nh - h))
+            dy = gp.reshape(b, nh, 4, nw, 4, co).permute(2, 4, 0, 1, 3, 5).reshape(16, -1)
+            dm = (ka.t() @ dy).view(36, -1, co)
+            du = torch.bmm(v.transpose(1, 2), dm)  # (36, Ci, Co)
+            dw9 = (kg.t() @ du.view(36, -1)).view(3, 3, ci, co)
+            dw = torch.empty_like(weight).copy_(dw9.permute(3, 2, 0, 1))
+        if ctx.needs_input_grad[2]:
+            db = g.sum((0, 1, 2))
+        return dx, dw, db, None
+
+
+def conv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    filters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable, in any
+    floating dtype; returns a channels_last tensor. `filters`: `filters(weight)` computed
+    beforehand, for inference (the gradient does not flow into it)."""
+    return _Conv3x3.apply(x, weight, bias, filters)

@@ -1,0 +1,139 @@
+"""Winograd 3x3 convolutions: the same function as F.conv2d, forward and backward, used only
+where the CPU gains from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_cli import winograd
+from ddpm_cli.config import ModelConfig
+from ddpm_cli.unet import Conv3x3, UNet
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    "b, ci, co, h, w", [(2, 8, 12, 8, 8), (3, 16, 16, 7, 10), (1, 5, 6, 9, 13), (2, 4, 4, 3, 3)]
+)
+def test_float32_matches_a_float64_direct_convolution_with_its_gradients(b, ci, co, h, w):
+    g = torch.Generator().manual_seed(b * 100 + h)
+    x = torch.randn(b, ci, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(co, ci, 3, 3, generator=g)
+    bias = torch.randn(co, generator=g)
+    grad = torch.randn(b, co, h, w, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = winograd.conv3x3(*leaves)
+    out.backward(grad)
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    ref = F.conv2d(*ref_leaves, padding=1)
+    ref.backward(grad.double())
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel(out, ref) < 1e-5
+    for mine, theirs in zip(leaves, ref_leaves, strict=True):
+        assert rel(mine.grad, theirs.grad) < 1e-5
+    assert leaves[1].grad.stride() == leaves[1].stride()  # the weight's own layout
+
+
+def test_gradients_pass_gradcheck_in_float64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=g).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(winograd.conv3x3, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, b: winograd.conv3x3(a, b, None), (x, weight))
+
+
+def test_applies_only_to_large_float32_cpu_convolutions(monkeypatch):
+    big, w = torch.zeros(4, 128, 16, 16), torch.zeros(128, 128, 3, 3)
+    assert winograd.applies(big, w)
+    assert not winograd.applies(torch.zeros(4, 64, 16, 16), torch.zeros(128, 64, 3, 3))
+    assert not winograd.applies(torch.zeros(4, 128, 4, 4), w)  # single padded tiles
+    assert winograd.applies(torch.zeros(1, 128, 8, 9), w)  # inference: whatever the batch
+    assert not winograd.applies(torch.zeros(3, 128, 16, 16), w, grad=True)  # 48 tiles
+    assert winograd.applies(torch.zeros(1, 128, 32, 29), w, grad=True)  # 64 tiles
+    assert not winograd.applies(big.bfloat16(), w.bfloat16())
+    assert not winograd.applies(big.double(), w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # conv2d would run in bf16 there
+        assert not winograd.applies(big, w)
+    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    assert not winograd.applies(big, w)
+
+
+def wide_unet() -> UNet:
+    config = ModelConfig(image_size=(16, 16), channels=128, channel_mult=(1,), num_res_blocks=1,
+                         attention_resolutions=(), dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = UNet(config)
+    for p in model.parameters():  # zero-initialised layers would hide a wrong convolution
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_unet_uses_it_and_keeps_the_network_function(monkeypatch):
+    model = wide_unet()
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])  # 64 tiles: trains
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+
+    def run(model, x):
+        model.zero_grad()
+        out = model(x, t)
+        out.square().mean().backward()
+        return out, [p.grad for p in model.parameters()]
+
+    out, grads = run(model, x)
+    # every 3x3 convolution in the residual blocks; conv_in and conv_out have 3 channels
+    big = [
+        m
+        for m in model.modules()
+        if isinstance(m, Conv3x3) and min(m.in_channels, m.out_channels) >= 128
+    ]
+    assert len(calls) == len(big) == 10
+    ref, ref_grads = run(model.double(), x.double())
+    assert rel(out, ref) < 1e-5
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        assert rel(mine, theirs) < 1e-4
+
+
+def test_an_image_does_not_depend_on_its_batch():
+    # ddpm sample's promise (docs/sampling.md): image k is the same bytes at any -n/--batch-size
+    x = torch.randn(5, 128, 16, 12).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(128, 128, 3, 3) * 0.05, torch.randn(128)
+    filters = winograd.filters(weight)
+    with torch.no_grad():
+        together = winograd.conv3x3(x, weight, bias, filters)
+        for k in range(5):
+            alone = winograd.conv3x3(x[k : k + 1], weight, bias, filters)[0]
+            assert torch.equal(alone, together[k])
+            assert torch.equal(winograd.conv3x3(x[k : k + 1], weight, bias)[0], alone)
+
+
+def test_inference_filters_follow_every_change_of_the_weights():
+    model = wide_unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 600])
+    conv = model.mid_res1.conv1
+
+    def agrees() -> bool:
+        with torch.no_grad():
+            cached = model(x, t)
+        return rel(cached, model(x, t).detach().double()) < 1e-6  # grad on: no cache
+
+    assert agrees()
+    first = conv.inference_filters()
+    assert conv.inference_filters() is first  # kept while nothing changes
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # an optimizer or EMA step, in place
+    assert conv.inference_filters() is not first and agrees()
+    other = wide_unet()
+    torch.manual_seed(1)
+    for p in other.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.load_state_dict(other.state_dict())
+    assert agrees()
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)  # a new tensor
+    assert agrees()
