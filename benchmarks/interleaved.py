@@ -8,7 +8,8 @@ speed drifts over minutes (a shared CPU) moves the ratio between runs. Here both
 the identical configuration (benchmarks/peers.py), take turns within each round: a training
 step (ddpm: train.train_step; diffusers: its example's step) or a forward pass of the same
 batch (in bf16, ddpm runs bf16 weights as `ddpm sample` does, and diffusers autocast unless
---peer-bf16-weights). Each prints one JSON line per workload with the median seconds per call
+--peer-bf16-weights; ddpm keeps its Winograd filters over the rounds, as a sampling batch does
+over its steps). Each prints one JSON line per workload with the median seconds per call
 of each, the ratio of the medians, and the ratio's range over the rounds. Both share this
 process's memory allocator: --tune-malloc applies ddpm's setting (device.tune_allocator) to
 both.
@@ -17,12 +18,14 @@ both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import torch
 
+from ddpm_cli import winograd
 from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
 from ddpm_cli.device import resolve_device, tune_allocator
 from ddpm_cli.forward import network
@@ -87,15 +90,18 @@ def main() -> None:
     chosen = list(workloads) if args.workload == "both" else [args.workload]
     for name in chosen:
         ours, theirs = workloads[name]
-        ours(), theirs()  # warm-up
-        times: dict[str, list[float]] = {"ddpm": [], "diffusers": []}
-        for _ in range(args.rounds):
-            for impl, fn in (("ddpm", ours), ("diffusers", theirs)):
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[impl].append(time.perf_counter() - start)
+        # a sampling batch transforms its Winograd filters once and keeps them for its steps
+        kept = winograd.keep_filters() if name == "forward" else contextlib.nullcontext()
+        with kept:
+            ours(), theirs()  # warm-up
+            times: dict[str, list[float]] = {"ddpm": [], "diffusers": []}
+            for _ in range(args.rounds):
+                for impl, fn in (("ddpm", ours), ("diffusers", theirs)):
+                    start = time.perf_counter()
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    times[impl].append(time.perf_counter() - start)
         ratios = [d / o for o, d in zip(times["ddpm"], times["diffusers"], strict=True)]
         med = {k: statistics.median(v) for k, v in times.items()}
         print(json.dumps({

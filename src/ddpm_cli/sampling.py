@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddpm_cli import __version__
+from ddpm_cli import __version__, winograd
 from ddpm_cli.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -202,14 +202,15 @@ def generate(
         record = trajectory is not None and start == 0 and trajectory_images > 0
         keep: set[int] = set()
         x = x_T
-        for step in steps:
-            if record and not keep:
-                n_frames = min(step.total, TRAJECTORY_FRAMES)
-                keep = {round(i * (step.total - 1) / max(n_frames - 1, 1)) for i in range(n_frames)}
-            if record and step.index in keep:  # x_t as the network saw it, and its x_0
-                trajectory.add(step.index, step.t, x[:trajectory_images], step.x0)
-            on_step(step.index + 1, step.total)
-            x = step.x
+        with winograd.keep_filters():  # per batch: nothing outside may change weights meanwhile
+            for step in steps:
+                if record and not keep:
+                    n = min(step.total, TRAJECTORY_FRAMES)
+                    keep = {round(i * (step.total - 1) / max(n - 1, 1)) for i in range(n)}
+                if record and step.index in keep:  # x_t as the network saw it, and its x_0
+                    trajectory.add(step.index, step.t, x[:trajectory_images], step.x0)
+                on_step(step.index + 1, step.total)
+                x = step.x
         if record:  # and the sample itself
             trajectory.add(step.total, -1, x[:trajectory_images], x)
         yield chunk, x.float().cpu()

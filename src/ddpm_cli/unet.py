@@ -52,26 +52,11 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
-        self._filters: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled()
-        if not winograd.applies(x, self.weight, grad):
-            return super().forward(x)
-        if grad:
+        if winograd.applies(x, self.weight, torch.is_grad_enabled()):
             return winograd.conv3x3(x, self.weight, self.bias)
-        return winograd.conv3x3(x, self.weight, self.bias, self.inference_filters())
-
-    def inference_filters(self) -> torch.Tensor:
-        """The transformed filters, kept while the weight is unchanged: the same tensor, storage
-        and version counter (every in-place update, optimizer and EMA steps and load_state_dict
-        included, bumps it). Sampling at small batches would otherwise spend most of its time
-        transforming filters."""
-        w, key = self.weight, (self.weight.data_ptr(), self.weight._version)
-        if self._filters is None or self._filters[0] is not w or self._filters[1] != key:
-            with torch.no_grad():
-                self._filters = (w, key, winograd.filters(w))
-        return self._filters[2]
+        return super().forward(x)
 
 
 class Dropout(nn.Module):

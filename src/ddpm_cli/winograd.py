@@ -18,10 +18,13 @@ what training or sampling notice. DDPM_WINOGRAD=0 turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _kron(rows: list[list[float]]) -> torch.Tensor:
@@ -36,6 +39,7 @@ _KG = _kron([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])  # fmt: skip
 _KA = _kron([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
 _CACHE: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # inside keep_filters()
 
 # measured on the CPU (benchmarks/winograd.py): 64 channels break even, 32 run at half speed; a
 # 4x4 image is one tile padded to 6x6; with few tiles, transforming the filters at every call
@@ -59,15 +63,22 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
-    """Whether conv3x3 (stride 1, padding 1) is the faster way for this input and weight, with
-    the filters transformed beforehand, or each time when the gradient is wanted (`grad`). The
-    inference rule does not look at the batch, so that an image's bytes do not depend on it
-    (docs/sampling.md); training wants 64 tiles or more (batch 1 at 8x8: 0.27x)."""
+    """Whether conv3x3 (stride 1, padding 1) is the faster way for this input and weight. The
+    rule without gradients does not look at the batch, so that an image's bytes do not depend
+    on it (docs/sampling.md); with them (`grad`), the filters are transformed at every call and
+    it takes 64 tiles or more to pay (batch 1 at 8x8: 0.27x). torch.compile keeps torch's
+    convolution (its graphs do not take this function)."""
+    if x.dim() != 4 or x.device.type != "cpu" or _compiling():
+        return False
     tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
     return (
         (tiles >= MIN_TRAIN_TILES or not grad)
-        and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and min(x.shape[2], x.shape[3]) >= MIN_SIZE
@@ -111,6 +122,30 @@ def _convolve(v: torch.Tensor, u: torch.Tensor, shape: tuple[int, ...], bias: to
     return out if (4 * nh, 4 * nw) == (h, w) else out[:, :h, :w].contiguous()
 
 
+@contextlib.contextmanager
+def keep_filters() -> Iterator[None]:
+    """Within this block, conv3x3 without gradients transforms each weight's filters once and
+    keeps them (about 4x the weights' memory): for a sampling loop, whose weights must not
+    change meanwhile. Sampling at small batches would otherwise spend most of its time
+    transforming filters. They are dropped on leaving the outermost block."""
+    global _kept
+    outer = _kept
+    _kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def _kept_filters(weight: torch.Tensor) -> torch.Tensor | None:
+    if _kept is None or torch.is_grad_enabled():
+        return None
+    entry = _kept.get(id(weight))
+    if entry is None or entry[0] is not weight:  # the weight is held, so its id stays unique
+        entry = _kept[id(weight)] = (weight, filters(weight))
+    return entry[1]
+
+
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, u):
@@ -123,6 +158,7 @@ class _Conv3x3(torch.autograd.Function):
         return _convolve(v, u, shape, bias).permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         v, weight = ctx.saved_tensors
         b, h, w, nh, nw = ctx.shape
@@ -151,7 +187,8 @@ def conv3x3(
     bias: torch.Tensor | None,
     filters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable, in any
-    floating dtype; returns a channels_last tensor. `filters`: `filters(weight)` computed
-    beforehand, for inference (the gradient does not flow into it)."""
-    return _Conv3x3.apply(x, weight, bias, filters)
+    """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable (once),
+    in any floating dtype; returns a channels_last tensor. `filters`: `filters(weight)` computed
+    beforehand, for inference (no gradient flows into them); inside keep_filters() they are
+    kept there."""
+    return _Conv3x3.apply(x, weight, bias, _kept_filters(weight) if filters is None else filters)
