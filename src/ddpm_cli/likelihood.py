@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_cli import winograd
 from ddpm_cli.data import InMemory, OnDisk
 from ddpm_cli.diffusion import (
     predict_x0_and_eps,
@@ -147,26 +148,27 @@ def bound(
             log_var,
         ).cpu()
 
-    for batch in batches:
-        x0 = (batch.to(device).float() / 127.5 - 1.0).contiguous()
-        b = x0.shape[0]
-        prior = prior_bpd(tab64, x0.to(math_device, torch.float64)).cpu()
-        decoder = term(x0, torch.zeros(b, dtype=torch.long))
-        kl = torch.zeros(b, dtype=torch.float64)
-        if ranges is None:
-            for t in range(T - 1, 0, -1):
-                value = term(x0, torch.full((b,), t, dtype=torch.long))
-                per_t_sum[t] += value.sum()
-                kl += value
-            per_t_sum[0] += decoder.sum()
-        else:
-            for lo, hi in ranges:
-                t = torch.randint(lo, hi, (b,), generator=generator)
-                kl += (hi - lo) * term(x0, t)
-        per_image.append(prior + decoder + kl)
-        priors.append(prior)
-        decoders.append(decoder)
-        kls.append(kl)
+    with winograd.keep_filters():  # the network's weights are fixed for the whole evaluation
+        for batch in batches:
+            x0 = (batch.to(device).float() / 127.5 - 1.0).contiguous()
+            b = x0.shape[0]
+            prior = prior_bpd(tab64, x0.to(math_device, torch.float64)).cpu()
+            decoder = term(x0, torch.zeros(b, dtype=torch.long))
+            kl = torch.zeros(b, dtype=torch.float64)
+            if ranges is None:
+                for t in range(T - 1, 0, -1):
+                    value = term(x0, torch.full((b,), t, dtype=torch.long))
+                    per_t_sum[t] += value.sum()
+                    kl += value
+                per_t_sum[0] += decoder.sum()
+            else:
+                for lo, hi in ranges:
+                    t = torch.randint(lo, hi, (b,), generator=generator)
+                    kl += (hi - lo) * term(x0, t)
+            per_image.append(prior + decoder + kl)
+            priors.append(prior)
+            decoders.append(decoder)
+            kls.append(kl)
     if not per_image:
         raise ConfigError("no images to evaluate")
     n = sum(p.numel() for p in per_image)

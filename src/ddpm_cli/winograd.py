@@ -125,8 +125,8 @@ def _convolve(v: torch.Tensor, u: torch.Tensor, shape: tuple[int, ...], bias: to
 @contextlib.contextmanager
 def keep_filters() -> Iterator[None]:
     """Within this block, conv3x3 without gradients transforms each weight's filters once and
-    keeps them (about 4x the weights' memory): for a sampling loop, whose weights must not
-    change meanwhile. Sampling at small batches would otherwise spend most of its time
+    keeps them (about 4x the weights' memory): for a sampling or evaluation loop, whose weights
+    must not change meanwhile. Sampling at small batches would otherwise spend most of its time
     transforming filters. They are dropped on leaving the outermost block."""
     global _kept
     outer = _kept
@@ -185,10 +185,10 @@ def conv3x3(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    filters: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable (once),
-    in any floating dtype; returns a channels_last tensor. `filters`: `filters(weight)` computed
+    in any floating dtype; returns a channels_last tensor. `kept`: filters(weight) computed
     beforehand, for inference (no gradient flows into them); inside keep_filters() they are
     kept there."""
-    return _Conv3x3.apply(x, weight, bias, _kept_filters(weight) if filters is None else filters)
+    return _Conv3x3.apply(x, weight, bias, _kept_filters(weight) if kept is None else kept)
