@@ -23,7 +23,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_float32_matches_a_float64_direct_convolution_with_its_gradients(b, ci, co, h, w):
     g = torch.Generator().manual_seed(b * 100 + h)
     x = torch.randn(b, ci, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(co, ci, 3, 3, generator=g)
+    weight = torch.randn(co, ci, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(co, generator=g)
     grad = torch.randn(b, co, h, w, generator=g)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -36,7 +36,7 @@ def test_float32_matches_a_float64_direct_convolution_with_its_gradients(b, ci, 
     assert rel(out, ref) < 1e-5
     for mine, theirs in zip(leaves, ref_leaves, strict=True):
         assert rel(mine.grad, theirs.grad) < 1e-5
-    assert leaves[1].grad.stride() == leaves[1].stride()  # the weight's own layout
+    assert leaves[1].grad.stride() == leaves[1].stride() != weight.contiguous().stride()
 
 
 def test_gradients_pass_gradcheck_in_float64():
