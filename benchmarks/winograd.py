@@ -8,8 +8,8 @@ For each 3x3 layer shape (in_channels x out_channels x size) it prints one JSON 
 median milliseconds of a forward pass and of forward + backward (gradients of input, weight and
 bias) through F.conv2d and through winograd.conv3x3, the forward pass with the transformed
 filters computed beforehand (as sampling runs it), the speedups, whether winograd.applies picks
-it for sampling and for training, and each method's
-largest error against a float64 convolution, relative to the output's scale. Inputs and weights
+it for sampling and for training, and each method's largest error against a float64
+convolution, relative to the output's scale. Inputs and weights
 are channels_last, as the network runs them. The default shapes are the 3x3 convolutions of the
 cifar10 preset (at batch 16, as bench.py's CPU rows) and of the small one.
 """
@@ -66,7 +66,7 @@ def layer(batch: int, ci: int, co: int, size: int, reps: int) -> dict:
             conv(*leaves).backward(grad)
 
         row[f"{name}_fwd_bwd_ms"] = timed(step, reps)
-    kept = winograd.filters(w)  # as sampling runs it: unet.Conv3x3 keeps transformed filters
+    kept = winograd.filters(w)  # as sampling runs it, inside winograd.keep_filters()
     with torch.no_grad():
         row["winograd_kept_fwd_ms"] = timed(lambda: winograd.conv3x3(x, w, b, kept), reps)
     row["fwd_speedup"] = row["direct_fwd_ms"] / row["winograd_fwd_ms"]
