@@ -3,6 +3,7 @@ the measurements behind winograd.applies (which layers take it) and its accuracy
 
     python benchmarks/winograd.py
     python benchmarks/winograd.py --batch 64 --shapes 128x128x32,32x32x32
+    python benchmarks/winograd.py --dtype bfloat16
 
 For each 3x3 layer shape (in_channels x out_channels x size) it prints one JSON line: the
 median milliseconds of a forward pass and of forward + backward (gradients of input, weight and
@@ -41,17 +42,18 @@ def timed(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def layer(batch: int, ci: int, co: int, size: int, reps: int) -> dict:
+def layer(batch: int, ci: int, co: int, size: int, reps: int, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     last = torch.channels_last
-    x = torch.randn(batch, ci, size, size, generator=g).contiguous(memory_format=last)
-    w = (torch.randn(co, ci, 3, 3, generator=g) / (9 * ci) ** 0.5).contiguous(memory_format=last)
-    b = torch.randn(co, generator=g) * 0.1
-    grad = torch.randn(batch, co, size, size, generator=g).contiguous(memory_format=last)
+    x = torch.randn(batch, ci, size, size, generator=g).to(dtype, memory_format=last)
+    w = (torch.randn(co, ci, 3, 3, generator=g) / (9 * ci) ** 0.5).to(dtype, memory_format=last)
+    b = (torch.randn(co, generator=g) * 0.1).to(dtype)
+    grad = torch.randn(batch, co, size, size, generator=g).to(dtype, memory_format=last)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     methods = {"direct": lambda *a: F.conv2d(*a, padding=1), "winograd": winograd.conv3x3}
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    row = {"batch": batch, "in": ci, "out": co, "size": size,
+    row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "in": ci, "out": co,
+           "size": size,
            "applies_sampling": winograd.applies(x, w),
            "applies_training": winograd.applies(x, w, grad=True)}  # fmt: skip
     for name, conv in methods.items():
@@ -66,7 +68,7 @@ def layer(batch: int, ci: int, co: int, size: int, reps: int) -> dict:
             conv(*leaves).backward(grad)
 
         row[f"{name}_fwd_bwd_ms"] = timed(step, reps)
-    kept = winograd.filters(w)  # as sampling runs it, inside winograd.keep_filters()
+    kept = winograd.filters(w.float())  # as sampling runs it, inside winograd.keep_filters()
     with torch.no_grad():
         row["winograd_kept_fwd_ms"] = timed(lambda: winograd.conv3x3(x, w, b, kept), reps)
     row["fwd_speedup"] = row["direct_fwd_ms"] / row["winograd_fwd_ms"]
@@ -80,11 +82,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--shapes", default=SHAPES, help="comma-separated in x out x size")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: bf16 tensors (Winograd computes in float32)")  # fmt: skip
     args = p.parse_args()
     tune_allocator()  # as the ddpm command does: fresh 10-40 MB buffers otherwise page-fault
     for shape in args.shapes.split(","):
         ci, co, size = (int(v) for v in shape.split("x"))
-        row = layer(args.batch, ci, co, size, args.reps)
+        row = layer(args.batch, ci, co, size, args.reps, getattr(torch, args.dtype))
         print(json.dumps({k: round(v, 7) if isinstance(v, float) else v for k, v in row.items()}),
               flush=True)  # fmt: skip
 

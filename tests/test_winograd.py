@@ -3,6 +3,9 @@ where the CPU gains from it."""
 
 from __future__ import annotations
 
+import copy
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +51,46 @@ def test_gradients_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda a, b: winograd.conv3x3(a, b, None), (x, weight))
 
 
-def test_applies_only_to_large_float32_cpu_convolutions(monkeypatch):
+def bf16_errors(conv, x, weight, bias, grad) -> list[float]:
+    """Largest errors of output and the three gradients under CPU bf16 autocast, against
+    float64 on the same inputs."""
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(*leaves)
+    out.backward(grad.to(out.dtype))
+    assert out.dtype == torch.bfloat16 and [t.grad.dtype for t in leaves] == [x.dtype] * 3
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    ref = F.conv2d(*ref_leaves, padding=1)
+    ref.backward(grad.double())
+    return [rel(out, ref)] + [rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves, strict=True)]
+
+
+def test_bfloat16_is_rounded_like_torch_bf16_convolution():
+    # bf16 inputs, float32 arithmetic, bf16 output: nearly every output is the float64 result
+    # rounded to bf16, and the gradients are as close as torch's bf16 convolution's
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, 10, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, 64, 3, 3, generator=g) / 24
+    bias, grad = torch.randn(32, generator=g), torch.randn(3, 32, 10, 7, generator=g)
+    xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    with torch.no_grad():
+        out = winograd.conv3x3(xb, wb, bb)
+    exact = F.conv2d(xb.double(), wb.double(), bb.double(), padding=1)
+    assert out.dtype == torch.bfloat16
+    assert (out == exact.bfloat16()).float().mean() > 0.99
+    assert rel(out, exact) < 2**-8  # at most half a bf16 step from the exact result, at scale
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # rounds as conv2d does
+        assert torch.equal(winograd.conv3x3(x, weight, bias), out)
+    # under autocast from float32 leaves, whose gradients come back in float32
+    x, weight, bias = (t.bfloat16().float() for t in (x, weight, bias))  # rounding common to both
+    direct = bf16_errors(lambda *a: F.conv2d(*a, padding=1), x, weight, bias, grad)
+    mine = bf16_errors(winograd.conv3x3, x, weight, bias, grad)
+    assert max(direct) < 1e-2
+    for ours, torchs in zip(mine, direct, strict=True):
+        assert ours < 1.5 * torchs
+
+
+def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch):
     big, w = torch.zeros(4, 128, 16, 16), torch.zeros(128, 128, 3, 3)
     assert winograd.applies(big, w)
     assert not winograd.applies(torch.zeros(4, 64, 16, 16), torch.zeros(128, 64, 3, 3))
@@ -56,10 +98,17 @@ def test_applies_only_to_large_float32_cpu_convolutions(monkeypatch):
     assert winograd.applies(torch.zeros(1, 128, 8, 9), w)  # inference: whatever the batch
     assert not winograd.applies(torch.zeros(3, 128, 16, 16), w, grad=True)  # 48 tiles
     assert winograd.applies(torch.zeros(1, 128, 32, 29), w, grad=True)  # 64 tiles
-    assert not winograd.applies(big.bfloat16(), w.bfloat16())
     assert not winograd.applies(big.double(), w.double())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # conv2d would run in bf16 there
-        assert not winograd.applies(big, w)
+    assert not winograd.applies(big.half(), w.half())
+    assert not winograd.applies(big.bfloat16(), w)
+    for no_amx in (True, False):  # bf16 only where its arithmetic is slow: no AMX
+        monkeypatch.setattr(winograd, "_no_amx", lambda no_amx=no_amx: no_amx)
+        assert winograd.applies(big.bfloat16(), w.bfloat16()) == no_amx
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # conv2d runs in bf16 there
+            assert winograd.applies(big, w) == no_amx
+            assert not winograd.applies(torch.zeros(3, 128, 16, 16), w, grad=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not winograd.applies(big, w)
     monkeypatch.setenv("DDPM_WINOGRAD", "0")
     assert not winograd.applies(big, w)
 
@@ -99,6 +148,50 @@ def test_unet_uses_it_and_keeps_the_network_function(monkeypatch):
     assert rel(out, ref) < 1e-5
     for mine, theirs in zip(grads, ref_grads, strict=True):
         assert rel(mine, theirs) < 1e-4
+
+
+def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
+    # ddpm train --precision bf16 on a CPU without AMX (forced here, so that any CPU runs it)
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    model = wide_unet()
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])  # 64 tiles: trains
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+
+    def errors(on: str) -> list[float]:
+        monkeypatch.setenv("DDPM_WINOGRAD", on)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+        out.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters()]
+        return [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads, strict=True)]
+
+    ref_model = copy.deepcopy(model).double()
+    ref = ref_model(x.double(), t)
+    ref.square().mean().backward()
+    ref_grads = [p.grad for p in ref_model.parameters()]
+    direct = errors("0")
+    assert not calls
+    mine = errors("1")
+    assert len(calls) == 10
+    assert max(direct) < 0.1
+    assert max(mine) < 1.5 * max(direct)
+    assert statistics.median(mine) < 1.5 * statistics.median(direct)
+
+
+def test_bf16_sampling_keeps_filters_of_the_bf16_weights(monkeypatch):
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    model = wide_unet().eval().to(torch.bfloat16)  # as ddpm sample --precision bf16 runs it
+    x, t = torch.randn(2, 3, 16, 16).bfloat16(), torch.tensor([5, 600])
+    with torch.no_grad():
+        every_call = model(x, t)
+        with winograd.keep_filters():
+            assert torch.equal(model(x, t), every_call)
+            kept = [u for _, u in winograd._kept.values()]
+    assert len(kept) == 10 and {u.dtype for u in kept} == {torch.float32}
+    assert every_call.dtype == torch.bfloat16
 
 
 def test_an_image_does_not_depend_on_its_batch():

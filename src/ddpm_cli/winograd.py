@@ -11,9 +11,17 @@ the three transforms are small GEMMs by Kronecker products of the 6x6 matrices.
 PyTorch's CPU convolutions (oneDNN) are direct only. There, this is 1.3-1.9x faster, forward
 and backward, when both channel counts are 128 or more and the image 8x8 or larger; elsewhere
 the transforms cost more than the arithmetic saved (docs/benchmarks.md, benchmarks/winograd.py).
-`applies` picks those layers: float32 on the CPU, outside autocast. The result differs from a
-direct convolution by about 1e-5 relative (direct: about 1e-6, both against float64), far below
-what training or sampling notice. DDPM_WINOGRAD=0 turns it off.
+`applies` picks those layers. The result differs from a direct convolution by about 1e-5
+relative (direct: about 1e-6, both against float64), far below what training or sampling
+notice. DDPM_WINOGRAD=0 turns it off.
+
+bfloat16 convolutions (bf16 weights in sampling, bf16 autocast in training) take the same path
+on CPUs without AMX units, where bf16 matrix arithmetic is no faster than float32 (AVX512-BF16:
+oneDNN's bf16 GEMM ran at 160 GFLOP/s against 290 in float32; without it, a bf16 convolution
+took 5x the float32 time). Inputs and weights are rounded to bf16, the arithmetic is float32,
+and the output is rounded to bf16: the points where torch's bf16 kernels round too (they
+multiply bf16 numbers, exactly in float32, and accumulate in float32). The error is that of
+torch's bf16 convolution, the time 2-3.5x less (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ _KG = _kron([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])  # fmt: skip
 _KA = _kron([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
 _CACHE: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-_kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # inside keep_filters()
+_kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # inside keep_filters()
 
 # measured on the CPU (benchmarks/winograd.py): 64 channels break even, 32 run at half speed; a
 # 4x4 image is one tile padded to 6x6; with few tiles, transforming the filters at every call
@@ -56,11 +64,29 @@ def _mats(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return _CACHE[dtype]
 
 
-def _cpu_autocast() -> bool:
+def _cpu_autocast() -> torch.dtype | None:
+    """The CPU autocast dtype where autocast is on, else None."""
     try:
-        return torch.is_autocast_enabled("cpu")
+        on = torch.is_autocast_enabled("cpu")
+        return torch.get_autocast_dtype("cpu") if on else None
     except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def _no_amx() -> bool:
+    """Whether this CPU is known to lack AMX tiles (torch 2.3 and later can tell)."""
+    test = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return test is not None and not test()
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype F.conv2d(x, weight) computes in: the CPU autocast dtype where autocast is on
+    (it casts float32 and bfloat16 inputs), else the inputs' shared dtype (None if they differ)."""
+    amp = _cpu_autocast()
+    if amp is not None:
+        floats = (torch.float32, torch.bfloat16)
+        return amp if x.dtype in floats and weight.dtype in floats else None
+    return x.dtype if x.dtype == weight.dtype else None
 
 
 def _compiling() -> bool:
@@ -73,16 +99,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
     rule without gradients does not look at the batch, so that an image's bytes do not depend
     on it (docs/sampling.md); with them (`grad`), the filters are transformed at every call and
     it takes 64 tiles or more to pay (batch 1 at 8x8: 0.27x). torch.compile keeps torch's
-    convolution (its graphs do not take this function)."""
+    convolution (its graphs do not take this function). It runs float32 convolutions, and
+    bfloat16 ones (weights or autocast) on CPUs without AMX, where bf16 arithmetic is slower."""
     if x.dim() != 4 or x.device.type != "cpu" or _compiling():
         return False
+    dtype = compute_dtype(x, weight)
     tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
     return (
         (tiles >= MIN_TRAIN_TILES or not grad)
-        and x.dtype == weight.dtype == torch.float32
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and _no_amx()))
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and min(x.shape[2], x.shape[3]) >= MIN_SIZE
-        and not _cpu_autocast()
         and os.environ.get("DDPM_WINOGRAD", "1") != "0"
     )
 
@@ -137,13 +164,19 @@ def keep_filters() -> Iterator[None]:
         _kept = outer
 
 
-def _kept_filters(weight: torch.Tensor) -> torch.Tensor | None:
+def _kept_filters(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """filters() of the weight rounded to `dtype`, made once per weight inside keep_filters()."""
     if _kept is None or torch.is_grad_enabled():
         return None
-    entry = _kept.get(id(weight))
+    entry = _kept.get((id(weight), dtype))
     if entry is None or entry[0] is not weight:  # the weight is held, so its id stays unique
-        entry = _kept[id(weight)] = (weight, filters(weight))
+        entry = _kept[id(weight), dtype] = (weight, filters(_rounded(weight, dtype)))
     return entry[1]
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to `dtype`, in float32 or wider for the arithmetic."""
+    return t.to(dtype).to(torch.promote_types(dtype, torch.float32))
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -160,6 +193,11 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        with _no_autocast():
+            return _Conv3x3._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         v, weight = ctx.saved_tensors
         b, h, w, nh, nw = ctx.shape
         co, ci = weight.shape[:2]
@@ -181,14 +219,29 @@ class _Conv3x3(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def _no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
 def conv3x3(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable (once),
-    in any floating dtype; returns a channels_last tensor. `kept`: filters(weight) computed
-    beforehand, for inference (no gradient flows into them); inside keep_filters() they are
-    kept there."""
-    return _Conv3x3.apply(x, weight, bias, _kept_filters(weight) if kept is None else kept)
+    """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable (once);
+    returns a channels_last tensor. float32 and float64 compute in their own dtype; bfloat16
+    (both inputs, or under CPU bf16 autocast, which casts float32 ones as F.conv2d does there)
+    rounds the inputs to bf16, computes in float32 and returns bf16. `kept`: filters() of the
+    (rounded) weight computed beforehand, for inference (no gradient flows into them); inside
+    keep_filters() they are kept there."""
+    dtype = compute_dtype(x, weight)
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise ValueError(f"conv3x3 takes float32, float64 or bfloat16 inputs, not {x.dtype} "
+                         f"and {weight.dtype}")  # fmt: skip
+    if kept is None:
+        kept = _kept_filters(weight, dtype)
+    with _no_autocast():
+        x, weight = _rounded(x, dtype), _rounded(weight, dtype)
+        bias = None if bias is None else _rounded(bias, dtype)
+        return _Conv3x3.apply(x, weight, bias, kept).to(dtype)
