@@ -4,6 +4,7 @@ where the CPU gains from it."""
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 
 import pytest
@@ -179,6 +180,32 @@ def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
     assert max(direct) < 0.1
     assert max(mine) < 1.5 * max(direct)
     assert statistics.median(mine) < 1.5 * statistics.median(direct)
+
+
+def test_amx_rule_asks_torch_about_this_cpu():
+    test = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if test is None or not x86:
+        assert not winograd._no_amx()
+    else:
+        assert winograd._no_amx() == (not test())
+
+
+def test_autocast_inference_keeps_float32_filters_and_float64_passes(monkeypatch):
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    model = wide_unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 600])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        every_call = model(x, t)
+        with winograd.keep_filters():
+            assert torch.equal(model(x, t), every_call)
+            kept = [u for _, u in winograd._kept.values()]
+        assert len(kept) == 10 and {u.dtype for u in kept} == {torch.float32}
+        # autocast does not cast float64, so neither does conv3x3
+        x64, w64 = torch.randn(1, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 3, 3).double()
+        out = winograd.conv3x3(x64, w64, None)
+    assert out.dtype == torch.float64
+    assert rel(out, F.conv2d(x64, w64, None, padding=1)) < 1e-12
 
 
 def test_bf16_sampling_keeps_filters_of_the_bf16_weights(monkeypatch):

@@ -16,7 +16,7 @@ relative (direct: about 1e-6, both against float64), far below what training or 
 notice. DDPM_WINOGRAD=0 turns it off.
 
 bfloat16 convolutions (bf16 weights in sampling, bf16 autocast in training) take the same path
-on CPUs without AMX units, where bf16 matrix arithmetic is no faster than float32 (AVX512-BF16:
+on x86 CPUs without AMX units, where bf16 matrix arithmetic is no faster than float32 (AVX512-BF16:
 oneDNN's bf16 GEMM ran at 160 GFLOP/s against 290 in float32; without it, a bf16 convolution
 took 5x the float32 time). Inputs and weights are rounded to bf16, the arithmetic is float32,
 and the output is rounded to bf16: the points where torch's bf16 kernels round too (they
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -74,18 +75,21 @@ def _cpu_autocast() -> torch.dtype | None:
 
 
 def _no_amx() -> bool:
-    """Whether this CPU is known to lack AMX tiles (torch 2.3 and later can tell)."""
+    """Whether this is an x86 CPU known to lack AMX tiles (torch 2.3 and later can tell). Only
+    x86 was measured: ARM CPUs' bf16 instructions may well beat float32 there."""
     test = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return test is not None and not test()
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return x86 and test is not None and not test()
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype F.conv2d(x, weight) computes in: the CPU autocast dtype where autocast is on
-    (it casts float32 and bfloat16 inputs), else the inputs' shared dtype (None if they differ)."""
+    for float32 and bfloat16 inputs (which it casts), else the inputs' shared dtype (None if they
+    differ)."""
     amp = _cpu_autocast()
-    if amp is not None:
-        floats = (torch.float32, torch.bfloat16)
-        return amp if x.dtype in floats and weight.dtype in floats else None
+    floats = (torch.float32, torch.bfloat16)
+    if amp is not None and x.dtype in floats and weight.dtype in floats:
+        return amp
     return x.dtype if x.dtype == weight.dtype else None
 
 
@@ -239,9 +243,9 @@ def conv3x3(
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise ValueError(f"conv3x3 takes float32, float64 or bfloat16 inputs, not {x.dtype} "
                          f"and {weight.dtype}")  # fmt: skip
-    if kept is None:
-        kept = _kept_filters(weight, dtype)
     with _no_autocast():
+        if kept is None:
+            kept = _kept_filters(weight, dtype)
         x, weight = _rounded(x, dtype), _rounded(weight, dtype)
         bias = None if bias is None else _rounded(bias, dtype)
         return _Conv3x3.apply(x, weight, bias, kept).to(dtype)
