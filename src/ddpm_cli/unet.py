@@ -48,8 +48,8 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 class Conv3x3(nn.Conv2d):
     """A 3x3 convolution with stride 1 and padding 1. Where it is faster (on the CPU, 128+
-    channels; float32, or bfloat16 without AMX) it runs Winograd's algorithm: the same function,
-    a quarter of the arithmetic."""
+    channels; float32, or bfloat16 on x86 without AMX) it runs Winograd's algorithm: the same
+    function, a quarter of the arithmetic."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)

@@ -104,7 +104,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
     on it (docs/sampling.md); with them (`grad`), the filters are transformed at every call and
     it takes 64 tiles or more to pay (batch 1 at 8x8: 0.27x). torch.compile keeps torch's
     convolution (its graphs do not take this function). It runs float32 convolutions, and
-    bfloat16 ones (weights or autocast) on CPUs without AMX, where bf16 arithmetic is slower."""
+    bfloat16 ones (weights or autocast) on x86 CPUs without AMX, where bf16 arithmetic is slower."""
     if x.dim() != 4 or x.device.type != "cpu" or _compiling():
         return False
     dtype = compute_dtype(x, weight)
