@@ -104,7 +104,7 @@ class PeerTrainer:
             self.ema.step(self.model.parameters())
         else:
             self.ema.update()
-        return float(loss)
+        return float(loss.detach())
 
 
 def peer_sampler(impl: str, sampler: str, steps: int):

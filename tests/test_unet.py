@@ -138,3 +138,86 @@ def test_cpu_dropout_drops_p_of_the_values_and_keeps_the_mean():
     layer.eval()
     assert layer(x) is x
     assert Dropout(0.0).train()(x) is x
+
+
+CL = torch.channels_last
+
+
+def _cl_bf16(shape, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(torch.bfloat16, memory_format=CL)
+    return x.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize(
+    "shape, training, copies",
+    [
+        ((16, 64, 16, 16), False, True),  # below 1024 positions torch's NHWC forward is slow
+        ((4, 384, 8, 8), False, True),
+        ((4, 512, 8, 8), False, False),  # 16 channels per group: torch's kernel is fast
+        ((4, 128, 32, 32), False, False),  # 1024 positions: torch's other algorithm
+        ((4, 128, 32, 32), True, True),  # but its backward is slow up to 64x64 at 4 per group
+        ((2, 128, 64, 64), True, True),
+        ((2, 256, 32, 32), True, False),
+        ((1, 128, 128, 128), True, False),  # the copies cost more than they save
+    ],
+)
+def test_cpu_bf16_groupnorm_takes_the_nchw_copy_where_measured_faster(
+    monkeypatch, shape, training, copies
+):
+    from ddpm_cli import unet
+
+    norm = unet.norm(shape[1])
+    x = _cl_bf16(shape, requires_grad=training)
+    seen = []
+    real = unet.F.group_norm
+
+    def spy(inp, *args, **kwargs):
+        seen.append(inp.is_contiguous())
+        return real(inp, *args, **kwargs)
+
+    monkeypatch.setattr(unet.F, "group_norm", spy)
+    y = norm(x)
+    assert seen == [copies]  # torch's kernel saw NCHW input exactly where the rule copies
+    assert y.is_contiguous(memory_format=CL)  # the next convolution gets NHWC either way
+    assert not unet._nchw_is_faster(x.float(), 32)  # float32, NCHW: torch's kernels
+    assert not unet._nchw_is_faster(x.detach().contiguous(), 32)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 16, 16), (2, 128, 32, 32)])
+def test_cpu_bf16_groupnorm_copy_matches_float64(shape):
+    """Output and gradients through the NCHW copy are as close to float64 as torch's own
+    channels_last kernel: the same arithmetic, in another layout."""
+    from ddpm_cli import unet
+
+    g = torch.Generator().manual_seed(1)
+    norm = unet.norm(shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(shape[1], generator=g))
+        norm.bias.copy_(0.2 * torch.randn(shape[1], generator=g))
+    x = _cl_bf16(shape, requires_grad=True)
+    grad = torch.randn(shape, generator=g).to(torch.bfloat16, memory_format=CL)
+    assert unet._nchw_is_faster(x, 32)
+
+    def run(fn, dtype):  # y and the gradients of x, weight, bias; x stays channels_last
+        x_ = x.detach().to(dtype).requires_grad_()
+        wdtype = torch.float64 if dtype is torch.float64 else torch.float32
+        w, b = (p.detach().to(wdtype).requires_grad_() for p in (norm.weight, norm.bias))
+        y = fn(x_, w, b)
+        y.backward(grad.to(y.dtype))
+        return [t.double() for t in (y.detach(), x_.grad, w.grad, b.grad)]
+
+    def torch_gn(x, w, b):
+        return torch.nn.functional.group_norm(x, 32, w, b, 1e-6)
+
+    def ours_gn(x, w, b):
+        return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+
+    ref = run(torch_gn, torch.float64)
+    ours = run(ours_gn, torch.bfloat16)
+    torch_cl = run(torch_gn, torch.bfloat16)  # torch's channels_last kernel
+    for name, o, t, r in zip(("y", "dx", "dw", "db"), ours, torch_cl, ref, strict=True):
+        err = ((o - r).abs().max() / r.abs().max()).item()
+        torch_err = ((t - r).abs().max() / r.abs().max()).item()
+        assert err <= max(1.5 * torch_err, 1e-6), (name, err, torch_err)
+        assert err < 1e-2, name  # bf16's own precision (3e-3 measured)

@@ -35,8 +35,37 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that steps around torch's slow channels_last bfloat16 kernels on the CPU.
+
+    There, on NHWC bfloat16 input (torch 2.14, docs/benchmarks.md), the forward kernel is 4-8x
+    slower than the NCHW one below 32x32 (1024 positions, where torch changes algorithm) and the
+    backward kernel about 2x slower at any size. Such input is copied to NCHW, normalised by
+    torch's NCHW kernel and copied back: always below 1024 positions, and up to 64x64 when a
+    backward pass follows. Beyond that the copies cost more than they save.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _nchw_is_faster(x, self.num_groups):
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+def _nchw_is_faster(x: torch.Tensor, groups: int = GROUPS) -> bool:
+    """Whether GroupNorm on `x` runs faster through an NCHW copy (GroupNorm's docstring)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
+        return False
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    per_group, positions = x.shape[1] // groups, x.shape[2] * x.shape[3]
+    if per_group < 16 and positions < 1024:
+        return True
+    return x.requires_grad and per_group <= 4 and positions <= 4096
+
+
 def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(GROUPS, channels), channels, eps=1e-6)
+    return GroupNorm(min(GROUPS, channels), channels, eps=1e-6)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
