@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ddpm_cli.config import ModelConfig
 from ddpm_cli.errors import ConfigError
 from ddpm_cli.presets import PRESETS, build_model_config, preset_for
-from ddpm_cli.unet import UNet, count_parameters, timestep_embedding
+from ddpm_cli.unet import UNet, _nchw_is_faster, count_parameters, norm, timestep_embedding
 
 TINY = ModelConfig(
     image_size=(8, 8),
@@ -149,6 +151,21 @@ def _cl_bf16(shape, requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
+@pytest.fixture
+def nchw_inputs(monkeypatch):
+    """Records, for each F.group_norm call in ddpm_cli.unet, whether its input was NCHW."""
+    from ddpm_cli import unet
+
+    seen, real = [], unet.F.group_norm
+
+    def spy(inp, *args, **kwargs):
+        seen.append(inp.is_contiguous())
+        return real(inp, *args, **kwargs)
+
+    monkeypatch.setattr(unet.F, "group_norm", spy)
+    return seen
+
+
 @pytest.mark.parametrize(
     "shape, training, copies",
     [
@@ -163,46 +180,51 @@ def _cl_bf16(shape, requires_grad=False):
     ],
 )
 def test_cpu_bf16_groupnorm_takes_the_nchw_copy_where_measured_faster(
-    monkeypatch, shape, training, copies
+    nchw_inputs, shape, training, copies
 ):
-    from ddpm_cli import unet
-
-    norm = unet.norm(shape[1])
     x = _cl_bf16(shape, requires_grad=training)
-    seen = []
-    real = unet.F.group_norm
-
-    def spy(inp, *args, **kwargs):
-        seen.append(inp.is_contiguous())
-        return real(inp, *args, **kwargs)
-
-    monkeypatch.setattr(unet.F, "group_norm", spy)
-    y = norm(x)
-    assert seen == [copies]  # torch's kernel saw NCHW input exactly where the rule copies
+    y = norm(shape[1])(x)
+    assert nchw_inputs == [copies]  # torch's kernel saw NCHW input exactly where ddpm copies
     assert y.is_contiguous(memory_format=CL)  # the next convolution gets NHWC either way
-    assert not unet._nchw_is_faster(x.float(), 32)  # float32, NCHW: torch's kernels
-    assert not unet._nchw_is_faster(x.detach().contiguous(), 32)
+    if training:
+        y.backward(torch.ones_like(y))
+        assert x.grad.is_contiguous(memory_format=CL)  # and so do the layers before it
+
+
+def test_groupnorm_keeps_torchs_kernels_for_float32_nchw_and_compiled_code(nchw_inputs):
+    x = _cl_bf16((4, 64, 16, 16))
+    layer = norm(64)
+    layer(x.float()), layer(x.contiguous())
+    assert nchw_inputs == [False, True]  # float32 NHWC and NCHW: as given, no copy
+    assert not any(_nchw_is_faster(v, 32) for v in (x.float(), x.contiguous()))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes])
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(layer, backend=backend)(x)
+    torch._dynamo.reset()
+    assert graphs and not any("contiguous" in op for op in graphs[0])  # inductor's own
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 16, 16), (2, 128, 32, 32)])
-def test_cpu_bf16_groupnorm_copy_matches_float64(shape):
+def test_cpu_bf16_groupnorm_copy_matches_float64(nchw_inputs, shape):
     """Output and gradients through the NCHW copy are as close to float64 as torch's own
     channels_last kernel: the same arithmetic, in another layout."""
-    from ddpm_cli import unet
-
     g = torch.Generator().manual_seed(1)
-    norm = unet.norm(shape[1])
+    layer = norm(shape[1])
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.2 * torch.randn(shape[1], generator=g))
-        norm.bias.copy_(0.2 * torch.randn(shape[1], generator=g))
-    x = _cl_bf16(shape, requires_grad=True)
+        layer.weight.copy_(1 + 0.2 * torch.randn(shape[1], generator=g))
+        layer.bias.copy_(0.2 * torch.randn(shape[1], generator=g))
+    x = _cl_bf16(shape)
     grad = torch.randn(shape, generator=g).to(torch.bfloat16, memory_format=CL)
-    assert unet._nchw_is_faster(x, 32)
 
     def run(fn, dtype):  # y and the gradients of x, weight, bias; x stays channels_last
         x_ = x.detach().to(dtype).requires_grad_()
         wdtype = torch.float64 if dtype is torch.float64 else torch.float32
-        w, b = (p.detach().to(wdtype).requires_grad_() for p in (norm.weight, norm.bias))
+        w, b = (p.detach().to(wdtype).requires_grad_() for p in (layer.weight, layer.bias))
         y = fn(x_, w, b)
         y.backward(grad.to(y.dtype))
         return [t.double() for t in (y.detach(), x_.grad, w.grad, b.grad)]
@@ -211,13 +233,56 @@ def test_cpu_bf16_groupnorm_copy_matches_float64(shape):
         return torch.nn.functional.group_norm(x, 32, w, b, 1e-6)
 
     def ours_gn(x, w, b):
-        return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+        return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
 
     ref = run(torch_gn, torch.float64)
+    nchw_inputs.clear()
     ours = run(ours_gn, torch.bfloat16)
+    assert nchw_inputs == [True]  # it took the copy
     torch_cl = run(torch_gn, torch.bfloat16)  # torch's channels_last kernel
     for name, o, t, r in zip(("y", "dx", "dw", "db"), ours, torch_cl, ref, strict=True):
         err = ((o - r).abs().max() / r.abs().max()).item()
         torch_err = ((t - r).abs().max() / r.abs().max()).item()
         assert err <= max(1.5 * torch_err, 1e-6), (name, err, torch_err)
         assert err < 1e-2, name  # bf16's own precision (3e-3 measured)
+
+
+def test_cpu_bf16_autocast_training_through_the_copies_matches_float64(monkeypatch):
+    """A UNet training step under CPU bf16 autocast, where every GroupNorm takes the copy, is as
+    close to float64 (output and every gradient) as with torch's channels_last kernels."""
+    from ddpm_cli import unet
+    from ddpm_cli.device import place
+
+    torch.manual_seed(0)
+    model = place(UNet(TINY), "cpu")
+    for p in model.parameters():  # zero-initialised layers would hide their inputs' gradients
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 250, 500, 999])
+    grad = torch.randn(4, 3, 8, 8)
+
+    def step(dtype, copies=True):
+        monkeypatch.setattr(unet, "_nchw_is_faster", real if copies else lambda *a: False)
+        net = copy.deepcopy(model).to(dtype) if dtype is torch.float64 else model
+        net.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype is torch.bfloat16):
+            y = net(x.to(dtype), t)
+        y.float().backward(grad.to(y.dtype).float())
+        return [y.detach().double()] + [p.grad.double() for p in net.parameters()]
+
+    real = unet._nchw_is_faster
+    assert real(_cl_bf16((4, 64, 4, 4), requires_grad=True), 32)
+    ref = step(torch.float64)
+    ours, torchs = step(torch.bfloat16), step(torch.bfloat16, copies=False)
+
+    # a bias just before a GroupNorm of one channel per group has no gradient: leave those out
+    kept = [i for i, r in enumerate(ref) if r.norm() > 1e-9]
+    assert len(kept) > len(ref) // 2
+
+    def errors(run):
+        return [((run[i] - ref[i]).norm() / ref[i].norm()).item() for i in kept]
+
+    ours_err, torch_err = errors(ours), errors(torchs)
+    assert max(ours_err) < min(0.1, 1.5 * max(torch_err))  # bf16's scale (0.05), everywhere
+    assert ours_err[0] <= 1.5 * torch_err[0] + 1e-4  # the output
+    assert sorted(ours_err)[len(ours_err) // 2] <= 1.5 * sorted(torch_err)[len(torch_err) // 2]

@@ -38,25 +38,30 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that steps around torch's slow channels_last bfloat16 kernels on the CPU.
 
-    There, on NHWC bfloat16 input (torch 2.14, docs/benchmarks.md), the forward kernel is 4-8x
-    slower than the NCHW one below 32x32 (1024 positions, where torch changes algorithm) and the
-    backward kernel about 2x slower at any size. Such input is copied to NCHW, normalised by
-    torch's NCHW kernel and copied back: always below 1024 positions, and up to 64x64 when a
-    backward pass follows. Beyond that the copies cost more than they save.
+    There, for NHWC bfloat16 input (torch 2.14), the forward kernel switches below 1024
+    positions to an algorithm that walks each group's channels with a stride of C, slow when a
+    group holds few of them, and the backward kernel is slow at any size. Where an NCHW copy
+    measured faster (docs/benchmarks.md: 1.4-9x forward, 1.4-5.7x with backward), the input is
+    copied to NCHW, normalised by torch's NCHW kernel, and the result and the input's gradient
+    are copied back to NHWC: below 1024 positions with fewer than 16 channels per group, and
+    with a backward pass to follow, up to 64x64 with 4 or fewer. The precision is the same;
+    a few values differ in their last bit (another summation order).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _nchw_is_faster(x, self.num_groups):
-            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-            return y.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
+        if not _nchw_is_faster(x, self.num_groups):
+            return super().forward(x)
+        y = F.group_norm(_ToNCHW.apply(x), self.num_groups, self.weight, self.bias, self.eps)
+        return y.contiguous(memory_format=torch.channels_last)
 
 
-def _nchw_is_faster(x: torch.Tensor, groups: int = GROUPS) -> bool:
+def _nchw_is_faster(x: torch.Tensor, groups: int) -> bool:
     """Whether GroupNorm on `x` runs faster through an NCHW copy (GroupNorm's docstring)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
         return False
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if winograd.compiling():  # inductor writes its own normalisation
         return False
     per_group, positions = x.shape[1] // groups, x.shape[2] * x.shape[3]
     if per_group < 16 and positions < 1024:
@@ -64,7 +69,20 @@ def _nchw_is_faster(x: torch.Tensor, groups: int = GROUPS) -> bool:
     return x.requires_grad and per_group <= 4 and positions <= 4096
 
 
-def norm(channels: int) -> nn.GroupNorm:
+class _ToNCHW(torch.autograd.Function):
+    """An NCHW copy of an NHWC tensor whose gradient goes back NHWC, the layout of the layers
+    before it (an NCHW gradient would be converted there, or summed with NHWC ones)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def norm(channels: int) -> GroupNorm:
     return GroupNorm(min(GROUPS, channels), channels, eps=1e-6)
 
 

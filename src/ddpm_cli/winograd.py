@@ -93,7 +93,8 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype == weight.dtype else None
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether torch.compile is tracing the caller (it then keeps torch's own kernels)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
 
@@ -105,7 +106,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
     it takes 64 tiles or more to pay (batch 1 at 8x8: 0.27x). torch.compile keeps torch's
     convolution (its graphs do not take this function). It runs float32 convolutions, and
     bfloat16 ones (weights or autocast) on x86 CPUs without AMX, where bf16 arithmetic is slower."""
-    if x.dim() != 4 or x.device.type != "cpu" or _compiling():
+    if x.dim() != 4 or x.device.type != "cpu" or compiling():
         return False
     dtype = compute_dtype(x, weight)
     tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
