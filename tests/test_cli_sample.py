@@ -313,6 +313,43 @@ def test_the_default_precision_is_bf16_on_ampere_and_later_and_fp32_elsewhere(mo
         resolve_precision(Precision.fp16, cpu)
 
 
+@pytest.mark.parametrize(
+    "amx, env, expected",
+    [(True, "1", "bf16"), (True, None, "bf16"), (True, "0", "fp32"), (False, "1", "fp32"),
+     (None, "1", "fp32")],
+)  # fmt: skip
+def test_the_cpu_default_precision_is_bf16_with_amx(monkeypatch, amx, env, expected):
+    """AMX CPUs compute bf16 several times faster than fp32 (docs/benchmarks.md); elsewhere,
+    or where torch cannot tell (None), or with DDPM_AMX_BF16=0, the CPU default is fp32."""
+    import ddpm_cli.forward as forward
+    from ddpm_cli.config import Precision
+
+    monkeypatch.setattr(forward, "cpu_has_amx", lambda: amx)
+    if env is None:
+        monkeypatch.delenv("DDPM_AMX_BF16", raising=False)
+    else:
+        monkeypatch.setenv("DDPM_AMX_BF16", env)
+    assert forward.resolve_precision(None, torch.device("cpu")) is Precision(expected)
+    assert forward.resolve_precision(Precision.fp32, torch.device("cpu")) is Precision.fp32
+
+
+def test_cpu_has_amx_asks_torch_on_x86_only(monkeypatch):
+    import platform
+
+    from ddpm_cli import device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert device.cpu_has_amx() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert device.cpu_has_amx() is False
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")  # Apple silicon, Graviton
+    assert device.cpu_has_amx() is None
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # torch before 2.3
+    assert device.cpu_has_amx() is None
+
+
 def test_sample_takes_the_devices_default_precision(runner, runs, tmp_path, monkeypatch):
     """Without --precision, `ddpm sample` samples at forward.default_precision (bf16 on a
     recent GPU); here the CPU is made to claim bf16 as its default."""

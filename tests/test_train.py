@@ -392,6 +392,16 @@ def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(colours, tmp_path):
     assert stored["precision"] == "bf16"
 
 
+def test_training_on_an_amx_cpu_defaults_to_bf16(colours, tmp_path, monkeypatch):
+    import ddpm_cli.forward as forward
+
+    monkeypatch.setattr(forward, "cpu_has_amx", lambda: True)
+    monkeypatch.setenv("DDPM_AMX_BF16", "1")
+    run = train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
+    stored = load_checkpoint(run.out / "model.safetensors").config["training"]
+    assert stored["precision"] == "bf16"
+
+
 def test_compiled_training_matches_eager(colours, tmp_path):
     pytest.importorskip("torch._inductor")
     runs = {}

@@ -202,7 +202,7 @@ class TrainConfig:
     epochs: int | None = None  # training ends at whichever of epochs and steps comes first;
     steps: int | None = None  # with neither, 100 epochs
     seed: int | None = None
-    precision: Precision | None = None  # None: forward.default_precision (bf16 on Ampere+)
+    precision: Precision | None = None  # None: forward.default_precision (bf16 on Ampere+, AMX)
     compile: bool | None = None  # None: on CUDA for runs of train.COMPILE_MIN_STEPS or more
     unconditional: bool = False  # ignore the class subfolders of the data
     # classifier-free guidance: the share of training images whose class is replaced by "no

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import re
 import secrets
 import sys
@@ -26,6 +27,15 @@ _CUDA_INDEX = re.compile(r"cuda:(\d+)")
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
+
+
+def cpu_has_amx() -> bool | None:
+    """Whether this x86 CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where torch's
+    bf16 matrix kernels run several times faster than float32; None where that is unknown
+    (other architectures, torch before 2.3, which cannot tell)."""
+    test = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return bool(test()) if x86 and test is not None else None
 
 
 def available_devices() -> list[str]:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ddpm_cli.device import cpu_has_amx
 
 
 def _kron(rows: list[list[float]]) -> torch.Tensor:
@@ -77,9 +78,7 @@ def _cpu_autocast() -> torch.dtype | None:
 def _no_amx() -> bool:
     """Whether this is an x86 CPU known to lack AMX tiles (torch 2.3 and later can tell). Only
     x86 was measured: ARM CPUs' bf16 instructions may well beat float32 there."""
-    test = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    return x86 and test is not None and not test()
+    return cpu_has_amx() is False
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:

@@ -113,7 +113,7 @@ def eval_(
         typer.Option(
             "--precision",
             help="Sampling precision for --fid-ref (the bound is fp32). Default: bf16 on CUDA "
-            "GPUs from Ampere on, else fp32.",
+            "GPUs from Ampere on and on x86 CPUs with AMX, else fp32.",
             show_default=False,
         ),
     ] = None,

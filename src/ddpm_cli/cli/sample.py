@@ -135,8 +135,8 @@ def sample(
         Precision | None,
         typer.Option(
             "--precision",
-            help="Default: bf16 on CUDA GPUs from Ampere on, else fp32. bf16 runs bf16 weights; "
-            "fp16 runs under autocast (CUDA only).",
+            help="Default: bf16 on CUDA GPUs from Ampere on and on x86 CPUs with AMX, else fp32. "
+            "bf16 runs bf16 weights; fp16 runs under autocast (CUDA only).",
             show_default=False,
         ),
     ] = None,

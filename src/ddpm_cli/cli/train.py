@@ -147,7 +147,10 @@ def train(
     ] = D.seed,
     precision: Annotated[
         Precision | None,
-        typer.Option("--precision", help="Default: bf16 on CUDA GPUs from Ampere on, else fp32."),
+        typer.Option(
+            "--precision",
+            help="Default: bf16 on CUDA GPUs from Ampere on and on x86 CPUs with AMX, else fp32.",
+        ),
     ] = D.precision,
     compile: Annotated[
         bool | None,
