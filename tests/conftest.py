@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 # On x86 CPUs with AMX the default precision is bf16 (forward.default_precision). The suite's
 # expectations (bytes, batch invariance, tolerances) are fp32's, on whatever CPU CI has: keep
 # fp32 the default here and in the processes tests start. Tests of the rule set it themselves.
-os.environ.setdefault("DDPM_AMX_BF16", "0")
+os.environ["DDPM_AMX_BF16"] = "0"
 
 
 def draw_shapes(size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Image.Image:

@@ -333,23 +333,6 @@ def test_the_cpu_default_precision_is_bf16_with_amx(monkeypatch, amx, env, expec
     assert forward.resolve_precision(Precision.fp32, torch.device("cpu")) is Precision.fp32
 
 
-def test_cpu_has_amx_asks_torch_on_x86_only(monkeypatch):
-    import platform
-
-    from ddpm_cli import device
-
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    assert device.cpu_has_amx() is True
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert device.cpu_has_amx() is False
-    monkeypatch.setattr(platform, "machine", lambda: "arm64")  # Apple silicon, Graviton
-    assert device.cpu_has_amx() is None
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # torch before 2.3
-    assert device.cpu_has_amx() is None
-
-
 def test_sample_takes_the_devices_default_precision(runner, runs, tmp_path, monkeypatch):
     """Without --precision, `ddpm sample` samples at forward.default_precision (bf16 on a
     recent GPU); here the CPU is made to claim bf16 as its default."""

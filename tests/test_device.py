@@ -69,3 +69,22 @@ def test_seeded_noise_is_reproducible_and_drawn_on_the_cpu():
     # the same numbers as drawing on the CPU directly: the device only receives them
     assert torch.equal(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(7)))
     assert 0 <= dev.new_seed() < 2**32
+
+
+def test_cpu_has_amx_asks_torch_on_x86_only(monkeypatch):
+    """AMX decides the CPU default precision (forward.default_precision) and the bf16 Winograd
+    rule; torch answers on x86, and elsewhere or before torch 2.3 the answer is unknown."""
+    import platform
+
+    from ddpm_cli import device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert device.cpu_has_amx() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert device.cpu_has_amx() is False
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")  # Apple silicon, Graviton
+    assert device.cpu_has_amx() is None
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # torch before 2.3
+    assert device.cpu_has_amx() is None

@@ -30,9 +30,10 @@ def default_precision(device: torch.device) -> Precision:
     DDPM_AMX_BF16=0 keeps fp32 as the default on AMX CPUs (the same default on every CPU)."""
     if device.type == "cuda":
         native = torch.cuda.get_device_capability(device)[0] >= 8
+    elif device.type == "cpu":
+        native = cpu_has_amx() is True and os.environ.get("DDPM_AMX_BF16", "1") != "0"
     else:
-        amx = cpu_has_amx() is True and os.environ.get("DDPM_AMX_BF16", "1") != "0"
-        native = device.type == "cpu" and amx
+        native = False
     return Precision.bf16 if native else Precision.fp32
 
 

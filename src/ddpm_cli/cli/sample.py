@@ -239,7 +239,7 @@ def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, o
     resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
     seed = distributed.broadcast(d, new_seed() if seed is None else seed)
     total = len(jobs)
-    jobs = jobs[d.rank :: d.world]  # image k is the same whichever process draws it
+    jobs = jobs[d.rank :: d.world]  # image k's noise is the same whichever process draws it
     indices = [k for k, _ in jobs]
     batch = batch_size or default_batch_size(sm.model_config, dev, len(jobs))
     if guidance and not batch_size:  # guidance runs the network on twice the batch
