@@ -4,7 +4,6 @@ where the CPU gains from it."""
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 
 import pytest
@@ -182,14 +181,11 @@ def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
     assert statistics.median(mine) < 1.5 * statistics.median(direct)
 
 
-def test_amx_rule_asks_torch_about_this_cpu():
-    test = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        assert not winograd._no_amx()
-        return
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 3):
-        assert test is not None  # a renamed query would silently turn the bf16 path off
-    assert winograd._no_amx() == (test is not None and not test())
+def test_bf16_rule_follows_the_cpus_amx(monkeypatch):
+    # device.cpu_has_amx asks torch (tests/test_device.py); unknown (ARM, old torch) is not "no"
+    for amx, no_amx in ((True, False), (False, True), (None, False)):
+        monkeypatch.setattr(winograd, "cpu_has_amx", lambda amx=amx: amx)
+        assert winograd._no_amx() is no_amx
 
 
 @pytest.mark.parametrize("how", ["bf16 weights", "autocast"])
