@@ -4,15 +4,19 @@ the measurements behind winograd.applies (which layers take it) and its accuracy
     python benchmarks/winograd.py
     python benchmarks/winograd.py --batch 64 --shapes 128x128x32,32x32x32
     python benchmarks/winograd.py --dtype bfloat16
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/winograd.py --dtype bfloat16 \
+        --shapes 32x32x32,64x64x16   # as on a CPU without AMX
 
 For each 3x3 layer shape (in_channels x out_channels x size) it prints one JSON line: the
 median milliseconds of a forward pass and of forward + backward (gradients of input, weight and
 bias) through F.conv2d and through winograd.conv3x3, the forward pass with the transformed
 filters computed beforehand (as sampling runs it), the speedups, whether winograd.applies picks
 it for sampling and for training, and each method's largest error against a float64
-convolution, relative to the output's scale. Inputs and weights
-are channels_last, as the network runs them. The default shapes are the 3x3 convolutions of the
-cifar10 preset (at batch 16, as bench.py's CPU rows) and of the small one.
+convolution, relative to the output's scale. In bfloat16 it also times torch's float32 direct
+convolution between bf16 roundings ("rounded", conv3x3 with direct=True, what ddpm runs for
+narrower layers on x86 CPUs without AMX) and says whether winograd.rounds_in_float32 picks it.
+Inputs and weights are channels_last, as the network runs them. The default shapes are the 3x3
+convolutions of the cifar10 preset (at batch 16, as bench.py's CPU rows) and of the small one.
 """
 
 from __future__ import annotations
@@ -51,11 +55,14 @@ def layer(batch: int, ci: int, co: int, size: int, reps: int, dtype: torch.dtype
     grad = torch.randn(batch, co, size, size, generator=g).to(dtype, memory_format=last)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     methods = {"direct": lambda *a: F.conv2d(*a, padding=1), "winograd": winograd.conv3x3}
+    if dtype == torch.bfloat16:
+        methods["rounded"] = lambda *a: winograd.conv3x3(*a, direct=True)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "in": ci, "out": co,
            "size": size,
            "applies_sampling": winograd.applies(x, w),
-           "applies_training": winograd.applies(x, w, grad=True)}  # fmt: skip
+           "applies_training": winograd.applies(x, w, grad=True),
+           "rounds_in_float32": winograd.rounds_in_float32(x, w)}  # fmt: skip
     for name, conv in methods.items():
         with torch.no_grad():
             out = conv(x, w, b)
@@ -74,6 +81,9 @@ def layer(batch: int, ci: int, co: int, size: int, reps: int, dtype: torch.dtype
     row["fwd_speedup"] = row["direct_fwd_ms"] / row["winograd_fwd_ms"]
     row["kept_fwd_speedup"] = row["direct_fwd_ms"] / row["winograd_kept_fwd_ms"]
     row["fwd_bwd_speedup"] = row["direct_fwd_bwd_ms"] / row["winograd_fwd_bwd_ms"]
+    if "rounded" in methods:
+        row["rounded_fwd_speedup"] = row["direct_fwd_ms"] / row["rounded_fwd_ms"]
+        row["rounded_fwd_bwd_speedup"] = row["direct_fwd_bwd_ms"] / row["rounded_fwd_bwd_ms"]
     return row
 
 

@@ -65,29 +65,35 @@ def bf16_errors(conv, x, weight, bias, grad) -> list[float]:
     return [rel(out, ref)] + [rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves, strict=True)]
 
 
-def test_bfloat16_is_rounded_like_torch_bf16_convolution():
+@pytest.mark.parametrize("direct", [False, True], ids=["winograd", "direct"])
+def test_bfloat16_is_rounded_like_torch_bf16_convolution(direct):
     # bf16 inputs, float32 arithmetic, bf16 output: nearly every output is the float64 result
-    # rounded to bf16, and the gradients are as close as torch's bf16 convolution's
+    # rounded to bf16, and the gradients are as close as torch's bf16 convolution's; the
+    # arithmetic by Winograd's algorithm or by torch's float32 direct convolution
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 64, 10, 7, generator=g).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(32, 64, 3, 3, generator=g) / 24
     bias, grad = torch.randn(32, generator=g), torch.randn(3, 32, 10, 7, generator=g)
     xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+
+    def conv(*args):
+        return winograd.conv3x3(*args, direct=direct)
+
     with torch.no_grad():
-        out = winograd.conv3x3(xb, wb, bb)
+        out = conv(xb, wb, bb)
     exact = F.conv2d(xb.double(), wb.double(), bb.double(), padding=1)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert (out == exact.bfloat16()).float().mean() > 0.99
     assert rel(out, exact) < 2**-8  # at most half a bf16 step from the exact result, at scale
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # rounds as conv2d does
-        assert torch.equal(winograd.conv3x3(x, weight, bias), out)
+        assert torch.equal(conv(x, weight, bias), out)
     # under autocast from float32 leaves, whose gradients come back in float32
     x, weight, bias = (t.bfloat16().float() for t in (x, weight, bias))  # rounding common to both
-    direct = bf16_errors(lambda *a: F.conv2d(*a, padding=1), x, weight, bias, grad)
-    mine = bf16_errors(winograd.conv3x3, x, weight, bias, grad)
-    assert max(direct) < 1e-2
-    for ours, torchs in zip(mine, direct, strict=True):
-        assert ours < 1.5 * torchs
+    torchs = bf16_errors(lambda *a: F.conv2d(*a, padding=1), x, weight, bias, grad)
+    mine = bf16_errors(conv, x, weight, bias, grad)
+    assert max(torchs) < 1e-2
+    for ours, theirs in zip(mine, torchs, strict=True):
+        assert ours < 1.5 * theirs
 
 
 def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch):
@@ -111,6 +117,76 @@ def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch
             assert not winograd.applies(big, w)
     monkeypatch.setenv("DDPM_WINOGRAD", "0")
     assert not winograd.applies(big, w)
+
+
+def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch):
+    # 32-127 input channels, 8x8 and larger: what Winograd declines and float32 arithmetic wins
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    w = torch.zeros(64, 64, 3, 3).bfloat16()
+    for x in (torch.zeros(16, 64, 16, 16), torch.zeros(1, 64, 8, 9)):  # any batch
+        assert winograd.rounds_in_float32(x.bfloat16(), w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 to bf16
+            assert winograd.rounds_in_float32(x, w.float())
+    assert winograd.rounds_in_float32(torch.zeros(2, 32, 8, 8).bfloat16(), w[:, :32])
+    assert winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w[:3])  # to 3 ch
+    assert not winograd.rounds_in_float32(torch.zeros(2, 16, 8, 8).bfloat16(), w[:, :16])
+    assert not winograd.rounds_in_float32(torch.zeros(2, 3, 8, 8).bfloat16(), w[:, :3])
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 4, 4).bfloat16(), w)
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8), w.float())  # float32
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).half(), w.half())
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8), w.float())
+    monkeypatch.setattr(winograd, "compiling", lambda: True)
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
+    monkeypatch.setattr(winograd, "compiling", lambda: False)
+    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
+    monkeypatch.setenv("DDPM_WINOGRAD", "1")
+    monkeypatch.setattr(winograd, "_no_amx", lambda: False)  # AMX: torch's bf16 kernel is faster
+    assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
+
+
+def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch):
+    # the small preset's layers (32-64 channels) under --precision bf16, without AMX (forced)
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    config = ModelConfig(image_size=(16, 16), channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(), dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = UNet(config)
+    for p in model.parameters():  # zero-initialised layers would hide a wrong convolution
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ref_model = copy.deepcopy(model).double()
+    ref = ref_model(x.double(), t)
+    ref.square().mean().backward()
+    # with one channel per group, GroupNorm cancels conv1's bias and the time embedding's
+    # shift: their exact gradients are zero, and every error relative to them infinite
+    ref_grads = [p.grad for p in ref_model.parameters()]
+    nonzero = [g.abs().max() > 1e-12 for g in ref_grads]
+    assert sum(nonzero) > len(ref_grads) // 2
+
+    def errors(on: str) -> list[float]:
+        monkeypatch.setenv("DDPM_WINOGRAD", on)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+        out.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters()]
+        pairs = zip(grads, ref_grads, nonzero, strict=True)
+        return [rel(out, ref)] + [rel(a, b) for a, b, keep in pairs if keep]
+
+    torchs = errors("0")
+    assert not calls
+    mine = errors("1")
+    # every 3x3 convolution but conv_in (3 input channels) and those at 4x4 (none here)
+    narrow = [m for m in model.modules() if isinstance(m, Conv3x3) and m.in_channels >= 32]
+    assert calls == [{"direct": True}] * len(narrow) and len(narrow) == 18
+    assert max(torchs) < 0.1
+    assert max(mine) < 1.5 * max(torchs)
+    assert statistics.median(mine) < 1.5 * statistics.median(torchs)
 
 
 def wide_unet() -> UNet:
@@ -157,7 +233,7 @@ def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])  # 64 tiles: trains
     calls = []
     real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
 
     def errors(on: str) -> list[float]:
         monkeypatch.setenv("DDPM_WINOGRAD", on)
@@ -175,7 +251,7 @@ def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
     direct = errors("0")
     assert not calls
     mine = errors("1")
-    assert len(calls) == 10
+    assert calls == [{}] * 10 + [{"direct": True}]  # conv_out, 128 -> 3 channels, rounds
     assert max(direct) < 0.1
     assert max(mine) < 1.5 * max(direct)
     assert statistics.median(mine) < 1.5 * statistics.median(direct)

@@ -32,10 +32,16 @@ def _mps_available() -> bool:
 def cpu_has_amx() -> bool | None:
     """Whether this x86 CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where torch's
     bf16 matrix kernels run several times faster than float32; None where that is unknown
-    (other architectures, torch before 2.3, which cannot tell)."""
+    (other architectures, torch before 2.3, which cannot tell). False too where oneDNN, which
+    runs torch's CPU convolutions and matrix products, is told not to use AMX
+    (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 or lower): such a process runs as on a CPU without it."""
     test = getattr(torch.cpu, "_is_amx_tile_supported", None)
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    return bool(test()) if x86 and test is not None else None
+    if not x86 or test is None:
+        return None
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    capped = cap.strip().upper() not in ("", "ALL", "DEFAULT") and "AMX" not in cap.upper()
+    return bool(test()) and not capped
 
 
 def available_devices() -> list[str]:

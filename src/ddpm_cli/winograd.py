@@ -13,7 +13,7 @@ and backward, when both channel counts are 128 or more and the image 8x8 or larg
 the transforms cost more than the arithmetic saved (docs/benchmarks.md, benchmarks/winograd.py).
 `applies` picks those layers. The result differs from a direct convolution by about 1e-5
 relative (direct: about 1e-6, both against float64), far below what training or sampling
-notice. DDPM_WINOGRAD=0 turns it off.
+notice. DDPM_WINOGRAD=0 turns it off, and the bf16 rounding below: torch's kernels throughout.
 
 bfloat16 convolutions (bf16 weights in sampling, bf16 autocast in training) take the same path
 on x86 CPUs without AMX units, where bf16 matrix arithmetic is no faster than float32 (AVX512-BF16:
@@ -21,7 +21,10 @@ oneDNN's bf16 GEMM ran at 160 GFLOP/s against 290 in float32; without it, a bf16
 took 5x the float32 time). Inputs and weights are rounded to bf16, the arithmetic is float32,
 and the output is rounded to bf16: the points where torch's bf16 kernels round too (they
 multiply bf16 numbers, exactly in float32, and accumulate in float32). The error is that of
-torch's bf16 convolution, the time 2-3.5x less (docs/benchmarks.md).
+torch's bf16 convolution, the time 2-3.5x less (docs/benchmarks.md). The narrower bf16 3x3
+convolutions that Winograd does not pay for there (32 to 127 input channels, as in the small
+preset) take torch's float32 direct convolution between the same roundings (`rounds_in_float32`),
+1.2-1.45x faster than torch's bf16 kernel at batch 16 on such a CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ _kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # inside ke
 MIN_CHANNELS = 128
 MIN_SIZE = 8
 MIN_TRAIN_TILES = 64
+# bf16 without AMX, float32 direct convolution between bf16 roundings: 1.2-1.45x faster from 32
+# input channels at 8x8 and larger; no faster from 3 channels or at 4x4
+MIN_ROUNDED_CHANNELS = 32
 
 
 def _mats(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +119,22 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
         (tiles >= MIN_TRAIN_TILES or not grad)
         and (dtype == torch.float32 or (dtype == torch.bfloat16 and _no_amx()))
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+        and min(x.shape[2], x.shape[3]) >= MIN_SIZE
+        and os.environ.get("DDPM_WINOGRAD", "1") != "0"
+    )
+
+
+def rounds_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a bfloat16 3x3 convolution that `applies` declines runs faster as torch's float32
+    convolution of its bf16-rounded operands, rounded back to bf16 (conv3x3 with direct=True): on
+    x86 CPUs without AMX, with 32 or more input channels, on images 8x8 or larger, unless
+    DDPM_WINOGRAD=0. Like `applies` without gradients, the rule does not look at the batch."""
+    if x.dim() != 4 or x.device.type != "cpu" or compiling():
+        return False
+    return (
+        compute_dtype(x, weight) == torch.bfloat16
+        and _no_amx()
+        and weight.shape[1] >= MIN_ROUNDED_CHANNELS
         and min(x.shape[2], x.shape[3]) >= MIN_SIZE
         and os.environ.get("DDPM_WINOGRAD", "1") != "0"
     )
@@ -232,20 +254,24 @@ def conv3x3(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     kept: torch.Tensor | None = None,
+    direct: bool = False,
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for (Co, Ci, 3, 3) weights, differentiable (once);
     returns a channels_last tensor. float32 and float64 compute in their own dtype; bfloat16
     (both inputs, or under CPU bf16 autocast, which casts float32 ones as F.conv2d does there)
     rounds the inputs to bf16, computes in float32 and returns bf16. `kept`: filters() of the
     (rounded) weight computed beforehand, for inference (no gradient flows into them); inside
-    keep_filters() they are kept there."""
+    keep_filters() they are kept there. `direct`: torch's direct convolution does the float32
+    arithmetic instead of Winograd's (for bf16: `rounds_in_float32`)."""
     dtype = compute_dtype(x, weight)
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise ValueError(f"conv3x3 takes float32, float64 or bfloat16 inputs, not {x.dtype} "
                          f"and {weight.dtype}")  # fmt: skip
     with _no_autocast():
-        if kept is None:
+        if kept is None and not direct:
             kept = _kept_filters(weight, dtype)
         x, weight = _rounded(x, dtype), _rounded(weight, dtype)
         bias = None if bias is None else _rounded(bias, dtype)
+        if direct:
+            return F.conv2d(x, weight, bias, padding=1).to(dtype)
         return _Conv3x3.apply(x, weight, bias, kept).to(dtype)
