@@ -103,9 +103,10 @@ def main() -> None:
             argv = [sys.argv[0], "--preset", args.preset, "--precision", args.precision,
                     "--batch-size", str(args.batch_size), "--seconds", str(args.seconds),
                     "--worker", str(threads)]  # fmt: skip
-            out = subprocess.run([sys.executable, *argv], env=env, capture_output=True,
-                                 text=True, check=True).stdout  # fmt: skip
-            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"the {name!r} process failed:\n{done.stderr}")
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = {}
     for name, rows in runs.items():
         row = {"setting": name, "threads": rows[0]["threads"], "preset": args.preset,

@@ -14,7 +14,8 @@ filters computed beforehand (as sampling runs it), the speedups, whether winogra
 it for sampling and for training, and each method's largest error against a float64
 convolution, relative to the output's scale. In bfloat16 it also times torch's float32 direct
 convolution between bf16 roundings ("rounded", conv3x3 with direct=True, what ddpm runs for
-narrower layers on x86 CPUs without AMX) and says whether winograd.rounds_in_float32 picks it.
+layers Winograd declines on x86 CPUs without AMX) and says where ddpm runs it, for sampling and
+for training (winograd.rounds_in_float32 where winograd.applies declines).
 Inputs and weights are channels_last, as the network runs them. The default shapes are the 3x3
 convolutions of the cifar10 preset (at batch 16, as bench.py's CPU rows) and of the small one.
 """
@@ -58,11 +59,13 @@ def layer(batch: int, ci: int, co: int, size: int, reps: int, dtype: torch.dtype
     if dtype == torch.bfloat16:
         methods["rounded"] = lambda *a: winograd.conv3x3(*a, direct=True)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    rounds = winograd.rounds_in_float32(x, w)  # where Winograd declines
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "in": ci, "out": co,
            "size": size,
            "applies_sampling": winograd.applies(x, w),
            "applies_training": winograd.applies(x, w, grad=True),
-           "rounds_in_float32": winograd.rounds_in_float32(x, w)}  # fmt: skip
+           "rounds_sampling": rounds and not winograd.applies(x, w),
+           "rounds_training": rounds and not winograd.applies(x, w, grad=True)}  # fmt: skip
     for name, conv in methods.items():
         with torch.no_grad():
             out = conv(x, w, b)

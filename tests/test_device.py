@@ -86,6 +86,7 @@ def test_cpu_has_amx_asks_torch_on_x86_only(monkeypatch):
                            ("ONEDNN_MAX_CPU_ISA", "avx2", False),
                            ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True),
                            ("ONEDNN_MAX_CPU_ISA", "DEFAULT", True),
+                           ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16_TYPO", True),  # unknown: no cap
                            ("DNNL_MAX_CPU_ISA", "AVX512_CORE", False)):  # fmt: skip
         monkeypatch.setenv(name, cap)
         assert dev.cpu_has_amx() is amx, cap

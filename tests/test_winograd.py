@@ -59,6 +59,8 @@ def bf16_errors(conv, x, weight, bias, grad) -> list[float]:
         out = conv(*leaves)
     out.backward(grad.to(out.dtype))
     assert out.dtype == torch.bfloat16 and [t.grad.dtype for t in leaves] == [x.dtype] * 3
+    for t in leaves:  # computed in bf16, or rounded to it, as autocast's casts round them
+        assert torch.equal(t.grad, t.grad.bfloat16().to(t.grad.dtype))
     ref_leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
     ref = F.conv2d(*ref_leaves, padding=1)
     ref.backward(grad.double())
@@ -120,7 +122,7 @@ def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch
 
 
 def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch):
-    # 32-127 input channels, 8x8 and larger: what Winograd declines and float32 arithmetic wins
+    # 32+ input channels, 8x8 and larger: where Winograd declines, float32 arithmetic still wins
     monkeypatch.setattr(winograd, "_no_amx", lambda: True)
     w = torch.zeros(64, 64, 3, 3).bfloat16()
     for x in (torch.zeros(16, 64, 16, 16), torch.zeros(1, 64, 8, 9)):  # any batch

@@ -29,19 +29,26 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+# oneDNN's ONEDNN_MAX_CPU_ISA values that leave AMX out (oneDNN 3.x; it ignores case)
+_ISAS_WITHOUT_AMX = frozenset(
+    "SSE41 AVX AVX2 AVX2_VNNI AVX2_VNNI_2 AVX512_CORE AVX512_CORE_VNNI AVX512_CORE_BF16"
+    " AVX512_CORE_FP16 AVX10_1_512 AVX10_2_512".split()
+)
+
+
 def cpu_has_amx() -> bool | None:
     """Whether this x86 CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where torch's
     bf16 matrix kernels run several times faster than float32; None where that is unknown
     (other architectures, torch before 2.3, which cannot tell). False too where oneDNN, which
-    runs torch's CPU convolutions and matrix products, is told not to use AMX
-    (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 or lower): such a process runs as on a CPU without it."""
+    runs torch's CPU convolutions and matrix products, is kept to an instruction set without
+    AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, say): such a process runs as on a CPU without it.
+    A value oneDNN does not know caps nothing, there and here."""
     test = getattr(torch.cpu, "_is_amx_tile_supported", None)
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     if not x86 or test is None:
         return None
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    capped = cap.strip().upper() not in ("", "ALL", "DEFAULT") and "AMX" not in cap.upper()
-    return bool(test()) and not capped
+    return bool(test()) and cap.strip().upper() not in _ISAS_WITHOUT_AMX
 
 
 def available_devices() -> list[str]:
