@@ -148,24 +148,34 @@ def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch):
     assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
 
 
-def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch):
-    # the small preset's layers (32-64 channels) under --precision bf16, without AMX (forced)
-    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
-    config = ModelConfig(image_size=(16, 16), channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                         attention_resolutions=(), dropout=0.0)  # fmt: skip
+def random_unet(channels: int, channel_mult: tuple[int, ...]) -> UNet:
+    config = ModelConfig(image_size=(16, 16), channels=channels, channel_mult=channel_mult,
+                         num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # fmt: skip
     torch.manual_seed(0)
     model = UNet(config)
     for p in model.parameters():  # zero-initialised layers would hide a wrong convolution
         torch.nn.init.normal_(p, std=0.05)
-    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])
+    return model
+
+
+def wide_unet() -> UNet:
+    return random_unet(128, (1,))
+
+
+def bf16_training_errors(monkeypatch, model: UNet) -> tuple[list[float], list[float], list]:
+    """A training step under CPU bf16 autocast on a CPU without AMX (forced, so that any CPU
+    runs it): the errors against float64 of the output and of every parameter's gradient, with
+    torch's kernels (DDPM_WINOGRAD=0) and with ddpm's, and the keyword arguments of each
+    conv3x3 call ddpm's made. Parameters whose exact gradient is zero are left out (with one
+    channel per group, GroupNorm cancels conv1's bias and the time embedding's shift)."""
+    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])  # 64 tiles: trains
     calls = []
     real = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
     ref_model = copy.deepcopy(model).double()
     ref = ref_model(x.double(), t)
     ref.square().mean().backward()
-    # with one channel per group, GroupNorm cancels conv1's bias and the time embedding's
-    # shift: their exact gradients are zero, and every error relative to them infinite
     ref_grads = [p.grad for p in ref_model.parameters()]
     nonzero = [g.abs().max() > 1e-12 for g in ref_grads]
     assert sum(nonzero) > len(ref_grads) // 2
@@ -182,23 +192,19 @@ def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch
 
     torchs = errors("0")
     assert not calls
-    mine = errors("1")
+    return torchs, errors("1"), calls
+
+
+def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch):
+    # the small preset's layers (32-64 channels) under --precision bf16, without AMX (forced)
+    model = random_unet(32, (1, 2))
+    torchs, mine, calls = bf16_training_errors(monkeypatch, model)
     # every 3x3 convolution but conv_in (3 input channels) and those at 4x4 (none here)
     narrow = [m for m in model.modules() if isinstance(m, Conv3x3) and m.in_channels >= 32]
     assert calls == [{"direct": True}] * len(narrow) and len(narrow) == 18
     assert max(torchs) < 0.1
     assert max(mine) < 1.5 * max(torchs)
     assert statistics.median(mine) < 1.5 * statistics.median(torchs)
-
-
-def wide_unet() -> UNet:
-    config = ModelConfig(image_size=(16, 16), channels=128, channel_mult=(1,), num_res_blocks=1,
-                         attention_resolutions=(), dropout=0.0)  # fmt: skip
-    torch.manual_seed(0)
-    model = UNet(config)
-    for p in model.parameters():  # zero-initialised layers would hide a wrong convolution
-        torch.nn.init.normal_(p, std=0.05)
-    return model
 
 
 def test_unet_uses_it_and_keeps_the_network_function(monkeypatch):
@@ -229,30 +235,8 @@ def test_unet_uses_it_and_keeps_the_network_function(monkeypatch):
 
 
 def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
-    # ddpm train --precision bf16 on a CPU without AMX (forced here, so that any CPU runs it)
-    monkeypatch.setattr(winograd, "_no_amx", lambda: True)
-    model = wide_unet()
-    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 700, 20, 999])  # 64 tiles: trains
-    calls = []
-    real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
-
-    def errors(on: str) -> list[float]:
-        monkeypatch.setenv("DDPM_WINOGRAD", on)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x, t)
-        out.float().square().mean().backward()
-        grads = [p.grad for p in model.parameters()]
-        return [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads, strict=True)]
-
-    ref_model = copy.deepcopy(model).double()
-    ref = ref_model(x.double(), t)
-    ref.square().mean().backward()
-    ref_grads = [p.grad for p in ref_model.parameters()]
-    direct = errors("0")
-    assert not calls
-    mine = errors("1")
+    # ddpm train --precision bf16 on a CPU without AMX
+    direct, mine, calls = bf16_training_errors(monkeypatch, wide_unet())
     assert calls == [{}] * 10 + [{"direct": True}]  # conv_out, 128 -> 3 channels, rounds
     assert max(direct) < 0.1
     assert max(mine) < 1.5 * max(direct)
