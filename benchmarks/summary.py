@@ -41,7 +41,7 @@ GOALS = {"CPU": 1.1, "H100": 1.5}  # issue 6
 def chart(path: Path) -> None:
     from matplotlib.figure import Figure
 
-    labels = sorted({(m, p) for m, p, *_ in ROWS}, key=lambda k: [r[:2] for r in ROWS].index(k))
+    labels = list(dict.fromkeys((m, p) for m, p, *_ in ROWS))  # in ROWS' order
     fig = Figure(figsize=(7.5, 0.42 * len(labels) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     for offset, work, color in ((-0.18, "train", "#1f6fb4"), (0.18, "forward", "#e0802a")):
@@ -50,7 +50,7 @@ def chart(path: Path) -> None:
         ratios = [rows[k][0] for k in labels]
         below = [rows[k][0] - rows[k][1] for k in labels]
         errs = [below, [rows[k][2] - rows[k][0] for k in labels]]
-        ax.barh(ys, ratios, height=0.34, color=color, label=work, left=0)
+        ax.barh(ys, ratios, height=0.34, color=color, label=work)
         ax.errorbar(ratios, ys, xerr=errs, fmt="none", ecolor="#333333", elinewidth=0.8, capsize=2)
     for i, (machine, _) in enumerate(labels):
         goal = GOALS["H100" if machine == "H100" else "CPU"]

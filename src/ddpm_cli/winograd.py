@@ -107,6 +107,17 @@ def compiling() -> bool:
     return bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
 
 
+def _ours(x: torch.Tensor) -> bool:
+    """Whether ddpm's own convolution paths may take `x` at all: a 4-d CPU tensor, outside
+    torch.compile, unless DDPM_WINOGRAD=0."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and not compiling()
+        and os.environ.get("DDPM_WINOGRAD", "1") != "0"
+    )
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
     """Whether conv3x3 (stride 1, padding 1) is the faster way for this input and weight. The
     rule without gradients does not look at the batch, so that an image's bytes do not depend
@@ -114,7 +125,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
     it takes 64 tiles or more to pay (batch 1 at 8x8: 0.27x). torch.compile keeps torch's
     convolution (its graphs do not take this function). It runs float32 convolutions, and
     bfloat16 ones (weights or autocast) on x86 CPUs without AMX, where bf16 arithmetic is slower."""
-    if x.dim() != 4 or x.device.type != "cpu" or compiling():
+    if not _ours(x):
         return False
     dtype = compute_dtype(x, weight)
     tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
@@ -123,7 +134,6 @@ def applies(x: torch.Tensor, weight: torch.Tensor, grad: bool = False) -> bool:
         and (dtype == torch.float32 or (dtype == torch.bfloat16 and _no_amx()))
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and min(x.shape[2], x.shape[3]) >= MIN_SIZE
-        and os.environ.get("DDPM_WINOGRAD", "1") != "0"
     )
 
 
@@ -132,14 +142,12 @@ def rounds_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     convolution of its bf16-rounded operands, rounded back to bf16 (conv3x3 with direct=True): on
     x86 CPUs without AMX, with 32 or more input channels, on images 8x8 or larger, unless
     DDPM_WINOGRAD=0. Like `applies` without gradients, the rule does not look at the batch."""
-    if x.dim() != 4 or x.device.type != "cpu" or compiling():
-        return False
     return (
-        compute_dtype(x, weight) == torch.bfloat16
+        _ours(x)
+        and compute_dtype(x, weight) == torch.bfloat16
         and _no_amx()
         and weight.shape[1] >= MIN_ROUNDED_CHANNELS
         and min(x.shape[2], x.shape[3]) >= MIN_SIZE
-        and os.environ.get("DDPM_WINOGRAD", "1") != "0"
     )
 
 
