@@ -7,13 +7,15 @@ Two measurements, in one process, taking turns within each round:
 
 - phases: one training step as train.train_step runs it (a random batch in the model's range),
   timed piece by piece: forward pass and loss, backward pass, gradient clipping, Adam, EMA.
-- knock-outs: the forward and backward pass as it is ("as is"), and with GroupNorm, or SiLU,
-  replaced by a multiplication by one (the cheapest elementwise pass that keeps the gradient
-  flowing). The time saved bounds what any faster GroupNorm or SiLU could gain: a fused or
-  hand-written one still reads and writes its tensors.
+- variants: the forward and backward pass as it is ("as is"), and with GroupNorm, or SiLU,
+  knocked out: replaced by a multiplication by one (the cheapest elementwise pass that keeps
+  the gradient flowing). The time saved bounds what any faster GroupNorm or SiLU could gain: a
+  fused or hand-written one still reads and writes its tensors. In bf16, also "GroupNorm in
+  bf16": under autocast GroupNorm runs in float32 on a float32 copy of its bf16 input; this
+  runs it on the bf16 input (affine weights cast to bf16), and SiLU after it in bf16 too.
 
-Prints one JSON line per phase and per knock-out: median milliseconds over the rounds, and the
-share of the step (phases) or the speedup over "as is" (knock-outs). The step is not the
+Prints one JSON line per phase and per variant: median milliseconds over the rounds, and the
+share of the step (phases) or the speedup over "as is" (variants). The step is not the
 loader's: data comes from memory, as it does in bench.py after decoding.
 """
 
@@ -43,14 +45,32 @@ def _times_one(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x * 1.0
 
 
+_GROUPNORM = unet.GroupNorm.forward
+
+
+def _bf16_groupnorm(self: unet.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """unet.GroupNorm on bf16 input, in bf16, where autocast would have run it in float32."""
+    if x.dtype != torch.bfloat16:
+        return _GROUPNORM(self, x)
+    with torch.autocast(x.device.type, enabled=False):
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if not unet._nchw_is_faster(x, self.num_groups):
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        y = F.group_norm(unet._ToNCHW.apply(x), self.num_groups, weight, bias, self.eps)
+        return y.contiguous(memory_format=torch.channels_last)
+
+
 @contextlib.contextmanager
-def knocked_out(what: str):
-    """GroupNorm ("groupnorm") or SiLU ("silu") replaced by x * 1.0 within the block."""
+def variant(name: str):
+    """Within the block, GroupNorm ("no GroupNorm") or SiLU ("no SiLU") replaced by x * 1.0, or
+    GroupNorm run in bf16 ("GroupNorm in bf16"); "as is" changes nothing."""
     saved = unet.GroupNorm.forward, F.silu
-    if what == "groupnorm":
+    if name == "no GroupNorm":
         unet.GroupNorm.forward = lambda self, x: _times_one(x)
-    elif what == "silu":
+    elif name == "no SiLU":
         F.silu = _times_one  # unet and nn.SiLU call it through torch.nn.functional
+    elif name == "GroupNorm in bf16":
+        unet.GroupNorm.forward = _bf16_groupnorm
     try:
         yield
     finally:
@@ -103,8 +123,8 @@ def main() -> None:
         stamps.append(now())
         return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
-    def passes(what: str | None) -> float:
-        with knocked_out(what) if what else contextlib.nullcontext():
+    def passes(name: str) -> float:
+        with variant(name):
             start = now()
             with amp:
                 loss = training_losses(state.model, tables, x0, t, eps).mean()
@@ -112,37 +132,39 @@ def main() -> None:
             state.optimizer.zero_grad(set_to_none=True)
             return now() - start
 
-    knockouts = {"as is": None, "no GroupNorm": "groupnorm", "no SiLU": "silu"}
+    variants = ["as is", "no GroupNorm", "no SiLU"]
+    if args.precision == "bf16":
+        variants.append("GroupNorm in bf16")
     for _ in range(2):  # warm-up: allocator, oneDNN primitives, cuDNN plans
         step()
-        for what in knockouts.values():
-            passes(what)
-    # a knock-out that missed the network would time nothing; checked after the warm-up steps,
+        for name in variants:
+            passes(name)
+    # a variant that missed the network would time nothing; checked after the warm-up steps,
     # which make the zero-initialised last layers nonzero
     with torch.no_grad(), amp:
         outputs = {}
-        for label, what in knockouts.items():
-            with knocked_out(what) if what else contextlib.nullcontext():
-                outputs[label] = state.model(x0, t)
-        for label in list(knockouts)[1:]:
-            if torch.equal(outputs[label], outputs["as is"]):
-                raise SystemExit(f"knock-out {label!r} did not change the network's output")
+        for name in variants:
+            with variant(name):
+                outputs[name] = state.model(x0, t)
+        for name in variants[1:]:
+            if torch.equal(outputs[name], outputs["as is"]):
+                raise SystemExit(f"variant {name!r} did not change the network's output")
     phase_times: list[list[float]] = []
-    knock_times: dict[str, list[float]] = {k: [] for k in knockouts}
+    variant_times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         phase_times.append(step())
-        for label, what in knockouts.items():
-            knock_times[label].append(passes(what))
+        for name in variants:
+            variant_times[name].append(passes(name))
     common = {"preset": args.preset, "device": device.type, "precision": args.precision,
               "batch": n, "rounds": args.rounds}  # fmt: skip
     medians = [statistics.median(column) for column in zip(*phase_times, strict=True)]
     for name, m in zip(PHASES, medians, strict=True):
         print(json.dumps({**common, "phase": name, "ms": round(m * 1e3, 2),
                           "share": round(m / sum(medians), 3)}))  # fmt: skip
-    base = statistics.median(knock_times["as is"])
-    for label, times in knock_times.items():
+    base = statistics.median(variant_times["as is"])
+    for name, times in variant_times.items():
         m = statistics.median(times)
-        print(json.dumps({**common, "knockout": label, "ms": round(m * 1e3, 2),
+        print(json.dumps({**common, "variant": name, "ms": round(m * 1e3, 2),
                           "speedup": round(base / m, 3)}))  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 # The GPU measurements behind docs/benchmarks.md, in the stages they were run (one call of a
 # lent H100 each). Run from the repository root on a CUDA machine whose Python has torch:
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu.sh tests|compare|compile|cli [more stages...]
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh tests|compare|compile|breakdown|cli [more stages...]
 #
 # tests    the CUDA tests (tests/test_accelerated.py and the training and sampling tests)
 # compare  bench.py at the cifar10 preset, bf16, batch 128: ddpm (with and without cuDNN's
@@ -12,6 +12,8 @@
 #          reduce-overhead; compilation time reported as warmup_s)
 # variants benchmarks/variants.py: ways of running the sampling network (eager, bf16 weights,
 #          CUDA graphs) at batch 256 and 32; VARIANTS= adds compiled ones
+# breakdown  benchmarks/breakdown.py at the cifar10 preset, bf16, batch 128: the training step
+#          by phase, and GroupNorm and SiLU knocked out or (GroupNorm) run in bf16
 # samples  whole 256-image samples: 1000 DDPM steps and 20 DPM-Solver++ steps, ddpm and diffusers
 # cli      `ddpm train` and `ddpm sample` as a user runs them, timed; a one-process torchrun
 #          job on NCCL
@@ -81,6 +83,11 @@ for what in "$@"; do
             timeout 300 $PY benchmarks/variants.py --batch $b \
                 --variants "${VARIANTS:-eager,pure,graphs,pure-graphs}" | tee -a "$OUT/variants.jsonl"
         done
+        ;;
+    breakdown)
+        stage breakdown
+        timeout 300 $PY benchmarks/breakdown.py --device cuda --preset cifar10 --precision bf16 \
+            --batch-size 128 --rounds 20 | tee -a "$OUT/breakdown.jsonl"
         ;;
     samples)
         stage samples
