@@ -29,14 +29,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from workload import workload  # benchmarks/workload.py
 
 from ddpm_cli import unet
-from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
 from ddpm_cli.device import resolve_device, tune_allocator
 from ddpm_cli.diffusion import training_losses
-from ddpm_cli.presets import build_model_config
-from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import ema_decay_at, new_state, resolve, update_ema
+from ddpm_cli.train import ema_decay_at, update_ema
 
 PHASES = ("forward", "backward", "clip", "adam", "ema")
 
@@ -88,12 +86,8 @@ def main() -> None:
     tune_allocator()
     device = resolve_device(args.device)
     n = args.batch_size
-    model_config = build_model_config(args.preset, (32, 32), 3)
-    config = TrainConfig(preset=args.preset, image_size=32, batch_size=n, seed=0, steps=10**6,
-                         precision=Precision(args.precision), device=str(device))  # fmt: skip
-    config = resolve(config, device, 1024, 3)
-    tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
-    state = new_state(model_config, config, device)
+    work = workload(args.preset, n, args.precision, device)
+    config, tables, state = work.config, work.tables, work.state
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(n, 3, 32, 32, generator=g) * 2 - 1).to(device)
     t = torch.randint(0, tables.timesteps, (n,), generator=g).to(device)

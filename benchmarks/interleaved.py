@@ -24,14 +24,13 @@ import statistics
 import time
 
 import torch
+from workload import workload  # benchmarks/workload.py
 
 from ddpm_cli import winograd
-from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
+from ddpm_cli.config import Precision
 from ddpm_cli.device import resolve_device, tune_allocator
 from ddpm_cli.forward import network
-from ddpm_cli.presets import build_model_config
-from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import new_state, resolve, to_host, train_step
+from ddpm_cli.train import to_host, train_step
 
 
 def main() -> None:
@@ -51,12 +50,8 @@ def main() -> None:
     tuned = tune_allocator() if args.tune_malloc else False
     device = resolve_device(args.device)
     n = args.batch_size
-    model_config = build_model_config(args.preset, (32, 32), 3)
-    config = TrainConfig(preset=args.preset, image_size=32, batch_size=n, seed=0, steps=10**6,
-                         precision=Precision(args.precision), device=str(device))  # fmt: skip
-    config = resolve(config, device, 1024, 3)
-    tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
-    state = new_state(model_config, config, device)
+    work = workload(args.preset, n, args.precision, device)
+    model_config, config, tables, state = work.model_config, work.config, work.tables, work.state
     peer = PeerTrainer("diffusers", model_config, device, args.precision)
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)

@@ -33,25 +33,20 @@ SETTINGS = {  # name: (threads, OMP_WAIT_POLICY); threads 0 keeps torch's choice
 def measure(args: argparse.Namespace, threads: int) -> dict:
     """img/s of a training step and of a forward pass in this process."""
     import torch
+    from workload import workload  # benchmarks/workload.py
 
-    from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
+    from ddpm_cli.config import Precision
     from ddpm_cli.device import resolve_device, tune_allocator
     from ddpm_cli.forward import network
-    from ddpm_cli.presets import build_model_config
-    from ddpm_cli.schedules import DiffusionTables
-    from ddpm_cli.train import new_state, resolve, to_host, train_step
+    from ddpm_cli.train import to_host, train_step
     from ddpm_cli.winograd import keep_filters
 
     if threads:
         torch.set_num_threads(threads)
     tune_allocator()  # as the ddpm command does
     device, n = resolve_device("cpu"), args.batch_size
-    model_config = build_model_config(args.preset, (32, 32), 3)
-    config = TrainConfig(preset=args.preset, image_size=32, batch_size=n, seed=0, steps=10**6,
-                         precision=Precision(args.precision), device="cpu")  # fmt: skip
-    config = resolve(config, device, 1024, 3)
-    tables = DiffusionTables.from_config(DiffusionConfig()).to(device, torch.float32)
-    state = new_state(model_config, config, device)
+    work = workload(args.preset, n, args.precision, device)
+    config, tables, state = work.config, work.tables, work.state
     batch = (torch.rand(n, 3, 32, 32) * 255).to(torch.uint8)
     net = network(state.ema, device, Precision(args.precision), False)
     x, t = torch.randn(n, 3, 32, 32), torch.randint(0, 1000, (n,))
