@@ -11,7 +11,13 @@ from PIL import Image
 from conftest import draw_shapes
 from ddpm_cli.batches import Batches
 from ddpm_cli.cli import app
-from ddpm_cli.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
+from ddpm_cli.config import (
+    DEFAULT_GUIDANCE,
+    DiffusionConfig,
+    ModelConfig,
+    SamplerConfig,
+    TrainConfig,
+)
 from ddpm_cli.data import class_labels, folder_report, load_folder, scan
 from ddpm_cli.forward import guided
 from ddpm_cli.presets import build_model_config
@@ -227,6 +233,24 @@ def test_cli_samples_classes_by_name_index_and_all(model_dir, runner, tmp_path):
                             str(grid), "--sampler", "dpm++", "--steps", "4"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)  # a row per class (8 px + 2)
+
+
+def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir, runner,
+                                                                        tmp_path):  # fmt: skip
+    """With --class and no --guidance, DEFAULT_GUIDANCE (2) applies: the images equal those of
+    an explicit --guidance 2, differ from --guidance 0, and the recorded command names it."""
+    def draw(out, *extra):
+        r = runner.invoke(app, ["sample", str(model_dir), "-n", "2", "--class", "red", "-o",
+                                str(out), "--seed", "3", "--json", *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout), (out / "red-000001.png").read_bytes()
+
+    summary, default = draw(tmp_path / "d")
+    assert summary["guidance"] == DEFAULT_GUIDANCE == 2.0
+    assert draw(tmp_path / "two", "--guidance", "2")[1] == default
+    assert draw(tmp_path / "zero", "--guidance", "0")[1] != default
+    text = Image.open(tmp_path / "zero" / "red-000001.png").text
+    assert "--class red --guidance 0.0" in text["ddpm:command"]
 
 
 def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):

@@ -145,3 +145,28 @@ def test_resume_refuses_a_new_schedule_or_length_of_chain(pictures, tmp_path):
             train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given=given)
     # the stored values themselves are fine
     train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given={"timesteps": 1000})
+
+
+def test_the_default_training_size_is_the_datas_own(tmp_path, pictures):
+    """Without --image-size a run trains at its images' median shorter side, rounded down to a
+    multiple of 4, between 8 and 32: 8x8 images are not blown up to 32x32 (16x the work)."""
+    assert sources.auto_image_size([(8, 8)] * 3) == (8, 8)
+    assert sources.auto_image_size([(25, 25), (25, 30), (40, 25)]) == (24, 24)
+    assert sources.auto_image_size([(28, 28)]) == (28, 28)
+    assert sources.auto_image_size([(640, 480), (10, 10), (800, 600)]) == (32, 32)
+    assert sources.auto_image_size([(5, 5)]) == (8, 8)
+    # pictures: shorter sides 16, 18, ..., 36: median 26 -> 24
+    assert sources.data_image_size(str(pictures)) == (24, 24)
+    assert sources.data_image_size(None) == sources.data_image_size("builtin:shapes") == (32, 32)
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(6):
+        draw_shapes((12, 12)).convert("L").save(small / f"{i}.png")
+    (small / "broken.png").write_bytes(b"not an image")
+    run = train(str(small), TrainConfig(**{**FAST, "image_size": None}, steps=1),
+                DiffusionConfig(), out=tmp_path / "run")  # fmt: skip
+    ckpt = load_checkpoint(run.out / "model.safetensors")
+    assert ckpt.config["model"]["image_size"] == [12, 12]
+    assert ckpt.config["training"]["image_size"] == [12, 12]
+    cache = run.out / "data_cache.safetensors"
+    assert sources.data_image_size(str(cache)) == (12, 12)

@@ -18,8 +18,10 @@ from ddpm_cli.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo jobs on Linux and macOS")
 
+# --lr 2e-4: Adam turns rounding-level differences in near-zero gradients into steps of up to
+# lr, so the tolerance below scales with it; the paper's rate keeps them under 1e-5
 TRAIN = ["train", "pics", "--preset", "tiny", "--image-size", "8", "--seed", "3",
-         "--sample-every", "0", "--log-every", "1"]  # fmt: skip
+         "--sample-every", "0", "--log-every", "1", "--lr", "2e-4"]  # fmt: skip
 
 
 def torchrun(cwd: Path, *args: str, procs: int = 2, wait: bool = True, **env):

@@ -149,12 +149,61 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_p
 def test_schedules_of_lr_ema_and_length():
     assert lr_at(0, 2e-4, 100) == pytest.approx(2e-6)
     assert lr_at(99, 2e-4, 100) == pytest.approx(2e-4) and lr_at(5000, 2e-4, 100) == 2e-4
-    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
-    assert ema_decay_at(100, 0.9999) == pytest.approx(101 / 110)
-    assert ema_decay_at(10**6, 0.9999) == 0.9999
+    # the cooldown: constant until the last 30% of the run, then linearly to 0
+    assert lr_at(500, 1e-3, 100, progress=0.7, cooldown=0.3) == pytest.approx(1e-3)
+    assert lr_at(500, 1e-3, 100, progress=0.85, cooldown=0.3) == pytest.approx(0.5e-3)
+    assert lr_at(500, 1e-3, 100, progress=1.0, cooldown=0.3) == 0.0
+    assert lr_at(10, 1e-3, 100, progress=0.85, cooldown=0.3) == pytest.approx(0.11 * 0.5e-3)
+    assert lr_at(500, 1e-3, 100, progress=0.99, cooldown=0.0) == 1e-3
+    # the power-function EMA (Karras et al. 2024) with exponent train.EMA_GAMMA = 16
+    assert ema_decay_at(0, 0.9999) == ema_decay_at(1, 0.9999) == 0.0  # step 1 copies
+    assert ema_decay_at(100, 0.9999) == pytest.approx(0.99**17)
+    assert ema_decay_at(10**6, 0.9999) == 0.9999 and ema_decay_at(10**5, 0.9999) < 0.9999
     assert total_steps(TrainConfig(epochs=2, steps=1000), per_epoch=10) == 20
     assert total_steps(TrainConfig(epochs=2, steps=5), per_epoch=10) == 5
     assert total_steps(TrainConfig(), per_epoch=10) == 1000
+
+
+def test_the_ema_weighs_step_i_as_i_to_the_power_gamma_at_any_run_length():
+    """What the power-function EMA promises: after n steps of the recursion, the EMA is the
+    average of the weights seen, step i weighed as i^EMA_GAMMA (recomputed in float64), so a
+    run stopped at 50 or 3000 steps averages the same share of its end."""
+    for n, tol in ((50, 5e-3), (300, 1e-3), (3000, 1e-4)):
+        thetas = [math.sin(i / 7.0) + i / n for i in range(1, n + 1)]
+        ema = 0.0
+        for i, theta in enumerate(thetas, 1):
+            decay = ema_decay_at(i, 0.9999)
+            ema = decay * ema + (1 - decay) * theta
+        weights = [i**train_mod.EMA_GAMMA for i in range(1, n + 1)]
+        expected = sum(w * t for w, t in zip(weights, thetas, strict=True)) / sum(weights)
+        assert ema == pytest.approx(expected, abs=tol)
+
+
+def test_the_learning_rate_cools_down_over_the_end_of_a_run_of_known_length(colours, tmp_path):
+    config = TrainConfig(**FAST, steps=20, warmup_steps=1, cooldown=0.5, lr=1e-3)
+    train(str(colours), config, DiffusionConfig(), tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, lines)}
+    for step in range(1, 21):  # step k ran with (k - 1) / 20 of the run done
+        expected = 1e-3 * min(1.0, (1 - (step - 1) / 20) / 0.5)
+        assert logged[step] == pytest.approx(expected), step
+
+
+def test_recipes_resolve_by_preset_and_explicit_values_win():
+    """The CPU presets train with the short-run recipe, the paper's networks with the paper's;
+    a run of known length warms up over at most 5% of it."""
+    cpu = torch.device("cpu")
+    small = train_mod.resolve(TrainConfig(preset="small", steps=10_000), cpu, 1000, 3)
+    assert (small.lr, small.warmup_steps, small.cooldown) == (1e-3, 100, 0.3)
+    short = train_mod.resolve(TrainConfig(preset="small", steps=1000), cpu, 1000, 3)
+    assert short.warmup_steps == 50
+    timed = train_mod.resolve(TrainConfig(preset="tiny", time_limit=60.0), cpu, 1000, 3)
+    assert (timed.lr, timed.warmup_steps, timed.cooldown) == (1e-3, 100, 0.3)
+    paper = train_mod.resolve(TrainConfig(preset="cifar10", steps=800_000), cpu, 50_000, 3)
+    assert (paper.lr, paper.warmup_steps, paper.cooldown) == (2e-4, 5000, 0.0)
+    mine = train_mod.resolve(TrainConfig(preset="small", lr=3e-4, warmup_steps=7, cooldown=0.0,
+                                         steps=100), cpu, 100, 3)  # fmt: skip
+    assert (mine.lr, mine.warmup_steps, mine.cooldown) == (3e-4, 7, 0.0)
 
 
 def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tmp_path):
@@ -360,7 +409,7 @@ def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
     from ddpm_cli.presets import build_model_config
     from ddpm_cli.train import new_state, train_step
 
-    config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32")
+    config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32", lr=2e-4)
     state = new_state(build_model_config("tiny", (8, 8), 3), config, torch.device("cpu"))
 
     def losses(model, tables, x0, t, eps, objective, gamma, y=None):
@@ -411,3 +460,68 @@ def test_compiled_training_matches_eager(colours, tmp_path):
     a = weights(runs[False].out / "model.safetensors")
     b = weights(runs[True].out / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_durations_parse_and_bad_ones_are_refused():
+    from ddpm_cli.config import ConfigError, parse_duration
+
+    cases = {"90s": 90, "10m": 600, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "600": 600,
+             "2m 30s": 150, "0.5s": 0.5}  # fmt: skip
+    for text, seconds in cases.items():
+        assert parse_duration(text) == seconds
+    for bad in ("", "m", "10x", "0s", "-5m", "1m1m", "10 minutes", "5m3", "inf"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+
+
+def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colours, tmp_path):
+    """--time: the loop stops at the first step past the budget, checkpoints, and counts its
+    seconds over resumes: a resumed run with a longer limit trains the difference."""
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    config = TrainConfig(**FAST, time_limit=2.0, warmup_steps=1)
+    result = train(str(colours), config, DiffusionConfig(), out)
+    wall = time.perf_counter() - t0
+    assert result.status == "done" and result.total is None and result.step > 5
+    first = load_checkpoint(out / "train_state.safetensors")
+    trained = first.json("train_seconds")
+    assert 2.0 <= trained < 2.5 and trained <= first.json("elapsed") < wall
+    assert wall < 2.0 + 15  # start-up, the data and the final checkpoint
+    assert load_checkpoint(out / "model.safetensors").step == result.step
+    # the cooldown was planned for the time: the last steps ran at a small share of the rate
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = max(r["lr"] for r in records)
+    assert peak == pytest.approx(1e-3) and records[-1]["lr"] < 0.1 * peak
+    again = train(None, TrainConfig(**FAST, time_limit=3.5), DiffusionConfig(), resume=out,
+                  given={"time_limit": 3.5})  # fmt: skip
+    second = load_checkpoint(out / "train_state.safetensors")
+    assert again.step > result.step and 3.5 <= second.json("train_seconds") < 4.0
+    # a step limit that comes first still ends the run
+    capped = train(str(colours), TrainConfig(**FAST, time_limit=600.0, steps=3),
+                   DiffusionConfig(), tmp_path / "capped")  # fmt: skip
+    assert capped.step == 3 and capped.total == 3
+
+
+def test_cli_time_option_plans_and_refuses_bad_durations(runner, colours, tmp_path):
+    r = cli_train(runner, colours, tmp_path / "run", "--time", "1s", "--image-size", "8")
+    assert r.exit_code == 0, r.output
+    assert "1s of training" in r.output and "finished at step" in r.output
+    training = load_checkpoint(tmp_path / "run" / "model.safetensors").config["training"]
+    assert training["time_limit"] == 1.0
+    r = cli_train(runner, colours, tmp_path / "bad", "--time", "10 minutes")
+    assert r.exit_code == 2 and "use a number with s, m or h" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "bad").exists()
+
+
+def test_the_progress_bar_counts_seconds_when_only_time_bounds_the_run():
+    from ddpm_cli.cli.views import ProgressView, duration_text
+
+    view = ProgressView(quiet=True)
+    view.limit = 60.0
+    at = view._where({"total": None, "step": 7, "trained": 15.0})
+    assert at == {"total": 60.0, "completed": 15.0, "position": "step 7"}
+    assert view._where({"total": None, "step": 9, "trained": 61.0})["completed"] == 60.0
+    assert view._where({"total": 100, "step": 7, "trained": 15.0})["position"] == "step 7/100"
+    assert [duration_text(s) for s in (600, 5400, 90, 12.5, 7200)] == [
+        "10m", "1h30m", "1m30s", "12.5s", "2h"
+    ]  # fmt: skip

@@ -149,12 +149,18 @@ def broadcast(d: Dist, value):
 
 def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is True on any."""
+    return bool(most(d, 1.0 if flag else 0.0, device))
+
+
+def most(d: Dist, value: float, device: torch.device) -> float:
+    """The largest of the ranks' `value`s, on every rank (ranks' clocks differ: this is how they
+    agree on how much of a --time limit is spent)."""
     if not d.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     with collective("agreeing on a stop"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
 
 
 def gather(d: Dist, value) -> list:

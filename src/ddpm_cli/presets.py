@@ -6,7 +6,7 @@ speed so that a laptop CPU can train something useful in minutes.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ddpm_cli.config import ModelConfig
 from ddpm_cli.errors import ConfigError
@@ -60,6 +60,32 @@ PRESETS: dict[str, ModelConfig] = {
         dropout=0.0,
     ),
 }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset trains unless told otherwise (TrainConfig's lr, warmup_steps, cooldown)."""
+
+    lr: float
+    warmup_steps: int  # at most; a run of known length warms up over at most 5% of it
+    # the share at the end of a run of known length (--steps, --epochs, --time) over which
+    # the learning rate falls linearly to 0; 0 keeps it constant after the warm-up
+    cooldown: float
+
+
+# Ho et al. 2020: Adam at 2e-4, 5000 warm-up steps, constant; kept for the paper's networks
+PAPER_RECIPE = Recipe(lr=2e-4, warmup_steps=5000, cooldown=0.0)
+# the CPU presets' recipe for runs of minutes to hours, chosen on real photographs and faces
+# (docs/training.md, "Defaults on real images"): 5x the paper's rate, a short warm-up, and a
+# linear cooldown over the last 30% of the run
+SHORT_RECIPE = Recipe(lr=1e-3, warmup_steps=100, cooldown=0.3)
+RECIPES = {"cifar10": PAPER_RECIPE, "celebahq256": PAPER_RECIPE, "lsun256": PAPER_RECIPE}
+
+
+def recipe_for(preset: str) -> Recipe:
+    """The training recipe of a preset: the paper's for the paper's networks, SHORT_RECIPE for
+    the CPU presets (and any other)."""
+    return RECIPES.get(preset, SHORT_RECIPE)
 
 
 def preset_for(image_size: tuple[int, int], accelerated: bool) -> str:

@@ -50,7 +50,7 @@ from ddpm_cli.run_files import (
     write_grid,
 )
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.sources import load_source
+from ddpm_cli.sources import data_image_size, load_source
 from ddpm_cli.train import (
     check_finite,
     compiled,
@@ -68,7 +68,9 @@ from ddpm_cli.unet import count_parameters
 RESUMABLE = {
     "steps",
     "epochs",
+    "time_limit",
     "lr",
+    "cooldown",
     "sample_every",
     "checkpoint_every",
     "log_every",
@@ -89,7 +91,7 @@ Event = Callable[[str, dict], None]
 class RunResult:
     out: Path
     step: int
-    total: int
+    total: int | None  # the step limit; None when only a time limit bounds the run
     status: str  # "done" or "stopped"
     loss: float | None
 
@@ -162,6 +164,8 @@ def train(
             raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
         ckpt = load_checkpoint(out / STATE, kind="train_state")
         stored = config_section(ckpt, "training", TrainConfig)
+        if "cooldown" not in ckpt.config.get("training", {}):  # saved before cooldowns existed:
+            stored = replace(stored, cooldown=0.0)  # it goes on at a constant rate, as planned
         diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
         config = _merge_resume(stored, diffusion, given or {})
         model_config = config_section(ckpt, "model", ModelConfig)
@@ -184,6 +188,8 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
         on_event = lambda kind, info: None  # noqa: E731
 
     labelled = not config.unconditional
+    if config.image_size is None:  # the data's own size (sources.data_image_size)
+        config = replace(config, image_size=data_image_size(source))
     if resume is not None and (out / CACHE).exists():
         images, report = load_source(
             str(out / CACHE), config.image_size, config.channels, classes=labelled
@@ -245,6 +251,11 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
 
     state = new_state(model_config, config, device)
     elapsed0 = restore_state(state, ckpt, device) if resume is not None else 0.0
+    # seconds spent in the training loop so far, what --time counts (runs saved before --time
+    # existed stored only the whole elapsed time)
+    trained0 = 0.0
+    if resume is not None:
+        trained0 = ckpt.json("train_seconds") if "train_seconds" in ckpt.meta else elapsed0
     stored_world = d.world
     if resume is not None:  # runs saved before distributed training had one process
         stored_world = ckpt.json("world_size") if "world_size" in ckpt.meta else 1
@@ -277,6 +288,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             "parameters": count_parameters(state.model),
             "total": total,
             "step": state.step,
+            "trained": trained0,
             "device": str(device),
             "resumed": resume is not None,
             "world": d.world,
@@ -292,8 +304,12 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
     # how often the host waits for the device: every step on the CPU, where it costs nothing;
     # every SYNC_EVERY steps on an accelerator, and always before anything is written
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-    t_log = time.perf_counter()
+    t_log = loop_start = time.perf_counter()
     status, last_loss = "done", None
+
+    def trained() -> float:
+        """Seconds of training loop so far, over every resumed part of the run (--time)."""
+        return trained0 + time.perf_counter() - loop_start
 
     def flush() -> None:
         """Bring the pending results to the host, check them (TrainingDiverged at the first
@@ -322,6 +338,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             {
                 "step": state.step,
                 "total": total,
+                "trained": trained(),
                 "epoch": state.epoch,
                 "loss": losses.mean().item(),
                 "steps": len(results),  # the steps this report covers
@@ -345,17 +362,25 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             return
         elapsed = elapsed0 + time.perf_counter() - started
         decay = ema_decay_at(state.step, config.ema_decay)
-        save_run(out, state, configs, elapsed, decay, world=d.world)
+        save_run(out, state, configs, elapsed, decay, world=d.world, trained=trained())
         on_event("checkpoint", {"step": state.step, "path": out / MODEL})
 
     feed = batches.iterate(state.epoch, state.batch_in_epoch)
-    while state.step < total:
-        # in a job, the ranks agree on a stop where they also wait for the device
-        if (not d.active or state.step % sync_every == 0) and distributed.any_rank(
-            d, should_stop(), device
-        ):
-            status = "stopped"
-            break
+    time_spent = 0.0  # the share of --time used, as the ranks agree on it
+    while total is None or state.step < total:
+        # in a job, the ranks agree on a stop and on the time spent (their clocks differ)
+        # where they also wait for the device
+        if not d.active or state.step % sync_every == 0:
+            if distributed.any_rank(d, should_stop(), device):
+                status = "stopped"
+                break
+            if config.time_limit is not None:
+                time_spent = distributed.most(d, trained() / config.time_limit, device)
+                if time_spent >= 1.0:
+                    break
+        # the share of the run done, for the learning rate's cooldown: of its steps, or of its
+        # time, whichever limit is nearer
+        progress = max(time_spent, state.step / total if total else 0.0)
         micro, labels = [], []
         for _ in range(config.grad_accum):
             x, y = next(feed)
@@ -368,6 +393,7 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
             pending.append(train_step(
                 state, micro, tables, config, device, forward, (d.rank, d.world),
                 labels if model_config.num_classes else None, model_config.num_classes,
+                progress,
             ))  # fmt: skip
         step = state.step
         log = step % config.log_every == 0 or step == total

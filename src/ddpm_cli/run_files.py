@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.checkpoint import save_checkpoint
-from ddpm_cli.config import SamplerConfig, TrainConfig
+from ddpm_cli.config import DEFAULT_GUIDANCE, SamplerConfig, TrainConfig
 from ddpm_cli.data import DataReport, InMemory
 from ddpm_cli.files import write_atomic
 from ddpm_cli.images import encode_png
@@ -25,7 +25,8 @@ METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.tx
 def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
     """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
     default with this seed (its default sampler, image k from its own noise); for a
-    class-conditional model a row per class, as `--class all -n K` draws them."""
+    class-conditional model a row per class, as `--class all -n K` draws them (with its
+    default guidance)."""
     sm = SamplingModel(
         model=ema,
         model_config=model_config,
@@ -43,7 +44,8 @@ def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed:
     per = max(1, n // classes)
     labels = [c for c in range(classes) for _ in range(per)]
     indices = list(range(per)) * classes
-    batches = generate(sm, SamplerConfig(), indices, seed, len(indices), device, labels=labels)
+    batches = generate(sm, SamplerConfig(), indices, seed, len(indices), device, labels=labels,
+                       guidance=DEFAULT_GUIDANCE)  # fmt: skip
     return encode_png(grid_image_rows(torch.cat([x for _, x in batches]), per))
 
 

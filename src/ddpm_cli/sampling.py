@@ -296,8 +296,8 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
     parts.append(f"--precision {text['ddpm:precision']}")
     if "ddpm:class" in text:
         parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
-        if float(text.get("ddpm:guidance", 0)):
-            parts.append(f"--guidance {text['ddpm:guidance']}")
+        # always named: the default may change between versions (config.DEFAULT_GUIDANCE)
+        parts.append(f"--guidance {text.get('ddpm:guidance', '0')}")
     return " ".join(parts)
 
 

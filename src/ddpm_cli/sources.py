@@ -19,6 +19,44 @@ from ddpm_cli.data import (
 )
 from ddpm_cli.errors import DataError
 
+AUTO_MAX = 32  # the largest size ddpm trains at unless told (--image-size)
+HEADERS_READ = 2000  # files whose sizes decide a folder's default size
+
+
+def auto_image_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The default training size for images of `sizes` ((width, height) each): square, at the
+    median shorter side, at most AUTO_MAX, rounded down to a multiple of 4 (so that the
+    presets' levels halve it evenly; 25x25 images train at 24), and at least 8."""
+    sides = sorted(min(w, h) for w, h in sizes)
+    side = sides[len(sides) // 2] if sides else AUTO_MAX
+    side = max(8, min(AUTO_MAX, side) // 4 * 4)
+    return side, side
+
+
+def data_image_size(source: str | None) -> tuple[int, int]:
+    """The size a run trains at when --image-size is not given: a data cache's own size, 32 for
+    the built-in datasets, and for a folder its images' size (auto_image_size) from the file
+    headers of up to HEADERS_READ files spread over it; unreadable files are left to the
+    loader to report."""
+    from ddpm_cli.data import _header, scan
+
+    if is_cache_file(source):
+        from ddpm_cli.checkpoint import read_header
+
+        shape = (read_header(Path(source)).get("images") or {}).get("shape") or []
+        return tuple(shape[-2:]) if len(shape) == 4 else (AUTO_MAX, AUTO_MAX)
+    if source is None or source.startswith(BUILTIN_PREFIX):
+        return AUTO_MAX, AUTO_MAX
+    paths = scan(Path(source))
+    step = max(1, len(paths) // HEADERS_READ)
+    sizes = []
+    for p in paths[::step]:
+        try:
+            sizes.append(_header(p)[1])
+        except DataError:
+            continue
+    return auto_image_size(sizes)
+
 
 def is_cache_file(source: str | None) -> bool:
     return source is not None and source.endswith(".safetensors")

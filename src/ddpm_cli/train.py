@@ -28,12 +28,15 @@ from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion import training_losses
 from ddpm_cli.errors import DdpmError
 from ddpm_cli.forward import resolve_precision
-from ddpm_cli.presets import preset_for
+from ddpm_cli.presets import preset_for, recipe_for
 from ddpm_cli.schedules import DiffusionTables
 from ddpm_cli.unet import UNet
 
-PAPER_WARMUP = 5000  # Ho et al. 2020, appendix B
-WARMUP_SHARE = 0.05  # short runs warm up over at most 5% of their steps
+WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
+# the power-function EMA's exponent (Karras et al. 2024): an average over about the last
+# 1/(EMA_GAMMA + 1) of the run at any length (docs/training.md: 16 measured better than 8,
+# the old warm-up's equivalent, at 1 and 5 minutes on real images)
+EMA_GAMMA = 16
 MAX_WORKERS = 4  # DataLoader processes decoding ahead when data is streamed from disk
 # a CUDA run of this many steps or more compiles its network: on an H100, compiling took
 # about 1.5-3 minutes and the steps then ran 1.9x faster (docs/benchmarks.md)
@@ -45,30 +48,43 @@ class TrainingDiverged(DdpmError):
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
-    """EMA decay after `step` optimizer steps: min(max_decay, (1 + step) / (10 + step)).
+    """EMA decay after `step` optimizer steps (the update that follows step n uses n):
+    min(max_decay, (1 - 1/n)^(EMA_GAMMA + 1)), the power-function EMA of Karras et al. 2024.
 
-    The warm-up keeps early averages from being dominated by the random initial weights: after
-    100 steps the decay is 0.92 (an average over about 12 steps), after 10k steps 0.9991, and the
-    paper's 0.9999 is reached after about 90k steps.
+    The average then weighs the weights of step i about as i^EMA_GAMMA: it always covers about
+    the last 1/(EMA_GAMMA + 1) of the run, whether the run is 300 steps (the last 18) or 100k
+    (the last 5.9k), so a run stopped at any point has useful EMA weights and the random
+    initial weights never dominate. Step 1 copies the weights; the paper's 0.9999 (max_decay)
+    is reached after about 170k steps.
     """
-    return min(max_decay, (1 + step) / (10 + step))
+    if step <= 1:
+        return 0.0
+    return min(max_decay, (1.0 - 1.0 / step) ** (EMA_GAMMA + 1))
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup` steps, then constant (the paper)."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def lr_at(step: int, lr: float, warmup: int, progress: float = 0.0, cooldown: float = 0.0) -> float:
+    """The learning rate of step `step` (0-based): a linear warm-up from lr/warmup to lr over
+    `warmup` steps, then constant (the paper), and over the last `cooldown` share of the run
+    a linear fall to 0; `progress` is the share of the run done (0 when its length is unknown,
+    e.g. a run that only Ctrl-C ends)."""
+    value = lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+    if cooldown > 0 and progress > 1.0 - cooldown:
+        value *= max(0.0, 1.0 - progress) / cooldown
+    return value
 
 
-def total_steps(config: TrainConfig, per_epoch: int) -> int:
-    """Whichever of --steps and --epochs ends training first; 100 epochs when neither is given."""
+def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
+    """Whichever of --steps and --epochs ends training first; 100 epochs when neither is given,
+    and None (no step limit) when only --time bounds the run."""
     candidates = []
     if config.steps is not None:
         candidates.append(config.steps)
     # an optimizer step consumes grad_accum batches
-    epochs = config.epochs if config.epochs is not None else (None if candidates else 100)
+    bounded = candidates or config.time_limit is not None
+    epochs = config.epochs if config.epochs is not None else (None if bounded else 100)
     if epochs is not None:
         candidates.append(math.ceil(epochs * per_epoch / config.grad_accum))
-    return min(candidates)
+    return min(candidates) if candidates else None
 
 
 def resolve(
@@ -84,9 +100,12 @@ def resolve(
     )
     per_epoch = max(1, math.ceil(n_images / (batch * world)))
     steps = total_steps(replace(config, batch_size=batch), per_epoch)
+    recipe = recipe_for(preset)
     warmup = config.warmup_steps
     if warmup is None:
-        warmup = min(PAPER_WARMUP, max(1, int(WARMUP_SHARE * steps)))
+        warmup = recipe.warmup_steps
+        if steps:
+            warmup = min(warmup, max(1, int(WARMUP_SHARE * steps)))
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31, (1,)).item())
     workers = config.workers
     if workers is None:  # leave a core to the training step
@@ -101,7 +120,9 @@ def resolve(
         precision=precision,
         batch_size=batch,
         preset=preset,
+        lr=config.lr if config.lr is not None else recipe.lr,
         warmup_steps=warmup,
+        cooldown=config.cooldown if config.cooldown is not None else recipe.cooldown,
         seed=seed,
         channels=channels,
     )
@@ -223,6 +244,7 @@ def train_step(
     shard: tuple[int, int] = (0, 1),
     labels: list[torch.Tensor] | None = None,
     num_classes: int = 0,
+    progress: float = 0.0,
 ) -> StepResult:
     """One optimizer step over `grad_accum` uint8 micro-batches (on the CPU or on `device`),
     with their class labels for a model of `num_classes` classes. A share config.cond_drop
@@ -235,14 +257,17 @@ def train_step(
     equal share of a global batch, and `forward` is the DistributedDataParallel model, which
     averages the gradients. Every rank draws t and eps for the whole global batch from the
     same generator and keeps its share, so the job computes what one process would with the
-    global batch.
+    global batch. `progress`: the share of the run done, for the learning rate's cooldown
+    (lr_at); every rank must pass the same.
     """
     rank, world = shard
     T = tables.timesteps
     gen = state.noise_gen
     state.model.train()
     for group in state.optimizer.param_groups:
-        group["lr"] = lr_at(state.step, config.lr, config.warmup_steps)
+        group["lr"] = lr_at(
+            state.step, config.lr, config.warmup_steps, progress, config.cooldown or 0.0
+        )
     autocast = (
         torch.autocast(device.type, dtype=_AMP[config.precision])
         if config.precision is not Precision.fp32

@@ -36,10 +36,18 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
 
 
 def save_run(
-    out: Path, state: TrainState, configs: dict, elapsed: float, decay: float, world: int = 1
+    out: Path,
+    state: TrainState,
+    configs: dict,
+    elapsed: float,
+    decay: float,
+    world: int = 1,
+    trained: float | None = None,
 ) -> None:
     """train_state first, then the model: each atomic, so a crash leaves both loadable.
-    `world`: the number of processes training (the global batch is batch_size x world)."""
+    `world`: the number of processes training (the global batch is batch_size x world);
+    `elapsed`: seconds of the run so far, start-up included; `trained`: of the training loop
+    alone (what --time counts; `elapsed` when not given)."""
     meta = {
         "world_size": world,
         "config": configs,
@@ -47,6 +55,7 @@ def save_run(
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
         "elapsed": elapsed,
+        "train_seconds": elapsed if trained is None else trained,
         "optimizer_groups": state.optimizer.state_dict()["param_groups"],
         "scaler": state.scaler.state_dict() if state.scaler else None,
     }

@@ -23,6 +23,7 @@ from ddpm_cli.inspection import (
     schedule_info,
 )
 from ddpm_cli.plots import loss_plot, plot_format, schedule_plot
+from ddpm_cli.sources import data_image_size
 
 out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
 
@@ -47,8 +48,14 @@ def inspect(
         int, typer.Option("--timesteps", "-T", min=2, help="With --schedule: T.")
     ] = 1000,
     image_size: Annotated[
-        str, typer.Option("--image-size", help="For image folders: the training size, N or WxH.")
-    ] = "32",
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="For image folders: the training size, N or WxH. Default: as ddpm train "
+            "chooses it (the images' own size, at most 32).",
+            show_default=False,
+        ),
+    ] = None,
     tensors: Annotated[
         bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")
     ] = False,
@@ -103,7 +110,8 @@ def inspect(
     if not path.exists():
         raise DataError(f"{path}: no such checkpoint file, run directory or image folder")
     if path.is_dir() and not is_run_directory(path):
-        report = folder_info(path, parse_size(image_size))
+        size = parse_size(image_size) if image_size else data_image_size(str(path))
+        report = folder_info(path, size)
         if as_json:
             print(json.dumps(report, indent=2))
         else:
@@ -217,8 +225,13 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 "training",
                 [
                     ("steps / epochs", f"{tr.get('steps')} / {tr.get('epochs')}"),
+                    ("time limit", _duration(tr["time_limit"]) if tr.get("time_limit") else None),
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
-                    ("lr", f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')})"),
+                    (
+                        "lr",
+                        f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')}, cooldown "
+                        f"{tr.get('cooldown') or 0:g})",
+                    ),
                     ("EMA", tr.get("ema_decay")),
                     ("precision", tr.get("precision")),
                     ("seed", tr.get("seed")),

@@ -22,7 +22,7 @@ from ddpm_cli.cli.common import (
     err_console,
 )
 from ddpm_cli.cli.views import SampleProgress
-from ddpm_cli.config import SPACINGS, Precision, SamplerConfig, SamplerName
+from ddpm_cli.config import DEFAULT_GUIDANCE, SPACINGS, Precision, SamplerConfig, SamplerName
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
@@ -84,14 +84,16 @@ def sample(
         ),
     ] = None,
     guidance: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--guidance",
             min=0.0,
             help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
-            "0 is plain conditional sampling; larger is more typical of the class, less varied.",
+            f"0 is plain conditional sampling; larger is more typical of the class, less varied. "
+            f"Default: {DEFAULT_GUIDANCE:g} with --class.",
+            show_default=False,
         ),
-    ] = 0.0,
+    ] = None,
     seed: SeedOpt = None,
     sampler: Annotated[
         SamplerName | None,
@@ -205,6 +207,8 @@ def sample(
         )
     if guidance and not classes:
         raise UsageError("--guidance steers towards a class: add --class NAME")
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if classes else 0.0
     if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
         grid, out = STDIO, None
     folder = Path(out) if out not in (None, STDIO) else None

@@ -12,19 +12,20 @@ import typer
 from ddpm_cli import distributed
 from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
 from ddpm_cli.cli.views import ProgressView
-from ddpm_cli.config import DiffusionConfig, Objective, Precision, Schedule, TrainConfig
+from ddpm_cli.config import (
+    DiffusionConfig,
+    Objective,
+    Precision,
+    Schedule,
+    TrainConfig,
+    parse_duration,
+)
 from ddpm_cli.presets import PRESETS
 from ddpm_cli.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def size_text(size: tuple[int, int]) -> str:
-    """(height, width) as the CLI writes it: "32", or "64x32" for width 64, height 32."""
-    h, w = size
-    return str(h) if h == w else f"{w}x{h}"
 
 
 def train(
@@ -49,13 +50,15 @@ def train(
         str, typer.Option("--preset", help=f"Model: auto, {', '.join(PRESETS)}.")
     ] = D.preset,
     image_size: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--image-size",
             help="Train at N x N, or WIDTHxHEIGHT (e.g. 64x32): images are resized to cover it "
-            "and center-cropped.",
+            "and center-cropped. Default: the images' own size (their median shorter side, "
+            "rounded down to a multiple of 4), at most 32.",
+            show_default=False,
         ),
-    ] = size_text(D.image_size),
+    ] = None,
     channels: Annotated[
         int | None, typer.Option("--channels", help="1, 3 or 4. Default: follows the data.")
     ] = D.channels,
@@ -114,15 +117,44 @@ def train(
             "one network also learns unconditional samples for --guidance.",
         ),
     ] = D.cond_drop,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = D.lr,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Adam learning rate. Default: 1e-3 for the CPU presets (small, tiny, medium), "
+            "the paper's 2e-4 for cifar10, celebahq256 and lsun256.",
+            show_default=False,
+        ),
+    ] = D.lr,
     warmup_steps: Annotated[
         int | None,
         typer.Option(
-            "--warmup-steps", min=0, help="Linear warm-up. Default: 5000, at most 5% of the run."
+            "--warmup-steps",
+            min=0,
+            help="Linear warm-up steps. Default: 100 for the CPU presets, the paper's 5000 for "
+            "its networks; at most 5% of a run of known length.",
+            show_default=False,
         ),
     ] = D.warmup_steps,
+    cooldown: Annotated[
+        float | None,
+        typer.Option(
+            "--cooldown",
+            min=0.0,
+            max=1.0,
+            help="The share of the run (--steps, --epochs or --time) at its end over which the "
+            "learning rate falls linearly to 0. Default: 0.3 for the CPU presets, 0 (constant, "
+            "the paper's) for its networks.",
+            show_default=False,
+        ),
+    ] = D.cooldown,
     ema_decay: Annotated[
-        float, typer.Option("--ema-decay", help="EMA decay, reached after a warm-up.")
+        float,
+        typer.Option(
+            "--ema-decay",
+            help="The EMA's largest decay; before it, a power-function EMA over the last 6% "
+            "of the run.",
+        ),
     ] = D.ema_decay,
     batch_size: Annotated[
         int | None,
@@ -142,6 +174,15 @@ def train(
             "--steps", min=1, help="Optimizer steps; the first limit reached ends training."
         ),
     ] = D.steps,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="Train for this long (e.g. 90s, 10m, 2h, 1h30m), then checkpoint and stop; "
+            "the schedules are planned for it. The first limit reached ends training.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", min=0, help="Seed. Default: random, stored in the run.")
     ] = D.seed,
@@ -189,10 +230,14 @@ def train(
 
       [bold]ddpm train ./images --epochs 100 --image-size 64[/bold]
 
+      [bold]ddpm train ./images --time 10m[/bold]
+
       [bold]ddpm train --resume runs/images-1 --steps 20000[/bold]
     """
     names = [p.name for p in ctx.command.params if p.name in TrainConfig.__dataclass_fields__]
     values = {k: v for k, v in locals().items() if k in names}
+    if time_limit is not None:
+        values["time_limit"] = parse_duration(time_limit)
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     config = TrainConfig(**values)
     diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)

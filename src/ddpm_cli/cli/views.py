@@ -22,6 +22,26 @@ def _batch(config, world: int) -> str:
     return text
 
 
+def duration_text(seconds: float) -> str:
+    """600 -> "10m", 5400 -> "1h30m", 90 -> "1m30s", 12.5 -> "12.5s"."""
+    if seconds != int(seconds) or seconds < 60:
+        return f"{seconds:g}s"
+    s, parts = int(seconds), []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size:
+            parts.append(f"{s // size}{unit}")
+            s %= size
+    return "".join(parts)
+
+
+def _length(total: int | None, time_limit: float | None) -> str:
+    if time_limit is None:
+        return f"{total} steps"
+    if total is None:
+        return f"{duration_text(time_limit)} of training"
+    return f"{total} steps or {duration_text(time_limit)}, whichever ends first"
+
+
 class ProgressView:
     """Rich live progress on a terminal; plain lines at each log step otherwise."""
 
@@ -29,6 +49,7 @@ class ProgressView:
         self.quiet, self.progress, self.task = quiet, None, None
         self.smoothed = None  # loss, exponentially smoothed over steps
         self.rate, self.last = None, None  # img/s, smoothed; time of the last step
+        self.limit = None  # seconds of training (--time)
 
     def event(self, kind: str, info: dict) -> None:
         if self.quiet:
@@ -36,6 +57,7 @@ class ProgressView:
         getattr(self, f"on_{kind}", lambda info: None)(info)
 
     def on_start(self, info: dict) -> None:
+        self.limit = info["config"].time_limit
         err_console.print(preflight_table(info))
         for w in info["report"].warnings:
             err_console.print(f"[yellow]warning:[/yellow] {w}")
@@ -44,15 +66,13 @@ class ProgressView:
                 TextColumn("[bold]train[/bold]"),
                 BarColumn(),
                 TaskProgressColumn(),
-                TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[position]}"),
                 TextColumn("{task.fields[status]}"),
                 TimeRemainingColumn(),
                 console=err_console,
             )
             self.progress.start()
-            self.task = self.progress.add_task(
-                "train", total=info["total"], completed=info["step"], status=""
-            )
+            self.task = self.progress.add_task("train", status="", **self._where(info))
 
     def on_step(self, info: dict) -> None:
         s, w = self.smoothed, 0.98 ** info["steps"]  # a report may cover several steps
@@ -66,10 +86,18 @@ class ProgressView:
             rate = f"  {self.rate:.1f} img/s" if self.rate else ""
             self.progress.update(
                 self.task,
-                completed=info["step"],
+                **self._where(info),
                 status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}{rate}  "
                 f"lr {info['lr']:.2e}",
             )
+
+    def _where(self, info: dict) -> dict:
+        """The bar's extent: over seconds when only a time limit bounds the run, else steps."""
+        total, step = info["total"], info["step"]
+        if total is None:
+            done = min(info["trained"], self.limit)
+            return {"total": self.limit, "completed": done, "position": f"step {step}"}
+        return {"total": total, "completed": step, "position": f"step {step}/{total}"}
 
     def on_log(self, r: dict) -> None:
         if self.progress is None:
@@ -156,8 +184,11 @@ def preflight_table(info: dict) -> Table:
         ),
         (
             "training",
-            f"{info['total']} steps, batch {_batch(config, info.get('world', 1))}, "
-            f"lr {config.lr:g} (warm-up {config.warmup_steps}), EMA {config.ema_decay}, "
+            f"{_length(info['total'], config.time_limit)}, batch "
+            f"{_batch(config, info.get('world', 1))}, "
+            f"lr {config.lr:g} (warm-up {config.warmup_steps}"
+            + (f", cooldown over the last {config.cooldown:.0%}" if config.cooldown else "")
+            + f"), EMA up to {config.ema_decay}, "
             f"seed {config.seed}",
         ),
         (
