@@ -287,6 +287,7 @@ def _fmt(row: dict) -> str:
 def plot(results: Path, output: Path) -> None:
     """Distance against training time, a panel per dataset, a line per implementation."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -301,9 +302,13 @@ def plot(results: Path, output: Path) -> None:
             pts = sorted((r["budget_s"] / 60, r["distance"]) for r in mine if r["impl"] == impl)
             ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
         ax.axhline(mine[0]["real"], color="grey", ls=":", lw=1, label="real images")
+        ax.axhline(mine[0]["noise"], color="grey", ls="--", lw=1, label="uniform noise")
         ax.set(xscale="log", yscale="log", title=f"{name} ({mine[0]['image_size']}px)",
                xlabel="training minutes (2-core CPU)",
                ylabel="Frechet distance (lower is better)")  # fmt: skip
+        minutes = sorted({r["budget_s"] / 60 for r in mine})
+        ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output, dpi=110)

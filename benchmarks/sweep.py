@@ -111,7 +111,21 @@ def evaluate(ds, model, mc, diffusion, objective, sampler: str, guidance: float,
     seconds = time.perf_counter() - t0
     images = ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     share = ds.class_share(images, torch.tensor(labels)) if labels else None
-    return ds.distance(images), realfeatures.swd(images, ds.set.held_out), share, seconds
+    return ds.distance(images), realfeatures.swd(images, ds.set.held_out), share, seconds, images
+
+
+def save_grid(images: torch.Tensor, path: Path, count: int = 64) -> None:
+    """The first `count` images (uint8, NCHW) as an 8-column grid PNG, 4x enlarged."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images[:count], nrow=8, padding=1, pad_value=255)
+    grid = torch.nn.functional.interpolate(grid[None].float(), scale_factor=4, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    array = grid[0].to(torch.uint8).permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(path)
 
 
 def main() -> None:
@@ -125,9 +139,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("-n", type=int, default=250)
     p.add_argument("--work", type=Path, default=HERE / ".realdata")
+    p.add_argument("--grids", type=Path, help="write a grid of 64 samples per row here")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     ds = Dataset(args.dataset, args.work)
+    if args.grids:
+        save_grid(ds.set.held_out, args.grids / f"{args.dataset}-real.png")
     for seed in (int(s) for s in args.seeds.split(",")):
         for spec_text in args.run:
             name, _, js = spec_text.partition("=")
@@ -139,9 +156,12 @@ def main() -> None:
             for ema_name, model in models.items():
                 for sampler in args.samplers.split(","):
                     for g in (float(v) for v in args.guidance.split(",")):
-                        d, swd, share, secs = evaluate(
+                        d, swd, share, secs, images = evaluate(
                             ds, model, mc, diffusion, config.objective.value, sampler, g, args.n
                         )
+                        if args.grids:
+                            tag = f"{args.dataset}-{name}-s{seed}-{ema_name}-{sampler}-g{g:g}"
+                            save_grid(images, args.grids / f"{tag.replace(':', '')}.png")
                         row = {"run": name, "dataset": args.dataset, "budget": args.budget,
                                "seed": seed, "steps": steps, "params": params,
                                "loss": round(loss, 4),
