@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import realfeatures  # noqa: E402
@@ -44,7 +45,7 @@ from ddpm_cli.config import (  # noqa: E402
     TrainConfig,
 )
 from ddpm_cli.presets import build_model_config  # noqa: E402
-from ddpm_cli.sampling import SamplingModel, generate  # noqa: E402
+from ddpm_cli.sampling import SamplingModel, generate, grid_image_rows  # noqa: E402
 from ddpm_cli.schedules import DiffusionTables  # noqa: E402
 from ddpm_cli.sources import load_source  # noqa: E402
 
@@ -115,17 +116,10 @@ def evaluate(ds, model, mc, diffusion, objective, sampler: str, guidance: float,
 
 
 def save_grid(images: torch.Tensor, path: Path, count: int = 64) -> None:
-    """The first `count` images (uint8, NCHW) as an 8-column grid PNG, 4x enlarged."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images[:count], nrow=8, padding=1, pad_value=255)
-    grid = torch.nn.functional.interpolate(grid[None].float(), scale_factor=4, mode="nearest")
+    """The first `count` images (uint8, NCHW) as ddpm's 8-column grid, enlarged 2x."""
+    grid = grid_image_rows(images[:count].float() / 127.5 - 1, nrow=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "L" if images.shape[1] == 1 else "RGB"
-    array = grid[0].to(torch.uint8).permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(path)
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
 def main() -> None:
