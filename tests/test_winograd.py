@@ -308,8 +308,10 @@ def test_sampling_keeps_filters_only_inside_keep_filters(monkeypatch):
 def agrees(model: UNet, x: torch.Tensor, t: torch.Tensor) -> bool:
     with torch.no_grad():
         inference = model(x, t)
-    # with gradients, at 32 tiles, every layer runs torch's direct convolution on today's weights
-    return rel(inference, model(x, t).detach().double()) < 1e-6
+    # with gradients, at 32 tiles, every layer runs torch's direct convolution on today's weights.
+    # Winograd's float32 rounding differs from it by about 1e-6 (it varies with the CPU's
+    # kernels); stale filters of the one layer changed below would show as 6e-3, of all as 1.
+    return rel(inference, model(x, t).detach().double()) < 2e-5
 
 
 def test_inference_sees_every_change_of_the_weights():
@@ -326,7 +328,7 @@ def test_inference_sees_every_change_of_the_weights():
     assert agrees(model, x, t)
     with torch.inference_mode(), winograd.keep_filters():  # the weights as inference tensors
         out = model(x, t)
-    assert rel(out, model(x, t).detach().double()) < 1e-6
+    assert rel(out, model(x, t).detach().double()) < 2e-5
 
 
 def test_compiled_networks_keep_torch_convolution():
