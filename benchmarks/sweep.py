@@ -11,8 +11,9 @@ with several samplers and guidance weights.
 A run is NAME=JSON: TrainConfig fields ("lr", "warmup_steps", "batch_size", "preset",
 "objective", "min_snr_gamma", "cond_drop", ...), "model" (ModelConfig overrides of the
 preset: "channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"),
-"schedule" (a named beta schedule); "cooldown" is the share of the budget at its end over which
-the learning rate falls linearly to 0 (train.lr_at), as `ddpm train --time` plans it.
+"schedule" (a named beta schedule; the preset's by default); "cooldown" is the share of the
+budget at its end over which the learning rate falls linearly to 0 (train.lr_at), as `ddpm
+train --time` plans it.
 
 EMA "default" is the one ddpm keeps (train.ema_decay_at), "raw" the weights; a number g in
 --emas is the power-function EMA of Karras et al. 2024 with exponent g: decay (1 - 1/n)^(g + 1)
@@ -44,7 +45,7 @@ from ddpm_cli.config import (  # noqa: E402
     SamplerConfig,
     TrainConfig,
 )
-from ddpm_cli.presets import build_model_config  # noqa: E402
+from ddpm_cli.presets import build_model_config, recipe_for  # noqa: E402
 from ddpm_cli.sampling import SamplingModel, generate, grid_image_rows  # noqa: E402
 from ddpm_cli.schedules import DiffusionTables  # noqa: E402
 from ddpm_cli.sources import load_source  # noqa: E402
@@ -60,7 +61,7 @@ def power_decay(step: int, gamma: float) -> float:
 def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]):
     spec = dict(spec)
     model_over = spec.pop("model", {})
-    schedule = spec.pop("schedule", "linear")
+    schedule = spec.pop("schedule", None)  # None: the preset's (presets.Recipe)
     s = ds.set
     labelled = bool(s.classes)
     images, report = load_source(str(ds.folder), (s.image_size, s.image_size), s.channels,
@@ -71,7 +72,7 @@ def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]
     mc = build_model_config(config.preset, config.image_size, report.channels,
                             classes=tuple(report.classes))  # fmt: skip
     mc = replace(mc, **{k: tuple(v) if isinstance(v, list) else v for k, v in model_over.items()})
-    diffusion = DiffusionConfig(schedule=schedule)
+    diffusion = DiffusionConfig(schedule=schedule or recipe_for(config.preset).schedule)
     tables = DiffusionTables.from_config(diffusion).to(CPU, torch.float32)
     state = train_mod.new_state(mc, config, CPU)
     extra = {g: copy.deepcopy(state.ema) for g in emas if g not in ("default", "raw")}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -93,3 +94,28 @@ def private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own user cache directory (FID statistics, Inception weights), so no
     test reads or writes the real one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def compiles_for_real():
+    """For tests of torch.compile: fails when nothing was compiled or a compile fell back to
+    eager. train.compiled lets a failed compile go on eagerly (as a user wants), which would
+    otherwise let "compiled matches eager" pass without compiling anything."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    yield
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile compiled no graph"
+    frames = counters["frames"]
+    assert frames["ok"] == frames["total"], f"a compile fell back to eager: {dict(frames)}"
+
+
+def pixels(image) -> torch.Tensor:
+    """An image (or the path of one) as an int32 tensor of its pixel values, height x width
+    (x channels), for comparing images: Pillow's getdata() is going away (Pillow 14)."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).to(torch.int32)
+    bands = len(image.getbands())
+    shape = (image.height, image.width, bands) if bands > 1 else (image.height, image.width)
+    return data.view(shape)

@@ -1,4 +1,4 @@
-"""The app's shape: version, help, completion, commands that have not landed yet."""
+"""The app's shape: version, help for every command, completion, unknown commands."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def test_version(runner):
     assert __version__ != "0.0.0+unknown"  # the installed package's metadata is found
 
 
-@pytest.mark.parametrize("command", [[], ["noise"], ["train"], ["sample"], ["inspect"]])
+COMMANDS = {"noise", "train", "sample", "inspect", "eval", "import", "export"}
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in sorted(COMMANDS))])
 def test_help_short_and_long(runner, command):
     long = runner.invoke(app, [*command, "--help"])
     short = runner.invoke(app, [*command, "-h"])
@@ -30,8 +33,11 @@ def test_help_short_and_long(runner, command):
 def test_root_help_lists_every_command(runner):
     out = runner.invoke(app, ["-h"]).stdout
     panel = out.split("Commands", 1)[1]
-    listed = {line.split()[1] for line in panel.splitlines() if line.startswith("│ ")}
-    assert {"noise", "train", "sample", "inspect"} <= listed
+    # a command's row starts with its name; wrapped help lines start with spaces
+    listed = {
+        line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "
+    }
+    assert listed == COMMANDS  # every command, and nothing unannounced
     assert "--install-completion" in out and "--show-completion" in out
 
 

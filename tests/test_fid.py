@@ -245,7 +245,7 @@ def test_ddpm_eval_bad_input(runner, tiny_run, tmp_path):
         ([run, "--data", str(tmp_path / "empty")], "no readable images"),
         ([run, "--data", str(tmp_path / "missing")], "no such directory"),
         ([run, "--data", str(tiny_run / "pics"), "--t-samples", "50"], "at most T - 1 = 49"),
-        ([run, "--data", str(tiny_run / "pics"), "--variance", "huge"], "--variance must be"),
+        ([run, "--data", str(tiny_run / "pics"), "--variance", "huge"], "'huge' is not one of"),
         ([str(junk), "--data", str(tiny_run / "pics")], "not a safetensors file"),
     )
     for args, message in cases:

@@ -13,7 +13,13 @@ from ddpm_cli.diffusion import predict_x0_from_eps, v_target
 from ddpm_cli.samplers import ddim, ddpm, dpmpp_2m, run, timestep_pairs, timesteps
 from ddpm_cli.schedules import DiffusionTables
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture
+def diffusers():
+    """diffusers, for the tests that compare against its schedulers; the oracle and spacing
+    tests need none and run without it."""
+    return pytest.importorskip("diffusers")
+
 
 T = 1000
 TABLES = DiffusionTables.from_config(DiffusionConfig())
@@ -57,8 +63,10 @@ def x_T(shape=(3, 2, 5, 5), seed=1):
 
 @pytest.mark.parametrize("steps", [T, 50, 7])
 @pytest.mark.parametrize("variance", ["large", "small"])
-def test_ddpm_matches_diffusers_ddpm_scheduler_at_every_step(steps, variance):
-    from diffusers import DDPMScheduler
+def test_ddpm_matches_diffusers_ddpm_scheduler_at_every_step(
+    steps, variance, diffusers, monkeypatch
+):
+    DDPMScheduler = diffusers.DDPMScheduler
 
     pairs = timestep_pairs(T, steps)
     zs = noise_list(len(pairs), (3, 2, 5, 5))
@@ -74,15 +82,16 @@ def test_ddpm_matches_diffusers_ddpm_scheduler_at_every_step(steps, variance):
     for (t, t_prev), step, z in zip(pairs, ours, zs, strict=True):
         assert (step.t, step.t_prev) == (t, t_prev)
         # diffusers draws its noise from the generator; hand it ours through a patched randn
-        diffusers.schedulers.scheduling_ddpm.randn_tensor = lambda *a, z=z, **k: z
+        monkeypatch.setattr(diffusers.schedulers.scheduling_ddpm, "randn_tensor",
+                            lambda *a, z=z, **k: z)  # fmt: skip
         x = sched.step(fake_model(x, torch.tensor([t] * 3)), t, x).prev_sample
         assert torch.allclose(step.x, x, atol=1e-5, rtol=0), (t, (step.x - x).abs().max())
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_matches_diffusers_ddim_scheduler_at_every_step(spacing, eta):
-    from diffusers import DDIMScheduler
+def test_ddim_matches_diffusers_ddim_scheduler_at_every_step(spacing, eta, diffusers):
+    DDIMScheduler = diffusers.DDIMScheduler
 
     steps = 25
     pairs = timestep_pairs(T, steps, spacing)
@@ -109,8 +118,8 @@ def test_ddim_matches_diffusers_ddim_scheduler_at_every_step(spacing, eta):
 
 
 @pytest.mark.parametrize("steps", [20, 10, 5])
-def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep_at_every_step(steps):
-    from diffusers import DPMSolverMultistepScheduler
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep_at_every_step(steps, diffusers):
+    DPMSolverMultistepScheduler = diffusers.DPMSolverMultistepScheduler
 
     pairs = timestep_pairs(T, steps, "trailing")
     ours = dpmpp_2m(fake_model, TABLES, x_T(), steps=steps, clip=False, spacing="trailing")

@@ -206,6 +206,25 @@ def test_recipes_resolve_by_preset_and_explicit_values_win():
     assert (mine.lr, mine.warmup_steps, mine.cooldown) == (3e-4, 7, 0.0)
 
 
+@pytest.mark.parametrize(
+    "options, schedule",
+    [
+        ((), "cosine"),  # the CPU presets' (tiny here)
+        (("--schedule", "linear"), "linear"),
+        (("--preset", "cifar10", "--batch-size", "2"), "linear"),  # the paper's network: its own
+        (("--preset", "cifar10", "--batch-size", "2", "--schedule", "cosine"), "cosine"),
+    ],
+)
+def test_the_schedule_is_the_presets_unless_given(runner, colours, tmp_path, options, schedule):
+    r = cli_train(runner, colours, tmp_path / "r", "--image-size", "8", "--steps", "1",
+                  "--sample-every", "0", *options)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"{schedule}, T=1000" in r.stderr  # the pre-flight table
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "r"), "--json"]).stdout)
+    assert json.dumps(info).count(f'"schedule": "{schedule}"') >= 1
+    assert load_model(tmp_path / "r" / "model.safetensors")[2].schedule.value == schedule
+
+
 def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tmp_path):
     (colours / "broken.png").write_bytes(b"\x89PNG not really")
     (colours / "sub").mkdir()
@@ -353,8 +372,8 @@ def test_non_square_training_from_the_cli(runner, colours, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "4", "--image-size", "8"])
     assert r.exit_code == 2 and "cannot change on resume: --image-size 8" in r.stderr
-    r = runner.invoke(app, ["train", "--resume", str(out), "--schedule", "cosine"])
-    assert r.exit_code == 2 and "--schedule cosine (the run has linear)" in r.stderr
+    r = runner.invoke(app, ["train", "--resume", str(out), "--schedule", "linear"])
+    assert r.exit_code == 2 and "--schedule linear (the run has cosine)" in r.stderr
 
 
 def test_epochs_count_batches_not_optimizer_steps():
@@ -451,7 +470,7 @@ def test_training_on_an_amx_cpu_defaults_to_bf16(colours, tmp_path, monkeypatch)
     assert stored["precision"] == "bf16"
 
 
-def test_compiled_training_matches_eager(colours, tmp_path):
+def test_compiled_training_matches_eager(colours, tmp_path, compiles_for_real):
     pytest.importorskip("torch._inductor")
     runs = {}
     for compiled in (False, True):

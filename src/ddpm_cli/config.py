@@ -25,14 +25,16 @@ class Schedule(str, Enum):
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process: which beta schedule, over how many steps."""
+    """The forward process: which beta schedule, over how many steps. A schedule of None is
+    "the preset's" (presets.Recipe), which training resolves before anything uses it."""
 
-    schedule: Schedule = Schedule.linear
+    schedule: Schedule | None = Schedule.linear
     timesteps: int = 1000  # T; the paper's value
 
     def __post_init__(self) -> None:
         try:
-            object.__setattr__(self, "schedule", Schedule(self.schedule))
+            if self.schedule is not None:
+                object.__setattr__(self, "schedule", Schedule(self.schedule))
         except ValueError:
             names = ", ".join(s.value for s in Schedule)
             raise ConfigError(
@@ -45,7 +47,7 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["schedule"] = self.schedule.value
+        d["schedule"] = None if self.schedule is None else self.schedule.value
         return d
 
 
@@ -274,7 +276,25 @@ SAMPLER_DEFAULT_SPACING = {
     SamplerName.ddim: "logsnr",
     SamplerName.dpmpp: "logsnr",
 }
-SPACINGS = ("logsnr", "linspace", "leading", "trailing")
+
+
+class Spacing(str, Enum):
+    """How a sampler spaces its timesteps over [0, T-1] (samplers.timesteps)."""
+
+    logsnr = "logsnr"  # evenly in log-SNR
+    linspace = "linspace"  # evenly in t, both ends included
+    leading = "leading"  # diffusers' leading: multiples of T // steps from 0
+    trailing = "trailing"  # diffusers' trailing: from T - 1 down in steps of T / steps
+
+
+class Variance(str, Enum):
+    """sigma_t^2 of the reverse process (the ddpm sampler, the bound)."""
+
+    large = "large"  # beta_t, the paper's CIFAR-10 choice
+    small = "small"  # beta~_t, the posterior's variance
+
+
+SPACINGS = tuple(s.value for s in Spacing)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ddpm_cli.device import available_memory
 from ddpm_cli.errors import DataError
 from ddpm_cli.images import decode_image
 
@@ -106,18 +107,6 @@ class DataReport:
 
 
 MEMORY_SHARE = 0.5  # decoded training data may take at most this share of available memory
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def scan(folder: Path) -> list[Path]:

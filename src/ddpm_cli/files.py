@@ -15,6 +15,9 @@ from pathlib import Path
 from ddpm_cli.errors import DataError, OutputError, UsageError
 
 STDIO = "-"  # a path of "-" means stdin for inputs and stdout for outputs
+# a run directory's checkpoints: the EMA weights with all a sampler needs, and the resumable
+# training state (raw weights, optimizer, randomness)
+MODEL, STATE = "model.safetensors", "train_state.safetensors"
 
 
 def read_input_bytes(source: str | Path) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpm_cli.checkpoint import CheckpointError, config_section, load_checkpoint
 from ddpm_cli.config import DiffusionConfig, ModelConfig, SamplerConfig, TrainConfig
 from ddpm_cli.errors import DataError
-from ddpm_cli.train_state import MODEL, STATE
+from ddpm_cli.files import MODEL, STATE
 
 METRICS = "metrics.jsonl"
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_cli import winograd
+from ddpm_cli.config import Variance
 from ddpm_cli.data import InMemory, OnDisk
 from ddpm_cli.diffusion import (
     predict_x0_and_eps,
@@ -32,7 +33,7 @@ from ddpm_cli.diffusion import (
 from ddpm_cli.errors import ConfigError
 from ddpm_cli.schedules import DiffusionTables
 
-VARIANCES = ("large", "small")
+VARIANCES = tuple(v.value for v in Variance)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def strata(timesteps: int, k: int) -> list[tuple[int, int]]:
 
     The terms shrink roughly like 1/t (most of the bound sits in the first steps), so equal
     ranges in log t hold similar shares of it; even spacing in t would make a K = 20 estimate
-    about 40x noisier on Gaussian data (see tests/test_evaluation.py).
+    about 40x noisier on Gaussian data (tests/test_likelihood.py checks more than 10x).
     """
     edges = [1]
     for i in range(1, k):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ddpm_cli.config import ModelConfig
+from ddpm_cli.config import ModelConfig, Schedule
 from ddpm_cli.errors import ConfigError
 
 PAPER_256 = ModelConfig(
@@ -64,21 +64,23 @@ PRESETS: dict[str, ModelConfig] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a preset trains unless told otherwise (TrainConfig's lr, warmup_steps, cooldown)."""
+    """How a preset trains unless told otherwise (TrainConfig's lr, warmup_steps, cooldown,
+    and the forward process's beta schedule)."""
 
     lr: float
     warmup_steps: int  # at most; a run of known length warms up over at most 5% of it
     # the share at the end of a run of known length (--steps, --epochs, --time) over which
     # the learning rate falls linearly to 0; 0 keeps it constant after the warm-up
     cooldown: float
+    schedule: Schedule
 
 
 # Ho et al. 2020: Adam at 2e-4, 5000 warm-up steps, constant; kept for the paper's networks
-PAPER_RECIPE = Recipe(lr=2e-4, warmup_steps=5000, cooldown=0.0)
+PAPER_RECIPE = Recipe(lr=2e-4, warmup_steps=5000, cooldown=0.0, schedule=Schedule.linear)
 # the CPU presets' recipe for runs of minutes to hours, chosen on real photographs and faces
-# (docs/training.md, "Defaults on real images"): 5x the paper's rate, a short warm-up, and a
-# linear cooldown over the last 30% of the run
-SHORT_RECIPE = Recipe(lr=1e-3, warmup_steps=100, cooldown=0.3)
+# (docs/training.md, "Defaults on real images"): 5x the paper's rate, a short warm-up, a
+# linear cooldown over the last 30% of the run, and the cosine schedule (Nichol & Dhariwal)
+SHORT_RECIPE = Recipe(lr=1e-3, warmup_steps=100, cooldown=0.3, schedule=Schedule.cosine)
 RECIPES = {"cifar10": PAPER_RECIPE, "celebahq256": PAPER_RECIPE, "lsun256": PAPER_RECIPE}
 
 

@@ -39,8 +39,8 @@ from ddpm_cli.config import (
 )
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import RunLock
-from ddpm_cli.presets import build_model_config
+from ddpm_cli.files import MODEL, STATE, RunLock
+from ddpm_cli.presets import build_model_config, recipe_for
 from ddpm_cli.run_files import (
     CACHE,
     METRICS,
@@ -61,7 +61,7 @@ from ddpm_cli.train import (
     total_steps,
     train_step,
 )
-from ddpm_cli.train_state import MODEL, STATE, restore_state, save_run
+from ddpm_cli.train_state import restore_state, save_run
 from ddpm_cli.unet import count_parameters
 
 # options a resumed run may change; everything else must match the stored run
@@ -151,7 +151,8 @@ def train(
 ) -> RunResult:
     """Train from `source` (a folder, "builtin:NAME" or None for the default built-in dataset)
     into `out`, or continue the run in `resume`. `given`: the options the user set explicitly,
-    checked against the stored run on resume."""
+    checked against the stored run on resume. A `diffusion` schedule of None is the preset's
+    (presets.Recipe); a resumed run keeps its own."""
     started = time.perf_counter()
     ckpt = model_config = stored_data = None
     if resume is not None:
@@ -211,6 +212,8 @@ def _train(source, config, diffusion, out, resume, on_event, should_stop, starte
                 "or choose another --out"
             )
         config = resolve(config, device, report.used, report.channels, d.world)
+        if diffusion.schedule is None:  # the preset's
+            diffusion = replace(diffusion, schedule=recipe_for(config.preset).schedule)
         model_config = build_model_config(
             config.preset, config.image_size, report.channels, classes=tuple(report.classes)
         )

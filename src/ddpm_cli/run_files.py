@@ -13,11 +13,10 @@ import torch
 from ddpm_cli.checkpoint import save_checkpoint
 from ddpm_cli.config import DEFAULT_GUIDANCE, SamplerConfig, TrainConfig
 from ddpm_cli.data import DataReport, InMemory
-from ddpm_cli.files import write_atomic
+from ddpm_cli.files import MODEL, write_atomic
 from ddpm_cli.images import encode_png
 from ddpm_cli.sampling import SamplingModel, generate, grid_image, grid_image_rows
 from ddpm_cli.train import ema_decay_at
-from ddpm_cli.train_state import MODEL
 
 METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
 

@@ -28,14 +28,13 @@ from ddpm_cli.checkpoint import (
     read_header,
 )
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, SamplerConfig, TrainConfig
-from ddpm_cli.data import available_memory
-from ddpm_cli.device import place, to_device
+from ddpm_cli.device import available_memory, place, to_device
 from ddpm_cli.errors import DataError, UsageError
+from ddpm_cli.files import MODEL, STATE
 from ddpm_cli.forward import guided, network, resolve_precision
 from ddpm_cli.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.samplers import from_config
 from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train_state import MODEL, STATE
 from ddpm_cli.unet import UNet
 
 MAX_BATCH = 256

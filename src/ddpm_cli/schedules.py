@@ -65,6 +65,8 @@ SCHEDULES = {
 
 def make_betas(config: DiffusionConfig) -> torch.Tensor:
     """The float64 betas of shape (T,) for a configuration."""
+    if config.schedule is None:
+        raise ValueError("the schedule is still the preset's: resolve it first (run.train does)")
     return SCHEDULES[config.schedule](config.timesteps)
 
 

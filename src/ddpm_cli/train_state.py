@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.checkpoint import CheckpointError, check_state_dict, save_checkpoint
+from ddpm_cli.files import MODEL, STATE
 from ddpm_cli.train import TrainState
-
-MODEL, STATE = "model.safetensors", "train_state.safetensors"
-
 
 IMPLEMENTATION = ("fused", "foreach", "capturable")
 

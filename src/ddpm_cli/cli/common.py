@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ddpm_cli.config import Schedule
+from ddpm_cli.config import Precision, Schedule
 from ddpm_cli.device import DEVICE_HELP
 from ddpm_cli.errors import DdpmError
 
@@ -102,22 +102,39 @@ DeviceOpt = Annotated[
         "--device", help=f"Where to compute: {DEVICE_HELP}. auto: CUDA, then MPS, then CPU."
     ),
 ]
-SeedOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--seed",
-        min=0,
-        max=2**63 - 1,
-        help="Random seed; the same seed gives the same bytes. Default: random.",
-    ),
-]
+
+
+def seed_option(help: str):
+    """--seed: a non-negative 64-bit seed."""
+    return Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1, help=help)]
+
+
+def overwrite_option(help: str):
+    """--overwrite: what it replaces differs by command."""
+    return Annotated[bool, typer.Option("--overwrite", help=help)]
+
+
+def json_option(help: str = "Print the report as JSON on stdout."):
+    return Annotated[bool, typer.Option("--json", help=help)]
+
+
+PRECISION_DEFAULT = "Default: bf16 on CUDA GPUs from Ampere on and on x86 CPUs with AMX, else fp32."
+
+
+def precision_option(before: str = "", after: str = ""):
+    """--precision, its default rule said once, with what the command adds around it."""
+    text = " ".join(part for part in (before, PRECISION_DEFAULT, after) if part)
+    return Annotated[Precision | None, typer.Option("--precision", help=text, show_default=False)]
+
+
+SeedOpt = seed_option("Random seed; the same seed gives the same bytes. Default: random.")
 ScheduleOpt = Annotated[
     Schedule, typer.Option("--schedule", help="Beta schedule of the forward process.")
 ]
 TimestepsOpt = Annotated[
     int, typer.Option("--timesteps", "-T", min=1, help="Number of diffusion steps T.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+JsonOpt = json_option()
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no report or notes.")]
 RawOpt = Annotated[
     bool, typer.Option("--raw", help="Use the raw training weights of the run instead of the EMA.")

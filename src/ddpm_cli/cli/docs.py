@@ -45,9 +45,12 @@ def _default(param) -> str:
 
 def _describe(param) -> str:
     help_text = _plain(getattr(param, "help", None)).replace("|", "\\|")
-    if isinstance(param.default, Enum):
-        choices = ", ".join(f"`{c.value}`" for c in type(param.default))
-        help_text = f"{help_text} One of: {choices}."
+    # an Enum option's choices, whether its default is a member or None
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if not (isinstance(kind, type) and issubclass(kind, Enum)) and isinstance(param.default, Enum):
+        kind = type(param.default)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        help_text = f"{help_text} One of: {', '.join(f'`{c.value}`' for c in kind)}."
     return help_text
 
 

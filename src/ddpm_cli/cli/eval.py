@@ -18,15 +18,15 @@ from ddpm_cli.cli.common import (
     count_bars,
     err_console,
     note_line,
+    precision_option,
+    seed_option,
 )
-from ddpm_cli.cli.sample import S
-from ddpm_cli.config import Precision, SamplerConfig, SamplerName
+from ddpm_cli.config import SamplerConfig, SamplerName, Variance
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.evaluation import likelihood, sample_quality
 from ddpm_cli.fid import STANDARD_N, WEIGHTS_NAME, check_weights
 from ddpm_cli.forward import resolve_precision
-from ddpm_cli.likelihood import VARIANCES
 from ddpm_cli.sampling import check_model, load_for_sampling
 
 TASKS = {
@@ -66,11 +66,9 @@ def eval_(
         ),
     ] = None,
     variance: Annotated[
-        str,
-        typer.Option(
-            "--variance", help="With --data: sigma_t^2 of the reverse process, small or large."
-        ),
-    ] = "small",
+        Variance,
+        typer.Option("--variance", help="With --data: sigma_t^2 of the reverse process."),
+    ] = Variance.small,
     fid_ref: Annotated[
         str | None,
         typer.Option(
@@ -99,24 +97,14 @@ def eval_(
     sampler: Annotated[
         SamplerName | None,
         typer.Option("--sampler", help="With --fid-ref: as in ddpm sample.", show_default=False),
-    ] = S.sampler,
+    ] = SamplerConfig.sampler,
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="With --fid-ref: as in ddpm sample.")
-    ] = S.steps,
-    seed: Annotated[
-        int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the noise and samples.")
-    ] = 0,
+    ] = SamplerConfig.steps,
+    seed: seed_option("Seed of the noise and samples.") = 0,
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
-    precision: Annotated[
-        Precision | None,
-        typer.Option(
-            "--precision",
-            help="Sampling precision for --fid-ref (the bound is fp32). Default: bf16 on CUDA "
-            "GPUs from Ampere on and on x86 CPUs with AMX, else fp32.",
-            show_default=False,
-        ),
-    ] = None,
+    precision: precision_option("Sampling precision for --fid-ref (the bound is fp32).") = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -137,8 +125,6 @@ def eval_(
     """
     if data is None and fid_ref is None:
         raise UsageError("say what to measure: --data DIR (bits/dim) and/or --fid-ref DIR (FID)")
-    if variance not in VARIANCES:
-        raise UsageError(f"--variance must be one of: {', '.join(VARIANCES)}")
     if fid_ref is not None:
         check_weights(inception_weights)
     dev = resolve_device(device)
@@ -155,7 +141,7 @@ def eval_(
     try:
         if data is not None:
             report["likelihood"] = likelihood(
-                sm, data, limit=limit, t_samples=t_samples, variance=variance,
+                sm, data, limit=limit, t_samples=t_samples, variance=variance.value,
                 batch_size=batch_size, seed=seed, device=dev, progress=view.update,
             )  # fmt: skip
             if report["likelihood"]["training_images"] and not quiet:

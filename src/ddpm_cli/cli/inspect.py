@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ddpm_cli.cli.common import JsonOpt, overwrite_option
 from ddpm_cli.config import Schedule, parse_size
 from ddpm_cli.errors import DataError, UsageError
 from ddpm_cli.files import check_output_path, write_atomic
@@ -68,10 +69,8 @@ def inspect(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --plot file.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    overwrite: overwrite_option("Replace an existing --plot file.") = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show what a checkpoint, run or image folder holds.
 

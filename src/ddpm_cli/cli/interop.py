@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console
+from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console, overwrite_option
 from ddpm_cli.errors import UsageError
 from ddpm_cli.files import check_output_path
 from ddpm_cli.interop import export_checkpoint, import_folder
@@ -23,7 +23,7 @@ def import_(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The ddpm checkpoint to write.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+    overwrite: overwrite_option("Replace --out.") = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -61,9 +61,7 @@ def export(
         Path,
         typer.Option("--diffusers", help="Folder to write: DDPMPipeline.from_pretrained loads it."),
     ],
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Write into a folder that has files.")
-    ] = False,
+    overwrite: overwrite_option("Write into a folder that has files.") = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a ddpm checkpoint as a diffusers folder (UNet2DModel and DDPMScheduler).

@@ -20,9 +20,18 @@ from ddpm_cli.cli.common import (
     SeedOpt,
     count,
     err_console,
+    json_option,
+    overwrite_option,
+    precision_option,
 )
 from ddpm_cli.cli.views import SampleProgress
-from ddpm_cli.config import DEFAULT_GUIDANCE, SPACINGS, Precision, SamplerConfig, SamplerName
+from ddpm_cli.config import (
+    DEFAULT_GUIDANCE,
+    SamplerConfig,
+    SamplerName,
+    Spacing,
+    Variance,
+)
 from ddpm_cli.device import new_seed, resolve_device
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
@@ -115,17 +124,16 @@ def sample(
         typer.Option("--eta", min=0.0, max=1.0, help="ddim: 0 deterministic, 1 ancestral-like."),
     ] = None,
     variance: Annotated[
-        str | None,
+        Variance | None,
         typer.Option(
             "--variance", help="ddpm: large (sigma^2 = beta, the paper's) or small (beta~)."
         ),
     ] = None,
     spacing: Annotated[
-        str | None,
+        Spacing | None,
         typer.Option(
             "--spacing",
-            help=f"Timestep spacing: {', '.join(SPACINGS)}. Default: linspace for ddpm, "
-            "logsnr for ddim and dpm++.",
+            help="Timestep spacing. Default: linspace for ddpm, logsnr for ddim and dpm++.",
         ),
     ] = S.spacing,
     clip: Annotated[
@@ -133,15 +141,9 @@ def sample(
     ] = S.clip,
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
-    precision: Annotated[
-        Precision | None,
-        typer.Option(
-            "--precision",
-            help="Default: bf16 on CUDA GPUs from Ampere on and on x86 CPUs with AMX, else fp32. "
-            "bf16 runs bf16 weights; fp16 runs under autocast (CUDA only).",
-            show_default=False,
-        ),
-    ] = None,
+    precision: precision_option(
+        after="bf16 runs bf16 weights; fp16 runs under autocast (CUDA only)."
+    ) = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     device: DeviceOpt = "auto",
     trajectory: Annotated[
@@ -155,12 +157,8 @@ def sample(
     trajectory_images: Annotated[
         int, typer.Option("--trajectory-images", min=1, help="Images in the trajectory.")
     ] = 4,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing output files.")
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the paths.")
-    ] = False,
+    overwrite: overwrite_option("Replace existing output files.") = False,
+    as_json: json_option("Print a JSON summary on stdout instead of the paths.") = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate images from a trained checkpoint.
@@ -184,8 +182,8 @@ def sample(
         sampler=sampler,
         steps=steps,
         eta=S.eta if eta is None else eta,
-        variance=variance,
-        spacing=spacing,
+        variance=None if variance is None else variance.value,
+        spacing=None if spacing is None else spacing.value,
         clip=clip,
     )
     if out is None and grid is None:

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import os
 import signal
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ddpm_cli import distributed
-from ddpm_cli.cli.common import DeviceOpt, QuietOpt, ScheduleOpt, TimestepsOpt, err_console
+from ddpm_cli.cli.common import (
+    DeviceOpt,
+    QuietOpt,
+    TimestepsOpt,
+    err_console,
+    precision_option,
+    seed_option,
+)
 from ddpm_cli.cli.views import ProgressView
 from ddpm_cli.config import (
     DiffusionConfig,
     Objective,
-    Precision,
     Schedule,
     TrainConfig,
     parse_duration,
@@ -26,6 +33,10 @@ from ddpm_cli.run import train as run_training
 D = TrainConfig()  # the one source of defaults
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+# the model presets as a closed set of choices, so that --help and completion list them
+PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, type=str)
+AUTO = PresetName(D.preset)
 
 
 def train(
@@ -47,8 +58,13 @@ def train(
         ),
     ] = None,
     preset: Annotated[
-        str, typer.Option("--preset", help=f"Model: auto, {', '.join(PRESETS)}.")
-    ] = D.preset,
+        PresetName,
+        typer.Option(
+            "--preset",
+            help="Model. auto: the paper's CIFAR-10 network up to 64 px on a GPU, small on a "
+            "CPU (tiny at 16 px and below).",
+        ),
+    ] = AUTO,
     image_size: Annotated[
         str | None,
         typer.Option(
@@ -183,16 +199,8 @@ def train(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", min=0, help="Seed. Default: random, stored in the run.")
-    ] = D.seed,
-    precision: Annotated[
-        Precision | None,
-        typer.Option(
-            "--precision",
-            help="Default: bf16 on CUDA GPUs from Ampere on and on x86 CPUs with AMX, else fp32.",
-        ),
-    ] = D.precision,
+    seed: seed_option("Seed. Default: random, stored in the run.") = D.seed,
+    precision: precision_option() = D.precision,
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -202,7 +210,14 @@ def train(
         ),
     ] = D.compile,
     device: DeviceOpt = D.device,
-    schedule: ScheduleOpt = DiffusionConfig.schedule,
+    schedule: Annotated[
+        Schedule | None,
+        typer.Option(
+            "--schedule",
+            help="Beta schedule of the forward process. Default: cosine for the CPU presets "
+            "(small, tiny, medium), linear (the paper's) for the paper's networks.",
+        ),
+    ] = None,
     timesteps: TimestepsOpt = DiffusionConfig.timesteps,
     sample_every: Annotated[
         int, typer.Option("--sample-every", min=0, help="Steps between sample grids (0: never).")
@@ -236,11 +251,12 @@ def train(
     """
     names = [p.name for p in ctx.command.params if p.name in TrainConfig.__dataclass_fields__]
     values = {k: v for k, v in locals().items() if k in names}
+    values["preset"] = preset.value
     if time_limit is not None:
         values["time_limit"] = parse_duration(time_limit)
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     config = TrainConfig(**values)
-    diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)
+    diffusion = DiffusionConfig(schedule=schedule, timesteps=timesteps)
     for key in ("schedule", "timesteps"):
         if ctx.get_parameter_source(key).name == "COMMANDLINE":
             given[key] = locals()[key]
