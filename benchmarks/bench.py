@@ -36,16 +36,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddpm_cli.batches import Batches
-from ddpm_cli.config import DiffusionConfig, Precision, SamplerConfig, TrainConfig
-from ddpm_cli.data import load_folder
+from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
+from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.folders import load_folder
 from ddpm_cli.device import resolve_device, to_device, tune_allocator
-from ddpm_cli.forward import network
-from ddpm_cli.presets import PRESETS, build_model_config
-from ddpm_cli.run import SYNC_EVERY
-from ddpm_cli.samplers import from_config
-from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import check_finite, compiled, new_state, resolve, to_host, train_step
+from ddpm_cli.diffusion.samplers import from_config
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.model.forward import network
+from ddpm_cli.model.presets import PRESETS, build_model_config
+from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.training.loop import SYNC_EVERY
+from ddpm_cli.training.train import check_finite, compiled, new_state, resolve, to_host, train_step
 
 PEERS = ("diffusers", "denoising-diffusion-pytorch")
 

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from workload import workload  # benchmarks/workload.py
 
-from ddpm_cli import unet
 from ddpm_cli.device import resolve_device, tune_allocator
-from ddpm_cli.diffusion import training_losses
-from ddpm_cli.train import ema_decay_at, update_ema
+from ddpm_cli.diffusion.process import training_losses
+from ddpm_cli.model.kernels import groupnorm
+from ddpm_cli.training.train import ema_decay_at, update_ema
 
 PHASES = ("forward", "backward", "clip", "adam", "ema")
 
@@ -43,18 +43,18 @@ def _times_one(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x * 1.0
 
 
-_GROUPNORM = unet.GroupNorm.forward
+_GROUPNORM = groupnorm.GroupNorm.forward
 
 
-def _bf16_groupnorm(self: unet.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """unet.GroupNorm on bf16 input, in bf16, where autocast would have run it in float32."""
+def _bf16_groupnorm(self: groupnorm.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """groupnorm.GroupNorm on bf16 input, in bf16, where autocast would have run it in float32."""
     if x.dtype != torch.bfloat16:
         return _GROUPNORM(self, x)
     with torch.autocast(x.device.type, enabled=False):
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        if not unet._nchw_is_faster(x, self.num_groups):
+        if not groupnorm.nchw_is_faster(x, self.num_groups):
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
-        y = F.group_norm(unet._ToNCHW.apply(x), self.num_groups, weight, bias, self.eps)
+        y = F.group_norm(groupnorm.ToNCHW.apply(x), self.num_groups, weight, bias, self.eps)
         return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -62,17 +62,17 @@ def _bf16_groupnorm(self: unet.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 def variant(name: str):
     """Within the block, GroupNorm ("no GroupNorm") or SiLU ("no SiLU") replaced by x * 1.0, or
     GroupNorm run in bf16 ("GroupNorm in bf16"); "as is" changes nothing."""
-    saved = unet.GroupNorm.forward, F.silu
+    saved = groupnorm.GroupNorm.forward, F.silu
     if name == "no GroupNorm":
-        unet.GroupNorm.forward = lambda self, x: _times_one(x)
+        groupnorm.GroupNorm.forward = lambda self, x: _times_one(x)
     elif name == "no SiLU":
-        F.silu = _times_one  # unet and nn.SiLU call it through torch.nn.functional
+        F.silu = _times_one  # the network and nn.SiLU call it through torch.nn.functional
     elif name == "GroupNorm in bf16":
-        unet.GroupNorm.forward = _bf16_groupnorm
+        groupnorm.GroupNorm.forward = _bf16_groupnorm
     try:
         yield
     finally:
-        unet.GroupNorm.forward, F.silu = saved
+        groupnorm.GroupNorm.forward, F.silu = saved
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """GroupNorm on channels_last CPU tensors: torch's kernel against an NCHW copy, shape by shape,
-in one process: the measurements behind unet.GroupNorm (which inputs take the copy).
+in one process: the measurements behind kernels.groupnorm.GroupNorm (which inputs take the copy).
 
     python benchmarks/groupnorm.py
     python benchmarks/groupnorm.py --dtype float32 --shapes 16x128x32,4x128x128
@@ -7,7 +7,7 @@ in one process: the measurements behind unet.GroupNorm (which inputs take the co
 For each shape (batch x channels x size) it prints one JSON line: the median milliseconds of a
 forward pass and of forward + backward (gradients of input, weight and bias) through
 F.group_norm on the channels_last input ("native") and through an NCHW copy, normalised and
-copied back to channels_last ("nchw", what unet.GroupNorm does where it picks it), the
+copied back to channels_last ("nchw", what kernels.groupnorm.GroupNorm does where it picks it), the
 speedups, whether ddpm picks the copy for a forward pass and for training, and each method's
 largest error against float64, relative to the output's scale. Weights are float32, as in
 training under autocast. The default shapes are those of the cifar10 and small presets at
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from winograd import timed  # benchmarks/winograd.py
 
 from ddpm_cli.device import tune_allocator
-from ddpm_cli.unet import _nchw_is_faster, _ToNCHW
+from ddpm_cli.model.kernels.groupnorm import ToNCHW, nchw_is_faster
 
 SHAPES = "16x32x32,16x64x16,16x64x8,16x96x32,16x128x32,16x256x32,16x256x16,16x384x16,16x512x8"
 SHAPES += ",16x64x64,4x128x128,1x128x256"
@@ -43,14 +43,14 @@ def shape(batch: int, channels: int, size: int, reps: int, dtype: torch.dtype) -
     def native(x, w, b):
         return F.group_norm(x, groups, w, b, 1e-6)
 
-    def nchw(x, w, b):  # as unet.GroupNorm does it: the input's gradient goes back NHWC
-        return F.group_norm(_ToNCHW.apply(x), groups, w, b, 1e-6).contiguous(memory_format=last)
+    def nchw(x, w, b):  # as ddpm's GroupNorm does it: the gradient goes back NHWC
+        return F.group_norm(ToNCHW.apply(x), groups, w, b, 1e-6).contiguous(memory_format=last)
 
     ref = F.group_norm(x.double(), groups, w.double(), b.double(), 1e-6)
     training = x.detach().requires_grad_()
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "channels": channels,
-           "size": size, "ddpm_copies_forward": _nchw_is_faster(x, groups),
-           "ddpm_copies_training": _nchw_is_faster(training, groups)}  # fmt: skip
+           "size": size, "ddpm_copies_forward": nchw_is_faster(x, groups),
+           "ddpm_copies_training": nchw_is_faster(training, groups)}  # fmt: skip
     for name, norm in (("native", native), ("nchw", nchw)):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         with torch.no_grad():

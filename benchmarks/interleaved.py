@@ -26,11 +26,11 @@ import time
 import torch
 from workload import workload  # benchmarks/workload.py
 
-from ddpm_cli import winograd
 from ddpm_cli.config import Precision
 from ddpm_cli.device import resolve_device, tune_allocator
-from ddpm_cli.forward import network
-from ddpm_cli.train import to_host, train_step
+from ddpm_cli.model.forward import network
+from ddpm_cli.model.kernels import winograd
+from ddpm_cli.training.train import to_host, train_step
 
 
 def main() -> None:

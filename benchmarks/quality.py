@@ -25,9 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.builtin import DATASETS
-from ddpm_cli.config import Precision, SamplerConfig
-from ddpm_cli.sampling import generate, load_for_sampling
+from ddpm_cli.config import Precision
+from ddpm_cli.data.builtin import DATASETS
+from ddpm_cli.generation.sampling import generate, load_for_sampling
+from ddpm_cli.sampler_config import SamplerConfig
 
 LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 

@@ -186,7 +186,7 @@ def run_ddpm(ds: Dataset, run: Path, budget: tuple[str, float], args, extra: lis
     images, labels = read_pngs(run / "out", classes)
     if images.shape[-1] != ds.set.image_size:  # trained at another size: measured at the data's
         images = resize(images, ds.set.image_size)
-    from ddpm_cli.checkpoint import read_header
+    from ddpm_cli.store.checkpoint import read_header
 
     meta = read_header(run / "model.safetensors")["__metadata__"]
     return {"steps": int(json.loads(meta["step"])), "train_s": train_s, "sample_s": sample_s,

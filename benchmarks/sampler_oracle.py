@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from ddpm_cli.config import DiffusionConfig
-from ddpm_cli.samplers import ddim, ddpm, dpmpp_2m, run
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.diffusion.samplers import ddim, ddpm, dpmpp_2m, run
+from ddpm_cli.diffusion.schedules import DiffusionTables
 
 TABLES = DiffusionTables.from_config(DiffusionConfig())
 MU = torch.tensor([0.12, -0.08, 0.04, 0.2], dtype=torch.float64).view(1, 1, 2, 2)

@@ -37,18 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import realfeatures  # noqa: E402
 from realdata import Dataset  # noqa: E402
 
-from ddpm_cli import train as train_mod  # noqa: E402
-from ddpm_cli.batches import Batches  # noqa: E402
-from ddpm_cli.config import (  # noqa: E402
-    DiffusionConfig,
-    Precision,
-    SamplerConfig,
-    TrainConfig,
-)
-from ddpm_cli.presets import build_model_config, recipe_for  # noqa: E402
-from ddpm_cli.sampling import SamplingModel, generate, grid_image_rows  # noqa: E402
-from ddpm_cli.schedules import DiffusionTables  # noqa: E402
-from ddpm_cli.sources import load_source  # noqa: E402
+from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig  # noqa: E402
+from ddpm_cli.data.batches import Batches  # noqa: E402
+from ddpm_cli.data.sources import load_source  # noqa: E402
+from ddpm_cli.diffusion.schedules import DiffusionTables  # noqa: E402
+from ddpm_cli.generation.output import grid_image_rows  # noqa: E402
+from ddpm_cli.generation.sampling import SamplingModel, generate  # noqa: E402
+from ddpm_cli.model.presets import build_model_config, recipe_for  # noqa: E402
+from ddpm_cli.sampler_config import SamplerConfig  # noqa: E402
+from ddpm_cli.training import train as train_mod  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")

@@ -37,9 +37,9 @@ def measure(args: argparse.Namespace, threads: int) -> dict:
 
     from ddpm_cli.config import Precision
     from ddpm_cli.device import resolve_device, tune_allocator
-    from ddpm_cli.forward import network
-    from ddpm_cli.train import to_host, train_step
-    from ddpm_cli.winograd import keep_filters
+    from ddpm_cli.model.forward import network
+    from ddpm_cli.model.kernels.winograd import keep_filters
+    from ddpm_cli.training.train import to_host, train_step
 
     if threads:
         torch.set_num_threads(threads)

@@ -27,9 +27,9 @@ import time
 import torch
 
 from ddpm_cli.device import place, resolve_device
-from ddpm_cli.forward import GraphedForward
-from ddpm_cli.presets import build_model_config
-from ddpm_cli.unet import UNet
+from ddpm_cli.model.forward import GraphedForward
+from ddpm_cli.model.presets import build_model_config
+from ddpm_cli.model.unet import UNet
 
 
 def variant(name: str, model: UNet, device: torch.device):

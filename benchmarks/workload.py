@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision, TrainConfig
-from ddpm_cli.presets import build_model_config
-from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import TrainState, new_state, resolve
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.model.presets import build_model_config
+from ddpm_cli.training.train import TrainState, new_state, resolve
 
 
 @dataclass

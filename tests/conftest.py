@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -13,10 +14,33 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-# On x86 CPUs with AMX the default precision is bf16 (forward.default_precision). The suite's
-# expectations (bytes, batch invariance, tolerances) are fp32's, on whatever CPU CI has: keep
-# fp32 the default here and in the processes tests start. Tests of the rule set it themselves.
-os.environ["DDPM_AMX_BF16"] = "0"
+from ddpm_cli import runtime
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fp32_by_default():
+    """On x86 CPUs with AMX the default precision is bf16 (forward.default_precision). The
+    suite's expectations (bytes, batch invariance, tolerances) are fp32's, on whatever CPU CI
+    has: keep fp32 the default here (runtime.Runtime.amx_bf16) and in the processes tests start
+    (DDPM_AMX_BF16=0 in their environment). Tests of the rule set it themselves."""
+    saved = os.environ.get("DDPM_AMX_BF16")
+    os.environ["DDPM_AMX_BF16"] = "0"
+    with runtime.use(dataclasses.replace(runtime.from_env(), amx_bf16=False)):
+        yield
+    if saved is None:
+        del os.environ["DDPM_AMX_BF16"]
+    else:
+        os.environ["DDPM_AMX_BF16"] = saved
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    """switches(winograd=False): change environment switches (runtime.Runtime) for a test."""
+
+    def set_(**changes):
+        monkeypatch.setattr(runtime, "_current", dataclasses.replace(runtime.current(), **changes))
+
+    return set_
 
 
 def draw_shapes(size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Image.Image:
@@ -44,7 +68,7 @@ def train_tiny(root: Path, images: int, diffusion=None, **config) -> Path:
     """Train the tiny preset on `images` drawn pictures in root/pics for a few steps; returns
     the run directory, root/run."""
     from ddpm_cli.config import DiffusionConfig, TrainConfig
-    from ddpm_cli.run import train
+    from ddpm_cli.training.run import train
 
     (root / "pics").mkdir()
     for i in range(images):
@@ -57,7 +81,7 @@ def train_tiny(root: Path, images: int, diffusion=None, **config) -> Path:
 
 def poison_losses(monkeypatch, call: int) -> None:
     """Make the losses of the `call`-th training micro-batch NaN (1-based)."""
-    from ddpm_cli import train as train_mod
+    from ddpm_cli.training import train as train_mod
 
     real, calls = train_mod.training_losses, {"n": 0}
 

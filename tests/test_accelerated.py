@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import draw_shapes, poison_losses
-from ddpm_cli.batches import Batches
 from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
-from ddpm_cli.data import InMemory
-from ddpm_cli.run import train
-from ddpm_cli.train import StepResult, TrainingDiverged, check_finite, to_host
+from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.folders import InMemory
+from ddpm_cli.training.run import train
+from ddpm_cli.training.train import StepResult, TrainingDiverged, check_finite, to_host
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -61,7 +61,7 @@ def tiny_run(tmp_path):
 def test_a_run_resumed_on_another_kind_of_device_reseeds_its_noise(tmp_path):
     """A train state whose noise generator came from the other kind of device (CUDA's is 16
     bytes, the CPU's 5056) continues with fresh, seeded draws instead of failing."""
-    from ddpm_cli.checkpoint import load_checkpoint, save_checkpoint
+    from ddpm_cli.store.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, out = tiny_run(tmp_path)
     state = out / "train_state.safetensors"
@@ -104,9 +104,9 @@ def test_resident_batches_equal_the_host_batches_byte_for_byte():
 @pytest.mark.parametrize("classes", [(), ("a", "b")])
 def test_cuda_graphs_replay_the_eager_network(precision, classes):
     from ddpm_cli.device import place
-    from ddpm_cli.forward import GraphedForward, guided, network
-    from ddpm_cli.presets import build_model_config
-    from ddpm_cli.unet import UNet
+    from ddpm_cli.model.forward import GraphedForward, guided, network
+    from ddpm_cli.model.presets import build_model_config
+    from ddpm_cli.model.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(build_model_config("tiny", (16, 16), 3, classes=classes))
@@ -138,7 +138,7 @@ def test_a_cuda_run_logs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
     losses agree step by step, to the few percent by which Adam's first steps amplify the
     rounding of cuDNN's kernels, which are not bitwise deterministic; another seed is far off);
     and a NaN is caught before the next checkpoint."""
-    from ddpm_cli.checkpoint import load_checkpoint
+    from ddpm_cli.store.checkpoint import load_checkpoint
 
     (tmp_path / "pics").mkdir()
     for i in range(16):
@@ -182,13 +182,13 @@ def test_place_puts_weights_channels_last_and_training_keeps_them_so(tmp_path):
     """device.place lays 4-D weights out NHWC (the activations' layout), and a resumed run's
     Adam moments follow the weights (the fused kernel needs equal layouts; a saved moment is
     contiguous). Resuming bit for bit is test_train's; this checks the layouts themselves."""
-    from ddpm_cli.checkpoint import config_section, load_checkpoint
     from ddpm_cli.config import ModelConfig
     from ddpm_cli.device import place
-    from ddpm_cli.sampling import load_for_sampling
-    from ddpm_cli.train import new_state, resolve
-    from ddpm_cli.train_state import restore_state
-    from ddpm_cli.unet import UNet
+    from ddpm_cli.generation.sampling import load_for_sampling
+    from ddpm_cli.model.unet import UNet
+    from ddpm_cli.store.checkpoint import config_section, load_checkpoint
+    from ddpm_cli.training.train import new_state, resolve
+    from ddpm_cli.training.train_state import restore_state
 
     model = place(UNet(ModelConfig(channels=32, channel_mult=(1, 2))), "cpu")
     convs = [p for p in model.parameters() if p.dim() == 4]
@@ -213,8 +213,8 @@ def test_bf16_sampling_runs_a_bf16_copy_close_to_float32():
     its output is float32 and within bf16's rounding of the float32 network's."""
     from ddpm_cli.config import ModelConfig
     from ddpm_cli.device import place
-    from ddpm_cli.forward import network
-    from ddpm_cli.unet import UNet
+    from ddpm_cli.model.forward import network
+    from ddpm_cli.model.unet import UNet
 
     torch.manual_seed(0)
     model = place(UNet(ModelConfig(channels=32, channel_mult=(1, 2))), "cpu").eval()

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import draw_shapes, train_tiny
-from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, ModelConfig
-from ddpm_cli.unet import UNet, count_parameters
+from ddpm_cli.model.unet import UNet, count_parameters
+from ddpm_cli.store.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_loss_curve_in_the_terminal_and_as_a_plot(runner, run, tmp_path):
 def test_schedule_plot_draws_one_line_per_schedule(runner, tmp_path):
     from PIL import Image
 
-    from ddpm_cli.inspection import schedule_curves, schedule_info
+    from ddpm_cli.evaluation.inspection import schedule_curves, schedule_info
 
     curves = schedule_curves(["linear"], 100)["linear"]
     for row in schedule_info(["linear"], 100)["schedules"]["linear"]:

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import ddpm_executable, draw_shapes, png_bytes
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, Schedule
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.diffusion.schedules import DiffusionTables
 
 
 def run(runner, *args, input=None):
@@ -294,7 +294,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
 ):
     out = tmp_path / "out.png"
     out.write_bytes(b"previous contents")
-    import ddpm_cli.files as files
+    import ddpm_cli.store.files as files
 
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import draw_shapes, pixels
-from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
-from ddpm_cli.run import train
-from ddpm_cli.sampling import image_seed
+from ddpm_cli.generation.sampling import image_seed
+from ddpm_cli.store.checkpoint import load_checkpoint
+from ddpm_cli.training.run import train
 
 TINY = dict(preset="tiny", image_size=8, batch_size=8, sample_every=0, device="cpu", seed=1)
 
@@ -108,6 +108,30 @@ def test_the_recorded_command_redraws_the_image(runner, runs, tmp_path, monkeypa
     again = runner.invoke(app, [*args[1:], "-o", "-", "-q"])
     assert again.exit_code == 0, again.output
     assert again.stdout_bytes == (tmp_path / "000003.png").read_bytes()
+
+
+def test_a_result_changing_switch_is_recorded_and_set_by_the_redraw_command(
+    runner, runs, tmp_path, monkeypatch, switches
+):
+    """The switches that change bits (runtime.RECORDED) are in each checkpoint's metadata and
+    each PNG; the PNG's command sets the ones away from their defaults."""
+    from ddpm_cli import runtime
+
+    model = runs["v"] / "model.safetensors"
+    assert json.loads(load_checkpoint(model).meta["runtime"]) == runtime.current().recorded()
+    switches(winograd=False)
+    r = sample(runner, model, "-n", 2, "-o", tmp_path, "--seed", 4)
+    assert r.exit_code == 0, r.output
+    text = text_chunks(tmp_path / "000001.png")
+    assert json.loads(text["ddpm:runtime"])["winograd"] is False
+    env, *args = shlex.split(text["ddpm:command"])
+    assert env == "DDPM_WINOGRAD=0" and args[:2] == ["ddpm", "sample"]
+    monkeypatch.chdir(runs["v"])
+    with runtime.use(None):  # a new process: the switches come from its environment
+        again = runner.invoke(app, [*args[1:], "-o", "-", "-q"], env={"DDPM_WINOGRAD": "0"})
+        assert runtime.current().winograd is False
+    assert again.exit_code == 0, again.output
+    assert again.stdout_bytes == (tmp_path / "000001.png").read_bytes()
 
 
 def test_grid_stdout_and_json(runner, runs, tmp_path):
@@ -235,7 +259,7 @@ def test_plain_progress_lines_without_a_terminal_and_quiet(runner, runs, tmp_pat
 
 
 def test_default_batch_size_follows_free_memory(runs, monkeypatch):
-    import ddpm_cli.sampling as sampling
+    import ddpm_cli.generation.sampling as sampling
 
     sm = sampling.load_for_sampling(runs["v"])
     cpu = torch.device("cpu")
@@ -288,7 +312,7 @@ def test_compiled_sampling_matches_eager(runner, runs, tmp_path, compiles_for_re
 def test_the_default_precision_is_bf16_on_ampere_and_later_and_fp32_elsewhere(monkeypatch):
     from ddpm_cli.config import Precision
     from ddpm_cli.errors import ConfigError
-    from ddpm_cli.forward import resolve_precision
+    from ddpm_cli.model.forward import resolve_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_precision(None, cpu) is Precision.fp32
@@ -318,22 +342,20 @@ def test_the_default_precision_is_bf16_on_ampere_and_later_and_fp32_elsewhere(mo
 def test_the_cpu_default_precision_is_bf16_with_amx(monkeypatch, amx, env, expected):
     """AMX CPUs compute bf16 several times faster than fp32 (docs/benchmarks.md); elsewhere,
     or where torch cannot tell (None), or with DDPM_AMX_BF16=0, the CPU default is fp32."""
-    import ddpm_cli.forward as forward
+    import ddpm_cli.model.forward as forward
+    from ddpm_cli import runtime
     from ddpm_cli.config import Precision
 
     monkeypatch.setattr(forward, "cpu_has_amx", lambda: amx)
-    if env is None:
-        monkeypatch.delenv("DDPM_AMX_BF16", raising=False)
-    else:
-        monkeypatch.setenv("DDPM_AMX_BF16", env)
-    assert forward.resolve_precision(None, torch.device("cpu")) is Precision(expected)
-    assert forward.resolve_precision(Precision.fp32, torch.device("cpu")) is Precision.fp32
+    with runtime.use(runtime.from_env({} if env is None else {"DDPM_AMX_BF16": env})):
+        assert forward.resolve_precision(None, torch.device("cpu")) is Precision(expected)
+        assert forward.resolve_precision(Precision.fp32, torch.device("cpu")) is Precision.fp32
 
 
 def test_sample_takes_the_devices_default_precision(runner, runs, tmp_path, monkeypatch):
     """Without --precision, `ddpm sample` samples at forward.default_precision (bf16 on a
     recent GPU); here the CPU is made to claim bf16 as its default."""
-    import ddpm_cli.forward as forward
+    import ddpm_cli.model.forward as forward
     from ddpm_cli.config import Precision
 
     monkeypatch.setattr(forward, "default_precision", lambda device: Precision.bf16)

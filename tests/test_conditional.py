@@ -9,22 +9,17 @@ import torch
 from PIL import Image
 
 from conftest import draw_shapes, pixels
-from ddpm_cli.batches import Batches
 from ddpm_cli.cli import app
-from ddpm_cli.config import (
-    DEFAULT_GUIDANCE,
-    DiffusionConfig,
-    ModelConfig,
-    SamplerConfig,
-    TrainConfig,
-)
-from ddpm_cli.data import class_labels, folder_report, load_folder, scan
-from ddpm_cli.forward import guided
-from ddpm_cli.presets import build_model_config
-from ddpm_cli.run import train
-from ddpm_cli.sampling import generate, load_for_sampling
-from ddpm_cli.sources import load_source
-from ddpm_cli.unet import UNet
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.folders import class_labels, folder_report, load_folder, scan
+from ddpm_cli.data.sources import load_source
+from ddpm_cli.generation.sampling import generate, load_for_sampling
+from ddpm_cli.model.forward import guided
+from ddpm_cli.model.presets import build_model_config
+from ddpm_cli.model.unet import UNet
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
+from ddpm_cli.training.run import train
 
 RED, BLUE, MAGENTA = (255, 0, 0), (0, 0, 255), (255, 0, 255)
 COLOURS = {"red": torch.tensor([1.0, -1, -1]), "blue": torch.tensor([-1.0, -1, 1])}
@@ -197,7 +192,7 @@ def test_a_conditional_run_resumes_bit_for_bit(tmp_path):
     whole = train(str(data), TrainConfig(**base, steps=6), DiffusionConfig(), tmp_path / "w").out
     part = train(str(data), TrainConfig(**base, steps=3), DiffusionConfig(), tmp_path / "p").out
     train(None, TrainConfig(), DiffusionConfig(), resume=part, given={"steps": 6})
-    from ddpm_cli.checkpoint import load_checkpoint
+    from ddpm_cli.store.checkpoint import load_checkpoint
 
     a = load_checkpoint(whole / "train_state.safetensors").tensors
     b = load_checkpoint(part / "train_state.safetensors").tensors

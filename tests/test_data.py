@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ddpm_cli.data as data
-import ddpm_cli.sources as sources
+import ddpm_cli.data.folders as data
+import ddpm_cli.data.sources as sources
 from conftest import draw_shapes
-from ddpm_cli.batches import Batches
-from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.data.batches import Batches
 from ddpm_cli.errors import DataError, UsageError
-from ddpm_cli.run import train
+from ddpm_cli.store.checkpoint import load_checkpoint
+from ddpm_cli.training.run import train
 
 FAST = dict(preset="tiny", image_size=8, batch_size=4, sample_every=0, device="cpu", seed=5)
 

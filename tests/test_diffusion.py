@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ddpm_cli.config import DiffusionConfig, Schedule
-from ddpm_cli.diffusion import (
+from ddpm_cli.diffusion.preview import chain, frame_times, noised, step_stats
+from ddpm_cli.diffusion.process import (
     extract,
     predict_eps_from_v,
     predict_eps_from_x0,
@@ -20,8 +21,7 @@ from ddpm_cli.diffusion import (
     q_step,
     v_target,
 )
-from ddpm_cli.preview import chain, frame_times, noised, step_stats
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.diffusion.schedules import DiffusionTables
 
 
 def tables64(schedule=Schedule.linear, T=1000) -> DiffusionTables:

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import draw_shapes
-from ddpm_cli.checkpoint import load_checkpoint
+from ddpm_cli.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo jobs on Linux and macOS")
 
@@ -157,15 +157,15 @@ def test_an_epoch_limit_survives_a_change_in_the_number_of_processes():
     from types import SimpleNamespace
 
     from ddpm_cli.config import TrainConfig
-    from ddpm_cli.run import _steps_left_by_epoch
+    from ddpm_cli.training.resume import steps_left_by_epoch
 
     state = SimpleNamespace(step=20_000, epoch=51, batch_in_epoch=10)
     config = TrainConfig(epochs=100, batch_size=128)
     per_epoch = 98  # 50,000 images / (128 x 4)
-    assert _steps_left_by_epoch(config, state, per_epoch, 9_800) == 20_000 + 49 * 98 - 10
+    assert steps_left_by_epoch(config, state, per_epoch, 9_800) == 20_000 + 49 * 98 - 10
     capped = TrainConfig(epochs=100, steps=21_000, batch_size=128)
-    assert _steps_left_by_epoch(capped, state, per_epoch, 9_800) == 21_000
-    assert _steps_left_by_epoch(TrainConfig(steps=30_000), state, per_epoch, 30_000) == 30_000
+    assert steps_left_by_epoch(capped, state, per_epoch, 9_800) == 21_000
+    assert steps_left_by_epoch(TrainConfig(steps=30_000), state, per_epoch, 30_000) == 30_000
 
 
 def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 from conftest import draw_shapes, train_tiny
 from ddpm_cli.cli import app
-from ddpm_cli.config import DiffusionConfig, SamplerConfig
+from ddpm_cli.config import DiffusionConfig
 from ddpm_cli.errors import DataError
-from ddpm_cli.evaluation import sample_quality
-from ddpm_cli.fid import (
+from ddpm_cli.evaluation.evaluate import sample_quality
+from ddpm_cli.evaluation.fid import (
     WEIGHTS_NAME,
     default_weights_path,
     fid,
@@ -27,7 +27,8 @@ from ddpm_cli.fid import (
     load_inception,
     mean_cov,
 )
-from ddpm_cli.sampling import load_for_sampling
+from ddpm_cli.generation.sampling import load_for_sampling
+from ddpm_cli.sampler_config import SamplerConfig
 
 
 def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,7 +186,7 @@ def test_reference_features_are_cached_and_refreshed_when_the_folder_changes(
     tiny_run, tmp_path, monkeypatch
 ):
     net = TinyFeatures()
-    monkeypatch.setattr("ddpm_cli.evaluation.load_inception", lambda w, d: (net, "tiny"))
+    monkeypatch.setattr("ddpm_cli.evaluation.evaluate.load_inception", lambda w, d: (net, "tiny"))
     ref = tmp_path / "ref"
     ref.mkdir()
     for i in range(6):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import draw_shapes, png_bytes
+from ddpm_cli.data.images import decode_image, encode_gif, hstack, labelled, to_8bit, to_pil
 from ddpm_cli.errors import DataError
-from ddpm_cli.images import decode_image, encode_gif, hstack, labelled, to_8bit, to_pil
 
 
 def roundtrip(img: Image.Image, fmt: str = "PNG", **kw):

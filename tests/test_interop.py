@@ -10,11 +10,12 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from safetensors.torch import load_file
 
 from ddpm_cli.cli import app
-from ddpm_cli.config import ModelConfig, SamplerConfig
-from ddpm_cli.interop import import_folder
-from ddpm_cli.samplers import from_config
-from ddpm_cli.sampling import load_for_sampling
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.config import ModelConfig
+from ddpm_cli.diffusion.samplers import from_config
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.generation.sampling import load_for_sampling
+from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.store.interop import import_folder
 
 # google/ddpm-cifar10-32's UNet2DModel configuration (its config.json), and a small one
 CIFAR10 = {
@@ -184,7 +185,7 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
 
 
 def test_model_config_round_trip_keeps_the_padding():
-    from ddpm_cli.interop import model_config
+    from ddpm_cli.store.interop import model_config
 
     assert model_config(CIFAR10).downsample_padding == "bottom_right"
     assert model_config(SMALL) == ModelConfig(
@@ -195,10 +196,10 @@ def test_model_config_round_trip_keeps_the_padding():
 
 def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_path, runner):
     """UNet2DModel's num_class_embeds is ddpm's class embedding (one more row: no class)."""
-    from ddpm_cli.checkpoint import save_checkpoint
     from ddpm_cli.config import DiffusionConfig, TrainConfig
-    from ddpm_cli.presets import build_model_config
-    from ddpm_cli.unet import UNet
+    from ddpm_cli.model.presets import build_model_config
+    from ddpm_cli.model.unet import UNet
+    from ddpm_cli.store.checkpoint import save_checkpoint
 
     config = build_model_config("small", (16, 16), 3, classes=("cat", "dog", "owl"))
     torch.manual_seed(0)

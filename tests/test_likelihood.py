@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from ddpm_cli.config import DiffusionConfig
-from ddpm_cli.data import InMemory
-from ddpm_cli.diffusion import (
+from ddpm_cli.data.folders import InMemory
+from ddpm_cli.diffusion.process import (
     discretized_gaussian_log_likelihood,
     prior_bpd,
     q_sample,
     reverse_log_variance,
     vb_terms_bpd,
 )
-from ddpm_cli.likelihood import bound, evaluations, image_batches, strata
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.evaluation.likelihood import bound, evaluations, image_batches, strata
 
 MU, S = 0.1, 0.2  # every pixel of the "images" is N(MU, S^2), quantized to 256 levels
 LN2 = math.log(2.0)
@@ -182,5 +182,5 @@ def test_strata_even_in_log_t_make_the_estimate_far_less_noisy(tables, monkeypat
 
     in_log_t = spread()
     even = [(1 + i * 999 // 20, 1 + (i + 1) * 999 // 20) for i in range(20)]
-    monkeypatch.setattr("ddpm_cli.likelihood.strata", lambda T, k: even)
+    monkeypatch.setattr("ddpm_cli.evaluation.likelihood.strata", lambda T, k: even)
     assert spread() > 10 * in_log_t

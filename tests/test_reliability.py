@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import draw_shapes
-from ddpm_cli.checkpoint import load_checkpoint
 from ddpm_cli.cli import app
-from ddpm_cli.files import RunLock
+from ddpm_cli.store.checkpoint import load_checkpoint
+from ddpm_cli.store.files import RunLock
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm_cli"
 

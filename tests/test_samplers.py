@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ddpm_cli.config import DiffusionConfig
-from ddpm_cli.diffusion import predict_x0_from_eps, v_target
-from ddpm_cli.samplers import ddim, ddpm, dpmpp_2m, run, timestep_pairs, timesteps
-from ddpm_cli.schedules import DiffusionTables
+from ddpm_cli.diffusion.process import predict_x0_from_eps, v_target
+from ddpm_cli.diffusion.samplers import ddim, ddpm, dpmpp_2m, run, timestep_pairs, timesteps
+from ddpm_cli.diffusion.schedules import DiffusionTables
 
 
 @pytest.fixture

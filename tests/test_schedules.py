@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ddpm_cli.config import DiffusionConfig, Schedule
+from ddpm_cli.diffusion.schedules import DiffusionTables, make_betas
 from ddpm_cli.errors import ConfigError
-from ddpm_cli.schedules import DiffusionTables, make_betas
 
 
 def reference_betas(name: str, T: int) -> list[float]:
@@ -146,7 +146,7 @@ def test_alpha_bar_matches_diffusers(schedule):
 @pytest.mark.parametrize("schedule", [Schedule.linear, Schedule.cosine])
 def test_add_noise_and_posterior_variance_match_diffusers(schedule):
     diffusers = pytest.importorskip("diffusers")
-    from ddpm_cli.diffusion import q_sample
+    from ddpm_cli.diffusion.process import q_sample
 
     name = DIFFUSERS_NAME[schedule]
     small = diffusers.DDPMScheduler(beta_schedule=name, variance_type="fixed_small")

@@ -14,15 +14,16 @@ import torch
 from PIL import Image
 
 from conftest import ddpm_executable, draw_shapes, poison_losses
-from ddpm_cli import train as train_mod
-from ddpm_cli.checkpoint import load_checkpoint, load_model
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.diffusion.samplers import ddpm, run
+from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import UsageError
-from ddpm_cli.run import train
-from ddpm_cli.samplers import ddpm, run
-from ddpm_cli.schedules import DiffusionTables
-from ddpm_cli.train import TrainingDiverged, ema_decay_at, lr_at, total_steps
+from ddpm_cli.store.checkpoint import load_checkpoint
+from ddpm_cli.store.models import load_model
+from ddpm_cli.training import train as train_mod
+from ddpm_cli.training.run import train
+from ddpm_cli.training.train import TrainingDiverged, ema_decay_at, lr_at, total_steps
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 FAST = dict(
@@ -59,7 +60,8 @@ def test_a_tiny_model_learns_two_colours(colours, tmp_path):
         checkpoint_every=500,
     )
     result = train(str(colours), config, DiffusionConfig(), out=tmp_path / "run")
-    model, _, diffusion, training, _ = load_model(result.out / "model.safetensors")
+    lm = load_model(result.out / "model.safetensors")
+    model, diffusion, training = lm.model, lm.diffusion, lm.training
     tables = DiffusionTables.from_config(diffusion).to("cpu")
     g = torch.Generator().manual_seed(0)
     x = run(
@@ -222,7 +224,7 @@ def test_the_schedule_is_the_presets_unless_given(runner, colours, tmp_path, opt
     assert f"{schedule}, T=1000" in r.stderr  # the pre-flight table
     info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "r"), "--json"]).stdout)
     assert json.dumps(info).count(f'"schedule": "{schedule}"') >= 1
-    assert load_model(tmp_path / "r" / "model.safetensors")[2].schedule.value == schedule
+    assert load_model(tmp_path / "r" / "model.safetensors").diffusion.schedule.value == schedule
 
 
 def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tmp_path):
@@ -270,7 +272,8 @@ def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tm
     assert all(math.isfinite(rec["loss"]) for rec in records)
     grid = Image.open(out / "samples" / "step-0000004.png")
     assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2x2 grid of 8px images, 2px padding
-    _, model_config, diffusion, training, ckpt = load_model(out / "model.safetensors")
+    lm = load_model(out / "model.safetensors")
+    model_config, training, ckpt = lm.model_config, lm.training, lm.ckpt
     assert model_config.image_size == (8, 8) and training.batch_size == 8 and ckpt.step == 4
     assert ckpt.config["data"]["used"] == 65 and ckpt.meta["weights"] == "ema"
 
@@ -364,7 +367,7 @@ def test_non_square_training_from_the_cli(runner, colours, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "3x8x16 uint8" in r.stderr
-    model, model_config, *_ = load_model(out / "model.safetensors")
+    model_config = load_model(out / "model.safetensors").model_config
     assert model_config.image_size == (8, 16)
     assert Image.open(out / "samples" / "step-0000002.png").size == (16, 8)  # width x height
     # resuming with the same size written another way is not a conflict
@@ -415,7 +418,7 @@ def test_a_fresh_run_replaces_leftovers_of_an_attempt_that_never_checkpointed(co
     run16 = TrainConfig(**{**FAST, "image_size": 16}, steps=1)
     train(str(gray), run16, DiffusionConfig(), out=out)
     train(None, TrainConfig(), DiffusionConfig(), resume=out, given={"steps": 2})
-    _, model_config, *_ = load_model(out / "model.safetensors")
+    model_config = load_model(out / "model.safetensors").model_config
     assert model_config.in_channels == 1 and model_config.image_size == (16, 16)
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
         1,
@@ -425,8 +428,8 @@ def test_a_fresh_run_replaces_leftovers_of_an_attempt_that_never_checkpointed(co
 
 def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
     """grad_accum over a batch of 4 and a batch of 1: the loss is the mean over all 5 images."""
-    from ddpm_cli.presets import build_model_config
-    from ddpm_cli.train import new_state, train_step
+    from ddpm_cli.model.presets import build_model_config
+    from ddpm_cli.training.train import new_state, train_step
 
     config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32", lr=2e-4)
     state = new_state(build_model_config("tiny", (8, 8), 3), config, torch.device("cpu"))
@@ -460,11 +463,11 @@ def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(colours, tmp_path):
     assert stored["precision"] == "bf16"
 
 
-def test_training_on_an_amx_cpu_defaults_to_bf16(colours, tmp_path, monkeypatch):
-    import ddpm_cli.forward as forward
+def test_training_on_an_amx_cpu_defaults_to_bf16(colours, tmp_path, monkeypatch, switches):
+    import ddpm_cli.model.forward as forward
 
     monkeypatch.setattr(forward, "cpu_has_amx", lambda: True)
-    monkeypatch.setenv("DDPM_AMX_BF16", "1")
+    switches(amx_bf16=True)
     run = train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
     stored = load_checkpoint(run.out / "model.safetensors").config["training"]
     assert stored["precision"] == "bf16"

@@ -9,8 +9,9 @@ import torch
 
 from ddpm_cli.config import ModelConfig
 from ddpm_cli.errors import ConfigError
-from ddpm_cli.presets import PRESETS, build_model_config, preset_for
-from ddpm_cli.unet import UNet, _nchw_is_faster, count_parameters, norm, timestep_embedding
+from ddpm_cli.model.kernels.groupnorm import GroupNorm, nchw_is_faster
+from ddpm_cli.model.presets import PRESETS, build_model_config, preset_for
+from ddpm_cli.model.unet import UNet, count_parameters, timestep_embedding
 
 TINY = ModelConfig(
     image_size=(8, 8),
@@ -20,6 +21,11 @@ TINY = ModelConfig(
     attention_resolutions=(4,),
     dropout=0.0,
 )
+
+
+def norm(channels: int) -> GroupNorm:
+    """A GroupNorm as the network's, with its fast path installed (kernels/policy.py)."""
+    return GroupNorm(min(32, channels), channels, eps=1e-6)
 
 
 def test_cifar10_preset_has_the_official_parameter_count():
@@ -118,8 +124,43 @@ def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():
         build_model_config("huge", (32, 32), 3)
 
 
+def test_the_policy_gives_the_fast_paths_and_torch_keeps_the_same_function():
+    """unet.py is built of torch's layers; kernels/policy.py installs the fast ones once. With
+    the same weights, the network with and without them computes the same function (Winograd
+    takes the 128-channel layers here: about 1e-5 relative, docs/benchmarks.md)."""
+    from torch import nn
+
+    from ddpm_cli.model.kernels.dropout import Dropout
+    from ddpm_cli.model.kernels.policy import TORCH, KernelPolicy
+    from ddpm_cli.model.kernels.winograd import Conv3x3
+
+    config = ModelConfig(image_size=(16, 16), channels=128, channel_mult=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(), dropout=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    fast = UNet(config)
+    plain = UNet(config, kernels=TORCH)
+    kinds = {type(m) for m in fast.modules()}
+    assert {Conv3x3, GroupNorm, Dropout} <= kinds
+    assert not {Conv3x3, GroupNorm, Dropout} & {type(m) for m in plain.modules()}
+    assert {nn.Conv2d, nn.GroupNorm, nn.Dropout} <= {type(m) for m in plain.modules()}
+    assert nn.Conv2d in kinds  # the stride-2 and 1x1 convolutions have no fast path
+    conv_only = UNet(config, KernelPolicy(groupnorm_nchw=False, cpu_dropout=False))
+    only_conv = {type(m) for m in conv_only.modules()}
+    assert Conv3x3 in only_conv and GroupNorm not in only_conv and Dropout not in only_conv
+    for p in fast.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    plain.load_state_dict(fast.state_dict())
+    fast.eval(), plain.eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    with torch.no_grad():
+        a, b = fast(x, t), plain(x, t)
+        ref = copy.deepcopy(plain).double()(x.double(), t)
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+    assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
 def test_cpu_dropout_drops_p_of_the_values_and_keeps_the_mean():
-    from ddpm_cli.unet import Dropout
+    from ddpm_cli.model.kernels.dropout import Dropout
 
     layer = Dropout(0.1)
     x = torch.ones(2, 8, 250, 250, requires_grad=True)  # 1M values
@@ -153,16 +194,16 @@ def _cl_bf16(shape, requires_grad=False):
 
 @pytest.fixture
 def nchw_inputs(monkeypatch):
-    """Records, for each F.group_norm call in ddpm_cli.unet, whether its input was NCHW."""
-    from ddpm_cli import unet
+    """Records, for each F.group_norm call, whether its input was NCHW."""
+    import torch.nn.functional as F
 
-    seen, real = [], unet.F.group_norm
+    seen, real = [], F.group_norm
 
     def spy(inp, *args, **kwargs):
         seen.append(inp.is_contiguous())
         return real(inp, *args, **kwargs)
 
-    monkeypatch.setattr(unet.F, "group_norm", spy)
+    monkeypatch.setattr(F, "group_norm", spy)
     return seen
 
 
@@ -196,7 +237,7 @@ def test_groupnorm_keeps_torchs_kernels_for_float32_nchw_and_compiled_code(nchw_
     layer = norm(64)
     layer(x.float()), layer(x.contiguous())
     assert nchw_inputs == [False, True]  # float32 NHWC and NCHW: as given, no copy
-    assert not any(_nchw_is_faster(v, 32) for v in (x.float(), x.contiguous()))
+    assert not any(nchw_is_faster(v, 32) for v in (x.float(), x.contiguous()))
     graphs = []
 
     def backend(gm, example_inputs):
@@ -250,8 +291,8 @@ def test_cpu_bf16_groupnorm_copy_matches_float64(nchw_inputs, shape):
 def test_cpu_bf16_autocast_training_through_the_copies_matches_float64(monkeypatch):
     """A UNet training step under CPU bf16 autocast, where every GroupNorm takes the copy, is as
     close to float64 (output and every gradient) as with torch's channels_last kernels."""
-    from ddpm_cli import unet
     from ddpm_cli.device import place
+    from ddpm_cli.model.kernels import groupnorm
 
     torch.manual_seed(0)
     model = place(UNet(TINY), "cpu")
@@ -262,7 +303,7 @@ def test_cpu_bf16_autocast_training_through_the_copies_matches_float64(monkeypat
     grad = torch.randn(4, 3, 8, 8)
 
     def step(dtype, copies=True):
-        monkeypatch.setattr(unet, "_nchw_is_faster", real if copies else lambda *a: False)
+        monkeypatch.setattr(groupnorm, "nchw_is_faster", real if copies else lambda *a: False)
         net = copy.deepcopy(model).to(dtype) if dtype is torch.float64 else model
         net.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype is torch.bfloat16):
@@ -270,7 +311,7 @@ def test_cpu_bf16_autocast_training_through_the_copies_matches_float64(monkeypat
         y.float().backward(grad.to(y.dtype).float())
         return [y.detach().double()] + [p.grad.double() for p in net.parameters()]
 
-    real = unet._nchw_is_faster
+    real = groupnorm.nchw_is_faster
     assert real(_cl_bf16((4, 64, 4, 4), requires_grad=True), 32)
     ref = step(torch.float64)
     ours, torchs = step(torch.bfloat16), step(torch.bfloat16, copies=False)

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli import winograd
 from ddpm_cli.config import ModelConfig
-from ddpm_cli.train import make_adam
-from ddpm_cli.unet import Conv3x3, UNet
+from ddpm_cli.model.kernels import winograd
+from ddpm_cli.model.kernels.winograd import Conv3x3
+from ddpm_cli.model.unet import UNet
+from ddpm_cli.training.train import make_adam
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +99,7 @@ def test_bfloat16_is_rounded_like_torch_bf16_convolution(direct):
         assert ours < 1.5 * theirs
 
 
-def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch):
+def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch, switches):
     big, w = torch.zeros(4, 128, 16, 16), torch.zeros(128, 128, 3, 3)
     assert winograd.applies(big, w)
     assert not winograd.applies(torch.zeros(4, 64, 16, 16), torch.zeros(128, 64, 3, 3))
@@ -117,11 +118,11 @@ def test_applies_only_to_large_float32_and_bfloat16_cpu_convolutions(monkeypatch
             assert not winograd.applies(torch.zeros(3, 128, 16, 16), w, grad=True)
         with torch.autocast("cpu", dtype=torch.float16):
             assert not winograd.applies(big, w)
-    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    switches(winograd=False)
     assert not winograd.applies(big, w)
 
 
-def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch):
+def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch, switches):
     # 32+ input channels, 8x8 and larger: where Winograd declines, float32 arithmetic still wins
     monkeypatch.setattr(winograd, "_no_amx", lambda: True)
     w = torch.zeros(64, 64, 3, 3).bfloat16()
@@ -141,9 +142,9 @@ def test_narrower_bfloat16_layers_round_only_without_amx(monkeypatch):
     monkeypatch.setattr(winograd, "compiling", lambda: True)
     assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
     monkeypatch.setattr(winograd, "compiling", lambda: False)
-    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    switches(winograd=False)
     assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
-    monkeypatch.setenv("DDPM_WINOGRAD", "1")
+    switches(winograd=True)
     monkeypatch.setattr(winograd, "_no_amx", lambda: False)  # AMX: torch's bf16 kernel is faster
     assert not winograd.rounds_in_float32(torch.zeros(2, 64, 8, 8).bfloat16(), w)
 
@@ -162,10 +163,10 @@ def wide_unet() -> UNet:
     return random_unet(128, (1,))
 
 
-def bf16_training_errors(monkeypatch, model: UNet) -> tuple[list[float], list[float], list]:
+def bf16_training_errors(monkeypatch, switches, model: UNet) -> tuple[list, list, list]:
     """A training step under CPU bf16 autocast on a CPU without AMX (forced, so that any CPU
     runs it): the errors against float64 of the output and of every parameter's gradient, with
-    torch's kernels (DDPM_WINOGRAD=0) and with ddpm's, and the keyword arguments of each
+    torch's kernels (the winograd switch off) and with ddpm's, and the keyword arguments of each
     conv3x3 call ddpm's made. Parameters whose exact gradient is zero are left out (with one
     channel per group, GroupNorm cancels conv1's bias and the time embedding's shift)."""
     monkeypatch.setattr(winograd, "_no_amx", lambda: True)
@@ -180,8 +181,8 @@ def bf16_training_errors(monkeypatch, model: UNet) -> tuple[list[float], list[fl
     nonzero = [g.abs().max() > 1e-12 for g in ref_grads]
     assert sum(nonzero) > len(ref_grads) // 2
 
-    def errors(on: str) -> list[float]:
-        monkeypatch.setenv("DDPM_WINOGRAD", on)
+    def errors(on: bool) -> list[float]:
+        switches(winograd=on)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t)
@@ -190,15 +191,15 @@ def bf16_training_errors(monkeypatch, model: UNet) -> tuple[list[float], list[fl
         pairs = zip(grads, ref_grads, nonzero, strict=True)
         return [rel(out, ref)] + [rel(a, b) for a, b, keep in pairs if keep]
 
-    torchs = errors("0")
+    torchs = errors(False)
     assert not calls
-    return torchs, errors("1"), calls
+    return torchs, errors(True), calls
 
 
-def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch):
+def test_narrow_bf16_autocast_training_rounds_as_close_as_torch_bf16(monkeypatch, switches):
     # the small preset's layers (32-64 channels) under --precision bf16, without AMX (forced)
     model = random_unet(32, (1, 2))
-    torchs, mine, calls = bf16_training_errors(monkeypatch, model)
+    torchs, mine, calls = bf16_training_errors(monkeypatch, switches, model)
     # every 3x3 convolution but conv_in (3 input channels) and those at 4x4 (none here)
     narrow = [m for m in model.modules() if isinstance(m, Conv3x3) and m.in_channels >= 32]
     assert calls == [{"direct": True}] * len(narrow) and len(narrow) == 18
@@ -234,9 +235,9 @@ def test_unet_uses_it_and_keeps_the_network_function(monkeypatch):
         assert rel(mine, theirs) < 1e-4
 
 
-def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch):
+def test_bf16_autocast_training_uses_it_as_close_as_torch_bf16(monkeypatch, switches):
     # ddpm train --precision bf16 on a CPU without AMX
-    direct, mine, calls = bf16_training_errors(monkeypatch, wide_unet())
+    direct, mine, calls = bf16_training_errors(monkeypatch, switches, wide_unet())
     assert calls == [{}] * 10 + [{"direct": True}]  # conv_out, 128 -> 3 channels, rounds
     assert max(direct) < 0.1
     assert max(mine) < 1.5 * max(direct)

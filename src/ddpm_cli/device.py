@@ -10,7 +10,6 @@ the C allocator for large tensors once (`tune_allocator`).
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import re
 import secrets
@@ -18,6 +17,7 @@ import sys
 
 import torch
 
+from ddpm_cli import runtime
 from ddpm_cli.errors import DeviceError
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -47,8 +47,7 @@ def cpu_has_amx() -> bool | None:
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     if not x86 or test is None:
         return None
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return bool(test()) and cap.strip().upper() not in _ISAS_WITHOUT_AMX
+    return bool(test()) and runtime.current().cpu_isa not in _ISAS_WITHOUT_AMX
 
 
 def available_devices() -> list[str]:
@@ -155,7 +154,7 @@ def tune_allocator() -> bool:
     (docs/benchmarks.md). The cost is that the process keeps its peak memory until it exits,
     which suits a command that trains or samples. DDPM_TUNE_MALLOC=0 leaves glibc as it is.
     Returns whether the allocator was tuned."""
-    if os.environ.get("DDPM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    if not runtime.current().tune_malloc or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # this process's C library

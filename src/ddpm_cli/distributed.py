@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ddpm_cli import runtime
 from ddpm_cli.errors import DdpmError
-
-DEFAULT_TIMEOUT_S = 600  # DDPM_DIST_TIMEOUT overrides; rank 0's sample grids must fit in it
 
 
 class DistributedError(DdpmError):
@@ -71,8 +70,7 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
     elif device.type == "mps":
         raise DistributedError("torchrun on MPS is not supported by PyTorch; use one process")
     if not dist.is_initialized():
-        seconds = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-        timeout = datetime.timedelta(seconds=seconds)
+        timeout = datetime.timedelta(seconds=runtime.current().dist_timeout_s)
         try:
             dist.init_process_group(
                 backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout

@@ -18,6 +18,7 @@ from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
 from ddpm_cli.device import tune_allocator
+from ddpm_cli.errors import DdpmError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -65,7 +66,10 @@ app.command(name="export", context_settings=CONTEXT)(export)
 
 def main() -> None:
     """Entry point of the `ddpm` script and of `python -m ddpm_cli`."""
-    tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
+    try:
+        tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
+    except DdpmError:  # a bad environment switch: the app says so in its one error line
+        pass
     app()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from ddpm_cli import runtime
 from ddpm_cli.config import Precision, Schedule
 from ddpm_cli.device import DEVICE_HELP
 from ddpm_cli.errors import DdpmError
@@ -45,6 +45,13 @@ NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", None) or typ
 )
 
 
+def _debugging() -> bool:
+    try:
+        return runtime.current().debug
+    except DdpmError:  # a bad switch is reported as such, not as this error's cause
+        return False
+
+
 class DdpmGroup(TyperGroup):
     """The app's click group: the one place where errors become a line on stderr and an exit code.
 
@@ -54,6 +61,7 @@ class DdpmGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
+            runtime.current()  # the environment switches, read and checked once, here
             rv = super().main(
                 args=args,
                 prog_name=prog_name,
@@ -82,7 +90,7 @@ class DdpmGroup(TyperGroup):
             error_line("out of memory; try a smaller image, --size or batch")
             code = 1
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
-            if os.environ.get("DDPM_DEBUG"):
+            if _debugging():
                 raise
             error_line(
                 f"internal error: {type(e).__name__}: {e} "

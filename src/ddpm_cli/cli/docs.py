@@ -12,6 +12,8 @@ from enum import Enum
 import typer
 from rich.text import Text
 
+from ddpm_cli import runtime
+
 HEADER = """\
 # CLI reference
 
@@ -80,14 +82,34 @@ def _command_section(path: str, command) -> list[str]:
     return lines
 
 
+def _environment_section() -> list[str]:
+    lines = [
+        "## Environment switches",
+        "",
+        "Read once when a command starts (`ddpm_cli.runtime`); a bad value is refused there. "
+        "Those marked *recorded* can change a result's bits: every checkpoint's metadata "
+        "(`runtime`) and every sampled PNG (`ddpm:runtime`) records them, and a PNG's "
+        "redraw command sets them.",
+        "",
+        "| Variable | Meaning |",
+        "| --- | --- |",
+    ]
+    for s in runtime.SWITCHES:
+        recorded = " *Recorded.*" if s.field in runtime.RECORDED else ""
+        lines.append(f"| `{s.variable}` | {s.meaning}.{recorded} |")
+    return [*lines, ""]
+
+
 def render(app: typer.Typer) -> str:
-    """The Markdown reference for every command of `app`, in the order they were registered."""
+    """The Markdown reference for every command of `app`, in the order they were registered,
+    and the environment switches."""
     root = typer.main.get_command(app)
     lines = [HEADER]
     lines += _command_section("ddpm", root)
     for name, command in root.commands.items():
         if not getattr(command, "hidden", False):
             lines += _command_section(f"ddpm {name}", command)
+    lines += _environment_section()
     return "\n".join(lines).rstrip() + "\n"
 
 

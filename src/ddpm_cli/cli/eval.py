@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,26 +14,18 @@ from ddpm_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     RawOpt,
-    count_bars,
-    err_console,
     note_line,
     precision_option,
     seed_option,
 )
-from ddpm_cli.config import SamplerConfig, SamplerName, Variance
+from ddpm_cli.cli.views import EvalProgress
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.evaluation import likelihood, sample_quality
-from ddpm_cli.fid import STANDARD_N, WEIGHTS_NAME, check_weights
-from ddpm_cli.forward import resolve_precision
-from ddpm_cli.sampling import check_model, load_for_sampling
-
-TASKS = {
-    "bound": "bound (network evaluations)",
-    "reference": "reference images",
-    "samples": "samples drawn",
-    "features": "samples embedded",
-}
+from ddpm_cli.evaluation.evaluate import likelihood, sample_quality
+from ddpm_cli.evaluation.fid import STANDARD_N, WEIGHTS_NAME, check_weights
+from ddpm_cli.generation.sampling import check_model, load_for_sampling
+from ddpm_cli.model.forward import resolve_precision
+from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
 
 
 def eval_(
@@ -189,35 +180,3 @@ def summary_lines(report: dict) -> list[str]:
             f"seed {r['seed']})"
         )
     return lines
-
-
-class EvalProgress:
-    """A Rich bar per task on a terminal; otherwise a plain line at most every 10 seconds."""
-
-    def __init__(self, quiet: bool, header: str):
-        self.quiet, self.header = quiet, header
-        self.tasks: dict[str, int] = {}
-        self.last = 0.0
-        self.progress = None
-
-    def update(self, task: str, done: int, total: int) -> None:
-        if self.header is not None and not self.quiet:
-            err_console.print(self.header)
-            if err_console.is_terminal:
-                self.progress = count_bars()
-                self.progress.start()
-        self.header = None
-        if self.progress is not None:
-            if task not in self.tasks:
-                self.tasks[task] = self.progress.add_task(TASKS.get(task, task), total=total)
-            self.progress.update(self.tasks[task], completed=done, total=total)
-        elif not self.quiet:
-            now = time.perf_counter()
-            if now - self.last >= 10 or done == total:
-                self.last = now
-                err_console.print(f"{TASKS.get(task, task)}: {done}/{total}")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None

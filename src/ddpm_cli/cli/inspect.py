@@ -13,18 +13,18 @@ from rich.table import Table
 
 from ddpm_cli.cli.common import JsonOpt, overwrite_option
 from ddpm_cli.config import Schedule, parse_size
+from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
-from ddpm_cli.files import check_output_path, write_atomic
-from ddpm_cli.inspection import (
+from ddpm_cli.evaluation.inspection import (
     checkpoint_info,
     folder_info,
-    is_run_directory,
     run_info,
     schedule_curves,
     schedule_info,
 )
-from ddpm_cli.plots import loss_plot, plot_format, schedule_plot
-from ddpm_cli.sources import data_image_size
+from ddpm_cli.evaluation.plots import loss_plot, plot_format, schedule_plot
+from ddpm_cli.store.files import check_output_path, write_atomic
+from ddpm_cli.store.models import is_run_directory
 
 out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
 

@@ -10,8 +10,8 @@ import typer
 
 from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console, overwrite_option
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import check_output_path
-from ddpm_cli.interop import export_checkpoint, import_folder
+from ddpm_cli.store.files import check_output_path
+from ddpm_cli.store.interop import export_checkpoint, import_folder
 
 
 def import_(
@@ -70,8 +70,6 @@ def export(
 
       [bold]ddpm export runs/shapes-1 --diffusers shapes-diffusers/[/bold]
     """
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
     if diffusers.exists() and not diffusers.is_dir():
         raise UsageError(f"{diffusers}: exists and is not a directory")
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:

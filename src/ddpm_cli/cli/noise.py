@@ -21,7 +21,8 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
 from ddpm_cli.errors import UsageError
-from ddpm_cli.files import (
+from ddpm_cli.generation.noising import parse_timesteps, run_noise
+from ddpm_cli.store.files import (
     STDIO,
     check_output_path,
     read_input_bytes,
@@ -29,7 +30,6 @@ from ddpm_cli.files import (
     write_atomic,
     write_stdout,
 )
-from ddpm_cli.noising import parse_timesteps, run_noise
 
 
 def noise(

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from ddpm_cli import distributed
@@ -25,33 +22,13 @@ from ddpm_cli.cli.common import (
     precision_option,
 )
 from ddpm_cli.cli.views import SampleProgress
-from ddpm_cli.config import (
-    DEFAULT_GUIDANCE,
-    SamplerConfig,
-    SamplerName,
-    Spacing,
-    Variance,
-)
-from ddpm_cli.device import new_seed, resolve_device
-from ddpm_cli.errors import OutputError, UsageError
-from ddpm_cli.files import STDIO, check_output_path, stdout_is_terminal, write_atomic, write_stdout
-from ddpm_cli.forward import resolve_precision
-from ddpm_cli.images import encode_png
-from ddpm_cli.sampling import (
-    Trajectory,
-    check_model,
-    default_batch_size,
-    generate,
-    grid_image,
-    grid_image_rows,
-    image_name,
-    load_for_sampling,
-    provenance,
-    regenerate_command,
-    render_trajectory,
-    resolve_classes,
-    to_image,
-    with_model_defaults,
+from ddpm_cli.device import resolve_device
+from ddpm_cli.errors import UsageError
+from ddpm_cli.generation.job import SampleRequest, SampleResult, sample_images
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig, SamplerName, Spacing, Variance
+from ddpm_cli.store.files import (
+    STDIO,
+    stdout_is_terminal,
 )
 
 S = SamplerConfig()  # the one source of defaults
@@ -212,169 +189,73 @@ def sample(
     folder = Path(out) if out not in (None, STDIO) else None
 
     quiet = quiet or not distributed.env_main()
-    clip_given = ctx.get_parameter_source("clip").name == "COMMANDLINE"
+    request = SampleRequest(
+        checkpoint=checkpoint, sampler=config, num=num, start=start,
+        classes=tuple(classes or ()), guidance=guidance, folder=folder, stdout=out == STDIO,
+        grid=grid, trajectory=trajectory, trajectory_images=trajectory_images,
+        overwrite=overwrite, seed=seed, raw=raw, batch_size=batch_size, precision=precision,
+        compile=compile, clip_given=ctx.get_parameter_source("clip").name == "COMMANDLINE",
+    )  # fmt: skip
     d, dev = distributed.init(resolve_device(device))
     try:
-        _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, out, grid,
-                trajectory, overwrite, seed, raw, batch_size, precision, compile,
-                trajectory_images, as_json, quiet, clip_given)  # fmt: skip
+        result = _run(request, d, dev, quiet)
         distributed.leave_together(d)
     finally:
         distributed.shutdown()
-
-
-def _sample(d, dev, checkpoint, config, start, num, classes, guidance, folder, out, grid,
-            trajectory, overwrite, seed, raw, batch_size, precision, compile,
-            trajectory_images, as_json, quiet, clip_given) -> None:  # fmt: skip
-    """Draw images start.. start+num-1 (of each class asked for; in a torchrun job, this
-    rank's share) and write them."""
-    to_stdout = STDIO in (out, grid)
-    precision = resolve_precision(precision, dev)
-    sm = load_for_sampling(checkpoint, raw=raw, device=dev)
-    labels = resolve_classes(classes, sm) if classes else None
-    names = sm.model_config.classes
-    jobs = [(k, c) for c in labels or [None] for k in range(start, start + num)]
-    files = [folder / image_name(k, c, names) for k, c in jobs] if folder else []
-    _check_outputs(folder, files, grid, trajectory, overwrite)
-    check_model(sm)
-    config = with_model_defaults(config, sm, clip_given)
-    resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
-    seed = distributed.broadcast(d, new_seed() if seed is None else seed)
-    total = len(jobs)
-    jobs = jobs[d.rank :: d.world]  # image k's noise is the same whichever process draws it
-    indices = [k for k, _ in jobs]
-    batch = batch_size or default_batch_size(sm.model_config, dev, len(jobs))
-    if guidance and not batch_size:  # guidance runs the network on twice the batch
-        batch = max(1, batch // 2)
-    text = provenance(sm, config, seed, precision, guidance)
-    if not quiet:
-        share = f" ({len(indices)} per process, {d.world} processes)" if d.active else ""
-        which = ""
-        if labels:
-            which = f" of {', '.join(names[c] for c in labels)}, guidance {guidance:g}"
-        err_console.print(
-            f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
-            f"{count(total, 'image')}{which}{share}, {resolved.sampler.value} "
-            f"{resolved.steps} steps ({resolved.spacing}), seed {seed}, batch {batch}, {dev}, "
-            f"{precision.value}"
-        )
-    if folder:
-        folder.mkdir(parents=True, exist_ok=True)
-
-    traj = Trajectory() if trajectory else None
-    view = SampleProgress(quiet, len(indices), resolved.steps)
-    written: list[str] = []
-    images, images_done = [], []
-    t0 = time.perf_counter()
-    try:
-        for chunk, x in generate(
-            sm,
-            config,
-            indices,
-            seed,
-            batch,
-            dev,
-            precision,
-            compile,
-            traj,
-            trajectory_images,
-            view.step,
-            [c for _, c in jobs] if labels else None,
-            guidance,
-        ):
-            done = len(images_done)
-            for (k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
-                meta = {**text, "ddpm:index": str(k)}
-                if c is not None:
-                    meta["ddpm:class"] = names[c]
-                png = encode_png(
-                    to_image(img), {**meta, "ddpm:command": regenerate_command(meta, k)}
-                )
-                if folder:
-                    path = folder / image_name(k, c, names)
-                    write_atomic(path, png)
-                    written.append(str(path))
-                elif out == STDIO:
-                    write_stdout(png)
-            if grid is not None:
-                images.append(x)
-            images_done.extend(chunk)
-            view.batch_done(len(chunk))
-    except KeyboardInterrupt:
-        view.close()
-        err_console.print(f"[yellow]interrupted[/yellow]: {count(len(written), 'image')} written")
-        raise typer.Exit(130) from None
-    view.close()
-    seconds = time.perf_counter() - t0
-    if d.active:  # rank 0 lists every process's files, in index order
-        written = sorted(p for part in distributed.gather(d, written) for p in part)
-        seconds = max(distributed.gather(d, seconds))
-        if not d.main:
-            return
-
-    grid_path = None
-    if grid is not None:  # a row per class
-        drawn = torch.cat(images)
-        rows = labels and len(labels) > 1
-        png = encode_png(grid_image_rows(drawn, num) if rows else grid_image(drawn), text)
-        if grid == STDIO:
-            write_stdout(png)
-        else:
-            write_atomic(Path(grid), png)
-            grid_path = grid
-    if traj is not None:
-        write_atomic(trajectory, render_trajectory(traj, gif=trajectory.suffix.lower() == ".gif"))
-
+    if result is None:  # another process of a torchrun job: rank 0 reports
+        return
     if not quiet:
         err_console.print(
-            f"{count(total, 'image')} in {seconds:.1f} s ({total / seconds:.2f} img/s)"
-            + (f"; grid {grid_path}" if grid_path else "")
+            f"{count(result.total, 'image')} in {result.seconds:.1f} s "
+            f"({result.total / result.seconds:.2f} img/s)"
+            + (f"; grid {result.grid}" if result.grid else "")
             + (f"; trajectory {trajectory}" if trajectory else "")
         )
     if as_json:
-        summary = {
-            "checkpoint": str(sm.path),
-            "checkpoint_hash": sm.content_hash,
-            "weights": sm.weights,
-            "sampler": resolved.to_dict(),
-            "seed": seed,
-            "indices": [start, start + num - 1],
-            "classes": [names[c] for c in labels] if labels else None,
-            "guidance": guidance,
-            "files": written,
-            "grid": grid_path,
-            "trajectory": str(trajectory) if trajectory else None,
-            "device": str(dev),
-            "precision": precision.value,
-            "batch_size": batch,
-            "seconds": seconds,
-            "img_per_s": total / seconds,
-        }
-        print(json.dumps(summary))
+        print(json.dumps(result.summary))
     elif not to_stdout:
-        for path in [*written, *([grid_path] if grid_path else [])]:
+        for path in [*result.written, *([result.grid] if result.grid else [])]:
             print(path)
 
 
-def _check_outputs(folder, files, grid, trajectory, overwrite) -> None:
-    """Everything that would stop the writes, checked before any sampling."""
-    if folder is not None:
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{folder}: exists and is not a directory")
-        existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-        if not existing.is_dir():
-            raise UsageError(f"{folder}: cannot create it, {existing} is a file")
-        if not os.access(existing, os.W_OK):
-            raise OutputError(f"{folder}: cannot write to {existing}: permission denied")
-        if not overwrite:
-            existing = [f for f in files if f.exists()]
-            if existing:
-                raise UsageError(
-                    f"{existing[0]} already exists ({len(existing)} of the {len(files)} files "
-                    "do); pass --overwrite, another -o, or --start to continue the numbering"
-                )
-    for path in (grid, trajectory):
-        if path is not None and str(path) != STDIO:
-            check_output_path(Path(path), overwrite=overwrite)
-    if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
-        raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")
+def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:
+    """The job, its header line and its progress; Ctrl-C says how many images were written."""
+    view: SampleProgress | None = None
+    written = 0
+
+    def on_event(kind: str, info: dict) -> None:
+        nonlocal view, written
+        if kind == "start":
+            if not quiet:
+                err_console.print(_header(info))
+            view = SampleProgress(quiet, info["mine"], info["sampler"].steps)
+        elif kind == "step":
+            view.step(info["index"], info["total"])
+        elif kind == "batch":
+            written = info["written"]
+            view.batch_done(info["images"])
+
+    try:
+        return sample_images(request, d, dev, on_event)
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        err_console.print(f"[yellow]interrupted[/yellow]: {count(written, 'image')} written")
+        raise typer.Exit(130) from None
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _header(info: dict) -> str:
+    sm, s = info["model"], info["sampler"]
+    share = f" ({info['mine']} per process, {info['world']} processes)" if info["active"] else ""
+    which = ""
+    if info["classes"]:
+        which = f" of {', '.join(info['classes'])}, guidance {info['guidance']:g}"
+    return (
+        f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
+        f"{count(info['total'], 'image')}{which}{share}, {s.sampler.value} "
+        f"{s.steps} steps ({s.spacing}), seed {info['seed']}, batch {info['batch']}, "
+        f"{info['device']}, {info['precision'].value}"
+    )

@@ -27,8 +27,8 @@ from ddpm_cli.config import (
     TrainConfig,
     parse_duration,
 )
-from ddpm_cli.presets import PRESETS
-from ddpm_cli.run import train as run_training
+from ddpm_cli.model.presets import PRESETS
+from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
 

@@ -42,11 +42,47 @@ def _length(total: int | None, time_limit: float | None) -> str:
     return f"{total} steps or {duration_text(time_limit)}, whichever ends first"
 
 
-class ProgressView:
+class LiveView:
+    """How every command shows progress on stderr: Rich bars on a terminal, plain lines
+    otherwise, nothing when quiet. Subclasses say what the bars and lines hold."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress = quiet, None
+        self.tasks: dict[str, object] = {}
+
+    def start(self, progress: Progress | None = None) -> bool:
+        """Start the bars (count_bars unless given), on a terminal only; whether they run."""
+        if not self.quiet and err_console.is_terminal and self.progress is None:
+            self.progress = progress or count_bars()
+            self.progress.start()
+        return self.progress is not None
+
+    def bar(self, key: str, description: str, **update) -> None:
+        """Add the bar `key` on first use, then update it (completed=, total=, fields)."""
+        if self.progress is None:
+            return
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=update.get("total"))
+        self.progress.update(self.tasks[key], **update)
+
+    def line(self, text: str, dim: bool = False) -> None:
+        """A message above the bars, or a plain line without them."""
+        if self.quiet:
+            return
+        console = self.progress.console if self.progress else err_console
+        console.print(f"[dim]{text}[/dim]" if dim else text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class ProgressView(LiveView):
     """Rich live progress on a terminal; plain lines at each log step otherwise."""
 
     def __init__(self, quiet: bool):
-        self.quiet, self.progress, self.task = quiet, None, None
+        super().__init__(quiet)
         self.smoothed = None  # loss, exponentially smoothed over steps
         self.rate, self.last = None, None  # img/s, smoothed; time of the last step
         self.limit = None  # seconds of training (--time)
@@ -61,18 +97,17 @@ class ProgressView:
         err_console.print(preflight_table(info))
         for w in info["report"].warnings:
             err_console.print(f"[yellow]warning:[/yellow] {w}")
-        if err_console.is_terminal:
-            self.progress = Progress(
-                TextColumn("[bold]train[/bold]"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[position]}"),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                console=err_console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task("train", status="", **self._where(info))
+        bars = Progress(
+            TextColumn("[bold]train[/bold]"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[position]}"),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=err_console,
+        )
+        if self.start(bars):
+            self.bar("train", "train", status="", **self._where(info))
 
     def on_step(self, info: dict) -> None:
         s, w = self.smoothed, 0.98 ** info["steps"]  # a report may cover several steps
@@ -82,14 +117,13 @@ class ProgressView:
             rate = info["images"] / (now - self.last)
             self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
         self.last = now
-        if self.progress is not None:
-            rate = f"  {self.rate:.1f} img/s" if self.rate else ""
-            self.progress.update(
-                self.task,
-                **self._where(info),
-                status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}{rate}  "
-                f"lr {info['lr']:.2e}",
-            )
+        rate = f"  {self.rate:.1f} img/s" if self.rate else ""
+        self.bar(
+            "train",
+            "train",
+            **self._where(info),
+            status=f"epoch {info['epoch']}  loss {self.smoothed:.4f}{rate}  lr {info['lr']:.2e}",
+        )
 
     def _where(self, info: dict) -> dict:
         """The bar's extent: over seconds when only a time limit bounds the run, else steps."""
@@ -109,27 +143,18 @@ class ProgressView:
 
     def on_skip(self, info: dict) -> None:
         for _, reason in info["failed"]:
-            self._line(f"[yellow]warning:[/yellow] skipped (listed in skipped.txt): {reason}")
+            self.line(f"[yellow]warning:[/yellow] skipped (listed in skipped.txt): {reason}", True)
 
     def on_sample(self, info: dict) -> None:
-        self._line(f"samples: {info['path']}")
+        self.line(f"samples: {info['path']}", dim=True)
 
     def on_checkpoint(self, info: dict) -> None:
-        self._line(f"checkpoint at step {info['step']}: {info['path']}")
+        self.line(f"checkpoint at step {info['step']}: {info['path']}", dim=True)
 
     def on_end(self, info: dict) -> None:
         self.close()
         verb = "finished" if info["status"] == "done" else "stopped"
         err_console.print(f"{verb} at step {info['step']}: {info['out']}")
-
-    def _line(self, text: str) -> None:
-        (self.progress.console if self.progress else err_console).print(f"[dim]{text}[/dim]")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
 
 def preflight_table(info: dict) -> Table:
     report, config, model = info["report"], info["config"], info["model"]
@@ -211,33 +236,53 @@ def preflight_table(info: dict) -> Table:
     return table
 
 
-class SampleProgress:
-    """Rich bars over images and over the denoising steps of the current batch on a terminal;
-    a plain line per batch otherwise."""
+class SampleProgress(LiveView):
+    """Bars over images and over the denoising steps of the current batch; a plain line per
+    batch otherwise."""
 
     def __init__(self, quiet: bool, total: int, steps: int):
-        self.quiet, self.done, self.total = quiet, 0, total
-        self.progress = None
+        super().__init__(quiet)
+        self.done, self.total = 0, total
         self.t = time.perf_counter()
-        if not quiet and err_console.is_terminal:
-            self.progress = count_bars()
-            self.images = self.progress.add_task("images", total=total)
-            self.steps = self.progress.add_task("denoise", total=steps)
-            self.progress.start()
+        if self.start():
+            self.bar("images", "images", total=total)
+            self.bar("denoise", "denoise", total=steps)
 
     def step(self, i: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.steps, completed=i, total=total)
+        self.bar("denoise", "denoise", completed=i, total=total)
 
     def batch_done(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
-            self.progress.update(self.images, completed=self.done)
-        elif not self.quiet:
-            now = time.perf_counter()
-            err_console.print(f"{self.done}/{self.total} images ({now - self.t:.1f} s)")
+            self.bar("images", "images", completed=self.done)
+        else:
+            self.line(f"{self.done}/{self.total} images ({time.perf_counter() - self.t:.1f} s)")
 
-    def close(self) -> None:
+
+EVAL_TASKS = {
+    "bound": "bound (network evaluations)",
+    "reference": "reference images",
+    "samples": "samples drawn",
+    "features": "samples embedded",
+}
+
+
+class EvalProgress(LiveView):
+    """A bar per task (EVAL_TASKS); otherwise a plain line at most every 10 seconds. The
+    header is shown when the first task begins."""
+
+    def __init__(self, quiet: bool, header: str):
+        super().__init__(quiet)
+        self.header, self.last = header, 0.0
+
+    def update(self, task: str, done: int, total: int) -> None:
+        if self.header is not None:
+            self.line(self.header)
+            self.start()
+            self.header = None
+        name = EVAL_TASKS.get(task, task)
         if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+            self.bar(task, name, completed=done, total=total)
+        elif (now := time.perf_counter()) - self.last >= 10 or done == total:
+            self.last = now
+            self.line(f"{name}: {done}/{total}")

@@ -1,0 +1,154 @@
+"""Batches for training: a seeded permutation and flips per epoch, from images held in memory
+or decoded from disk ahead of the step by DataLoader workers.
+
+The order and the flips are decided in the main process from (seed, epoch) alone, so the two
+sources give the same bytes and a resumed run sees the same data. On CUDA, images held in memory
+move to the GPU once, when they fit, and batches are gathered and flipped there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ddpm_cli.data.folders import InMemory, OnDisk
+from ddpm_cli.device import to_device
+from ddpm_cli.errors import DataError
+
+
+def _collate(items):
+    """(images, every failure, failures per item): OnDisk replaced an item that failed k
+    times by image i + k, whose label is the one to use."""
+    failed = [f for _, fs in items for f in fs]
+    return torch.stack([x for x, _ in items]), failed, torch.tensor([len(fs) for _, fs in items])
+
+
+RESIDENT_SHARE = 0.25  # of the GPU's free memory that training images may take
+
+
+class Batches:
+    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips, each with
+    its images' class labels (None for unlabelled data).
+
+    The position (epoch, index of the next batch in the epoch) is all the state there is:
+    `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
+    """
+
+    def __init__(
+        self,
+        images: InMemory | OnDisk,
+        batch_size: int,
+        seed: int,
+        flip: bool,
+        workers: int = 0,
+        on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
+        shard: tuple[int, int] = (0, 1),
+        device: torch.device | None = None,
+    ):
+        """`batch_size` images per process; with `shard` = (rank, world), the global batch of
+        batch_size x world images is cut into world equal parts, and this process gets part
+        `rank` (only its own images are decoded). With a CUDA `device`, images in memory that
+        take at most RESIDENT_SHARE of its free memory are kept there."""
+        if len(images) == 0:
+            raise DataError("no training images")
+        self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
+        self.rank, self.world = shard
+        self.batch_size = batch_size * self.world  # the global batch
+        self.workers, self.on_skip = workers, on_skip
+        self.per_epoch = max(1, math.ceil(len(images) / self.batch_size))
+        self.resident = None  # the images on the GPU, when they live there
+        if isinstance(images, InMemory) and device is not None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if images.data.numel() <= RESIDENT_SHARE * free:
+                self.resident = images.data.to(device)
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.images)
+        order = torch.randperm(n, generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return order, flips
+
+    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image indices and flip decisions of this process's part of batch `index` of `epoch`.
+        The last batch of an epoch may be short in a single process; in a job it is filled from
+        the start of the epoch's order, so that every process gets an equal part. A dataset
+        smaller than the batch repeats within the batch."""
+        order, flips = self.epoch_order(epoch)
+        n = len(self.images)
+        if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
+            reps = math.ceil(self.batch_size / n)
+            order, flips = order.repeat(reps), flips.repeat(reps)
+            index = 0
+        start = index * self.batch_size
+        idx, fl = order[start : start + self.batch_size], flips[start : start + self.batch_size]
+        if self.world > 1 and idx.numel() < self.batch_size:
+            missing = self.batch_size - idx.numel()
+            idx, fl = torch.cat([idx, order[:missing]]), torch.cat([fl, flips[:missing]])
+        part = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        return (idx[part], fl[part]) if self.world > 1 else (idx, fl)
+
+    def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) from the given position on, for ever."""
+        while True:
+            yield epoch, index
+            index += 1
+            if index >= self.per_epoch:
+                epoch, index = epoch + 1, 0
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """One batch as uint8 (B, C, H, W)."""
+        return next(self.iterate(epoch, index))[0]
+
+    def iterate(self, epoch: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The batches (uint8 images, labels) from position (epoch, index) on, in order; on
+        disk, `workers` processes decode ahead of the training step."""
+        labels = self.images.labels
+        plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
+        if self.resident is not None:
+            for idx, fl in plan:
+                dev = self.resident.device
+                x = _flip(self.resident[to_device(idx, dev)], to_device(fl, dev), fl.any())
+                yield x, None if labels is None else labels[idx]
+            return
+        if isinstance(self.images, InMemory):
+            for idx, fl in plan:
+                yield (
+                    _flip(self.images.data[idx], fl, fl.any()),
+                    (None if labels is None else labels[idx]),
+                )
+            return
+        flips: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def index_lists():
+            for idx, fl in plan:
+                flips.append((idx, fl))
+                yield idx.tolist()
+
+        loader = torch.utils.data.DataLoader(
+            self.images,
+            batch_sampler=index_lists(),
+            num_workers=self.workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if self.workers else None,
+            # the loader seeds its workers from this generator, not from the global RNG (which
+            # dropout uses): creating a loader must not shift a resumed run's random numbers
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        for x, failed, shifts in loader:
+            if failed:
+                self.on_skip(failed)
+            idx, fl = flips.pop(0)
+            used = (idx + shifts) % len(self.images)  # the images that stood in, if any
+            yield _flip(x, fl, fl.any()), None if labels is None else labels[used]
+
+
+def _flip(x: torch.Tensor, fl: torch.Tensor, any_flip) -> torch.Tensor:
+    """Images i with fl[i] mirrored left to right; `any_flip` is fl.any() read on the host
+    (a selection, not masked indexing, so nothing waits for the GPU)."""
+    if not any_flip:
+        return x
+    return torch.where(fl.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)

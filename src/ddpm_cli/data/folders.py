@@ -1,0 +1,331 @@
+"""Training data: image folders, the built-in dataset and data caches -> uint8 images.
+
+A folder is scanned recursively. When its decoded images fit in memory, every image is decoded
+once, resized (shorter side) and center-cropped, into one uint8 tensor (N, C, H, W): `InMemory`.
+Otherwise (or with stream=True) images stay on disk, decoded per batch by DataLoader workers:
+`OnDisk`. batches.py turns either into the seeded batches of a run; sources.py adds the
+built-in dataset and data caches.
+
+A folder whose images all sit in two or more subfolders (torchvision's ImageFolder layout,
+DIR/cat/*.png, DIR/dog/*.png) is labelled: the subfolder is the image's class, classes in
+sorted name order. Both kinds of data then carry `labels`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ddpm_cli.data.images import decode_image
+from ddpm_cli.device import available_memory
+from ddpm_cli.errors import DataError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+TINY_DATASET = 100  # below this many images a model mostly memorises its data
+IMBALANCE = 10  # warn when the largest class has this many times the images of the smallest
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class DataReport:
+    """The pre-flight report: what was found, what was skipped and why, what it costs."""
+
+    source: str
+    found: int = 0
+    used: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    modes: Counter = field(default_factory=Counter)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) as found
+    channels: int = 3
+    image_size: tuple[int, int] = (32, 32)  # (height, width)
+    bytes: int = 0  # memory of the decoded uint8 data
+    fingerprint: str | None = None  # hash of the folder's file names and sizes (folders only)
+    streamed: bool = False  # decoded batch by batch from disk rather than held in memory
+    stored: dict | None = None  # the summary a data cache was saved with (sizes are not kept)
+    classes: list[str] = field(default_factory=list)  # class names, in label order
+    class_counts: list[int] = field(default_factory=list)  # images per class, as used
+
+    @property
+    def name(self) -> str:
+        """A short name for run directories: the folder's or the built-in dataset's."""
+        return Path(self.source.removeprefix(BUILTIN_PREFIX)).name or "run"
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        if self.used < TINY_DATASET:
+            out.append(
+                f"only {self.used} images: the model will mostly memorise them; "
+                f"hundreds or thousands of images give more varied samples"
+            )
+        th, tw = self.image_size
+        small = sum(1 for w, h in self.sizes if w < tw or h < th)
+        if small:
+            out.append(f"{small} images are smaller than {tw}x{th} and were upscaled")
+        if self.class_counts and max(self.class_counts) >= IMBALANCE * min(self.class_counts):
+            most, least = (self.class_counts.index(f(self.class_counts)) for f in (max, min))
+            out.append(
+                f"classes are imbalanced: {self.classes[most]} has "
+                f"{self.class_counts[most]} images, {self.classes[least]} "
+                f"{self.class_counts[least]}; the small classes will be learned poorly"
+            )
+        return out
+
+    def summary(self) -> dict:
+        if self.stored is not None:
+            return dict(self.stored)
+        ws = sorted(w for w, _ in self.sizes) or [0]
+        hs = sorted(h for _, h in self.sizes) or [0]
+        return {
+            "source": self.source,
+            "found": self.found,
+            "used": self.used,
+            "skipped": len(self.skipped),
+            "modes": dict(self.modes),
+            "min_size": [ws[0], hs[0]],
+            "median_size": [ws[len(ws) // 2], hs[len(hs) // 2]],
+            "max_size": [ws[-1], hs[-1]],
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "bytes": self.bytes,
+            "fingerprint": self.fingerprint,
+            "streamed": self.streamed,
+            "classes": list(self.classes),
+            "class_counts": list(self.class_counts),
+        }
+
+    def set_labels(self, labels: list[int], names: list[str]) -> torch.Tensor:
+        """Record the classes of the images used; returns the labels as a tensor."""
+        self.classes = list(names)
+        self.class_counts = [labels.count(i) for i in range(len(names))]
+        return torch.tensor(labels, dtype=torch.long)
+
+
+MEMORY_SHARE = 0.5  # decoded training data may take at most this share of available memory
+
+
+def scan(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in a stable order; hidden files are skipped."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: no such directory")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory; give a folder of images")
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def class_labels(folder: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
+    """Each image's class (the index of its first-level subfolder among the sorted names) and
+    the class names; None unless every image sits in one of two or more subfolders."""
+    firsts = []
+    for p in paths:
+        parts = p.relative_to(folder).parts
+        if len(parts) < 2:
+            return None
+        firsts.append(parts[0])
+    names = sorted(set(firsts))
+    if len(names) < 2:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    return [index[f] for f in firsts], names
+
+
+def to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """(C, H, W) in [-1, 1] with C = 1 or 3 -> `channels` channels (alpha appended for 4)."""
+    if channels in (3, 4) and pixels.shape[0] == 1:
+        pixels = pixels.expand(3, -1, -1)
+    elif channels == 1 and pixels.shape[0] == 3:  # ITU-R 601 luma, as Pillow's convert("L")
+        w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        pixels = (pixels * w).sum(0, keepdim=True)
+    if channels == 4:
+        a = torch.ones_like(pixels[:1]) if alpha is None else alpha[None].float() / 127.5 - 1
+        pixels = torch.cat([pixels, a])
+    return pixels
+
+
+def fingerprint(folder: Path, paths: list[Path]) -> str:
+    """A hash of the relative names and sizes of `paths`: it changes when files are added,
+    removed, renamed or rewritten with another size."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.mode, img.size
+    except Exception as e:  # Pillow raises many kinds for files it cannot read
+        raise DataError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
+
+
+def load_folder(
+    folder: Path,
+    image_size: tuple[int, int],
+    channels: int | None = None,
+    stream: bool | None = None,
+    classes: bool = True,
+) -> tuple[InMemory | OnDisk, DataReport]:
+    """The images under `folder`: decoded into memory, or (stream True, or None and the decoded
+    images would take more than MEMORY_SHARE of the available memory) left on disk. With
+    `classes`, a folder of class subfolders gives labelled images."""
+    folder = Path(folder)
+    paths = scan(folder)
+    report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report.fingerprint = fingerprint(folder, paths)
+    labelled = class_labels(folder, paths) if classes else None
+    label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else None
+    need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
+    if stream is None:
+        available = available_memory()
+        stream = available is not None and need > MEMORY_SHARE * available
+    if stream:
+        return _on_disk(folder, paths, report, channels, label_of, labelled)
+    decoded = list(decode_all(paths, image_size, report))
+    _check_found(folder, len(decoded), report)
+    if channels is None:
+        channels = 1 if all(d.pixels.shape[0] == 1 for _, d in decoded) else 3
+    report.channels = channels
+    data = torch.stack([to_uint8(to_channels(d.pixels, d.alpha, channels)) for _, d in decoded])
+    report.used = data.shape[0]
+    report.bytes = data.numel()
+    labels = None
+    if labelled:
+        labels = report.set_labels([label_of[p] for p, _ in decoded], labelled[1])
+    return InMemory(data, labels), report
+
+
+def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport):
+    """Decode each file (resized and cropped), recording modes, sizes and failures in `report`;
+    yields (path, decoded image) one at a time."""
+    for p in paths:
+        try:
+            img = decode_image(p.read_bytes(), str(p), size=image_size)
+        except (DataError, OSError) as e:
+            report.skipped.append((str(p), str(e)))
+            continue
+        report.modes[img.source_mode] += 1
+        report.sizes.append(img.source_size)
+        yield p, img
+
+
+def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
+    """The pre-flight report of a folder, every image decoded once and dropped: what `ddpm
+    train` would find, without training (or holding the images)."""
+    folder = Path(folder)
+    paths = scan(folder)
+    report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report.fingerprint = fingerprint(folder, paths)
+    labelled = class_labels(folder, paths)
+    label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else {}
+    gray, used = True, []
+    for p, img in decode_all(paths, image_size, report):
+        gray = gray and img.pixels.shape[0] == 1
+        used.append(label_of.get(p))
+    report.used = len(used)
+    _check_found(folder, report.used, report)
+    if labelled:
+        report.set_labels(used, labelled[1])
+    report.channels = 1 if gray else 3
+    report.bytes = report.used * report.channels * image_size[0] * image_size[1]
+    return report
+
+
+def _on_disk(
+    folder: Path, paths: list[Path], report: DataReport, channels: int | None,
+    label_of: dict | None, labelled,
+) -> tuple[OnDisk, DataReport]:  # fmt: skip
+    """Read only the headers now (modes, sizes, unreadable files); pixels are decoded per batch."""
+    kept = []
+    for p in paths:
+        try:
+            mode, size = _header(p)
+        except DataError as e:
+            report.skipped.append((str(p), str(e)))
+            continue
+        report.modes[mode] += 1
+        report.sizes.append(size)
+        kept.append(p)
+    _check_found(folder, len(kept), report)
+    if channels is None:
+        gray = all(m in GRAY_MODES or m.startswith("I;") for m in report.modes)
+        channels = 1 if gray else 3
+    h, w = report.image_size
+    report.channels, report.used, report.streamed = channels, len(kept), True
+    report.bytes = len(kept) * channels * h * w
+    labels = report.set_labels([label_of[p] for p in kept], labelled[1]) if labelled else None
+    return OnDisk(kept, report.image_size, channels, labels), report
+
+
+def _check_found(folder: Path, found: int, report: DataReport) -> None:
+    if not found:
+        why = f"; e.g. {report.skipped[0][1]}" if report.skipped else ""
+        raise DataError(f"{folder}: no readable images found (png, jpg, webp, bmp, tiff, gif){why}")
+
+
+def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
+    """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
+    img = decode_image(Path(path).read_bytes(), str(path), size=image_size)
+    return to_uint8(to_channels(img.pixels, img.alpha, channels))
+
+
+class InMemory:
+    """Decoded images held as one uint8 tensor (N, C, H, W), with their class labels (N,) for
+    labelled data."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
+        self.data, self.labels = data, labels
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+class OnDisk(torch.utils.data.Dataset):
+    """Image files decoded on demand (in DataLoader workers). An image that fails to decode
+    is replaced by the next readable one, the same one every time, and reported."""
+
+    def __init__(
+        self, paths: list[Path], image_size: tuple[int, int], channels: int,
+        labels: torch.Tensor | None = None,
+    ):  # fmt: skip
+        self.paths, self.image_size, self.channels = list(paths), image_size, channels
+        self.labels = labels  # (N,) class labels, for labelled data
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        failed = []
+        for k in range(len(self.paths)):
+            path = self.paths[(i + k) % len(self.paths)]
+            try:
+                return decode_for_training(path, self.image_size, self.channels), failed
+            except (DataError, OSError) as e:
+                failed.append((str(path), str(e)))
+        raise DataError(f"none of the {len(self.paths)} images can be decoded any more")
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) in [-1, 1] -> uint8 (C, H, W), rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [-1, 1]."""
+    return batch.float() / 127.5 - 1.0

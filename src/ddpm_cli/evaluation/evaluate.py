@@ -1,0 +1,196 @@
+"""`ddpm eval`: a checkpoint's bits/dim on held-out images, and the FID and KID of its samples.
+
+Both report through `progress(task, done, total)`, with task "bound" (network evaluations),
+"reference" (reference images embedded), "samples" (images drawn) or "features" (samples
+embedded); neither prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import Precision
+from ddpm_cli.data.folders import BUILTIN_PREFIX, scan, to_uint8
+from ddpm_cli.data.sources import is_cache_file, load_source
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.errors import DataError
+from ddpm_cli.evaluation.fid import (
+    STANDARD_N,
+    cached_features,
+    extract,
+    fid,
+    file_digest,
+    kid,
+    load_inception,
+    stats_key,
+    store_features,
+)
+from ddpm_cli.evaluation.likelihood import bound, evaluations, image_batches
+from ddpm_cli.generation.sampling import (
+    SamplingModel,
+    default_batch_size,
+    generate,
+    with_model_defaults,
+)
+from ddpm_cli.model.forward import resolve_precision
+from ddpm_cli.sampler_config import SamplerConfig
+
+Progress = Callable[[str, int, int], None]
+FEATURE_BATCH = 50  # images per Inception forward pass (299x299 activations are large)
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # as in Binkowski et al. 2018 and torch-fidelity
+
+
+def _counter(progress: Progress, task: str, total: int) -> Callable[[int], None]:
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(task, done, total)
+
+    return advance
+
+
+def _training_fingerprint(sm: SamplingModel) -> str | None:
+    fingerprint = sm.data.get("fingerprint")
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def likelihood(
+    sm: SamplingModel,
+    data: str,
+    *,
+    limit: int | None,
+    t_samples: int | None,
+    variance: str,
+    batch_size: int | None,
+    seed: int,
+    device: torch.device,
+    progress: Progress = lambda task, done, total: None,
+) -> dict:
+    """The variational bound in bits/dim on the first `limit` images of `data` (a folder,
+    builtin:NAME or a data cache), decoded at the model's size and channels."""
+    ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    T = sm.diffusion.timesteps
+    batch = batch_size or default_batch_size(sm.model_config, device, n)
+    result = bound(
+        sm.model,
+        sm.objective,
+        DiffusionTables.from_config(sm.diffusion),
+        image_batches(ds, n, batch),
+        t_samples=t_samples,
+        variance=variance,
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+        on_evaluations=_counter(progress, "bound", evaluations(n, T, t_samples)),
+    )
+    trained_on = report.fingerprint is not None and report.fingerprint == _training_fingerprint(sm)
+    return {
+        **result.to_dict(),
+        "data": report.source,
+        "found": report.found,
+        "training_images": trained_on,
+        "seed": seed,
+    }
+
+
+def reference_id(source: str) -> str:
+    """What identifies a reference set for the statistics cache: a folder's file names, sizes
+    and modification times; a data cache's content; a built-in dataset's name."""
+    if source.startswith(BUILTIN_PREFIX):
+        return source
+    if is_cache_file(source):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: no such data cache file")
+        return f"cache:{file_digest(path)}"
+    folder = Path(source)
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for p in scan(folder):
+        st = p.stat()
+        h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"folder:{h.hexdigest()}"
+
+
+def as_rgb(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) with C = 1, 3 or 4 -> 3 channels (gray repeated, alpha dropped)."""
+    return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch[:, :3]
+
+
+def sample_quality(
+    sm: SamplingModel,
+    reference: str,
+    *,
+    n: int,
+    sampler: SamplerConfig,
+    seed: int,
+    batch_size: int | None,
+    device: torch.device,
+    precision: Precision | None = None,
+    weights: Path | None = None,
+    use_cache: bool = True,
+    progress: Progress = lambda task, done, total: None,
+) -> dict:
+    """FID and KID between n samples (image k as `ddpm sample --seed SEED` draws it) and every
+    image of `reference`, decoded at the model's size and channels. The reference features are
+    cached under the user cache directory, keyed by the reference's files and the weights."""
+    precision = resolve_precision(precision, device)
+    start = time.perf_counter()
+    features, digest = load_inception(weights, device)
+    size, channels = sm.model_config.image_size, sm.model_config.in_channels
+    key = stats_key(f"{reference_id(reference)}:{channels}", size, digest)
+    ref = cached_features(key) if use_cache else None
+    cached = ref is not None
+    if ref is None:
+        ds, report = load_source(reference, size, channels)
+        _check_reference(reference, len(ds), n)
+        ref = extract(
+            lambda b: features(as_rgb(b)),
+            image_batches(ds, len(ds), FEATURE_BATCH),
+            _counter(progress, "reference", len(ds)),
+        )
+        if use_cache:
+            store_features(key, ref)
+    _check_reference(reference, ref.shape[0], n)
+    sampler = with_model_defaults(sampler, sm, clip_given=False)
+    resolved = sampler.resolved(sm.diffusion.timesteps, sm.objective)
+    batch = batch_size or default_batch_size(sm.model_config, device, n)
+    drawn = _counter(progress, "samples", n)
+
+    def sample_batches():
+        for chunk, x in generate(sm, sampler, list(range(n)), seed, batch, device, precision):
+            drawn(len(chunk))
+            yield as_rgb(to_uint8(x))
+
+    ours = extract(features, sample_batches(), _counter(progress, "features", n))
+    kid_mean, kid_std = kid(
+        ours, ref, KID_SUBSETS, KID_SUBSET_SIZE, torch.Generator().manual_seed(seed)
+    )
+    return {
+        "fid": fid(ours, ref),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "samples": n,
+        "estimate": n < STANDARD_N,
+        "reference": reference,
+        "reference_images": ref.shape[0],
+        "reference_cached": cached,
+        "sampler": resolved.to_dict(),
+        "seed": seed,
+        "precision": precision.value,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _check_reference(reference: str, have: int, n: int) -> None:
+    if have < n:
+        raise DataError(
+            f"{reference}: {have} reference images, fewer than the {n} samples asked for; "
+            f"lower -n to {have} or add reference images"
+        )

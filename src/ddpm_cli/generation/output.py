@@ -1,0 +1,127 @@
+"""Images out of a sampling job: tensors to PIL images, file names, grids, trajectory strips,
+and the provenance each PNG carries, with the command that draws it again."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import torch
+from PIL import Image
+
+from ddpm_cli import __version__, runtime
+from ddpm_cli.config import Precision
+from ddpm_cli.data.images import encode_gif, encode_png, hstack, labelled, to_pil
+from ddpm_cli.generation.sampling import SamplingModel, Trajectory
+from ddpm_cli.sampler_config import SamplerConfig
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] -> a Pillow image: gray for 1 channel, RGB for 3, RGBA for 4."""
+    if x.shape[0] == 1:
+        return to_pil(x, "L")
+    if x.shape[0] == 4:
+        alpha = ((x[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return to_pil(x[:3], "RGB", alpha)
+    return to_pil(x[:3], "RGB")
+
+
+def image_name(index: int, label: int | None, names: tuple[str, ...]) -> str:
+    """The file of image `index`: 000037.png, or cat-000037.png for class cat."""
+    return f"{index:06d}.png" if label is None else f"{names[label]}-{index:06d}.png"
+
+
+def provenance(
+    sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: Precision,
+    guidance: float = 0.0,
+) -> dict:  # fmt: skip
+    """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added, and
+    "ddpm:class" for a class-conditional sample)."""
+    s = sampler.resolved(sm.diffusion.timesteps, sm.objective)
+    return {
+        "ddpm:checkpoint": sm.path.name,
+        "ddpm:checkpoint_hash": sm.content_hash,
+        "ddpm:weights": sm.weights,
+        "ddpm:sampler": s.sampler.value,
+        "ddpm:steps": str(s.steps),
+        "ddpm:eta": str(s.eta),
+        "ddpm:variance": s.variance,
+        "ddpm:spacing": s.spacing,
+        "ddpm:clip": json.dumps(s.clip),
+        "ddpm:seed": str(seed),
+        "ddpm:precision": precision.value,
+        "ddpm:guidance": str(guidance),
+        "ddpm:version": __version__,
+        "ddpm:runtime": json.dumps(runtime.current().recorded()),  # switches that change bits
+        "Software": f"ddpm {__version__}",
+    }
+
+
+def regenerate_command(text: dict[str, str], index: int) -> str:
+    """The `ddpm sample` command that draws image `index` again."""
+    parts = [
+        f"ddpm sample {text['ddpm:checkpoint']} -n 1 --start {index}",
+        f"--seed {text['ddpm:seed']} --sampler {text['ddpm:sampler']}",
+        f"--steps {text['ddpm:steps']} --spacing {text['ddpm:spacing']}",
+    ]
+    if text["ddpm:sampler"] == "ddim":
+        parts.append(f"--eta {text['ddpm:eta']}")
+    if text["ddpm:sampler"] == "ddpm":
+        parts.append(f"--variance {text['ddpm:variance']}")
+    if text["ddpm:clip"] == "false":
+        parts.append("--no-clip")
+    if text["ddpm:weights"] == "raw":
+        parts.append("--raw")
+    # always named: the default depends on the device (forward.default_precision)
+    parts.append(f"--precision {text['ddpm:precision']}")
+    if "ddpm:class" in text:
+        parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
+        # always named: the default may change between versions (sampler_config.DEFAULT_GUIDANCE)
+        parts.append(f"--guidance {text.get('ddpm:guidance', '0')}")
+    return _switches(text.get("ddpm:runtime")) + " ".join(parts)
+
+
+def _switches(recorded: str | None) -> str:
+    """The environment switches to set before the command (runtime.Runtime.command_prefix)."""
+    try:
+        values = json.loads(recorded) if recorded else {}
+        return runtime.Runtime(**values).command_prefix()
+    except (ValueError, TypeError):  # a PNG from another version, or edited
+        return ""
+
+
+def grid_image(images: torch.Tensor) -> Image.Image:
+    """(N, C, H, W) in [-1, 1] as one grid (torchvision's make_grid), about square."""
+    return grid_image_rows(images, nrow=max(1, round(images.shape[0] ** 0.5)))
+
+
+STRIP_COLUMNS = 8
+
+
+def render_trajectory(trajectory: Trajectory, gif: bool) -> bytes:
+    """Each recorded step as a labelled cell: x_t above, the network's prediction of x_0 from
+    it below, one column per image; the last cell is the sample. A GIF shows every recorded
+    step; a PNG strip shows up to STRIP_COLUMNS of them, evenly spread, the last included."""
+    if not trajectory.steps:
+        raise ValueError("empty trajectory")
+    picks = range(len(trajectory.steps))
+    if not gif:
+        n = min(STRIP_COLUMNS, len(trajectory.steps))
+        last = len(trajectory.steps) - 1
+        picks = sorted({round(i * last / max(n - 1, 1)) for i in range(n)})
+    cells = []
+    for i in picks:
+        (_, t), x, x0 = trajectory.steps[i], trajectory.x[i], trajectory.x0[i]
+        k = x.shape[0]
+        cell = grid_image_rows(torch.cat([x, x0]), nrow=k)
+        cells.append(labelled(cell.convert("RGB"), f"t={t}" if t >= 0 else "sample"))
+    if gif:
+        return encode_gif(cells, frame_ms=100, hold_ms=1500)
+    return encode_png(hstack(cells), {"Software": f"ddpm {__version__}"})
+
+
+def grid_image_rows(images: torch.Tensor, nrow: int) -> Image.Image:
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return to_image(grid[:1] if images.shape[1] == 1 else grid)  # make_grid makes gray RGB

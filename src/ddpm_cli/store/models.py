@@ -1,0 +1,120 @@
+"""Opening a model, the one way every command does it: a user's path (a checkpoint file or a
+run directory) resolved to a file (`model_file`), that file read and checked
+(`open_checkpoint`), and the network built from its config and loaded with its weights
+(`build_model`, `load_model`).
+
+A run directory holds model.safetensors (the EMA weights: what is sampled by default) and
+train_state.safetensors (raw weights under "model.", EMA under "ema.", and the optimizer); see
+training/run.py for the whole layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.device import place
+from ddpm_cli.errors import DataError
+from ddpm_cli.model.unet import UNet
+from ddpm_cli.store.checkpoint import (
+    Checkpoint,
+    check_state_dict,
+    config_section,
+    load_checkpoint,
+    read_header,
+)
+from ddpm_cli.store.files import MODEL, STATE
+
+RAW = "model."  # the raw weights' prefix in a train state
+
+
+def is_run_directory(folder: Path) -> bool:
+    return (Path(folder) / MODEL).exists() or (Path(folder) / STATE).exists()
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, named without it."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def network_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The network's tensors in a checkpoint: all of a model file's, a train state's raw ones."""
+    if ckpt.meta.get("kind") == "train_state":
+        return strip_prefix(ckpt.tensors, RAW)
+    return ckpt.tensors
+
+
+def model_file(path: Path, raw: bool = False) -> Path:
+    """The file a user's `path` names: the file itself, or in a run directory its
+    model.safetensors (the EMA weights), or with `raw` its train state (the raw weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such checkpoint file or run directory")
+    folder = path if path.is_dir() else path.parent
+    if raw:
+        file = folder / STATE
+        if not file.exists():
+            raise DataError(
+                f"{file}: not found; --raw needs the run directory's train state "
+                "(drop --raw to sample from the EMA weights)"
+            )
+        return file
+    file = folder / MODEL if path.is_dir() else path
+    if not file.exists():
+        raise DataError(f"{path}: no {MODEL} in this directory; is it a run directory?")
+    return file
+
+
+def open_checkpoint(path: Path, raw: bool = False, raw_option: bool = True) -> Checkpoint:
+    """The checkpoint of a model a user's `path` names (model_file), read and verified.
+    `raw_option`: whether the command has --raw, for the message refusing a train state."""
+    file = model_file(path, raw)
+    kind = (read_header(file).get("__metadata__") or {}).get("kind")
+    if kind == "train_state" and not raw:
+        raise DataError(
+            f"{file}: is a train state; sample from {file.parent / MODEL} (EMA weights), or add "
+            "--raw for the raw weights"
+            if raw_option
+            else f"{file}: is a train state; use {file.parent / MODEL} (the EMA weights)"
+        )
+    return load_checkpoint(file, kind="train_state" if raw else "model")
+
+
+def build_model(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], path: Path | str = "the weights"
+) -> UNet:
+    """The network of `config` with `tensors` as its weights, refused in one message (naming
+    `path`) when they do not fit it."""
+    model = UNet(config)
+    check_state_dict(Path(path), model.state_dict(), tensors)
+    model.load_state_dict(tensors)
+    return model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: UNet  # in eval mode, on the device asked for
+    model_config: ModelConfig
+    diffusion: DiffusionConfig
+    training: TrainConfig
+    ckpt: Checkpoint
+
+    @property
+    def weights(self) -> str:
+        """"raw" (a train state's training weights) or "ema"."""
+        return "raw" if self.ckpt.meta.get("kind") == "train_state" else "ema"
+
+
+def load_model(
+    path: Path, raw: bool = False, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """The model a user's `path` names (open_checkpoint), built and placed on `device`."""
+    ckpt = open_checkpoint(path, raw)
+    model_config = config_section(ckpt, "model", ModelConfig)
+    diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
+    training = config_section(ckpt, "training", TrainConfig)
+    model = build_model(model_config, network_weights(ckpt), ckpt.path)
+    return LoadedModel(place(model, device).eval(), model_config, diffusion, training, ckpt)

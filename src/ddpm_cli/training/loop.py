@@ -1,0 +1,211 @@
+"""The steps of a prepared run (run.py prepares it): train until its step or time limit or a
+stop, and meanwhile log metrics, draw sample grids and save checkpoints on their schedules.
+
+Under torchrun every rank runs the loop; the ranks agree on a stop and on the time spent, and
+only rank 0 writes files and reports. Progress goes to `on_event(kind, info)`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ddpm_cli import distributed
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.folders import DataReport
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.store.files import MODEL
+from ddpm_cli.training.run_files import METRICS, metrics_record, write_grid
+from ddpm_cli.training.train import (
+    TrainState,
+    check_finite,
+    ema_decay_at,
+    to_host,
+    train_step,
+)
+from ddpm_cli.training.train_state import save_run
+
+SYNC_EVERY = 25  # steps between the host's waits for an accelerator (see `Loop.run`)
+
+Event = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    step: int
+    total: int | None  # the step limit; None when only a time limit bounds the run
+    status: str  # "done" or "stopped"
+    loss: float | None
+
+
+@dataclass
+class Prepared:
+    """A run ready to train: its directory, configs, data, state and network, in this process
+    of a job of d.world (run.prepare makes it)."""
+
+    out: Path
+    config: TrainConfig
+    diffusion: DiffusionConfig
+    model: ModelConfig
+    configs: dict  # the JSON sections every checkpoint of the run stores
+    report: DataReport
+    batches: Batches
+    state: TrainState
+    tables: DiffusionTables
+    forward: torch.nn.Module  # the network as the step calls it (DDP, compiled)
+    total: int | None
+    elapsed0: float  # seconds of the run before this process started it (resume)
+    trained0: float  # of them, seconds in the training loop (--time)
+    d: distributed.Dist
+    device: torch.device
+    resumed: bool
+    stored_world: int
+
+
+class Loop:
+    """Runs a prepared run's steps; `run()` returns how it ended."""
+
+    def __init__(
+        self, job: Prepared, on_event: Event, should_stop: Callable[[], bool], started: float
+    ):
+        self.job, self.on_event, self.should_stop = job, on_event, should_stop
+        self.started = started  # when the command started (the run's elapsed time)
+        self.window: list = []  # host results since the last metrics line
+        self.pending: list = []  # results still on the device (train.py: steps never wait)
+        self.last_loss: float | None = None
+        # how often the host waits for the device: every step on the CPU, where it costs
+        # nothing; every SYNC_EVERY steps on an accelerator, and always before anything is written
+        self.sync_every = 1 if job.device.type == "cpu" else SYNC_EVERY
+        self.t_log = self.loop_start = time.perf_counter()
+
+    def trained(self) -> float:
+        """Seconds of training loop so far, over every resumed part of the run (--time)."""
+        return self.job.trained0 + time.perf_counter() - self.loop_start
+
+    def flush(self) -> None:
+        """Bring the pending results to the host, check them (TrainingDiverged at the first
+        non-finite step), add them to the log window and report progress."""
+        r, d = self.job, self.job.d
+        if not self.pending:
+            return
+        results = to_host(self.pending)
+        self.pending = []
+        if d.active:  # the whole global batch's losses: for the log, and for every rank to
+            # reach the same verdict below
+            parts = distributed.gather(d, [(x.losses, x.t) for x in results])
+            results = [
+                replace(x, losses=torch.cat([p[i][0] for p in parts]),
+                        t=torch.cat([p[i][1] for p in parts]))
+                for i, x in enumerate(results)
+            ]  # fmt: skip
+        check_finite(results, r.config)
+        if not d.main:
+            return
+        self.window.extend(results)
+        losses = torch.cat([x.losses for x in results])
+        self.last_loss = results[-1].loss
+        self.on_event(
+            "step",
+            {
+                "step": r.state.step,
+                "total": r.total,
+                "trained": self.trained(),
+                "epoch": r.state.epoch,
+                "loss": losses.mean().item(),
+                "steps": len(results),  # the steps this report covers
+                "lr": r.state.optimizer.param_groups[0]["lr"],
+                "images": losses.numel(),
+            },
+        )
+
+    def log_window(self) -> None:
+        r = self.job
+        now = time.perf_counter()
+        elapsed = r.elapsed0 + now - self.started
+        record = metrics_record(
+            self.window, r.state, r.config, r.diffusion.timesteps, now - self.t_log, elapsed
+        )
+        with open(r.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.on_event("log", record)
+        self.window, self.t_log = [], now
+
+    def checkpoint(self) -> None:
+        r = self.job
+        if not r.d.main:
+            return
+        elapsed = r.elapsed0 + time.perf_counter() - self.started
+        decay = ema_decay_at(r.state.step, r.config.ema_decay)
+        save_run(r.out, r.state, r.configs, elapsed, decay, world=r.d.world, trained=self.trained())
+        self.on_event("checkpoint", {"step": r.state.step, "path": r.out / MODEL})
+
+    def grid(self) -> None:
+        r = self.job
+        write_grid(r.out, r.state, r.diffusion, r.config, r.model, r.device, self.on_event)
+
+    def run(self) -> RunResult:
+        r, d, state, config = self.job, self.job.d, self.job.state, self.job.config
+        status, total = "done", r.total
+        feed = r.batches.iterate(state.epoch, state.batch_in_epoch)
+        time_spent = 0.0  # the share of --time used, as the ranks agree on it
+        while total is None or state.step < total:
+            # in a job, the ranks agree on a stop and on the time spent (their clocks differ)
+            # where they also wait for the device
+            if not d.active or state.step % self.sync_every == 0:
+                if distributed.any_rank(d, self.should_stop(), r.device):
+                    status = "stopped"
+                    break
+                if config.time_limit is not None:
+                    time_spent = distributed.most(d, self.trained() / config.time_limit, r.device)
+                    if time_spent >= 1.0:
+                        break
+            # the share of the run done, for the learning rate's cooldown: of its steps, or of
+            # its time, whichever limit is nearer
+            progress = max(time_spent, state.step / total if total else 0.0)
+            micro, labels = [], []
+            for _ in range(config.grad_accum):
+                x, y = next(feed)
+                micro.append(x)
+                labels.append(y)
+                state.batch_in_epoch += 1
+                if state.batch_in_epoch >= r.batches.per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            with distributed.collective("a training step"):
+                self.pending.append(train_step(
+                    state, micro, r.tables, config, r.device, r.forward, (d.rank, d.world),
+                    labels if r.model.num_classes else None, r.model.num_classes, progress,
+                ))  # fmt: skip
+            step = state.step
+            log = step % config.log_every == 0 or step == total
+            grid = config.sample_every and step % config.sample_every == 0
+            save = step % config.checkpoint_every == 0
+            if log or grid or save or step % self.sync_every == 0:
+                with distributed.collective("a training step"):
+                    self.flush()
+            if not d.main:
+                continue
+            if log:
+                self.log_window()
+            if grid:
+                self.grid()
+            if save:
+                self.checkpoint()
+        feed.close()  # stops the DataLoader workers, if any
+        with distributed.collective("a training step"):
+            self.flush()
+        if d.main and self.window:  # a stop between log steps: log the partial window too
+            self.log_window()
+        if state.step and (state.step % config.checkpoint_every or status == "stopped"):
+            self.checkpoint()
+        done_off_grid = config.sample_every and state.step % config.sample_every
+        if status == "done" and done_off_grid and d.main:
+            self.grid()
+        self.on_event("end", {"status": status, "step": state.step, "out": r.out})
+        return RunResult(r.out, state.step, total, status, self.last_loss)

@@ -1,0 +1,119 @@
+"""Continuing a run: what `--resume DIR` reads back, and which options it may change.
+
+A resumed run keeps its model, diffusion settings and data; it may change only the options in
+RESUMABLE (a longer run, another device, other logging), and refuses the rest in one message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
+from ddpm_cli.errors import UsageError
+from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
+from ddpm_cli.store.files import STATE
+
+# options a resumed run may change; everything else must match the stored run
+RESUMABLE = {
+    "steps",
+    "epochs",
+    "time_limit",
+    "lr",
+    "cooldown",
+    "sample_every",
+    "checkpoint_every",
+    "log_every",
+    "num_samples",
+    "device",
+    "compile",
+    "stream",
+    "workers",
+    "data_cache",
+}
+DIFFUSION_OPTIONS = ("schedule", "timesteps")  # part of the model: never changed on resume
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A stored run, read back: its directory, train-state checkpoint and configs (the
+    training config merged with the options given now), and its data's summary."""
+
+    out: Path
+    ckpt: Checkpoint
+    config: TrainConfig
+    diffusion: DiffusionConfig
+    model: ModelConfig
+    data: dict  # the stored data summary: source, fingerprint, counts
+
+    @property
+    def source(self) -> str | None:
+        return self.data.get("source")
+
+    def trained_seconds(self, elapsed: float) -> float:
+        """Seconds spent in the training loop so far, what --time counts (runs saved before
+        --time existed stored only the whole `elapsed` time)."""
+        return self.ckpt.json("train_seconds") if "train_seconds" in self.ckpt.meta else elapsed
+
+    @property
+    def world(self) -> int:
+        """The number of processes that trained it (runs saved before distributed training
+        had one)."""
+        return self.ckpt.json("world_size") if "world_size" in self.ckpt.meta else 1
+
+
+def open_resume(resume: Path, source: str | None, out: Path | None, given: dict) -> Resumed:
+    """Read the run in `resume` for `--resume`, refusing a DATA argument, another --out and
+    options the run cannot change (`given`: the options the user set explicitly)."""
+    if source is not None:
+        raise UsageError("--resume trains on the run's own stored data; drop the DATA argument")
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise UsageError("--resume continues in the run's own directory; drop --out")
+    out = Path(resume)
+    if not (out / STATE).exists():
+        raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
+    ckpt = load_checkpoint(out / STATE, kind="train_state")
+    stored = config_section(ckpt, "training", TrainConfig)
+    if "cooldown" not in ckpt.config.get("training", {}):  # saved before cooldowns existed:
+        stored = replace(stored, cooldown=0.0)  # it goes on at a constant rate, as planned
+    diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
+    config = merge_resume(stored, diffusion, given)
+    model = config_section(ckpt, "model", ModelConfig)
+    return Resumed(out, ckpt, config, diffusion, model, ckpt.config.get("data", {}))
+
+
+def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -> TrainConfig:
+    """The stored config with the safe options the user gave; refuse conflicting ones."""
+    values = stored.to_dict()
+    conflicts = []
+    for key in DIFFUSION_OPTIONS:
+        if key in given:
+            have = diffusion.to_dict()[key]
+            mine = from_dict(DiffusionConfig, {**diffusion.to_dict(), key: given[key]}).to_dict()
+            if mine[key] != have:
+                conflicts.append(f"--{key} {jsonable(given[key])} (the run has {have})")
+    for key, value in given.items():
+        if key in DIFFUSION_OPTIONS:
+            continue
+        # normalise through the dataclass, so "32" and (32, 32) compare equal to the stored [32, 32]
+        normalized = from_dict(TrainConfig, {**values, key: jsonable(value)}).to_dict()[key]
+        if key in RESUMABLE:
+            values[key] = normalized
+        elif normalized != values.get(key):
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {values.get(key)})")
+    if conflicts:
+        raise UsageError(
+            "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"
+        )
+    return from_dict(TrainConfig, values)
+
+
+def steps_left_by_epoch(config: TrainConfig, state, per_epoch: int, total: int) -> int:
+    """After resuming with another number of processes, steps counted so far were of another
+    global batch: an epoch limit becomes the steps left to its end, in today's batches."""
+    if config.epochs is None:
+        return total
+    left = (config.epochs - state.epoch) * per_epoch - state.batch_in_epoch
+    by_epoch = state.step + max(0, math.ceil(left / config.grad_accum))
+    return min(by_epoch, config.steps) if config.steps is not None else by_epoch

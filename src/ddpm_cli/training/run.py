@@ -1,0 +1,205 @@
+"""A training run: its directory, data, loop, checkpoints, sample grids, metrics and resume.
+
+    runs/NAME/
+      model.safetensors        EMA weights + full config: the file to sample from
+      train_state.safetensors  raw weights, EMA, Adam moments, RNG states, data position
+                               (written and read by train_state.py)
+      metrics.jsonl            one JSON object per logged step
+      samples/step-NNNNNNN.png sample grids from the EMA weights
+      data_cache.safetensors   the decoded training images (uint8), reused on resume and
+                               usable as the DATA of a new run (not written when streaming)
+      skipped.txt              images that could not be read, and why
+      .lock                    held while a process trains here (files.RunLock)
+
+Here a run is prepared (a new one, or one read back by resume.py) and handed to loop.py;
+run_files.py writes the files; under torchrun only rank 0 does (docs/distributed.md).
+Progress is reported to `on_event(kind, info)`; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ddpm_cli import distributed
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.sources import data_image_size, load_source
+from ddpm_cli.device import resolve_device
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.errors import UsageError
+from ddpm_cli.model.presets import build_model_config, recipe_for
+from ddpm_cli.model.unet import count_parameters
+from ddpm_cli.store.files import MODEL, STATE, RunLock
+from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
+from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
+from ddpm_cli.training.run_files import CACHE, SKIPPED, prepare_directory
+from ddpm_cli.training.train import compiled, new_state, resolve, total_steps
+from ddpm_cli.training.train_state import restore_state
+
+__all__ = ["RunResult", "next_run_dir", "train"]
+
+
+def next_run_dir(root: Path, name: str) -> Path:
+    n = 1
+    while (root / f"{name}-{n}").exists():
+        n += 1
+    return root / f"{name}-{n}"
+
+
+def train(
+    source: str | None,
+    config: TrainConfig,
+    diffusion: DiffusionConfig,
+    out: Path | None = None,
+    resume: Path | None = None,
+    given: dict | None = None,
+    on_event: Event = lambda kind, info: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> RunResult:
+    """Train from `source` (a folder, "builtin:NAME" or None for the default built-in dataset)
+    into `out`, or continue the run in `resume`. `given`: the options the user set explicitly,
+    checked against the stored run on resume. A `diffusion` schedule of None is the preset's
+    (presets.Recipe); a resumed run keeps its own."""
+    started = time.perf_counter()
+    resumed = None
+    if resume is not None:
+        resumed = open_resume(Path(resume), source, out, given or {})
+        source, out, config, diffusion = (
+            resumed.source, resumed.out, resumed.config, resumed.diffusion
+        )
+    d, device = distributed.init(resolve_device(config.device))
+    with contextlib.ExitStack() as held:  # the process group, then the run directory's lock
+        held.callback(distributed.shutdown)
+        if not d.main:  # progress, files and messages are rank 0's
+            on_event = lambda kind, info: None  # noqa: E731
+        run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event)
+        result = Loop(run, on_event, should_stop, started).run()
+        distributed.leave_together(d)
+        return result
+
+
+def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
+            held: contextlib.ExitStack, on_event: Event) -> Prepared:  # fmt: skip
+    """Load the data, claim the run directory, build or restore the training state and the
+    network, and report the start; what the run must release when it ends goes on `held`."""
+    labelled = not config.unconditional
+    if config.image_size is None:  # the data's own size (sources.data_image_size)
+        config = replace(config, image_size=data_image_size(source))
+    if resumed is not None and (out / CACHE).exists():
+        images, report = load_source(
+            str(out / CACHE), config.image_size, config.channels, classes=labelled
+        )
+    else:
+        images, report = load_source(
+            source, config.image_size, config.channels, config.stream, classes=labelled
+        )
+    if resumed is not None and report.fingerprint != resumed.data.get("fingerprint"):
+        raise UsageError(
+            f"{source} has changed since the run started (files added, removed or resized), so "
+            "the run cannot continue exactly; restore the folder, or start a new run with --out"
+        )
+    if resumed is None:
+        out = Path(out) if out is not None else next_run_dir(Path("runs"), report.name)
+        if (out / STATE).exists() or (out / MODEL).exists():
+            raise UsageError(
+                f"{out} already holds a run; continue it with --resume {out} "
+                "or choose another --out"
+            )
+        config = resolve(config, device, report.used, report.channels, d.world)
+        if diffusion.schedule is None:  # the preset's
+            diffusion = replace(diffusion, schedule=recipe_for(config.preset).schedule)
+        model_config = build_model_config(
+            config.preset, config.image_size, report.channels, classes=tuple(report.classes)
+        )
+    else:
+        config = resolve(config, device, report.used, report.channels, d.world)
+        model_config = resumed.model
+    # rank 0's choices (the run directory's name, a random seed) are the job's
+    out, config = distributed.broadcast(d, (out, config))
+    ckpt = resumed.ckpt if resumed is not None else None
+    if d.main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(out))  # before anything in the directory changes
+        prepare_directory(out, resumed is not None, config, images, report, ckpt)
+
+    reported: set[str] = set()
+
+    def on_skip(failed: list[tuple[str, str]]) -> None:
+        """Images that stopped decoding mid-run: replaced by a readable one, listed once."""
+        failed = [(p, r) for p, r in dict(failed).items() if p not in reported]
+        reported.update(p for p, _ in failed)
+        if not failed:
+            return
+        if d.main:
+            with open(out / SKIPPED, "a") as f:
+                f.writelines(f"{p}\t{r}\n" for p, r in failed)
+        on_event("skip", {"failed": failed})
+
+    batches = Batches(
+        images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
+        shard=(d.rank, d.world), device=device,
+    )  # fmt: skip
+    total = total_steps(config, batches.per_epoch)
+    configs = {
+        "model": model_config.to_dict(),
+        "diffusion": diffusion.to_dict(),
+        "training": config.to_dict(),
+        # on resume the cache knows no file sizes or skipped files: keep the stored summary
+        "data": resumed.data if resumed is not None else report.summary(),
+    }
+
+    state = new_state(model_config, config, device)
+    elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
+    trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
+    stored_world = resumed.world if resumed is not None else d.world
+    if stored_world != d.world:  # keep the data position: the same image of the epoch
+        seen = state.batch_in_epoch * config.batch_size * stored_world
+        state.batch_in_epoch = seen // batches.batch_size
+        total = steps_left_by_epoch(config, state, batches.per_epoch, total)
+    tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
+    if device.type == "cuda":  # (weights are channels_last from new_state, device.place)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: +19% img/s (docs/benchmarks.md)
+    forward = state.model
+    if d.active:
+        # every rank starts from the same weights (the same seed); dropout differs per rank
+        torch.manual_seed(distributed.rank_seed(config.seed, d.rank, state.step))
+        forward = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = compiled(forward, device, d.active) if config.compile else forward
+
+    on_event(
+        "start",
+        {
+            "out": out,
+            "report": report,
+            "data": configs["data"],
+            "config": config,
+            "model": model_config,
+            "diffusion": diffusion,
+            "parameters": count_parameters(state.model),
+            "total": total,
+            "step": state.step,
+            "trained": trained0,
+            "device": str(device),
+            "resumed": resumed is not None,
+            "world": d.world,
+            "stored_world": stored_world,
+        },
+    )
+    if report.skipped and d.main:
+        lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
+        (out / SKIPPED).write_text(lines)
+    return Prepared(
+        out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
+        report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,
+        elapsed0=elapsed0, trained0=trained0, d=d, device=device, resumed=resumed is not None,
+        stored_world=stored_world,
+    )  # fmt: skip

@@ -1,0 +1,116 @@
+"""The files of a run directory: its preparation, metrics, sample grids and data cache.
+
+Written by rank 0 of a training run (run.py); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import TrainConfig
+from ddpm_cli.data.folders import DataReport, InMemory
+from ddpm_cli.data.images import encode_png
+from ddpm_cli.generation.output import grid_image, grid_image_rows
+from ddpm_cli.generation.sampling import SamplingModel, generate
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
+from ddpm_cli.store.checkpoint import save_checkpoint
+from ddpm_cli.store.files import MODEL, write_atomic
+from ddpm_cli.training.train import ema_decay_at
+
+METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
+
+
+def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
+    """A grid of the EMA model's samples as PNG bytes: the images `ddpm sample` draws by
+    default with this seed (its default sampler, image k from its own noise); for a
+    class-conditional model a row per class, as `--class all -n K` draws them (with its
+    default guidance)."""
+    sm = SamplingModel(
+        model=ema,
+        model_config=model_config,
+        diffusion=diffusion,
+        objective=config.objective.value,
+        path=Path(MODEL),
+        content_hash="",
+        weights="ema",
+        step=0,
+    )
+    n, classes = config.num_samples, model_config.num_classes
+    if not classes:
+        batches = generate(sm, SamplerConfig(), list(range(n)), seed, n, device)
+        return encode_png(grid_image(torch.cat([x for _, x in batches])))
+    per = max(1, n // classes)
+    labels = [c for c in range(classes) for _ in range(per)]
+    indices = list(range(per)) * classes
+    batches = generate(sm, SamplerConfig(), indices, seed, len(indices), device, labels=labels,
+                       guidance=DEFAULT_GUIDANCE)  # fmt: skip
+    return encode_png(grid_image_rows(torch.cat([x for _, x in batches]), per))
+
+
+def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
+        stale.unlink(missing_ok=True)
+    if not resumed:  # a fresh run owns this directory: no leftovers of an earlier attempt
+        (out / CACHE).unlink(missing_ok=True)
+        if config.data_cache and isinstance(images, InMemory):
+            write_cache(out, images, report)
+        (out / METRICS).unlink(missing_ok=True)
+        (out / SKIPPED).unlink(missing_ok=True)
+    else:
+        truncate_metrics(out / METRICS, ckpt.step)
+
+
+def write_grid(out, state, diffusion, config, model_config, device, on_event):
+    png = sample_grid(state.ema, diffusion, config, model_config, device, config.seed)
+    path = out / "samples" / f"step-{state.step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, png)
+    on_event("sample", {"step": state.step, "path": path})
+
+
+def metrics_record(window, state, config, T: int, seconds: float, elapsed: float) -> dict:
+    losses = torch.cat([r.losses for r in window])
+    ts = torch.cat([r.t for r in window])
+    quarters = []
+    for q in range(4):
+        mask = (ts >= q * T / 4) & (ts < (q + 1) * T / 4)
+        quarters.append(losses[mask].mean().item() if mask.any() else None)
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": losses.mean().item(),
+        "loss_quarters": quarters,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": sum(float(r.grad_norm) for r in window) / len(window),
+        "img_per_s": losses.numel() / seconds if seconds > 0 else None,
+        "ema_decay": ema_decay_at(state.step, config.ema_decay),
+        "elapsed": elapsed,
+    }
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past `step`: a run resumed from an older checkpoint logs them again."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_atomic(path, "".join(keep).encode())
+
+
+def write_cache(out: Path, images: InMemory, report: DataReport) -> None:
+    tensors = {"images": images.data}
+    if images.labels is not None:
+        tensors["labels"] = images.labels
+    save_checkpoint(
+        out / CACHE,
+        tensors,
+        "data_cache",
+        {"config": {"data": report.summary()}, "step": 0},
+    )
