@@ -130,23 +130,24 @@ def test_the_policy_gives_the_fast_paths_and_torch_keeps_the_same_function():
     takes the 128-channel layers here: about 1e-5 relative, docs/benchmarks.md)."""
     from torch import nn
 
-    from ddpm_cli.model.kernels.dropout import Dropout
-    from ddpm_cli.model.kernels.policy import TORCH, KernelPolicy
+    from ddpm_cli.model.kernels.policy import FAST, TORCH, KernelPolicy, install
     from ddpm_cli.model.kernels.winograd import Conv3x3
 
     config = ModelConfig(image_size=(16, 16), channels=128, channel_mult=(1, 2), num_res_blocks=1,
                          attention_resolutions=(), dropout=0.1)  # fmt: skip
     torch.manual_seed(0)
-    fast = UNet(config)
+    fast = UNet(config, kernels=FAST)
     plain = UNet(config, kernels=TORCH)
     kinds = {type(m) for m in fast.modules()}
-    assert {Conv3x3, GroupNorm, Dropout} <= kinds
-    assert not {Conv3x3, GroupNorm, Dropout} & {type(m) for m in plain.modules()}
+    assert {Conv3x3, GroupNorm} <= kinds
+    assert not {Conv3x3, GroupNorm} & {type(m) for m in plain.modules()}
     assert {nn.Conv2d, nn.GroupNorm, nn.Dropout} <= {type(m) for m in plain.modules()}
     assert nn.Conv2d in kinds  # the stride-2 and 1x1 convolutions have no fast path
-    conv_only = UNet(config, KernelPolicy(groupnorm_nchw=False, cpu_dropout=False))
-    only_conv = {type(m) for m in conv_only.modules()}
-    assert Conv3x3 in only_conv and GroupNorm not in only_conv and Dropout not in only_conv
+    only_conv = {type(m) for m in UNet(config, KernelPolicy(groupnorm_nchw=False)).modules()}
+    assert Conv3x3 in only_conv and GroupNorm not in only_conv
+    assert not {Conv3x3, GroupNorm} & {type(m) for m in install(fast, TORCH).modules()}
+    install(fast, FAST)  # and back: install sets every layer as the policy says
+    assert kinds == {type(m) for m in fast.modules()}
     for p in fast.parameters():
         torch.nn.init.normal_(p, std=0.05)
     plain.load_state_dict(fast.state_dict())
@@ -159,28 +160,35 @@ def test_the_policy_gives_the_fast_paths_and_torch_keeps_the_same_function():
     assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
-def test_cpu_dropout_drops_p_of_the_values_and_keeps_the_mean():
-    from ddpm_cli.model.kernels.dropout import Dropout
+@pytest.mark.parametrize(
+    "cpu, conv3x3",
+    [(("AuthenticAMD", 26), False), (("AuthenticAMD", 27), False), (("AuthenticAMD", 25), True),
+     (("GenuineIntel", 6), True), (None, True)],
+)  # fmt: skip
+def test_the_default_policy_keeps_torchs_convolutions_where_they_measured_faster(
+    monkeypatch, cpu, conv3x3
+):
+    """AMD from Zen 5 (family 26): oneDNN's direct convolutions beat Winograd in every layer
+    (docs/benchmarks.md); elsewhere Winograd measured faster, and an unknown CPU keeps it."""
+    from ddpm_cli.model.kernels import policy
+    from ddpm_cli.model.kernels.winograd import Conv3x3
 
-    layer = Dropout(0.1)
-    x = torch.ones(2, 8, 250, 250, requires_grad=True)  # 1M values
-    torch.manual_seed(0)
-    y = layer(x)
-    dropped = (y == 0).double().mean().item()
-    assert abs(dropped - 0.1) < 0.002  # binomial spread at 1M draws is 0.0003
-    kept = y[y != 0]
-    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.9))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask and scale
-    torch.manual_seed(0)
-    assert torch.equal(layer(x), y)  # the global generator decides the mask
-    assert not torch.equal(layer(x), y)
-    # masks are not correlated between neighbouring values (four come from one 64-bit draw)
-    m = (y.detach() == 0).flatten().double()
-    assert abs(((m[:-1] * m[1:]).mean() - m.mean() ** 2).item()) < 0.002
-    layer.eval()
-    assert layer(x) is x
-    assert Dropout(0.0).train()(x) is x
+    monkeypatch.setattr(policy, "cpu_id", lambda: cpu)
+    assert policy.default_policy().conv3x3 is conv3x3
+    assert policy.default_policy().groupnorm_nchw
+    layers = {type(m) for m in UNet(TINY).modules()}
+    assert (Conv3x3 in layers) is conv3x3 and GroupNorm in layers
+
+
+def test_cpu_id_reads_this_linux_cpu():
+    import platform
+
+    from ddpm_cli.device import cpu_id
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("reads /proc/cpuinfo of an x86 Linux machine")
+    vendor, family = cpu_id()
+    assert vendor in ("AuthenticAMD", "GenuineIntel", "HygonGenuine") and family > 0
 
 
 CL = torch.channels_last

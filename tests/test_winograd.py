@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ddpm_cli.config import ModelConfig
 from ddpm_cli.model.kernels import winograd
+from ddpm_cli.model.kernels.policy import FAST
 from ddpm_cli.model.kernels.winograd import Conv3x3
 from ddpm_cli.model.unet import UNet
 from ddpm_cli.training.train import make_adam
@@ -153,7 +154,7 @@ def random_unet(channels: int, channel_mult: tuple[int, ...]) -> UNet:
     config = ModelConfig(image_size=(16, 16), channels=channels, channel_mult=channel_mult,
                          num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # fmt: skip
     torch.manual_seed(0)
-    model = UNet(config)
+    model = UNet(config, kernels=FAST)  # the path, on any CPU (policy.default_policy)
     for p in model.parameters():  # zero-initialised layers would hide a wrong convolution
         torch.nn.init.normal_(p, std=0.05)
     return model

@@ -10,6 +10,7 @@ the C allocator for large tensors once (`tune_allocator`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import re
 import secrets
@@ -48,6 +49,22 @@ def cpu_has_amx() -> bool | None:
     if not x86 or test is None:
         return None
     return bool(test()) and runtime.current().cpu_isa not in _ISAS_WITHOUT_AMX
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_id() -> tuple[str, int] | None:
+    """(vendor, family) of this x86 CPU as Linux reports it (/proc/cpuinfo), for example
+    ("AuthenticAMD", 26) for AMD's Zen 5; None where that is unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return None
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
+    if not (vendor and family):
+        return None
+    return vendor.group(1), int(family.group(1))
 
 
 def available_devices() -> list[str]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_cli.config import ModelConfig
-from ddpm_cli.model.kernels.policy import FAST, KernelPolicy, install
+from ddpm_cli.model.kernels.policy import KernelPolicy, install
 
 GROUPS = 32  # GroupNorm groups, as in the paper's code
 
@@ -124,9 +124,9 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """eps/x0/v-prediction network: (x_t (B, C, H, W), t (B,)) -> (B, out_channels, H, W)."""
 
-    def __init__(self, config: ModelConfig, kernels: KernelPolicy = FAST):
-        """`kernels`: the CPU fast paths its layers may take (kernels/policy.py); TORCH keeps
-        torch's own layers throughout."""
+    def __init__(self, config: ModelConfig, kernels: KernelPolicy | None = None):
+        """`kernels`: the CPU fast paths its layers may take (kernels/policy.py; None: the
+        default for this CPU); TORCH keeps torch's own layers throughout."""
         super().__init__()
         self.config = config
         ch, mult, n = config.channels, config.channel_mult, config.num_res_blocks
