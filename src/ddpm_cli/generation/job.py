@@ -93,8 +93,10 @@ def sample_images(
     files = [q.folder / image_name(k, c, names) for k, c in jobs] if q.folder else []
     check_outputs(q.folder, files, q.grid, q.trajectory, q.overwrite)
     check_model(sm)
-    config = with_model_defaults(q.sampler, sm, q.clip_given)
-    resolved = config.resolved(sm.diffusion.timesteps, sm.objective)
+    # the sampler settings, resolved once: the user's, the checkpoint's defaults, the sampler's
+    resolved = with_model_defaults(q.sampler, sm, q.clip_given).resolved(
+        sm.diffusion.timesteps, sm.objective
+    )
     seed = distributed.broadcast(d, new_seed() if q.seed is None else q.seed)
     total = len(jobs)
     jobs = jobs[d.rank :: d.world]  # image k's noise is the same whichever process draws it
@@ -102,7 +104,7 @@ def sample_images(
     batch = q.batch_size or default_batch_size(sm.model_config, device, len(jobs))
     if q.guidance and not q.batch_size:  # guidance runs the network on twice the batch
         batch = max(1, batch // 2)
-    text = provenance(sm, config, seed, precision, q.guidance)
+    text = provenance(sm, resolved, seed, precision, q.guidance)
     on_event("start", {
         "model": sm, "total": total, "mine": len(indices), "world": d.world, "active": d.active,
         "classes": [names[c] for c in labels] if labels else None, "guidance": q.guidance,
@@ -117,7 +119,7 @@ def sample_images(
     images, done = [], 0
     t0 = time.perf_counter()
     for chunk, x in generate(
-        sm, config, indices, seed, batch, device, precision, q.compile, traj,
+        sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
         q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),
         [c for _, c in jobs] if labels else None, q.guidance,
     ):  # fmt: skip
