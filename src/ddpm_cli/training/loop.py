@@ -65,7 +65,6 @@ class Prepared:
     trained0: float  # of them, seconds in the training loop (--time)
     d: distributed.Dist
     device: torch.device
-    resumed: bool
     stored_world: int
 
 

@@ -200,6 +200,5 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     return Prepared(
         out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
         report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,
-        elapsed0=elapsed0, trained0=trained0, d=d, device=device, resumed=resumed is not None,
-        stored_world=stored_world,
+        elapsed0=elapsed0, trained0=trained0, d=d, device=device, stored_world=stored_world,
     )  # fmt: skip
