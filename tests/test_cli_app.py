@@ -19,7 +19,7 @@ def test_version(runner):
     assert __version__ != "0.0.0+unknown"  # the installed package's metadata is found
 
 
-COMMANDS = {"noise", "train", "sample", "inspect", "eval", "import", "export"}
+COMMANDS = {"noise", "train", "sample", "inpaint", "upscale", "inspect", "eval", "import", "export"}
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in sorted(COMMANDS))])

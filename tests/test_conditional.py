@@ -309,3 +309,27 @@ def test_training_grids_show_a_row_per_class_as_sample_draws_them(tmp_path, runn
 def test_class_names_that_cannot_name_a_file_are_refused(name):
     with pytest.raises(Exception, match="cannot name a file"):
         ModelConfig(classes=("ok", name))
+
+
+@pytest.mark.parametrize("kept", ["magenta", "red"])
+def test_class_conditional_inpainting_fills_to_agree_with_the_kept_half(
+    model_dir, runner, tmp_path, kept
+):
+    """The model draws solid images: given a solid top half, the filled bottom half must be
+    the same colour, with --class (and its default guidance) as without; the red class holds
+    red and magenta images, so both halves are ones it can complete."""
+    colour = {"magenta": MAGENTA, "red": RED}[kept]
+    img = Image.new("RGB", (8, 8), colour)
+    img.paste((0, 255, 0), (0, 4, 8, 8))  # green below: to be replaced
+    img.save(tmp_path / "half.png")
+    for extra in ([], ["--class", "red"]):
+        out = tmp_path / f"out{len(extra)}"
+        r = runner.invoke(app, ["inpaint", str(model_dir), str(tmp_path / "half.png"), "--box",
+                                "0,4,8,8", "-n", "8", "-o", str(out), "--seed", "3", "-q",
+                                *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        for f in r.stdout.split():
+            x = pixels(f).float()  # height x width x RGB, 0..255
+            assert torch.equal(x[:4], pixels(img)[:4].float())
+            bottom = x[4:].mean(dim=(0, 1))
+            assert (bottom - torch.tensor(colour).float()).norm() < 40, (extra, bottom)

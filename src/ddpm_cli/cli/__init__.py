@@ -11,6 +11,7 @@ import typer
 
 from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console
+from ddpm_cli.cli.edit import inpaint, upscale
 from ddpm_cli.cli.eval import eval_
 from ddpm_cli.cli.inspect import inspect
 from ddpm_cli.cli.interop import export, import_
@@ -58,6 +59,8 @@ def root(
 app.command(name="noise", context_settings=CONTEXT)(noise)
 app.command(name="train", context_settings=CONTEXT)(train)
 app.command(name="sample", context_settings=CONTEXT)(sample)
+app.command(name="inpaint", context_settings=CONTEXT)(inpaint)
+app.command(name="upscale", context_settings=CONTEXT)(upscale)
 app.command(name="inspect", context_settings=CONTEXT)(inspect)
 app.command(name="eval", context_settings=CONTEXT)(eval_)
 app.command(name="import", context_settings=CONTEXT)(import_)

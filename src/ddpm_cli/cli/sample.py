@@ -1,148 +1,123 @@
-"""`ddpm sample`: generate PNGs (files, a grid, stdout) from a checkpoint or run directory."""
+"""`ddpm sample`: generate PNGs (files, a grid, stdout) from a checkpoint or run directory, from
+noise, or from an image: SDEdit (--init) and ILVR-guided variations (--guide)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ddpm_cli import distributed
-from ddpm_cli.cli.common import (
-    BatchSizeOpt,
-    DeviceOpt,
-    QuietOpt,
-    RawOpt,
-    SeedOpt,
-    count,
-    err_console,
-    json_option,
-    overwrite_option,
-    precision_option,
+from ddpm_cli.cli.common import BatchSizeOpt, DeviceOpt, QuietOpt, RawOpt, SeedOpt
+from ddpm_cli.cli.draw import (
+    CheckpointArg,
+    ClassOpt,
+    ClipOpt,
+    CompileOpt,
+    EtaOpt,
+    GridOpt,
+    GuidanceOpt,
+    OutOpt,
+    ResizeOpt,
+    S,
+    SampleJsonOpt,
+    SampleOverwriteOpt,
+    SamplePrecisionOpt,
+    SamplerOpt,
+    SpacingOpt,
+    StartOpt,
+    StepsOpt,
+    TrajectoryImagesOpt,
+    TrajectoryOpt,
+    VarianceOpt,
+    draw,
 )
-from ddpm_cli.cli.views import SampleProgress
-from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.job import SampleRequest, SampleResult, sample_images
-from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig, SamplerName, Spacing, Variance
-from ddpm_cli.store.files import (
-    STDIO,
-    stdout_is_terminal,
+from ddpm_cli.generation.editing import (
+    DEFAULT_GUIDE_FACTOR,
+    DEFAULT_STRENGTH,
+    FACTORS,
+    EditMode,
+    EditSpec,
 )
-
-S = SamplerConfig()  # the one source of defaults
 
 
 def sample(
     ctx: typer.Context,
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(help="A model.safetensors written by ddpm train, or its run directory."),
-    ],
+    checkpoint: CheckpointArg,
     num: Annotated[
-        int, typer.Option("--num", "-n", min=1, help="Number of images (per class with --class).")
-    ] = 16,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Directory for 000000.png, 000001.png, ... (created if missing), "
-            "or - for PNG bytes on stdout (the image, or the grid of several).",
-        ),
-    ] = None,
-    grid: Annotated[
-        str | None,
-        typer.Option("--grid", help="Also (or only) write all images as one grid PNG; - = stdout."),
-    ] = None,
-    start: Annotated[
         int,
-        typer.Option("--start", min=0, help="Index of the first image (to redraw one image)."),
-    ] = 0,
-    classes: Annotated[
-        list[str] | None,
         typer.Option(
-            "--class",
-            help="Class-conditional models: the class, by name or index (repeatable; all = "
-            "every class, a grid row each). Default: no class.",
-            show_default=False,
+            "--num",
+            "-n",
+            min=1,
+            help="Number of images (per class with --class, per input "
+            "image with --init or --guide).",
+        ),
+    ] = 16,
+    out: OutOpt = None,
+    grid: GridOpt = None,
+    start: StartOpt = 0,
+    classes: ClassOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="SDEdit: start from this image (a file, a folder of images, or - for stdin) "
+            "noised to t = strength T, instead of from pure noise.",
         ),
     ] = None,
-    guidance: Annotated[
+    strength: Annotated[
         float | None,
         typer.Option(
-            "--guidance",
-            min=0.0,
-            help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
-            f"0 is plain conditional sampling; larger is more typical of the class, less varied. "
-            f"Default: {DEFAULT_GUIDANCE:g} with --class.",
+            "--strength",
+            help=f"With --init, in (0, 1]: how much of the image is redrawn; near 0 keeps it, 1 "
+            f"is ordinary sampling. Default: {DEFAULT_STRENGTH:g}.",
             show_default=False,
         ),
     ] = None,
-    seed: SeedOpt = None,
-    sampler: Annotated[
-        SamplerName | None,
+    guide: Annotated[
+        str | None,
         typer.Option(
-            "--sampler",
-            help="ddpm (the paper's), ddim or dpm++. Default: dpm++ for v and x0 models, "
-            "ddpm over 100 steps for eps models.",
-            show_default=False,
+            "--guide",
+            help="ILVR: variations that keep this image's layout and colours (its means over "
+            "--factor blocks); a file, a folder of images, or -.",
         ),
-    ] = S.sampler,
-    steps: Annotated[
+    ] = None,
+    factor: Annotated[
         int | None,
         typer.Option(
-            "--steps", min=1, help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20."
-        ),
-    ] = S.steps,
-    eta: Annotated[
-        float | None,
-        typer.Option("--eta", min=0.0, max=1.0, help="ddim: 0 deterministic, 1 ancestral-like."),
-    ] = None,
-    variance: Annotated[
-        Variance | None,
-        typer.Option(
-            "--variance", help="ddpm: large (sigma^2 = beta, the paper's) or small (beta~)."
+            "--factor",
+            help=f"With --guide: the block size kept, 2, 4 or 8 (larger keeps less). "
+            f"Default: {DEFAULT_GUIDE_FACTOR}.",
+            show_default=False,
         ),
     ] = None,
-    spacing: Annotated[
-        Spacing | None,
-        typer.Option(
-            "--spacing",
-            help="Timestep spacing. Default: linspace for ddpm, logsnr for ddim and dpm++.",
-        ),
-    ] = S.spacing,
-    clip: Annotated[
-        bool, typer.Option("--clip/--no-clip", help="Clip the predicted x_0 to [-1, 1].")
-    ] = S.clip,
+    resize: ResizeOpt = False,
+    sampler: SamplerOpt = S.sampler,
+    steps: StepsOpt = S.steps,
+    eta: EtaOpt = None,
+    variance: VarianceOpt = None,
+    spacing: SpacingOpt = S.spacing,
+    clip: ClipOpt = S.clip,
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
-    precision: precision_option(
-        after="bf16 runs bf16 weights; fp16 runs under autocast (CUDA only)."
-    ) = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    precision: SamplePrecisionOpt = None,
+    compile: CompileOpt = False,
     device: DeviceOpt = "auto",
-    trajectory: Annotated[
-        Path | None,
-        typer.Option(
-            "--trajectory",
-            help="Write how the first images emerge: x_t over the predicted x_0, "
-            "as a .gif animation or a .png strip.",
-        ),
-    ] = None,
-    trajectory_images: Annotated[
-        int, typer.Option("--trajectory-images", min=1, help="Images in the trajectory.")
-    ] = 4,
-    overwrite: overwrite_option("Replace existing output files.") = False,
-    as_json: json_option("Print a JSON summary on stdout instead of the paths.") = False,
+    trajectory: TrajectoryOpt = None,
+    trajectory_images: TrajectoryImagesOpt = 4,
+    overwrite: SampleOverwriteOpt = False,
+    as_json: SampleJsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate images from a trained checkpoint.
 
     Image k of a seed is the same whatever -n and --batch-size are, and every PNG records how
     it was made (checkpoint hash, sampler, steps, seed, index) in its text chunks. stdout
-    lists the written files, one per line.
+    lists the written files, one per line. With --init or --guide the files are named after
+    the input: photo-000000.png.
 
     [dim]Examples:[/dim]
 
@@ -151,111 +126,35 @@ def sample(
       [bold]ddpm sample model.safetensors -n 16 --grid grid.png --sampler ddpm[/bold]
 
       [bold]ddpm sample model.safetensors -n 1 --seed 7 -o - > one.png[/bold]
+
+      [bold]ddpm sample runs/faces --init sketch.png --strength 0.5 -n 4 --grid edits.png[/bold]
     """
-    for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
-        if value is not None and (sampler is None or sampler.value != applies):
-            raise UsageError(f"--{name} applies to --sampler {applies}; add --sampler {applies}")
-    config = SamplerConfig(
-        sampler=sampler,
-        steps=steps,
-        eta=S.eta if eta is None else eta,
-        variance=None if variance is None else variance.value,
-        spacing=None if spacing is None else spacing.value,
-        clip=clip,
-    )
-    if out is None and grid is None:
-        raise UsageError("say where the images go: -o DIR, -o - (stdout) or --grid FILE")
-    if out == STDIO and grid == STDIO:
-        raise UsageError("-o - and --grid - both write to stdout; choose one")
-    to_stdout = STDIO in (out, grid)
-    if to_stdout and as_json:
-        raise UsageError("PNG bytes and --json both go to stdout; choose one")
-    if to_stdout and stdout_is_terminal():
-        raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
-    if out == STDIO and num > 1 and grid is None:
-        grid, out = STDIO, None  # several images on stdout: as one grid
-
-    if distributed.launched() and (out in (None, STDIO) or grid is not None or trajectory):
-        raise UsageError(
-            "under torchrun, ddpm sample writes numbered files only (-o DIR); make a grid or a "
-            "trajectory from one process"
-        )
-    if guidance and not classes:
-        raise UsageError("--guidance steers towards a class: add --class NAME")
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE if classes else 0.0
-    if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
-        grid, out = STDIO, None
-    folder = Path(out) if out not in (None, STDIO) else None
-
-    quiet = quiet or not distributed.env_main()
-    request = SampleRequest(
-        checkpoint=checkpoint, sampler=config, num=num, start=start,
-        classes=tuple(classes or ()), guidance=guidance, folder=folder, stdout=out == STDIO,
-        grid=grid, trajectory=trajectory, trajectory_images=trajectory_images,
-        overwrite=overwrite, seed=seed, raw=raw, batch_size=batch_size, precision=precision,
-        compile=compile, clip_given=ctx.get_parameter_source("clip").name == "COMMANDLINE",
-    )  # fmt: skip
-    d, dev = distributed.init(resolve_device(device))
-    try:
-        result = _run(request, d, dev, quiet)
-        distributed.leave_together(d)
-    finally:
-        distributed.shutdown()
-    if result is None:  # another process of a torchrun job: rank 0 reports
-        return
-    if not quiet:
-        err_console.print(
-            f"{count(result.total, 'image')} in {result.seconds:.1f} s "
-            f"({result.total / result.seconds:.2f} img/s)"
-            + (f"; grid {result.grid}" if result.grid else "")
-            + (f"; trajectory {trajectory}" if trajectory else "")
-        )
-    if as_json:
-        print(json.dumps(result.summary))
-    elif not to_stdout:
-        for path in [*result.written, *([result.grid] if result.grid else [])]:
-            print(path)
+    edit = sample_edit(init, strength, guide, factor, resize)
+    options = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("ctx", "init", "strength", "guide", "factor", "resize", "edit")
+    }
+    draw(ctx, **options, edit=edit)  # fmt: skip
 
 
-def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:
-    """The job, its header line and its progress; Ctrl-C says how many images were written."""
-    view: SampleProgress | None = None
-    written = 0
-
-    def on_event(kind: str, info: dict) -> None:
-        nonlocal view, written
-        if kind == "start":
-            if not quiet:
-                err_console.print(_header(info))
-            view = SampleProgress(quiet, info["mine"], info["sampler"].steps)
-        elif kind == "step":
-            view.step(info["index"], info["total"])
-        elif kind == "batch":
-            written = info["written"]
-            view.batch_done(info["images"])
-
-    try:
-        return sample_images(request, d, dev, on_event)
-    except KeyboardInterrupt:
-        if view is not None:
-            view.close()
-        err_console.print(f"[yellow]interrupted[/yellow]: {count(written, 'image')} written")
-        raise typer.Exit(130) from None
-    finally:
-        if view is not None:
-            view.close()
-
-
-def _header(info: dict) -> str:
-    sm, s = info["model"], info["sampler"]
-    share = f" ({info['mine']} per process, {info['world']} processes)" if info["active"] else ""
-    which = ""
-    if info["classes"]:
-        which = f" of {', '.join(info['classes'])}, guidance {info['guidance']:g}"
-    return (
-        f"[bold]ddpm sample[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
-        f"{count(info['total'], 'image')}{which}{share}, {s.sampler.value} "
-        f"{s.steps} steps ({s.spacing}), seed {info['seed']}, batch {info['batch']}, "
-        f"{info['device']}, {info['precision'].value}"
-    )
+def sample_edit(init, strength, guide, factor, resize) -> EditSpec | None:
+    """The edit that --init (SDEdit) or --guide (ILVR) asks for, its options checked."""
+    if init is not None and guide is not None:
+        raise UsageError("--init and --guide each start from an image; use one")
+    if strength is not None and init is None:
+        raise UsageError("--strength applies to --init IMAGE; add --init")
+    if factor is not None and guide is None:
+        raise UsageError("--factor applies to --guide IMAGE; add --guide")
+    if resize and init is None and guide is None:
+        raise UsageError("--resize applies to --init or --guide images")
+    if init is not None:
+        strength = DEFAULT_STRENGTH if strength is None else strength
+        if not 0 < strength <= 1:
+            raise UsageError(f"--strength must be in (0, 1], got {strength:g}")
+        return EditSpec(EditMode.sdedit, "sample", init, resize=resize, strength=strength)
+    if guide is not None:
+        if factor is not None and factor not in FACTORS:
+            raise UsageError(f"--factor must be 2, 4 or 8, got {factor}")
+        return EditSpec(EditMode.guide, "sample", guide, resize=resize, factor=factor)
+    return None

@@ -9,6 +9,11 @@ progress bars and trajectory previews without the sampler knowing about them.
     ddpm   ancestral sampling, Algorithm 2 of Ho et al. 2020 (respaced when strided)
     ddim   Song et al. 2021, eta = 0 deterministic, eta = 1 ancestral-like
     dpm++  DPM-Solver++(2M), Lu et al. 2022: second-order multistep in data prediction
+
+An `Edit` (built by editing.py: inpainting, SDEdit, ILVR) changes the walk without changing the
+samplers: its own pairs, where a pair with t_prev > t is a jump back that re-noises x_t to
+x_{t_prev} with q and evaluates nothing (RePaint's resampling), and a projection of every
+x_{t_prev} onto what the edit keeps.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ddpm_cli.sampler_config import SPACINGS, SamplerConfig, SamplerName
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal noise
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Projection = Callable[[torch.Tensor, int], torch.Tensor]  # (x_{t_prev}, t_prev) -> x_{t_prev}
 
 
 def timesteps(
@@ -96,6 +102,34 @@ class SampleStep:
     t_prev: int
     x: torch.Tensor  # x_{t_prev}; the sample itself after the last step
     x0: torch.Tensor  # the model's prediction of x_0 at this step
+
+
+@dataclass(frozen=True)
+class Edit:
+    """How an edit changes a sampler's walk (see the module docstring; editing.py builds them).
+
+    pairs: the walk, jumps back (t_prev > t) included; it ends at t_prev = -1.
+    project: applied to x_{t_prev} after every step of the network, and to the sample.
+    start: x_T (standard normal noise) -> the walk's first x (SDEdit's noised image).
+    noise: the draws for the jumps back, a stream apart from the sampler's own.
+    """
+
+    pairs: list[tuple[int, int]]
+    project: Projection | None = None
+    start: Callable[[torch.Tensor], torch.Tensor] | None = None
+    noise: NoiseFn | None = None
+
+
+def evaluations(pairs: list[tuple[int, int]]) -> int:
+    """Network evaluations in a walk: its pairs that step down (jumps back evaluate nothing)."""
+    return sum(1 for t, t_prev in pairs if t_prev < t)
+
+
+def q_jump(tables: DiffusionTables, x: torch.Tensor, t: int, t_up: int, z: torch.Tensor):
+    """x_{t_up} ~ q(x_{t_up} | x_t), t_up > t: the forward process over several steps at once,
+    N(sqrt(ab_up / ab_t) x_t, 1 - ab_up / ab_t) (eq. 4 composed; ab_{-1} = 1)."""
+    ratio = alpha_bar(tables, t_up) / alpha_bar(tables, t)
+    return math.sqrt(ratio) * x + math.sqrt(1 - ratio) * z
 
 
 def alpha_bar(tables: DiffusionTables, t: int) -> float:
@@ -171,16 +205,28 @@ def _walk(
     pairs: list[tuple[int, int]],
     clip: bool,
     update: Callable[[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    edit: Edit | None = None,
 ) -> Iterator[SampleStep]:
     x = x_T
-    for i, (t, t_prev) in enumerate(pairs):
+    project = None
+    if edit is not None:
+        pairs, project = edit.pairs, edit.project
+        x = edit.start(x_T) if edit.start is not None else x_T
+    total, i = evaluations(pairs), 0
+    for t, t_prev in pairs:
+        if t_prev > t:  # a jump back: re-noise, nothing to evaluate
+            x = q_jump(tables, x, t, t_prev, edit.noise(tuple(x.shape)).to(x.device, x.dtype))
+            continue
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = model(x, t_batch).to(x.dtype)
         x0, eps = predict_x0_and_eps(tables, objective, x, t_batch, out)
         if clip:  # predicted x_0 in the data range (samplers that use eps re-derive it)
             x0 = x0.clamp(-1, 1)
         x = update(i, t, t_prev, x, x0, eps)
-        yield SampleStep(i, len(pairs), t, t_prev, x, x0)
+        if project is not None:
+            x = project(x, t_prev)
+        yield SampleStep(i, total, t, t_prev, x, x0)
+        i += 1
 
 
 @torch.no_grad()
@@ -194,6 +240,7 @@ def ddpm(
     variance: str = "large",
     clip: bool = True,
     spacing: str = "linspace",
+    edit: Edit | None = None,
 ) -> Iterator[SampleStep]:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020 (see `ddpm_update`)."""
     pairs = timestep_pairs(tables.timesteps, steps, spacing, tables)
@@ -202,7 +249,7 @@ def ddpm(
         z = noise(tuple(x.shape)).to(x.device, x.dtype) if t_prev >= 0 else None
         return ddpm_update(tables, x, t, t_prev, x0, variance, z)
 
-    yield from _walk(model, tables, x_T, objective, pairs, clip, update)
+    yield from _walk(model, tables, x_T, objective, pairs, clip, update, edit)
 
 
 @torch.no_grad()
@@ -216,6 +263,7 @@ def ddim(
     eta: float = 0.0,
     clip: bool = True,
     spacing: str = "logsnr",
+    edit: Edit | None = None,
 ) -> Iterator[SampleStep]:
     """DDIM (see `ddim_update`); with eta = 0 no noise is drawn and the map from x_T is fixed."""
     pairs = timestep_pairs(tables.timesteps, steps, spacing, tables)
@@ -227,7 +275,7 @@ def ddim(
         z = noise(tuple(x.shape)).to(x.device, x.dtype) if eta > 0 and t_prev >= 0 else None
         return ddim_update(tables, x, t, t_prev, x0, eps, eta, z)
 
-    yield from _walk(model, tables, x_T, objective, pairs, clip, update)
+    yield from _walk(model, tables, x_T, objective, pairs, clip, update, edit)
 
 
 @torch.no_grad()
@@ -240,18 +288,21 @@ def dpmpp_2m(
     steps: int | None = 20,
     clip: bool = True,
     spacing: str = "logsnr",
+    edit: Edit | None = None,
 ) -> Iterator[SampleStep]:
     """DPM-Solver++(2M) (see `dpmpp_2m_update`): first order at the first and last steps,
-    second order between. Deterministic: `noise` is not used."""
+    second order between. Deterministic: `noise` is not used. The previous prediction is used
+    only when it came from a higher t (after an edit's jump back the step is first order)."""
     pairs = timestep_pairs(tables.timesteps, steps, spacing, tables)
     previous: list[tuple[int, torch.Tensor]] = []
 
     def update(i, t, t_prev, x, x0, eps):
-        x_prev = dpmpp_2m_update(tables, x, t, t_prev, x0, previous[-1] if previous else None)
+        last = previous[-1] if previous and previous[-1][0] > t else None
+        x_prev = dpmpp_2m_update(tables, x, t, t_prev, x0, last)
         previous[:] = [(t, x0)]
         return x_prev
 
-    yield from _walk(model, tables, x_T, objective, pairs, clip, update)
+    yield from _walk(model, tables, x_T, objective, pairs, clip, update, edit)
 
 
 def run(steps: Iterator[SampleStep]) -> torch.Tensor:
@@ -271,11 +322,20 @@ def from_config(
     x_T: torch.Tensor,
     noise: NoiseFn,
     objective: str = "eps",
+    edit: Edit | None = None,
 ) -> Iterator[SampleStep]:
-    """The sampler a (resolved) SamplerConfig names, ready to iterate."""
+    """The sampler a (resolved) SamplerConfig names, ready to iterate (with `edit`, over the
+    edit's pairs: build them from `config_pairs`)."""
     c = config.resolved(tables.timesteps, objective)
+    x, o, e = x_T, objective, edit
     if c.sampler is SamplerName.ddpm:
-        return ddpm(model, tables, x_T, noise, objective, c.steps, c.variance, c.clip, c.spacing)
+        return ddpm(model, tables, x, noise, o, c.steps, c.variance, c.clip, c.spacing, e)
     if c.sampler is SamplerName.ddim:
-        return ddim(model, tables, x_T, noise, objective, c.steps, c.eta, c.clip, c.spacing)
-    return dpmpp_2m(model, tables, x_T, noise, objective, c.steps, c.clip, c.spacing)
+        return ddim(model, tables, x, noise, o, c.steps, c.eta, c.clip, c.spacing, e)
+    return dpmpp_2m(model, tables, x, noise, o, c.steps, c.clip, c.spacing, e)
+
+
+def config_pairs(config: SamplerConfig, tables: DiffusionTables, objective: str = "eps"):
+    """The (t, t_prev) pairs a SamplerConfig walks: what an edit starts from."""
+    c = config.resolved(tables.timesteps, objective)
+    return timestep_pairs(tables.timesteps, c.steps, c.spacing, tables)

@@ -8,6 +8,7 @@ command renders the events and the returned summary.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,13 @@ from ddpm_cli.config import Precision
 from ddpm_cli.data.images import encode_png
 from ddpm_cli.device import new_seed
 from ddpm_cli.errors import OutputError, UsageError
+from ddpm_cli.generation.editing import (
+    EditSpec,
+    builder,
+    edit_sampler,
+    open_inputs,
+    spec_args,
+)
 from ddpm_cli.generation.output import (
     grid_image,
     grid_image_rows,
@@ -68,6 +76,7 @@ class SampleRequest:
     precision: Precision | None = None  # None: the device's default
     compile: bool = False
     clip_given: bool = False  # --clip/--no-clip given: it overrides the checkpoint's default
+    edit: EditSpec | None = None  # inpaint, SDEdit, upscale or guide: -n variations per input
 
 
 @dataclass(frozen=True)
@@ -89,18 +98,35 @@ def sample_images(
     sm = load_for_sampling(q.checkpoint, raw=q.raw, device=device)
     labels = resolve_classes(list(q.classes), sm) if q.classes else None
     names = sm.model_config.classes
-    jobs = [(k, c) for c in labels or [None] for k in range(q.start, q.start + q.num)]
-    files = [q.folder / image_name(k, c, names) for k, c in jobs] if q.folder else []
+    size = sm.model_config.image_size
+    inputs = open_inputs(q.edit, size, sm.model_config.in_channels) if q.edit else None
+    # (input, index, class) per image: index fastest, then class, then input
+    jobs = [
+        (i, k, c)
+        for i in (range(len(inputs)) if inputs else [None])
+        for c in labels or [None]
+        for k in range(q.start, q.start + q.num)
+    ]
+
+    def name_of(i, k, c):
+        return image_name(k, c, names, inputs[i].stem if inputs else None)
+
+    files = [q.folder / name_of(*job) for job in jobs] if q.folder else []
     check_outputs(q.folder, files, q.grid, q.trajectory, q.overwrite)
     check_model(sm)
     # the sampler settings, resolved once: the user's, the checkpoint's defaults, the sampler's
-    resolved = with_model_defaults(q.sampler, sm, q.clip_given).resolved(
-        sm.diffusion.timesteps, sm.objective
-    )
+    resolved = with_model_defaults(q.sampler, sm, q.clip_given)
+    if q.edit is not None:
+        resolved = edit_sampler(q.edit, resolved, sm.diffusion.timesteps)
+    resolved = resolved.resolved(sm.diffusion.timesteps, sm.objective)
     seed = distributed.broadcast(d, new_seed() if q.seed is None else q.seed)
     total = len(jobs)
     jobs = jobs[d.rank :: d.world]  # image k's noise is the same whichever process draws it
-    indices = [k for k, _ in jobs]
+    indices = [k for _, k, _ in jobs]
+    edit = None
+    if inputs:
+        items = [i for i, _, _ in jobs]
+        edit = builder(q.edit, inputs, items, resolved, sm.objective, size)
     batch = q.batch_size or default_batch_size(sm.model_config, device, len(jobs))
     if q.guidance and not q.batch_size:  # guidance runs the network on twice the batch
         batch = max(1, batch // 2)
@@ -109,7 +135,7 @@ def sample_images(
         "model": sm, "total": total, "mine": len(indices), "world": d.world, "active": d.active,
         "classes": [names[c] for c in labels] if labels else None, "guidance": q.guidance,
         "sampler": resolved, "seed": seed, "batch": batch, "device": device,
-        "precision": precision,
+        "precision": precision, "edit": q.edit, "inputs": len(inputs or ()),
     })  # fmt: skip
     if q.folder:
         q.folder.mkdir(parents=True, exist_ok=True)
@@ -121,15 +147,21 @@ def sample_images(
     for chunk, x in generate(
         sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
         q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),
-        [c for _, c in jobs] if labels else None, q.guidance,
+        [c for _, _, c in jobs] if labels else None, q.guidance, edit,
     ):  # fmt: skip
-        for (k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
+        for (i, k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
             meta = {**text, "ddpm:index": str(k)}
             if c is not None:
                 meta["ddpm:class"] = names[c]
+            if inputs:
+                e = inputs[i]
+                meta["ddpm:edit"] = json.dumps(
+                    {"command": q.edit.command, "args": [*e.args, *spec_args(q.edit)]}
+                )
+                meta.update({"ddpm:input": e.name, "ddpm:input_hash": e.digest})
             png = encode_png(to_image(img), {**meta, "ddpm:command": regenerate_command(meta, k)})
             if q.folder:
-                path = q.folder / image_name(k, c, names)
+                path = q.folder / name_of(i, k, c)
                 write_atomic(path, png)
                 written.append(str(path))
             elif q.stdout:
@@ -146,10 +178,18 @@ def sample_images(
             return None
 
     grid_path = None
-    if q.grid is not None:  # a row per class
+    if q.grid is not None:  # a row per class; per input an edit's, the input first
         drawn = torch.cat(images)
         rows = labels and len(labels) > 1
-        png = encode_png(grid_image_rows(drawn, q.num) if rows else grid_image(drawn), text)
+        if inputs:
+            cells = [
+                torch.cat([inputs[jobs[r][0]].shown(size[0])[None], drawn[r : r + q.num]])
+                for r in range(0, len(jobs), q.num)
+            ]
+            image = grid_image_rows(torch.cat(cells), q.num + 1)
+        else:
+            image = grid_image_rows(drawn, q.num) if rows else grid_image(drawn)
+        png = encode_png(image, text)
         if q.grid == STDIO:
             write_stdout(png)
         else:
@@ -167,6 +207,13 @@ def sample_images(
         "indices": [q.start, q.start + q.num - 1],
         "classes": [names[c] for c in labels] if labels else None,
         "guidance": q.guidance,
+        "edit": {
+            "mode": q.edit.mode.value,
+            "inputs": [e.name for e in inputs],
+            "args": spec_args(q.edit),
+        }
+        if inputs
+        else None,
         "files": written,
         "grid": grid_path,
         "trajectory": str(q.trajectory) if q.trajectory else None,

@@ -26,9 +26,13 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return to_pil(x[:3], "RGB")
 
 
-def image_name(index: int, label: int | None, names: tuple[str, ...]) -> str:
-    """The file of image `index`: 000037.png, or cat-000037.png for class cat."""
-    return f"{index:06d}.png" if label is None else f"{names[label]}-{index:06d}.png"
+def image_name(
+    index: int, label: int | None, names: tuple[str, ...], stem: str | None = None
+) -> str:
+    """The file of image `index`: 000037.png, cat-000037.png for class cat; an edit's output
+    starts with its input's stem: photo-000037.png, photo-cat-000037.png."""
+    parts = [p for p in (stem, None if label is None else names[label]) if p is not None]
+    return "-".join([*parts, f"{index:06d}.png"])
 
 
 def provenance(
@@ -58,9 +62,16 @@ def provenance(
 
 
 def regenerate_command(text: dict[str, str], index: int) -> str:
-    """The `ddpm sample` command that draws image `index` again."""
+    """The `ddpm sample` command (or an edit's: `ddpm inpaint`, `ddpm upscale`) that draws
+    image `index` again."""
+    head = f"ddpm sample {text['ddpm:checkpoint']}"
+    if "ddpm:edit" in text:
+        edit = json.loads(text["ddpm:edit"])
+        head = " ".join(
+            [f"ddpm {edit['command']}", text["ddpm:checkpoint"], *map(shlex.quote, edit["args"])]
+        )
     parts = [
-        f"ddpm sample {text['ddpm:checkpoint']} -n 1 --start {index}",
+        f"{head} -n 1 --start {index}",
         f"--seed {text['ddpm:seed']} --sampler {text['ddpm:sampler']}",
         f"--steps {text['ddpm:steps']} --spacing {text['ddpm:spacing']}",
     ]

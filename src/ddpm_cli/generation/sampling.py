@@ -18,7 +18,7 @@ import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, Precision
 from ddpm_cli.device import available_memory, to_device
-from ddpm_cli.diffusion.samplers import from_config
+from ddpm_cli.diffusion.samplers import Edit, NoiseFn, from_config
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import UsageError
 from ddpm_cli.model.forward import guided, network, resolve_precision
@@ -84,6 +84,27 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def edit_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s edit noise (RePaint's noised originals and jumps, ILVR's
+    noised reference): a stream apart from the sampler's, so that an edit that keeps nothing
+    draws exactly the image plain sampling draws."""
+    digest = hashlib.sha256(f"ddpm-edit:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def batch_noise(seeds: list[int], device: torch.device) -> NoiseFn:
+    """Noise for a batch: item i's from its own generator seeded seeds[i], drawn on the CPU."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:
+        return to_device(torch.stack([torch.randn(shape[1:], generator=g) for g in gens]), device)
+
+    return noise
+
+
+EditBuilder = Callable[[DiffusionTables, int, int, NoiseFn], Edit]  # (tables, a, b, noise)
+
+
 def default_batch_size(model_config: ModelConfig, device: torch.device, n: int) -> int:
     """As many images as fit in about a quarter of the free memory, by a rough per-image
     estimate of the network's activations at inference (fp32), at most MAX_BATCH and n."""
@@ -132,6 +153,7 @@ def generate(
     on_step: Callable[[int, int], None] = lambda i, total: None,
     labels: list[int] | None = None,
     guidance: float = 0.0,
+    edit: EditBuilder | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Sample the images `indices` in batches; yields (indices, images in [-1, 1] on the CPU).
 
@@ -139,7 +161,9 @@ def generate(
     with classifier-free guidance of weight `guidance`; without labels it samples with no
     class. With `trajectory`, the first `trajectory_images` images of the first batch are
     recorded at up to TRAJECTORY_FRAMES evenly spread steps. `precision` None is the device's
-    default, as for `ddpm sample` (forward.default_precision).
+    default, as for `ddpm sample` (forward.default_precision). With `edit`, each batch
+    indices[a:b] walks the Edit that `edit(tables, a, b, noise)` builds (generation/editing.py),
+    `noise` drawing from each image's edit stream (`edit_seed`).
     """
     precision = resolve_precision(precision, device)
     sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
@@ -149,18 +173,17 @@ def generate(
     h, w = sm.model_config.image_size
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(image_seed(seed, k)) for k in chunk]
-
-        def noise(shape, gens=gens):
-            z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
-            return to_device(z, device)
-
+        noise = batch_noise([image_seed(seed, k) for k in chunk], device)
         x_T = noise((len(chunk), c, h, w))
         model = net
         if labels is not None:
             y = to_device(torch.tensor(labels[start : start + batch_size]), device)
             model = guided(net, y, guidance, sm.model_config.num_classes)
-        steps = from_config(sampler, model, tables, x_T, noise, sm.objective)
+        changes = None
+        if edit is not None:
+            edit_noise = batch_noise([edit_seed(seed, k) for k in chunk], device)
+            changes = edit(tables, start, start + len(chunk), edit_noise)
+        steps = from_config(sampler, model, tables, x_T, noise, sm.objective, changes)
         record = trajectory is not None and start == 0 and trajectory_images > 0
         keep: set[int] = set()
         x = x_T
@@ -204,5 +227,3 @@ def check_model(sm: SamplingModel) -> None:
     for name, p in sm.model.state_dict().items():
         if not torch.isfinite(p).all():
             raise CheckpointError(f"{sm.path}: weight {name} has NaN or infinite values")
-
-

@@ -1,0 +1,258 @@
+"""What `ddpm sample`, `ddpm inpaint` and `ddpm upscale` share: their options, defined once,
+and `draw`, which checks them, builds a SampleRequest, runs the job with its progress and
+prints the summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddpm_cli import distributed
+from ddpm_cli.cli.common import (
+    count,
+    err_console,
+    json_option,
+    overwrite_option,
+    precision_option,
+)
+from ddpm_cli.cli.views import SampleProgress
+from ddpm_cli.device import resolve_device
+from ddpm_cli.errors import UsageError
+from ddpm_cli.generation.editing import DEFAULT_GUIDE_FACTOR, EditSpec
+from ddpm_cli.generation.job import SampleRequest, SampleResult, sample_images
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig, SamplerName, Spacing, Variance
+from ddpm_cli.store.files import STDIO, stdout_is_terminal
+
+S = SamplerConfig()  # the one source of defaults
+
+CheckpointArg = Annotated[
+    Path, typer.Argument(help="A model.safetensors written by ddpm train, or its run directory.")
+]
+OutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Directory for the numbered PNGs (created if missing), "
+        "or - for PNG bytes on stdout (the image, or the grid of several).",
+    ),
+]
+GridOpt = Annotated[
+    str | None,
+    typer.Option("--grid", help="Also (or only) write all images as one grid PNG; - = stdout."),
+]
+StartOpt = Annotated[
+    int, typer.Option("--start", min=0, help="Index of the first image (to redraw one image).")
+]
+ClassOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--class",
+        help="Class-conditional models: the class, by name or index (repeatable; all = "
+        "every class, a grid row each). Default: no class.",
+        show_default=False,
+    ),
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance",
+        min=0.0,
+        help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
+        f"0 is plain conditional sampling; larger is more typical of the class, less varied. "
+        f"Default: {DEFAULT_GUIDANCE:g} with --class.",
+        show_default=False,
+    ),
+]
+SamplerOpt = Annotated[
+    SamplerName | None,
+    typer.Option(
+        "--sampler",
+        help="ddpm (the paper's), ddim or dpm++. Default: dpm++ for v and x0 models, "
+        "ddpm over 100 steps for eps models.",
+        show_default=False,
+    ),
+]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps", min=1, help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20."
+    ),
+]
+EtaOpt = Annotated[
+    float | None,
+    typer.Option("--eta", min=0.0, max=1.0, help="ddim: 0 deterministic, 1 ancestral-like."),
+]
+VarianceOpt = Annotated[
+    Variance | None,
+    typer.Option("--variance", help="ddpm: large (sigma^2 = beta, the paper's) or small (beta~)."),
+]
+SpacingOpt = Annotated[
+    Spacing | None,
+    typer.Option(
+        "--spacing", help="Timestep spacing. Default: linspace for ddpm, logsnr for ddim and dpm++."
+    ),
+]
+ClipOpt = Annotated[
+    bool, typer.Option("--clip/--no-clip", help="Clip the predicted x_0 to [-1, 1].")
+]
+SamplePrecisionOpt = precision_option(
+    after="bf16 runs bf16 weights; fp16 runs under autocast (CUDA only)."
+)
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+TrajectoryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--trajectory",
+        help="Write how the first images emerge: x_t over the predicted x_0, "
+        "as a .gif animation or a .png strip.",
+    ),
+]
+TrajectoryImagesOpt = Annotated[
+    int, typer.Option("--trajectory-images", min=1, help="Images in the trajectory.")
+]
+SampleOverwriteOpt = overwrite_option("Replace existing output files.")
+SampleJsonOpt = json_option("Print a JSON summary on stdout instead of the paths.")
+ResizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resize", help="Resize and centre-crop input images to the size the model needs."
+    ),
+]
+
+
+def draw(
+    ctx: typer.Context, *, checkpoint: Path, num: int, out: str | None, grid: str | None,
+    start: int, classes: list[str] | None, guidance: float | None, seed: int | None,
+    sampler: SamplerName | None, steps: int | None, eta: float | None,
+    variance: Variance | None, spacing: Spacing | None, clip: bool, raw: bool,
+    batch_size: int | None, precision, compile: bool, device: str, trajectory: Path | None,
+    trajectory_images: int, overwrite: bool, as_json: bool, quiet: bool,
+    edit: EditSpec | None = None,
+) -> None:  # fmt: skip
+    """The shared body of the drawing commands: the options as the commands name them."""
+    for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
+        if value is not None and (sampler is None or sampler.value != applies):
+            raise UsageError(f"--{name} applies to --sampler {applies}; add --sampler {applies}")
+    config = SamplerConfig(
+        sampler=sampler,
+        steps=steps,
+        eta=S.eta if eta is None else eta,
+        variance=None if variance is None else variance.value,
+        spacing=None if spacing is None else spacing.value,
+        clip=clip,
+    )
+    if out is None and grid is None:
+        raise UsageError("say where the images go: -o DIR, -o - (stdout) or --grid FILE")
+    if out == STDIO and grid == STDIO:
+        raise UsageError("-o - and --grid - both write to stdout; choose one")
+    to_stdout = STDIO in (out, grid)
+    if to_stdout and as_json:
+        raise UsageError("PNG bytes and --json both go to stdout; choose one")
+    if to_stdout and stdout_is_terminal():
+        raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
+    several_inputs = edit is not None and edit.image != STDIO and Path(edit.image).is_dir()
+    if out == STDIO and (num > 1 or several_inputs) and grid is None:
+        grid, out = STDIO, None  # several images on stdout: as one grid
+
+    if distributed.launched() and (out in (None, STDIO) or grid is not None or trajectory):
+        raise UsageError(
+            "under torchrun, ddpm writes numbered files only (-o DIR); make a grid or a "
+            "trajectory from one process"
+        )
+    if guidance and not classes:
+        raise UsageError("--guidance steers towards a class: add --class NAME")
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if classes else 0.0
+    if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
+        grid, out = STDIO, None
+    folder = Path(out) if out not in (None, STDIO) else None
+
+    quiet = quiet or not distributed.env_main()
+    request = SampleRequest(
+        checkpoint=checkpoint, sampler=config, num=num, start=start,
+        classes=tuple(classes or ()), guidance=guidance, folder=folder, stdout=out == STDIO,
+        grid=grid, trajectory=trajectory, trajectory_images=trajectory_images,
+        overwrite=overwrite, seed=seed, raw=raw, batch_size=batch_size, precision=precision,
+        compile=compile, clip_given=ctx.get_parameter_source("clip").name == "COMMANDLINE",
+        edit=edit,
+    )  # fmt: skip
+    d, dev = distributed.init(resolve_device(device))
+    try:
+        result = _run(request, d, dev, quiet)
+        distributed.leave_together(d)
+    finally:
+        distributed.shutdown()
+    if result is None:  # another process of a torchrun job: rank 0 reports
+        return
+    if not quiet:
+        err_console.print(
+            f"{count(result.total, 'image')} in {result.seconds:.1f} s "
+            f"({result.total / result.seconds:.2f} img/s)"
+            + (f"; grid {result.grid}" if result.grid else "")
+            + (f"; trajectory {trajectory}" if trajectory else "")
+        )
+    if as_json:
+        print(json.dumps(result.summary))
+    elif not to_stdout:
+        for path in [*result.written, *([result.grid] if result.grid else [])]:
+            print(path)
+
+
+def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:
+    """The job, its header line and its progress; Ctrl-C says how many images were written."""
+    view: SampleProgress | None = None
+    written = 0
+
+    def on_event(kind: str, info: dict) -> None:
+        nonlocal view, written
+        if kind == "start":
+            if not quiet:
+                err_console.print(_header(info))
+            view = SampleProgress(quiet, info["mine"], info["sampler"].steps)
+        elif kind == "step":
+            view.step(info["index"], info["total"])
+        elif kind == "batch":
+            written = info["written"]
+            view.batch_done(info["images"])
+
+    try:
+        return sample_images(request, d, dev, on_event)
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        err_console.print(f"[yellow]interrupted[/yellow]: {count(written, 'image')} written")
+        raise typer.Exit(130) from None
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _header(info: dict) -> str:
+    sm, s, e = info["model"], info["sampler"], info["edit"]
+    share = f" ({info['mine']} per process, {info['world']} processes)" if info["active"] else ""
+    which = ""
+    if info["classes"]:
+        which = f" of {', '.join(info['classes'])}, guidance {info['guidance']:g}"
+    command = f"ddpm {e.command}" if e else "ddpm sample"
+    what = ""
+    if e is not None:
+        what = f" from {count(info['inputs'], 'input')} ({_edit_text(e)})"
+    return (
+        f"[bold]{command}[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
+        f"{count(info['total'], 'image')}{which}{what}{share}, {s.sampler.value} "
+        f"{s.steps} steps ({s.spacing}), seed {info['seed']}, batch {info['batch']}, "
+        f"{info['device']}, {info['precision'].value}"
+    )
+
+
+def _edit_text(e: EditSpec) -> str:
+    if e.mode.value == "inpaint":
+        return f"RePaint, resample {e.resample}, jump {e.jump}"
+    if e.mode.value == "sdedit":
+        return f"SDEdit, strength {e.strength:g}"
+    factor = e.factor or (DEFAULT_GUIDE_FACTOR if e.mode.value == "guide" else "from the sizes")
+    return f"ILVR, factor {factor}"

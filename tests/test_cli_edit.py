@@ -1,0 +1,390 @@
+"""`ddpm inpaint`, `ddpm upscale` and `ddpm sample --init/--guide`: pixels kept bit for bit,
+equality with plain sampling where an edit keeps nothing, ILVR's block means, outputs written
+like `ddpm sample`'s, and bad input refused before any work."""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import draw_shapes
+from ddpm_cli.cli import app
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.training.run import train
+
+TINY = dict(preset="tiny", image_size=8, batch_size=8, sample_every=0, device="cpu", seed=1)
+FAST = ["--steps", "6", "-q"]  # a few network evaluations: the tests check bits, not beauty
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny trained runs on 8x8 pictures: a v model (RGB) and an eps model (grayscale)."""
+    root = tmp_path_factory.mktemp("edit-runs")
+    (root / "colour").mkdir()
+    (root / "gray").mkdir()
+    for i in range(8):
+        draw_shapes((16 + i, 16)).save(root / "colour" / f"{i}.png")
+        draw_shapes((16 + i, 16), "L").save(root / "gray" / f"{i}.png")
+    v = train(str(root / "colour"), TrainConfig(**TINY, steps=3), DiffusionConfig(), root / "v")
+    eps_cfg = TrainConfig(**TINY, steps=3, objective="eps")
+    eps = train(str(root / "gray"), eps_cfg, DiffusionConfig(timesteps=200), root / "e")
+    return {"v": v.out, "eps": eps.out}
+
+
+def rgb(path, size=(8, 8), seed=0):
+    """A random RGB image (every pixel value occurs), saved as PNG."""
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def mask_png(path, regenerate: np.ndarray, grey=(255, 0)):
+    """A mask: `regenerate` pixels at grey[0], the rest at grey[1]."""
+    Image.fromarray(np.where(regenerate, *grey).astype(np.uint8), "L").save(path)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def invoke(runner, *args):
+    return runner.invoke(app, [*map(str, args)])
+
+
+LOWER = np.zeros((8, 8), bool)
+LOWER[4:] = True
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_known_pixels_are_kept_bit_for_bit(runner, runs, tmp_path, sampler):
+    original = rgb(tmp_path / "photo.png")
+    regenerate = LOWER.copy()
+    regenerate[0, 0] = True
+    # grey above 50% counts as white (regenerate), below as black (keep)
+    mask_png(tmp_path / "mask.png", regenerate, grey=(129, 126))
+    r = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "photo.png",
+        "--mask",
+        tmp_path / "mask.png",
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "out",
+        "--sampler",
+        sampler,
+        "--resample",
+        "2",
+        "--jump",
+        "2",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    files = r.stdout.split()
+    assert [f.rsplit("/", 1)[1] for f in files] == ["photo-000000.png", "photo-000001.png"]
+    for f in files:
+        out = pixels(f)
+        assert np.array_equal(out[~regenerate], original[~regenerate])
+        assert not np.array_equal(out[regenerate], original[regenerate])
+    assert not np.array_equal(pixels(files[0]), pixels(files[1]))
+
+
+def test_an_all_white_mask_is_plain_sampling_and_the_box_and_the_redraw_command(
+    runner, runs, tmp_path, monkeypatch
+):
+    rgb(tmp_path / "photo.png")
+    mask_png(tmp_path / "white.png", np.ones((8, 8), bool))
+    ddpm = ["--sampler", "ddpm", "--variance", "small"]  # inpainting's default sampler
+    a = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "photo.png",
+        "--mask",
+        tmp_path / "white.png",
+        "--seed",
+        "4",
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "a",
+        *FAST,
+    )
+    b = invoke(
+        runner, "sample", runs["v"], "--seed", "4", "-n", "2", "-o", tmp_path / "b", *ddpm, *FAST
+    )
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    for x, y in zip(a.stdout.split(), b.stdout.split(), strict=True):
+        assert np.array_equal(pixels(x), pixels(y))
+    # a box; the recorded command redraws image 1 bit for bit
+    r = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "photo.png",
+        "--box",
+        "2,2,6,8",
+        "--seed",
+        "9",
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "c",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    second = tmp_path / "c" / "photo-000001.png"
+    text = Image.open(second).text
+    assert (
+        json.loads(text["ddpm:edit"])["command"] == "inpaint" and len(text["ddpm:input_hash"]) == 64
+    )
+    command = shlex.split(text["ddpm:command"])
+    assert command[:2] == ["ddpm", "inpaint"] and "--box" in command
+    monkeypatch.chdir(runs["v"])
+    command[3] = str(tmp_path / "photo.png")
+    redo = invoke(runner, *command[1:], "-o", tmp_path / "redo", "-q")
+    assert redo.exit_code == 0, redo.output
+    assert np.array_equal(pixels(tmp_path / "redo" / "photo-000001.png"), pixels(second))
+
+
+def test_folders_pair_by_name_grid_stdout_and_json(runner, runs, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "masks").mkdir()
+    originals = {n: rgb(tmp_path / "imgs" / f"{n}.png", seed=i) for i, n in enumerate("ab")}
+    mask_png(tmp_path / "masks" / "a.png", LOWER)
+    mask_png(tmp_path / "masks" / "b.png", ~LOWER)
+    r = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "imgs",
+        "--mask",
+        tmp_path / "masks",
+        "-n",
+        "3",
+        "-o",
+        tmp_path / "out",
+        "--grid",
+        tmp_path / "grid.png",
+        "--json",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["edit"]["inputs"] == ["a.png", "b.png"] and len(summary["files"]) == 6
+    assert np.array_equal(pixels(tmp_path / "out" / "b-000002.png")[LOWER], originals["b"][LOWER])
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 + 4 * 10, 2 + 2 * 10)  # a row per input: the input, then 3 fills
+    # one image to stdout, from stdin
+    data = (tmp_path / "imgs" / "a.png").read_bytes()
+    mask_a = str(tmp_path / "masks" / "a.png")
+    r = runner.invoke(app, ["inpaint", str(runs["v"]), "-", "--mask", mask_a, "-o", "-", *FAST],
+                      input=data)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = np.asarray(Image.open(io.BytesIO(r.stdout_bytes)))
+    assert np.array_equal(out[~LOWER], originals["a"][~LOWER])
+    # one mask from stdin for a folder of images: read once, used for each
+    mask = (tmp_path / "masks" / "a.png").read_bytes()
+    r = runner.invoke(app, ["inpaint", str(runs["v"]), str(tmp_path / "imgs"), "--mask", "-",
+                            "-o", str(tmp_path / "same"), *FAST], input=mask)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for n in "ab":
+        out = pixels(tmp_path / "same" / f"{n}-000000.png")
+        assert np.array_equal(out[~LOWER], originals[n][~LOWER])
+
+
+def test_outpainting_keeps_the_image_inside_the_canvas(runner, runs, tmp_path):
+    inner = rgb(tmp_path / "narrow.png", size=(4, 8))
+    r = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "narrow.png",
+        "--outpaint",
+        "2,0,2,0",
+        "-o",
+        tmp_path / "out",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(pixels(tmp_path / "out" / "narrow-000000.png")[:, 2:6], inner)
+    rgb(tmp_path / "big.png", size=(20, 20))
+    r = invoke(
+        runner,
+        "inpaint",
+        runs["v"],
+        tmp_path / "big.png",
+        "--outpaint",
+        "0,2,0,2",
+        "--resize",
+        "-o",
+        tmp_path / "out2",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    assert pixels(tmp_path / "out2" / "big-000000.png").shape == (8, 8, 3)
+
+
+def test_sdedit_strength(runner, runs, tmp_path):
+    """--strength near 0 gives the input back; the distance grows with it; 1 is `ddpm sample`."""
+    gray = np.asarray(draw_shapes((8, 8), "L"))
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    distances = []
+    for s in ("0.005", "0.3", "0.7"):
+        r = invoke(
+            runner,
+            "sample",
+            runs["eps"],
+            "--init",
+            tmp_path / "g.png",
+            "--strength",
+            s,
+            "-n",
+            "4",
+            "--seed",
+            "2",
+            "-o",
+            tmp_path / s,
+            "--sampler",
+            "ddim",
+            *FAST,
+        )
+        assert r.exit_code == 0, r.output
+        outs = np.stack([pixels(f).astype(float) for f in r.stdout.split()])
+        distances.append(float(np.abs(outs - gray).mean()))
+    assert distances[0] < 3 and distances[0] < distances[1] < distances[2], distances
+    one = invoke(
+        runner,
+        "sample",
+        runs["eps"],
+        "--init",
+        tmp_path / "g.png",
+        "--strength",
+        "1",
+        "-n",
+        "1",
+        "--seed",
+        "2",
+        "-o",
+        tmp_path / "one",
+        *FAST,
+    )
+    plain = invoke(
+        runner, "sample", runs["eps"], "-n", "1", "--seed", "2", "-o", tmp_path / "p", *FAST
+    )
+    assert np.array_equal(pixels(one.stdout.strip()), pixels(plain.stdout.strip()))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_upscaled_block_means_are_the_small_image(runner, runs, tmp_path, factor):
+    """ILVR: the output's means over factor x factor blocks are the small image's pixels
+    (within the 8-bit rounding and the clipping to the data range); seeds differ inside."""
+    small = rgb(tmp_path / "small.png", size=(8 // factor, 8 // factor), seed=factor)
+    small = np.clip(small, 40, 215)  # away from the ends, where clipping would move the means
+    Image.fromarray(small).save(tmp_path / "small.png")
+    r = invoke(
+        runner,
+        "upscale",
+        runs["v"],
+        tmp_path / "small.png",
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "out",
+        "--sampler",
+        "ddpm",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    outs = [pixels(f).astype(float) for f in r.stdout.split()]
+    for out in outs:
+        k = 8 // factor
+        means = out.reshape(k, factor, k, factor, 3).mean((1, 3))
+        assert np.abs(means - small).max() <= 1.0
+        assert out.shape == (8, 8, 3)
+    if factor < 8:
+        assert np.abs(outs[0] - outs[1]).max() > 2
+
+
+def test_guided_variations_keep_the_references_block_means(runner, runs, tmp_path):
+    ref = np.clip(rgb(tmp_path / "ref.png"), 40, 215)
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    r = invoke(
+        runner,
+        "sample",
+        runs["v"],
+        "--guide",
+        tmp_path / "ref.png",
+        "--factor",
+        "2",
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "out",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    want = ref.astype(float).reshape(4, 2, 4, 2, 3).mean((1, 3))
+    for f in r.stdout.split():
+        assert np.abs(pixels(f).astype(float).reshape(4, 2, 4, 2, 3).mean((1, 3)) - want).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inpaint", "{v}", "{img}", "--mask", "{black}"], "no white pixels"),
+        (["inpaint", "{v}", "{img}", "--mask", "{big_mask}"], "must be the same size"),
+        (["inpaint", "{v}", "{img}", "--box", "4,4,9,8"], "not inside"),
+        (["inpaint", "{v}", "{img}", "--box", "4,4,4,8"], "not inside"),
+        (["inpaint", "{v}", "{img}", "--box", "1,2,3"], "four non-negative integers"),
+        (["inpaint", "{v}", "{img}"], "say what to regenerate"),
+        (["inpaint", "{v}", "{img}", "--mask", "{black}", "--box", "0,0,1,1"], "got --mask and"),
+        (["inpaint", "{v}", "{big}", "--box", "0,0,1,1"], "add --resize"),
+        (["inpaint", "{v}", "{img}", "--outpaint", "2,0,2,0"], "canvas"),
+        (["inpaint", "{v}", "{gray}", "--box", "0,0,1,1"], "is grayscale; the model draws RGB"),
+        (["inpaint", "{v}", "{imgs}", "--mask", "{masks}"], "no mask for b.png"),
+        (["sample", "{v}", "--init", "{img}", "--strength", "0"], "--strength must be in (0, 1]"),
+        (["sample", "{v}", "--init", "{img}", "--strength", "1.5"], "--strength must be in"),
+        (["sample", "{v}", "--strength", "0.5"], "add --init"),
+        (["sample", "{v}", "--init", "{grays}"], "is grayscale; the model draws RGB"),
+        (["sample", "{eps}", "--init", "{imgs}"], "is RGB; the model draws grayscale"),
+        (["sample", "{v}", "--init", "{img}", "--guide", "{img}"], "use one"),
+        (["sample", "{v}", "--guide", "{img}", "--factor", "3"], "--factor must be 2, 4 or 8"),
+        (["upscale", "{v}", "{img}"], "divided by 2, 4 or 8"),
+        (["upscale", "{v}", "{small3}", "--factor", "2"], "add --resize"),
+        (["upscale", "{v}", "{missing}"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path, args, message):
+    rgb(tmp_path / "img.png")
+    rgb(tmp_path / "big.png", size=(9, 8))
+    rgb(tmp_path / "small3.png", size=(3, 3))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "gray.png")
+    mask_png(tmp_path / "black.png", np.zeros((8, 8), bool))
+    mask_png(tmp_path / "big_mask.png", np.ones((9, 9), bool))
+    for folder in ("imgs", "masks", "grays"):
+        (tmp_path / folder).mkdir()
+    rgb(tmp_path / "imgs" / "a.png")
+    rgb(tmp_path / "imgs" / "b.png")
+    mask_png(tmp_path / "masks" / "a.png", LOWER)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grays" / "g.png")
+    paths = {
+        name: tmp_path / f"{name}.png"
+        for name in ("img", "big", "small3", "gray", "black", "big_mask", "missing")
+    }
+    paths.update(
+        {f: tmp_path / f for f in ("imgs", "masks", "grays")}, v=runs["v"], eps=runs["eps"]
+    )
+    before = sorted(tmp_path.rglob("*"))
+    r = invoke(runner, *[a.format(**paths) for a in args], "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and "Traceback" not in r.output, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before
