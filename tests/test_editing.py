@@ -8,10 +8,10 @@ import torch
 
 from ddpm_cli.config import DiffusionConfig
 from ddpm_cli.diffusion import editing
-from ddpm_cli.diffusion.process import predict_x0_from_eps, v_target
 from ddpm_cli.diffusion.samplers import config_pairs, evaluations, from_config, run
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.sampler_config import SamplerConfig
+from test_samplers import predicting
 
 TABLES = DiffusionTables.from_config(DiffusionConfig())
 SAMPLERS = {
@@ -32,21 +32,17 @@ SIGMA = 0.09 * CORR
 KNOWN, UNKNOWN = [0, 1], [2, 3]
 
 
+def exact_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """E[eps | x_t] = sqrt(1 - ab) (ab SIGMA + (1 - ab) I)^-1 (x_t - sqrt(ab) MU)."""
+    ab = TABLES.alpha_bar[t].view(-1, 1, 1)
+    cov = ab * SIGMA + (1 - ab) * torch.eye(4, dtype=torch.float64)
+    d = x.reshape(-1, 4, 1) - ab.sqrt() * MU.view(1, 4, 1)
+    return ((1 - ab).sqrt() * torch.linalg.solve(cov, d)).reshape(x.shape)
+
+
 def exact_model(objective: str = "eps"):
-    """E[eps | x_t] = sqrt(1 - ab) (ab SIGMA + (1 - ab) I)^-1 (x_t - sqrt(ab) MU), converted to
-    the objective's prediction."""
-
-    def model(x, t):
-        ab = TABLES.alpha_bar[t].view(-1, 1, 1)
-        cov = ab * SIGMA + (1 - ab) * torch.eye(4, dtype=torch.float64)
-        d = x.reshape(-1, 4, 1) - ab.sqrt() * MU.view(1, 4, 1)
-        eps = ((1 - ab).sqrt() * torch.linalg.solve(cov, d)).reshape(x.shape)
-        if objective == "eps":
-            return eps
-        x0 = predict_x0_from_eps(TABLES, x, t, eps)
-        return x0 if objective == "x0" else v_target(TABLES, x0, t, eps)
-
-    return model
+    """The exact prediction of `objective` for this data."""
+    return predicting(objective, exact_eps)
 
 
 def conditional(known_values: torch.Tensor):
@@ -67,6 +63,8 @@ def streams(seed: int = 0):
 
 
 def inpaint_gaussian(config: SamplerConfig, n: int, jump: int, resample: int, objective="eps"):
+    """n inpaintings of the bottom row given a top row two and one standard deviations off;
+    returns the (n, 4) samples, the known values and the network evaluations per image."""
     noise, edit_noise = streams()
     known_values = MU[KNOWN] + torch.tensor([0.6, -0.3], dtype=torch.float64)  # 2 and -1 sd
     known = torch.zeros(n, 1, 2, 2, dtype=torch.float64)
@@ -77,7 +75,7 @@ def inpaint_gaussian(config: SamplerConfig, n: int, jump: int, resample: int, ob
     edit = editing.inpaint(TABLES, pairs, known, keep, edit_noise, jump, resample)
     model = exact_model(objective)
     x = run(from_config(config, model, TABLES, noise((n, 1, 2, 2)), noise, objective, edit))
-    return x.view(n, 4), known_values
+    return x.view(n, 4), known_values, evaluations(edit.pairs)
 
 
 def test_the_exact_model_is_exact():
@@ -101,13 +99,13 @@ def test_repaint_samples_the_conditional_of_the_missing_pixels():
     the unknown one: the mean stays more than a standard deviation off towards the marginal
     (1.2 measured), which the second half checks, so that the first cannot pass by luck."""
     ddpm = SamplerConfig(sampler="ddpm", steps=100, variance="large")
-    x, known_values = inpaint_gaussian(ddpm, 3000, jump=1, resample=10)
+    x, known_values, _ = inpaint_gaussian(ddpm, 3000, jump=1, resample=10)
     mean, cov = conditional(known_values)
     sd = cov.diagonal().sqrt()
     assert ((x[:, UNKNOWN].mean(0) - mean).abs() / sd).max() < 0.25
     assert (x[:, UNKNOWN].std(0) / sd - 1).abs().max() < 0.10
     assert torch.equal(x[:, KNOWN], known_values.expand(3000, 2))
-    naive, _ = inpaint_gaussian(ddpm, 3000, jump=1, resample=1)
+    naive, _, _ = inpaint_gaussian(ddpm, 3000, jump=1, resample=1)
     assert ((naive[:, UNKNOWN].mean(0) - mean).abs() / sd).max() > 1.0
 
 
@@ -227,3 +225,23 @@ def test_matching_block_means_is_the_projection_onto_the_range():
             assert (w - x).pow(2).sum() >= (z - x).pow(2).sum() - 1e-12
             checked += 1
     assert checked > 50
+
+
+def test_dpmpp_steps_first_order_after_a_jump_back():
+    """DPM-Solver++(2M) uses its previous prediction only when it came from a higher t: after
+    a jump back, the step is the first-order one (DDIM's), not an extrapolation across it."""
+    from ddpm_cli.diffusion.samplers import Edit, dpmpp_2m, dpmpp_2m_update, q_jump
+
+    model = exact_model("v")
+    z = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pairs = [(900, 600), (600, 300), (300, 600), (600, 300), (300, -1)]
+    edit = Edit(pairs=pairs, noise=lambda shape: z)
+    steps = list(dpmpp_2m(model, TABLES, x_T, objective="v", edit=edit))
+    assert [s.t for s in steps] == [900, 600, 600, 300]
+    x_jumped = q_jump(TABLES, steps[1].x, 300, 600, z)
+    first_order = dpmpp_2m_update(TABLES, x_jumped, 600, 300, steps[2].x0, None)
+    assert torch.allclose(steps[2].x, first_order, rtol=0, atol=1e-12)
+    # without the jump the same step would have been second order
+    second_order = dpmpp_2m_update(TABLES, x_jumped, 600, 300, steps[2].x0, (900, steps[0].x0))
+    assert not torch.allclose(steps[2].x, second_order, atol=1e-6)

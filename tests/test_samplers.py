@@ -190,17 +190,22 @@ def test_strided_ddpm_at_full_steps_is_the_unstrided_sampler():
 # ---- oracle: Gaussian data, exact predictions --------------------------------------------------
 
 
-def oracle(objective: str):
-    """The exact prediction for data ~ N(MU, S^2 I): E[eps | x_t] in closed form, converted."""
+def predicting(objective: str, eps_model):
+    """A model of `objective` (eps, x0 or v) from one that predicts eps."""
 
     def model(x, t):
-        eps = exact_eps(x, t)
+        eps = eps_model(x, t)
         if objective == "eps":
             return eps
         x0 = predict_x0_from_eps(TABLES, x, t, eps)
         return x0 if objective == "x0" else v_target(TABLES, x0, t, eps)
 
     return model
+
+
+def oracle(objective: str):
+    """The exact prediction for data ~ N(MU, S^2 I): E[eps | x_t] in closed form, converted."""
+    return predicting(objective, exact_eps)
 
 
 SAMPLERS = {

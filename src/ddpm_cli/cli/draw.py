@@ -1,10 +1,13 @@
-"""What `ddpm sample`, `ddpm inpaint` and `ddpm upscale` share: their options, defined once,
-and `draw`, which checks them, builds a SampleRequest, runs the job with its progress and
-prints the summary."""
+"""What `ddpm sample`, `ddpm inpaint` and `ddpm upscale` share: their options, defined once and
+given to each command by `drawing`, and `draw`, which checks them, builds a SampleRequest, runs
+the job with its progress and prints the summary."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +15,11 @@ import typer
 
 from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    QuietOpt,
+    RawOpt,
+    SeedOpt,
     count,
     err_console,
     json_option,
@@ -122,6 +130,60 @@ ResizeOpt = Annotated[
         "--resize", help="Resize and centre-crop input images to the size the model needs."
     ),
 ]
+
+
+# every drawing command's options after its own, in the order --help lists them: (type, default)
+DRAW_OPTIONS = {
+    "out": (OutOpt, None),
+    "grid": (GridOpt, None),
+    "start": (StartOpt, 0),
+    "classes": (ClassOpt, None),
+    "guidance": (GuidanceOpt, None),
+    "seed": (SeedOpt, None),
+    "sampler": (SamplerOpt, S.sampler),
+    "steps": (StepsOpt, S.steps),
+    "eta": (EtaOpt, None),
+    "variance": (VarianceOpt, None),
+    "spacing": (SpacingOpt, S.spacing),
+    "clip": (ClipOpt, S.clip),
+    "raw": (RawOpt, False),
+    "batch_size": (BatchSizeOpt, None),
+    "precision": (SamplePrecisionOpt, None),
+    "compile": (CompileOpt, False),
+    "device": (DeviceOpt, "auto"),
+    "trajectory": (TrajectoryOpt, None),
+    "trajectory_images": (TrajectoryImagesOpt, 4),
+    "overwrite": (SampleOverwriteOpt, False),
+    "as_json": (SampleJsonOpt, False),
+    "quiet": (QuietOpt, False),
+}
+
+
+def drawing(**types) -> Callable[[Callable], Callable]:
+    """Give a command the DRAW_OPTIONS after its own parameters (with `types` replacing some
+    of theirs, e.g. another --sampler help); the command receives them as one dict, `options`,
+    to pass on to `draw`. Typer reads the signature this sets."""
+
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                              annotation=types.get(name, kind))
+            for name, (kind, default) in DRAW_OPTIONS.items()
+        ]  # fmt: skip
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own
+                  if p.name != "options"] + shared  # fmt: skip
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            options = {name: kwargs.pop(name) for name in DRAW_OPTIONS}
+            return command(**kwargs, options=options)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
 
 
 def draw(

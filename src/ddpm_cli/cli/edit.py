@@ -7,30 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.common import BatchSizeOpt, DeviceOpt, QuietOpt, RawOpt, SeedOpt
-from ddpm_cli.cli.draw import (
-    CheckpointArg,
-    ClassOpt,
-    ClipOpt,
-    CompileOpt,
-    EtaOpt,
-    GridOpt,
-    GuidanceOpt,
-    OutOpt,
-    ResizeOpt,
-    S,
-    SampleJsonOpt,
-    SampleOverwriteOpt,
-    SamplePrecisionOpt,
-    SamplerOpt,
-    SpacingOpt,
-    StartOpt,
-    StepsOpt,
-    TrajectoryImagesOpt,
-    TrajectoryOpt,
-    VarianceOpt,
-    draw,
-)
+from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
 from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.editing import (
     DEFAULT_JUMP,
@@ -54,7 +31,6 @@ InpaintSamplerOpt = Annotated[
         show_default=False,
     ),
 ]
-SHARED = ("ctx",)  # every other parameter of the commands below that draw() does not take
 
 
 def parse_ints(text: str | None, option: str, example: str) -> tuple[int, int, int, int] | None:
@@ -70,6 +46,7 @@ def parse_ints(text: str | None, option: str, example: str) -> tuple[int, int, i
     return values  # type: ignore[return-value]
 
 
+@drawing(sampler=InpaintSamplerOpt)
 def inpaint(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
@@ -116,28 +93,7 @@ def inpaint(
     ] = DEFAULT_JUMP,
     resize: ResizeOpt = False,
     num: NumOpt = 1,
-    out: OutOpt = None,
-    grid: GridOpt = None,
-    start: StartOpt = 0,
-    classes: ClassOpt = None,
-    guidance: GuidanceOpt = None,
-    seed: SeedOpt = None,
-    sampler: InpaintSamplerOpt = S.sampler,
-    steps: StepsOpt = S.steps,
-    eta: EtaOpt = None,
-    variance: VarianceOpt = None,
-    spacing: SpacingOpt = S.spacing,
-    clip: ClipOpt = S.clip,
-    raw: RawOpt = False,
-    batch_size: BatchSizeOpt = None,
-    precision: SamplePrecisionOpt = None,
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    trajectory: TrajectoryOpt = None,
-    trajectory_images: TrajectoryImagesOpt = 4,
-    overwrite: SampleOverwriteOpt = False,
-    as_json: SampleJsonOpt = False,
-    quiet: QuietOpt = False,
+    options: dict | None = None,
 ) -> None:
     """Fill part of an image so that it agrees with the rest (RePaint, Lugmayr et al. 2022).
 
@@ -167,27 +123,10 @@ def inpaint(
         EditMode.inpaint, "inpaint", image, mask=mask, box=parse_ints(box, "--box", "0,16,32,32"),
         outpaint=pad, resize=resize, jump=jump, resample=resample,
     )  # fmt: skip
-    options = {
-        k: v
-        for k, v in locals().items()
-        if k
-        not in (
-            "ctx",
-            "image",
-            "mask",
-            "box",
-            "outpaint",
-            "resample",
-            "jump",
-            "resize",
-            "given",
-            "pad",
-            "edit",
-        )
-    }
-    draw(ctx, **options, edit=edit)  # fmt: skip
+    draw(ctx, checkpoint=checkpoint, num=num, **options, edit=edit)
 
 
+@drawing()
 def upscale(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
@@ -202,28 +141,7 @@ def upscale(
     ] = None,
     resize: ResizeOpt = False,
     num: NumOpt = 1,
-    out: OutOpt = None,
-    grid: GridOpt = None,
-    start: StartOpt = 0,
-    classes: ClassOpt = None,
-    guidance: GuidanceOpt = None,
-    seed: SeedOpt = None,
-    sampler: SamplerOpt = S.sampler,
-    steps: StepsOpt = S.steps,
-    eta: EtaOpt = None,
-    variance: VarianceOpt = None,
-    spacing: SpacingOpt = S.spacing,
-    clip: ClipOpt = S.clip,
-    raw: RawOpt = False,
-    batch_size: BatchSizeOpt = None,
-    precision: SamplePrecisionOpt = None,
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    trajectory: TrajectoryOpt = None,
-    trajectory_images: TrajectoryImagesOpt = 4,
-    overwrite: SampleOverwriteOpt = False,
-    as_json: SampleJsonOpt = False,
-    quiet: QuietOpt = False,
+    options: dict | None = None,
 ) -> None:
     """Upscale a small image to the model's size with the same model (ILVR, Choi et al. 2021).
 
@@ -241,7 +159,4 @@ def upscale(
     if resize and factor is None:
         raise UsageError("--resize needs --factor: the size to resize to is the model's / N")
     edit = EditSpec(EditMode.upscale, "upscale", image, resize=resize, factor=factor)
-    options = {
-        k: v for k, v in locals().items() if k not in ("ctx", "image", "factor", "resize", "edit")
-    }
-    draw(ctx, **options, edit=edit)  # fmt: skip
+    draw(ctx, checkpoint=checkpoint, num=num, **options, edit=edit)

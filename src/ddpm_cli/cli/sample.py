@@ -7,30 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.common import BatchSizeOpt, DeviceOpt, QuietOpt, RawOpt, SeedOpt
-from ddpm_cli.cli.draw import (
-    CheckpointArg,
-    ClassOpt,
-    ClipOpt,
-    CompileOpt,
-    EtaOpt,
-    GridOpt,
-    GuidanceOpt,
-    OutOpt,
-    ResizeOpt,
-    S,
-    SampleJsonOpt,
-    SampleOverwriteOpt,
-    SamplePrecisionOpt,
-    SamplerOpt,
-    SpacingOpt,
-    StartOpt,
-    StepsOpt,
-    TrajectoryImagesOpt,
-    TrajectoryOpt,
-    VarianceOpt,
-    draw,
-)
+from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
 from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.editing import (
     DEFAULT_GUIDE_FACTOR,
@@ -41,6 +18,7 @@ from ddpm_cli.generation.editing import (
 )
 
 
+@drawing()
 def sample(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
@@ -54,12 +32,6 @@ def sample(
             "image with --init or --guide).",
         ),
     ] = 16,
-    out: OutOpt = None,
-    grid: GridOpt = None,
-    start: StartOpt = 0,
-    classes: ClassOpt = None,
-    guidance: GuidanceOpt = None,
-    seed: SeedOpt = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -95,22 +67,7 @@ def sample(
         ),
     ] = None,
     resize: ResizeOpt = False,
-    sampler: SamplerOpt = S.sampler,
-    steps: StepsOpt = S.steps,
-    eta: EtaOpt = None,
-    variance: VarianceOpt = None,
-    spacing: SpacingOpt = S.spacing,
-    clip: ClipOpt = S.clip,
-    raw: RawOpt = False,
-    batch_size: BatchSizeOpt = None,
-    precision: SamplePrecisionOpt = None,
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    trajectory: TrajectoryOpt = None,
-    trajectory_images: TrajectoryImagesOpt = 4,
-    overwrite: SampleOverwriteOpt = False,
-    as_json: SampleJsonOpt = False,
-    quiet: QuietOpt = False,
+    options: dict | None = None,
 ) -> None:
     """Generate images from a trained checkpoint.
 
@@ -130,12 +87,7 @@ def sample(
       [bold]ddpm sample runs/faces --init sketch.png --strength 0.5 -n 4 --grid edits.png[/bold]
     """
     edit = sample_edit(init, strength, guide, factor, resize)
-    options = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("ctx", "init", "strength", "guide", "factor", "resize", "edit")
-    }
-    draw(ctx, **options, edit=edit)  # fmt: skip
+    draw(ctx, checkpoint=checkpoint, num=num, **options, edit=edit)
 
 
 def sample_edit(init, strength, guide, factor, resize) -> EditSpec | None:

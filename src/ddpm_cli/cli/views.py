@@ -156,6 +156,7 @@ class ProgressView(LiveView):
         verb = "finished" if info["status"] == "done" else "stopped"
         err_console.print(f"{verb} at step {info['step']}: {info['out']}")
 
+
 def preflight_table(info: dict) -> Table:
     report, config, model = info["report"], info["config"], info["model"]
     s = info["data"]
