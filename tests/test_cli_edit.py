@@ -101,7 +101,7 @@ def test_an_all_white_mask_is_plain_sampling_and_the_box_and_the_redraw_command(
         runner,
         runs,
         tmp_path,
-        "inpaint {v} {tmp}/photo.png --mask {tmp}/white.png --seed 4 -n 2 -o {tmp}/a",
+        "inpaint {v} {tmp}/photo.png --mask {tmp}/white.png --seed 4 -n 2 -o {tmp}/a -r 1",
     )
     # inpainting's default sampler, named
     b = ddpm(
@@ -242,6 +242,29 @@ def test_guided_variations_keep_the_references_block_means(runner, runs, tmp_pat
         (["upscale", "{v}", "{img}"], "divided by 2, 4 or 8"),
         (["upscale", "{v}", "{small3}", "--factor", "2"], "add --resize"),
         (["upscale", "{v}", "{missing}"], "no such file"),
+        (["upscale", "{v}", "{mixed}"], "one command upscales by one factor"),
+        (["inpaint", "{v}", "{img}", "--mask", "{alpha_mask}"], "has transparent pixels"),
+        (
+            ["inpaint", "{v}", "{img}", "--box", "0,0,1,1", "--jump", "6", "--steps", "6"],
+            "is not shorter than the sampler's 6 steps",
+        ),
+        (
+            ["inpaint", "{v}", "{img}", "--box", "0,0,1,1", "--grid", "{img}", "--overwrite"],
+            "is the input image",
+        ),
+        (
+            [
+                "inpaint",
+                "{v}",
+                "{imgs}",
+                "--box",
+                "0,0,1,1",
+                "--grid",
+                "{imgs}/a.png",
+                "--overwrite",
+            ],
+            "is the input image",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path, args, message):
@@ -251,18 +274,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path,
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "gray.png")
     mask_png(tmp_path / "black.png", np.zeros((8, 8), bool))
     mask_png(tmp_path / "big_mask.png", np.ones((9, 9), bool))
-    for folder in ("imgs", "masks", "grays"):
+    Image.new("RGBA", (8, 8), (255, 255, 255, 0)).save(tmp_path / "alpha_mask.png")
+    for folder in ("imgs", "masks", "grays", "mixed"):
         (tmp_path / folder).mkdir()
+    rgb(tmp_path / "mixed" / "four.png", size=(4, 4))
+    rgb(tmp_path / "mixed" / "two.png", size=(2, 2))
     rgb(tmp_path / "imgs" / "a.png")
     rgb(tmp_path / "imgs" / "b.png")
     mask_png(tmp_path / "masks" / "a.png", LOWER)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grays" / "g.png")
     paths = {
         name: tmp_path / f"{name}.png"
-        for name in ("img", "big", "small3", "gray", "black", "big_mask", "missing")
+        for name in ("img", "big", "small3", "gray", "black", "big_mask", "missing", "alpha_mask")
     }
     paths.update(
-        {f: tmp_path / f for f in ("imgs", "masks", "grays")}, v=runs["v"], eps=runs["eps"]
+        {f: tmp_path / f for f in ("imgs", "masks", "grays", "mixed")}, v=runs["v"], eps=runs["eps"]
     )
     before = sorted(tmp_path.rglob("*"))
     r = invoke(runner, *[a.format(**paths) for a in args], "-o", tmp_path / "out", "-q")
@@ -270,3 +296,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path,
     assert message in r.stderr and "Traceback" not in r.output, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_inpainting_defaults_to_ddpm_over_100_steps_with_the_small_variance(runner, runs, tmp_path):
+    """The measured default (docs/editing.md), also when only --sampler ddpm is named; what
+    the user gives wins."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "g.png")
+    for i, (extra, want) in enumerate(
+        [
+            ("", ("ddpm", 100, "small")),
+            ("--sampler ddpm", ("ddpm", 100, "small")),
+            ("--sampler ddpm --steps 7 --variance large", ("ddpm", 7, "large")),
+            ("--variance large", ("ddpm", 100, "large")),
+            ("--sampler dpm++ --steps 5", ("dpm++", 5, "large")),
+        ]
+    ):
+        line = f"inpaint {runs['eps']} {tmp_path}/g.png --box 0,0,4,4 -r 1 --json -o {tmp_path}/{i}"
+        r = runner.invoke(app, [*line.split(), *extra.split(), "-q"])
+        assert r.exit_code == 0, r.output
+        sampler = json.loads(r.stdout)["sampler"]
+        assert (sampler["sampler"], sampler["steps"], sampler["variance"]) == want, extra

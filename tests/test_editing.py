@@ -142,7 +142,7 @@ def test_known_pixels_are_kept_exactly_and_nothing_kept_is_plain_sampling(name):
     assert torch.equal(inpainted(torch.ones_like(keep)), known)  # everything kept
     noise, _ = streams(5)
     plain = run(from_config(config, model, TABLES, noise((n, 1, 2, 2)), noise, "v"))
-    assert torch.equal(inpainted(torch.zeros_like(keep)), plain)  # nothing kept
+    assert torch.equal(inpainted(torch.zeros_like(keep), resample=1), plain)  # nothing kept
 
 
 def test_box_and_outpaint_masks():
@@ -165,6 +165,12 @@ def test_sdedit_starts_from_the_noised_image_and_strength_moves_it_away():
         edit = editing.sdedit(TABLES, pairs, init, strength)
         x = run(from_config(config, model, TABLES, noise((n, 1, 2, 2)), noise, "v", edit))
         distances.append(float((x - init).pow(2).mean().sqrt()))
+        t0 = editing.start_timestep(1000, strength)
+        if strength < 1:  # the network first sees the image noised to t0, x_T as the noise
+            x_T = torch.randn(n, 1, 2, 2, dtype=torch.float64)
+            first = next(from_config(config, model, TABLES, x_T, noise, "v", edit))
+            assert first.t == t0
+            assert torch.equal(first.x_t, editing.noised_to(TABLES, init, t0, x_T))
         if strength == 0.001:
             assert editing.start_timestep(1000, strength) == 0 and evaluations(edit.pairs) == 1
             assert (x - init).abs().max() < 0.05
@@ -240,6 +246,7 @@ def test_dpmpp_steps_first_order_after_a_jump_back():
     steps = list(dpmpp_2m(model, TABLES, x_T, objective="v", edit=edit))
     assert [s.t for s in steps] == [900, 600, 600, 300]
     x_jumped = q_jump(TABLES, steps[1].x, 300, 600, z)
+    assert torch.equal(steps[2].x_t, x_jumped)  # what the network saw after the jump
     first_order = dpmpp_2m_update(TABLES, x_jumped, 600, 300, steps[2].x0, None)
     assert torch.allclose(steps[2].x, first_order, rtol=0, atol=1e-12)
     # without the jump the same step would have been second order

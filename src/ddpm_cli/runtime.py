@@ -91,7 +91,7 @@ def from_env(env: Mapping[str, str] = os.environ) -> Runtime:
             values[field] = _flag(name, env[name])
     if env.get("DDPM_DEBUG", "") != "":
         values["debug"] = _flag("DDPM_DEBUG", env["DDPM_DEBUG"])
-    values["cpu_isa"] = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "")
+    values["cpu_isa"] = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or ""
     values["cpu_isa"] = values["cpu_isa"].strip().upper()
     if env.get("DDPM_DIST_TIMEOUT", "") != "":
         text = env["DDPM_DIST_TIMEOUT"]
@@ -125,4 +125,3 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
         yield runtime
     finally:
         _current = before
-

@@ -29,7 +29,7 @@ from ddpm_cli.cli.common import (
 from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.editing import DEFAULT_GUIDE_FACTOR, EditSpec
+from ddpm_cli.generation.editing import EditSpec
 from ddpm_cli.generation.job import SampleRequest, SampleResult, sample_images
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig, SamplerName, Spacing, Variance
 from ddpm_cli.store.files import STDIO, stdout_is_terminal
@@ -162,7 +162,9 @@ DRAW_OPTIONS = {
 def drawing(**types) -> Callable[[Callable], Callable]:
     """Give a command the DRAW_OPTIONS after its own parameters (with `types` replacing some
     of theirs, e.g. another --sampler help); the command receives them as one dict, `options`,
-    to pass on to `draw`. Typer reads the signature this sets."""
+    to pass on to `draw`. Typer reads the parameters from `inspect.signature`, which takes the
+    wrapper's `__signature__` (set here) before following `__wrapped__`; every parameter is
+    keyword-only, as Typer passes them all by name."""
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command, eval_str=True).parameters.values()
@@ -196,9 +198,13 @@ def draw(
     edit: EditSpec | None = None,
 ) -> None:  # fmt: skip
     """The shared body of the drawing commands: the options as the commands name them."""
+    # inpainting's default sampler is ddpm (generation/editing.edit_sampler)
+    named = sampler.value if sampler else ("ddpm" if edit and edit.mode.value == "inpaint" else "")
     for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
-        if value is not None and (sampler is None or sampler.value != applies):
+        if value is not None and named != applies:
             raise UsageError(f"--{name} applies to --sampler {applies}; add --sampler {applies}")
+    if distributed.launched() and edit and STDIO in (edit.image, edit.mask):
+        raise UsageError("under torchrun every process reads the inputs: give files, not -")
     config = SamplerConfig(
         sampler=sampler,
         steps=steps,
@@ -302,19 +308,24 @@ def _header(info: dict) -> str:
     command = f"ddpm {e.command}" if e else "ddpm sample"
     what = ""
     if e is not None:
-        what = f" from {count(info['inputs'], 'input')} ({_edit_text(e)})"
+        what = f" from {count(info['inputs'], 'input')} ({_edit_text(e, info['factor'])})"
     return (
         f"[bold]{command}[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
         f"{count(info['total'], 'image')}{which}{what}{share}, {s.sampler.value} "
-        f"{s.steps} steps ({s.spacing}), seed {info['seed']}, batch {info['batch']}, "
+        f"{s.steps} steps ({s.spacing}){_evaluations(info)}, seed {info['seed']}, "
+        f"batch {info['batch']}, "
         f"{info['device']}, {info['precision'].value}"
     )
 
 
-def _edit_text(e: EditSpec) -> str:
+def _evaluations(info: dict) -> str:
+    n = info["evaluations"]
+    return "" if n == info["sampler"].steps else f", {n} network evaluations an image"
+
+
+def _edit_text(e: EditSpec, factor: int | None) -> str:
     if e.mode.value == "inpaint":
         return f"RePaint, resample {e.resample}, jump {e.jump}"
     if e.mode.value == "sdedit":
         return f"SDEdit, strength {e.strength:g}"
-    factor = e.factor or (DEFAULT_GUIDE_FACTOR if e.mode.value == "guide" else "from the sizes")
     return f"ILVR, factor {factor}"

@@ -46,7 +46,18 @@ def parse_ints(text: str | None, option: str, example: str) -> tuple[int, int, i
     return values  # type: ignore[return-value]
 
 
-@drawing(sampler=InpaintSamplerOpt)
+InpaintStepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps",
+        min=1,
+        help=f"Sampler steps (default {INPAINT_STEPS} with ddpm); RePaint "
+        "evaluates the network about --resample times as often.",
+    ),
+]
+
+
+@drawing(sampler=InpaintSamplerOpt, steps=InpaintStepsOpt)
 def inpaint(
     ctx: typer.Context,
     checkpoint: CheckpointArg,

@@ -46,9 +46,9 @@ def _draw(noise: NoiseFn, like: torch.Tensor) -> torch.Tensor:
 
 def resample_pairs(pairs: Pairs, jump: int, resample: int) -> Pairs:
     """RePaint's walk over a sampler's descending `pairs`: at every `jump`-th timestep counted
-    from the end (the sample itself included, as RePaint counts from t = 0), jump back `jump`
-    timesteps and walk down again, `resample - 1` times. A jump back is the pair (t, t_up)
-    with t_up > t. resample 1 returns the pairs unchanged."""
+    from the end, the finished sample included (RePaint counts from t = 0, one step earlier),
+    jump back `jump` timesteps and walk down again, `resample - 1` times. A jump back is the
+    pair (t, t_up) with t_up > t. resample 1 returns the pairs unchanged."""
     if jump < 1 or resample < 1:
         raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
     ts = [t for t, _ in pairs] + [pairs[-1][1]]
@@ -78,12 +78,12 @@ def inpaint(
     """Fill the pixels where `keep` is False so that they agree with `known` where it is True.
 
     After each step, x_{t_prev} takes the known pixels noised to t_prev, a fresh draw each
-    time (RePaint eq. 8); at t_prev = -1 they are `known` exactly. Where nothing is known
-    there is nothing to harmonise: no jumps, and the walk is plain sampling.
+    time (RePaint eq. 8); at t_prev = -1 they are `known` exactly. The walk is the same for
+    every image of a batch, whatever its mask (so an image does not depend on its batch):
+    with resample 1 and nothing kept it is plain sampling.
     """
     keep = keep.to(device=known.device, dtype=torch.bool)
-    if bool(keep.any()):
-        pairs = resample_pairs(pairs, jump, resample)
+    pairs = resample_pairs(pairs, jump, resample)
 
     def project(x: torch.Tensor, t_prev: int) -> torch.Tensor:
         z = _draw(noise, known) if t_prev >= 0 else None
@@ -183,9 +183,9 @@ def ilvr(
 
     def project(x: torch.Tensor, t_prev: int) -> torch.Tensor:
         if t_prev < 0:
-            return match_block_means(x, small.to(x.device), factor)
-        z = _draw(noise, reference)
-        y = noised_to(tables, reference.to(x.dtype), t_prev, z)
+            return match_block_means(x, small.to(x.device, x.dtype), factor)
+        z = _draw(noise, x)
+        y = noised_to(tables, reference.to(x.device, x.dtype), t_prev, z)
         return x - lowpass(x, factor) + lowpass(y, factor)
 
     return Edit(pairs=pairs, project=project, noise=noise)

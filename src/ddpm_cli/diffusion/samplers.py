@@ -102,6 +102,7 @@ class SampleStep:
     t_prev: int
     x: torch.Tensor  # x_{t_prev}; the sample itself after the last step
     x0: torch.Tensor  # the model's prediction of x_0 at this step
+    x_t: torch.Tensor  # x_t, as the network saw it at this step
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,10 @@ def _walk(
         x0, eps = predict_x0_and_eps(tables, objective, x, t_batch, out)
         if clip:  # predicted x_0 in the data range (samplers that use eps re-derive it)
             x0 = x0.clamp(-1, 1)
-        x = update(i, t, t_prev, x, x0, eps)
+        x_t, x = x, update(i, t, t_prev, x, x0, eps)
         if project is not None:
             x = project(x, t_prev)
-        yield SampleStep(i, total, t, t_prev, x, x0)
+        yield SampleStep(i, total, t, t_prev, x, x0, x_t)
         i += 1
 
 

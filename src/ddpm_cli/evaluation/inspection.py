@@ -144,8 +144,6 @@ def _number(text: str):
         return text
 
 
-
-
 def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
     """A folder of training images: what `ddpm train` would find (every image decoded)."""
     from ddpm_cli.data.folders import folder_report

@@ -20,7 +20,7 @@ import torch
 from ddpm_cli.data.folders import EXTENSIONS
 from ddpm_cli.data.images import decode_image
 from ddpm_cli.diffusion import editing
-from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs
+from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs, evaluations
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DataError, UsageError
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName
@@ -75,6 +75,7 @@ class EditInput:
     keep: torch.Tensor | None
     digest: str  # sha256 of the image's (and mask's) bytes
     args: tuple[str, ...]  # the command's arguments that redraw from this input
+    factor: int = 1  # ILVR's block size (upscale, guide); 1 for the other edits
 
     @property
     def stem(self) -> str:
@@ -82,7 +83,7 @@ class EditInput:
 
     def shown(self, height: int) -> torch.Tensor:
         """The input as a grid cell of the output's `height`: the kept pixels (the regenerated
-        ones mid-grey), or the small image enlarged."""
+        ones mid-grey), or a small image enlarged."""
         if self.keep is not None:
             return torch.where(self.keep, self.image, torch.zeros_like(self.image))
         return editing.upsample(self.image[None], height // self.image.shape[1])[0]
@@ -132,7 +133,7 @@ def _channels(img, name: str, channels: int) -> torch.Tensor:
     if channels == 4 and img.alpha is not None and pixels.shape[0] == 3:
         pixels = torch.cat([pixels, img.alpha[None].float() / 127.5 - 1])
     if pixels.shape[0] != channels:
-        kinds = {1: "grayscale", 3: "RGB", 4: "RGBA"}
+        kinds = {1: "grayscale", 2: "grayscale with alpha", 3: "RGB", 4: "RGBA"}
         have = kinds.get(pixels.shape[0] + (img.alpha is not None), f"{pixels.shape[0]}-channel")
         raise DataError(
             f"{name} is {have}; the model draws {kinds.get(channels, channels)} images "
@@ -141,90 +142,110 @@ def _channels(img, name: str, channels: int) -> torch.Tensor:
     return pixels
 
 
-def infer_factor(spec: EditSpec, small: tuple[int, int], model: tuple[int, int]) -> int:
-    """The upscaling factor: --factor, or the model's size over the image's."""
-    (w, h), (mw, mh) = small, model
-    if spec.factor is not None:
-        return spec.factor
-    if mw % w == 0 and mh % h == 0 and mw // w == mh // h and mw // w in FACTORS:
-        return mw // w
-    raise UsageError(
-        f"the image is {w}x{h} and the model draws {mw}x{mh}: upscale needs a size that is the "
-        f"model's divided by 2, 4 or 8; give --factor N with --resize to resize it"
-    )
+def _factor(spec: EditSpec, size: tuple[int, int], model: tuple[int, int]) -> int:
+    """ILVR's factor: --factor, the guide's default, or for upscaling the model's size over
+    the image's; 1 for the other edits."""
+    (w, h), (mw, mh) = size, model
+    if spec.mode not in (EditMode.upscale, EditMode.guide):
+        return 1
+    factor = spec.factor or (DEFAULT_GUIDE_FACTOR if spec.mode is EditMode.guide else None)
+    if factor is None:
+        if mw % w == 0 and mh % h == 0 and mw // w == mh // h and mw // w in FACTORS:
+            return mw // w
+        raise UsageError(
+            f"the image is {w}x{h} and the model draws {mw}x{mh}: upscale needs a size that is "
+            "the model's divided by 2, 4 or 8; give --factor N with --resize to resize it"
+        )
+    if mh % factor or mw % factor:
+        given = "--factor" if spec.factor else "the default --factor"
+        raise UsageError(f"{given} {factor} does not divide the model's {mw}x{mh} images")
+    return factor
 
 
-def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> list[EditInput]:
-    """Every input of `spec`, read and checked for a model of `image_size` (height, width) and
-    `channels`; the first problem is one UsageError naming the file and the fix."""
-    mh, mw = image_size
-    sources = _sources(spec.image, "the image")
-    mask_folder = spec.mask is not None and spec.mask != STDIO and Path(spec.mask).is_dir()
-    masks = _sources(spec.mask, "the mask") if spec.mask is not None else []
-    if spec.mask == STDIO and spec.image == STDIO:
-        raise UsageError("the image and the mask cannot both come from stdin")
-    target = (mh, mw)
-    factor = 1
-    if spec.mode in (EditMode.upscale, EditMode.guide):
-        factor = spec.factor or (DEFAULT_GUIDE_FACTOR if spec.mode is EditMode.guide else None)
-        if factor is not None and (mh % factor or mw % factor):
-            raise UsageError(f"--factor {factor} does not divide the model's {mw}x{mh} images")
-        if spec.mode is EditMode.upscale:
-            target = (mh // factor, mw // factor) if factor else None
+def _target(spec: EditSpec, mh: int, mw: int) -> tuple[int, int] | None:
+    """The (height, width) an input must have (what --resize makes it); None: upscaling with
+    the factor left to the sizes."""
+    if spec.mode is EditMode.upscale:
+        f = spec.factor
+        return (mh // f, mw // f) if f and not (mh % f or mw % f) else None
     if spec.outpaint is not None:
         left, top, right, bottom = spec.outpaint
         target = (mh - top - bottom, mw - left - right)
         if min(target) < 1:
             raise UsageError(f"--outpaint {_pad_text(spec.outpaint)} leaves no room in the "
                              f"model's {mw}x{mh} images")  # fmt: skip
+        return target
+    return (mh, mw)
+
+
+def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> list[EditInput]:
+    """Every input of `spec`, read and checked for a model of `image_size` (height, width) and
+    `channels`; the first problem is one UsageError naming the file and the fix."""
+    mh, mw = image_size
+    if spec.mask == STDIO and spec.image == STDIO:
+        raise UsageError("the image and the mask cannot both come from stdin")
+    sources = _sources(spec.image, "the image")
+    mask_folder = spec.mask is not None and spec.mask != STDIO and Path(spec.mask).is_dir()
+    masks = _sources(spec.mask, "the mask") if spec.mask is not None else []
+    target = _target(spec, mh, mw)
     inputs, stems, read = [], {}, {}
     for name, path in sources:
         img, data = _decode(path, name, target if spec.resize else None, read)
         pixels = _channels(img, name, channels)
-        digest = hashlib.sha256(data)
-        args: list[str] = [*FLAG.get(spec.mode, ()), path]
         size = img.size
-        if spec.mode is EditMode.upscale:
-            factor = infer_factor(spec, size, (mw, mh))
-            if size != (mw // factor, mh // factor):
-                raise UsageError(
-                    f"{name} is {_size_text(size)}; --factor {factor} makes the model's "
-                    f"{mw}x{mh} from {mw // factor}x{mh // factor} images: add --resize"
-                )
-        elif spec.outpaint is not None and size != (target[1], target[0]):
+        factor = _factor(spec, size, (mw, mh))
+        want = (mw // factor, mh // factor) if spec.mode is EditMode.upscale else target[::-1]
+        if size != want:
+            raise UsageError(_size_problem(spec, name, size, want, (mw, mh), factor))
+        if inputs and factor != inputs[0].factor:
             raise UsageError(
-                f"{name} is {_size_text(size)} and --outpaint {_pad_text(spec.outpaint)} makes "
-                f"a {size[0] + spec.outpaint[0] + spec.outpaint[2]}x"
-                f"{size[1] + spec.outpaint[1] + spec.outpaint[3]} canvas; the model draws "
-                f"{mw}x{mh}: the image must be {target[1]}x{target[0]} (or add --resize)"
+                f"{name} upscales by {factor} and {inputs[0].name} by {inputs[0].factor}: "
+                "one command upscales by one factor (give --factor, with --resize)"
             )
-        elif spec.outpaint is None and spec.mode is not EditMode.upscale and size != (mw, mh):
-            raise UsageError(
-                f"{name} is {_size_text(size)}; the model draws {mw}x{mh} images: add --resize "
-                "to resize and centre-crop it"
-            )
+        digest = hashlib.sha256(data)
+        args = [*FLAG.get(spec.mode, ()), path]
+        if factor > 1:
+            args += ["--factor", str(factor)]
         keep = None
         if spec.mode is EditMode.inpaint:
-            pixels, keep, mask_args = _keep(spec, name, img, pixels, masks, mask_folder, digest,
-                                            read)  # fmt: skip
+            pixels, keep, mask_args, mask_data = _keep(spec, name, img, pixels, masks,
+                                                       mask_folder, read)  # fmt: skip
+            digest.update(mask_data)
             args += mask_args
         stem = Path(name).stem
         if stem in stems:
             raise UsageError(f"{name} and {stems[stem]} would write the same output files")
         stems[stem] = name
-        inputs.append(EditInput(name, pixels, keep, digest.hexdigest(), tuple(args)))
+        inputs.append(EditInput(name, pixels, keep, digest.hexdigest(), tuple(args), factor))
     return inputs
+
+
+def _size_problem(spec, name, size, want, model, factor) -> str:
+    """What is wrong with an input's size, and the fix."""
+    (w, h), (mw, mh) = size, model
+    if spec.mode is EditMode.upscale:
+        return (f"{name} is {w}x{h}; --factor {factor} makes the model's {mw}x{mh} from "
+                f"{want[0]}x{want[1]} images: add --resize")  # fmt: skip
+    if spec.outpaint is not None:
+        left, top, right, bottom = spec.outpaint
+        return (f"{name} is {w}x{h} and --outpaint {_pad_text(spec.outpaint)} makes a "
+                f"{w + left + right}x{h + top + bottom} canvas; the model draws {mw}x{mh}: the "
+                f"image must be {want[0]}x{want[1]} (or add --resize)")  # fmt: skip
+    return (
+        f"{name} is {w}x{h}; the model draws {mw}x{mh} images: add --resize to resize and "
+        "centre-crop it"
+    )
 
 
 def _pad_text(pad: tuple[int, int, int, int]) -> str:
     return ",".join(str(v) for v in pad)
 
 
-def _keep(spec, name, img, pixels, masks, mask_folder, digest, read):
-    """(canvas, keep mask, redraw arguments) of an inpainting or outpainting input."""
+def _keep(spec, name, img, pixels, masks, mask_folder, read):
+    """(canvas, keep mask, redraw arguments, the mask's bytes) of an inpainting input."""
     if spec.outpaint is not None:
         canvas, keep = editing.outpaint_canvas(pixels, spec.outpaint)
-        return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)]
+        return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)], b""
     h, w = pixels.shape[1:]
     if spec.box is not None:
         x0, y0, x1, y1 = spec.box
@@ -233,7 +254,7 @@ def _keep(spec, name, img, pixels, masks, mask_folder, digest, read):
                 f"--box {_pad_text(spec.box)} is not inside {name} ({w}x{h}): it needs "
                 f"0 <= X0 < X1 <= {w} and 0 <= Y0 < Y1 <= {h}"
             )
-        return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)]
+        return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], b""
     mask_name, mask_path = _pair_mask(name, masks, mask_folder)
     mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read)
     if mask.source_size != img.source_size:
@@ -241,26 +262,51 @@ def _keep(spec, name, img, pixels, masks, mask_folder, digest, read):
             f"the mask {mask_name} is {_size_text(mask.source_size)} and {name} is "
             f"{_size_text(img.source_size)}: they must be the same size"
         )
-    digest.update(data)
+    if mask.alpha is not None and bool((mask.alpha < 255).any()):
+        raise UsageError(
+            f"the mask {mask_name} has transparent pixels; a mask is white (regenerate) and "
+            "black (keep): flatten it onto black or white first"
+        )
     regenerate = mask.pixels.mean(0, keepdim=True) > 0  # white above 50% grey
     if not bool(regenerate.any()):
         raise UsageError(
             f"the mask {mask_name} has no white pixels: nothing to regenerate "
             "(white is regenerated, black kept)"
         )
-    return pixels, ~regenerate, ["--mask", mask_path]
+    return pixels, ~regenerate, ["--mask", mask_path], data
 
 
 def edit_sampler(spec: EditSpec, config: SamplerConfig, timesteps: int) -> SamplerConfig:
-    """The sampler an edit runs: the user's; for inpainting with none named, the ancestral
-    sampler (INPAINT_STEPS, INPAINT_VARIANCE), which agrees with the kept pixels better than
-    the deterministic ones per second (docs/editing.md)."""
-    if spec.mode is not EditMode.inpaint or config.sampler is not None:
+    """The sampler an edit runs: the user's; for inpainting with none named or ddpm named, the
+    ancestral sampler over INPAINT_STEPS with INPAINT_VARIANCE where those are not given, which
+    agrees with the kept pixels better than the deterministic ones per second (docs/editing.md).
+    Refuses a --jump that would leave nothing to resample."""
+    if spec.mode is not EditMode.inpaint or config.sampler not in (None, SamplerName.ddpm):
         return config
     return replace(
         config, sampler=SamplerName.ddpm, steps=config.steps or min(INPAINT_STEPS, timesteps),
         variance=config.variance or INPAINT_VARIANCE,
     )  # fmt: skip
+
+
+def evaluations_per_image(spec: EditSpec, sampler: SamplerConfig, tables, objective: str) -> int:
+    """Network evaluations per image of the edit's walk (RePaint's jumps add, SDEdit's later
+    start saves)."""
+    pairs = config_pairs(sampler, tables, objective)
+    if spec.mode is EditMode.inpaint:
+        pairs = editing.resample_pairs(pairs, spec.jump, spec.resample)
+    elif spec.mode is EditMode.sdedit:
+        pairs = editing.sdedit(tables, pairs, torch.zeros(1), spec.strength).pairs
+    return evaluations(pairs)
+
+
+def check_jump(spec: EditSpec, steps: int) -> None:
+    """RePaint jumps back `jump` steps: a jump as long as the walk never happens."""
+    if spec.mode is EditMode.inpaint and spec.resample > 1 and spec.jump >= steps:
+        raise UsageError(
+            f"--jump {spec.jump} is not shorter than the sampler's {steps} steps, so nothing "
+            "would be resampled: give a shorter --jump (or --resample 1)"
+        )
 
 
 def spec_args(spec: EditSpec) -> list[str]:
@@ -269,17 +315,13 @@ def spec_args(spec: EditSpec) -> list[str]:
     if spec.mode is EditMode.inpaint:
         args += ["--jump", str(spec.jump), "--resample", str(spec.resample)]
     elif spec.mode is EditMode.sdedit:
-        args += ["--strength", f"{spec.strength:g}"]
-    elif spec.mode is EditMode.guide:
-        args += ["--factor", str(spec.factor or DEFAULT_GUIDE_FACTOR)]
-    elif spec.factor is not None:
-        args += ["--factor", str(spec.factor)]
+        args += ["--strength", repr(spec.strength)]
     return args
 
 
 def builder(
     spec: EditSpec, inputs: list[EditInput], items: list[int], sampler: SamplerConfig,
-    objective: str, image_size: tuple[int, int],
+    objective: str,
 ) -> Callable[[DiffusionTables, int, int, NoiseFn], Edit]:  # fmt: skip
     """The edit of the images items[a:b] (an input's index each): what `generate` calls per
     batch, with the tables on the device and the batch's own edit noise."""
@@ -294,18 +336,8 @@ def builder(
             return editing.inpaint(tables, pairs, image, keep, noise, spec.jump, spec.resample)
         if spec.mode is EditMode.sdedit:
             return editing.sdedit(tables, pairs, image, spec.strength)
-        factor = edit_factor(spec, chunk[0], image_size)
+        factor = chunk[0].factor  # one per command (open_inputs)
         small = image if spec.mode is EditMode.upscale else editing.downsample(image, factor)
         return editing.ilvr(tables, pairs, small, factor, noise)
 
     return build
-
-
-def edit_factor(spec: EditSpec, item: EditInput, image_size: tuple[int, int]) -> int:
-    """ILVR's factor for an input: --factor, the guide default, or the sizes' ratio (upscale
-    inputs are checked to have one); 1 for the other edits."""
-    if spec.mode is EditMode.guide:
-        return spec.factor or DEFAULT_GUIDE_FACTOR
-    if spec.mode is EditMode.upscale:
-        return image_size[0] // item.image.shape[1]
-    return 1

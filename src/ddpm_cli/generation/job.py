@@ -21,11 +21,14 @@ from ddpm_cli import distributed
 from ddpm_cli.config import Precision
 from ddpm_cli.data.images import encode_png
 from ddpm_cli.device import new_seed
+from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.generation.editing import (
     EditSpec,
     builder,
+    check_jump,
     edit_sampler,
+    evaluations_per_image,
     open_inputs,
     spec_args,
 )
@@ -112,13 +115,23 @@ def sample_images(
         return image_name(k, c, names, inputs[i].stem if inputs else None)
 
     files = [q.folder / name_of(*job) for job in jobs] if q.folder else []
-    check_outputs(q.folder, files, q.grid, q.trajectory, q.overwrite)
+    if len(set(files)) < len(files):
+        twice = next(f for f in files if files.count(f) > 1)
+        raise UsageError(f"two inputs would both write {twice}: rename one of them")
+    sources = [e.args[e.args.index("--mask") + 1] for e in inputs or () if "--mask" in e.args]
+    sources += [q.edit.image] if q.edit else []
+    check_outputs(q.folder, files, q.grid, q.trajectory, q.overwrite, sources)
     check_model(sm)
     # the sampler settings, resolved once: the user's, the checkpoint's defaults, the sampler's
     resolved = with_model_defaults(q.sampler, sm, q.clip_given)
     if q.edit is not None:
         resolved = edit_sampler(q.edit, resolved, sm.diffusion.timesteps)
     resolved = resolved.resolved(sm.diffusion.timesteps, sm.objective)
+    evals = resolved.steps
+    if q.edit is not None:
+        check_jump(q.edit, resolved.steps)
+        tables = DiffusionTables.from_config(sm.diffusion)
+        evals = evaluations_per_image(q.edit, resolved, tables, sm.objective)
     seed = distributed.broadcast(d, new_seed() if q.seed is None else q.seed)
     total = len(jobs)
     jobs = jobs[d.rank :: d.world]  # image k's noise is the same whichever process draws it
@@ -126,7 +139,7 @@ def sample_images(
     edit = None
     if inputs:
         items = [i for i, _, _ in jobs]
-        edit = builder(q.edit, inputs, items, resolved, sm.objective, size)
+        edit = builder(q.edit, inputs, items, resolved, sm.objective)
     batch = q.batch_size or default_batch_size(sm.model_config, device, len(jobs))
     if q.guidance and not q.batch_size:  # guidance runs the network on twice the batch
         batch = max(1, batch // 2)
@@ -136,6 +149,7 @@ def sample_images(
         "classes": [names[c] for c in labels] if labels else None, "guidance": q.guidance,
         "sampler": resolved, "seed": seed, "batch": batch, "device": device,
         "precision": precision, "edit": q.edit, "inputs": len(inputs or ()),
+        "factor": inputs[0].factor if inputs else None, "evaluations": evals,
     })  # fmt: skip
     if q.folder:
         q.folder.mkdir(parents=True, exist_ok=True)
@@ -226,8 +240,9 @@ def sample_images(
     return SampleResult(summary, written, grid_path, total, seconds)
 
 
-def check_outputs(folder, files, grid, trajectory, overwrite) -> None:
-    """Everything that would stop the writes, checked before any sampling."""
+def check_outputs(folder, files, grid, trajectory, overwrite, inputs=()) -> None:
+    """Everything that would stop the writes, checked before any sampling; no output may
+    replace one of the `inputs` (files or folders of an edit)."""
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder}: exists and is not a directory")
@@ -243,8 +258,10 @@ def check_outputs(folder, files, grid, trajectory, overwrite) -> None:
                     f"{existing[0]} already exists ({len(existing)} of the {len(files)} files "
                     "do); pass --overwrite, another -o, or --start to continue the numbering"
                 )
+    images = [p for i in inputs if Path(i).is_dir() for p in Path(i).iterdir()]
+    images += [i for i in inputs if not Path(i).is_dir()]
     for path in (grid, trajectory):
         if path is not None and str(path) != STDIO:
-            check_output_path(Path(path), overwrite=overwrite)
+            check_output_path(Path(path), overwrite=overwrite, inputs=tuple(images))
     if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
         raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")

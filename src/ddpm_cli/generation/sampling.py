@@ -193,7 +193,7 @@ def generate(
                     n = min(step.total, TRAJECTORY_FRAMES)
                     keep = {round(i * (step.total - 1) / max(n - 1, 1)) for i in range(n)}
                 if record and step.index in keep:  # x_t as the network saw it, and its x_0
-                    trajectory.add(step.index, step.t, x[:trajectory_images], step.x0)
+                    trajectory.add(step.index, step.t, step.x_t[:trajectory_images], step.x0)
                 on_step(step.index + 1, step.total)
                 x = step.x
         if record:  # and the sample itself

@@ -104,13 +104,11 @@ class LoadedModel:
 
     @property
     def weights(self) -> str:
-        """"raw" (a train state's training weights) or "ema"."""
+        """ "raw" (a train state's training weights) or "ema"."""
         return "raw" if self.ckpt.meta.get("kind") == "train_state" else "ema"
 
 
-def load_model(
-    path: Path, raw: bool = False, device: torch.device | str = "cpu"
-) -> LoadedModel:
+def load_model(path: Path, raw: bool = False, device: torch.device | str = "cpu") -> LoadedModel:
     """The model a user's `path` names (open_checkpoint), built and placed on `device`."""
     ckpt = open_checkpoint(path, raw)
     model_config = config_section(ckpt, "model", ModelConfig)

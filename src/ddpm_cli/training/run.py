@@ -71,7 +71,10 @@ def train(
     if resume is not None:
         resumed = open_resume(Path(resume), source, out, given or {})
         source, out, config, diffusion = (
-            resumed.source, resumed.out, resumed.config, resumed.diffusion
+            resumed.source,
+            resumed.out,
+            resumed.config,
+            resumed.diffusion,
         )
     d, device = distributed.init(resolve_device(config.device))
     with contextlib.ExitStack() as held:  # the process group, then the run directory's lock

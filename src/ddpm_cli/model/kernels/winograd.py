@@ -100,10 +100,7 @@ def _ours(x: torch.Tensor) -> bool:
     """Whether ddpm's own convolution paths may take `x` at all: a 4-d CPU tensor, outside
     torch.compile, unless DDPM_WINOGRAD=0."""
     return (
-        x.dim() == 4
-        and x.device.type == "cpu"
-        and not compiling()
-        and runtime.current().winograd
+        x.dim() == 4 and x.device.type == "cpu" and not compiling() and runtime.current().winograd
     )
 
 
