@@ -220,6 +220,9 @@ class TrainConfig:
     device: str = "auto"
     sample_every: int = 1000  # steps between sample grids (0: never)
     checkpoint_every: int = 1000  # steps between checkpoints
+    # step-numbered copies of model.safetensors (model-00050000.safetensors) kept besides it,
+    # one per checkpoint, the oldest pruned first; None: none
+    keep: int | None = None
     log_every: int = 50  # steps between metrics lines
     num_samples: int = 16  # images in each sample grid
 
@@ -233,7 +236,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_size", "epochs", "steps"):
+        for name in ("batch_size", "epochs", "steps", "keep"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")

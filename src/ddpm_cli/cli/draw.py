@@ -124,6 +124,16 @@ TrajectoryImagesOpt = Annotated[
 ]
 SampleOverwriteOpt = overwrite_option("Replace existing output files.")
 SampleJsonOpt = json_option("Print a JSON summary on stdout instead of the paths.")
+StepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--step",
+        min=0,
+        help="A run directory's snapshot of this step (ddpm train --keep N); "
+        "ddpm inspect RUN lists them.",
+        show_default=False,
+    ),
+]
 ResizeOpt = Annotated[
     bool,
     typer.Option(
@@ -147,6 +157,7 @@ DRAW_OPTIONS = {
     "spacing": (SpacingOpt, S.spacing),
     "clip": (ClipOpt, S.clip),
     "raw": (RawOpt, False),
+    "step": (StepOpt, None),
     "batch_size": (BatchSizeOpt, None),
     "precision": (SamplePrecisionOpt, None),
     "compile": (CompileOpt, False),
@@ -192,7 +203,7 @@ def draw(
     ctx: typer.Context, *, checkpoint: Path, num: int, out: str | None, grid: str | None,
     start: int, classes: list[str] | None, guidance: float | None, seed: int | None,
     sampler: SamplerName | None, steps: int | None, eta: float | None,
-    variance: Variance | None, spacing: Spacing | None, clip: bool, raw: bool,
+    variance: Variance | None, spacing: Spacing | None, clip: bool, raw: bool, step: int | None,
     batch_size: int | None, precision, compile: bool, device: str, trajectory: Path | None,
     trajectory_images: int, overwrite: bool, as_json: bool, quiet: bool,
     edit: EditSpec | None = None,
@@ -244,7 +255,8 @@ def draw(
         checkpoint=checkpoint, sampler=config, num=num, start=start,
         classes=tuple(classes or ()), guidance=guidance, folder=folder, stdout=out == STDIO,
         grid=grid, trajectory=trajectory, trajectory_images=trajectory_images,
-        overwrite=overwrite, seed=seed, raw=raw, batch_size=batch_size, precision=precision,
+        overwrite=overwrite, seed=seed, raw=raw, step=step, batch_size=batch_size,
+        precision=precision,
         compile=compile, clip_given=ctx.get_parameter_source("clip").name == "COMMANDLINE",
         edit=edit,
     )  # fmt: skip

@@ -267,6 +267,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                         "sample grids",
                         f"{r['grids']}, newest {r['newest_grid']}" if r["grids"] else "none",
                     ),
+                    ("snapshots", _steps(r["snapshots"])),
                     ("logged steps", r["logged_steps"]),
                     (
                         "last loss",
@@ -355,3 +356,10 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _steps(steps: list[int]) -> str:
+    """The snapshots' steps, for `ddpm sample RUN --step K`."""
+    if not steps:
+        return "none (ddpm train --keep N keeps them)"
+    return f"steps {', '.join(map(str, steps))} (ddpm sample RUN --step K)"

@@ -225,6 +225,16 @@ def train(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
     ] = D.checkpoint_every,
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            "--keep",
+            min=1,
+            help="Also keep the N newest step-numbered snapshots, "
+            "model-00050000.safetensors (one per --checkpoint-every; ddpm sample RUN --step K).",
+            show_default=False,
+        ),
+    ] = D.keep,
     log_every: Annotated[
         int, typer.Option("--log-every", min=1, help="Steps between metrics lines.")
     ] = D.log_every,

@@ -149,7 +149,8 @@ class ProgressView(LiveView):
         self.line(f"samples: {info['path']}", dim=True)
 
     def on_checkpoint(self, info: dict) -> None:
-        self.line(f"checkpoint at step {info['step']}: {info['path']}", dim=True)
+        kept = f" (and {info['snapshot'].name})" if info.get("snapshot") else ""
+        self.line(f"checkpoint at step {info['step']}: {info['path']}{kept}", dim=True)
 
     def on_end(self, info: dict) -> None:
         self.close()

@@ -14,7 +14,7 @@ from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.errors import DataError
 from ddpm_cli.sampler_config import SamplerConfig
 from ddpm_cli.store.checkpoint import CheckpointError, config_section, load_checkpoint
-from ddpm_cli.store.files import MODEL, STATE
+from ddpm_cli.store.files import MODEL, STATE, snapshots
 from ddpm_cli.store.models import is_run_directory, network_weights
 
 METRICS = "metrics.jsonl"
@@ -107,6 +107,7 @@ def run_info(folder: Path) -> dict:
         "resume": why,
         "newest_grid": str(grids[-1]) if grids else None,
         "grids": len(grids),
+        "snapshots": [step for step, _ in snapshots(folder)],
         "logged_steps": len(metrics),
         "last": metrics[-1] if metrics else None,
     }

@@ -75,6 +75,7 @@ class SampleRequest:
     overwrite: bool = False
     seed: int | None = None  # None: a new one, said in the start event
     raw: bool = False  # the raw training weights instead of the EMA
+    step: int | None = None  # a run's snapshot of this step (ddpm train --keep)
     batch_size: int | None = None  # None: as many as fit (halved with guidance)
     precision: Precision | None = None  # None: the device's default
     compile: bool = False
@@ -98,7 +99,7 @@ def sample_images(
     rank's share) and write them. Returns the summary on rank 0, None on the other ranks."""
     q = request
     precision = resolve_precision(q.precision, device)
-    sm = load_for_sampling(q.checkpoint, raw=q.raw, device=device)
+    sm = load_for_sampling(q.checkpoint, raw=q.raw, device=device, step=q.step)
     labels = resolve_classes(list(q.classes), sm) if q.classes else None
     names = sm.model_config.classes
     size = sm.model_config.image_size

@@ -49,11 +49,12 @@ class SamplingModel:
 
 
 def load_for_sampling(
-    path: Path, raw: bool = False, device: torch.device | str = "cpu"
+    path: Path, raw: bool = False, device: torch.device | str = "cpu", step: int | None = None
 ) -> SamplingModel:
     """The model in a checkpoint file or run directory: its EMA weights (model.safetensors),
-    or with `raw` the raw training weights (train_state.safetensors beside it)."""
-    lm = load_model(path, raw, device)
+    with `raw` the raw training weights (train_state.safetensors beside it), or with `step`
+    the snapshot of that step."""
+    lm = load_model(path, raw, device, step)
     return SamplingModel(
         model=lm.model,
         model_config=lm.model_config,

@@ -18,6 +18,17 @@ STDIO = "-"  # a path of "-" means stdin for inputs and stdout for outputs
 # a run directory's checkpoints: the EMA weights with all a sampler needs, and the resumable
 # training state (raw weights, optimizer, randomness)
 MODEL, STATE = "model.safetensors", "train_state.safetensors"
+SNAPSHOT = "model-{step:08d}.safetensors"  # a copy of MODEL at a step (ddpm train --keep)
+
+
+def snapshots(folder: Path) -> list[tuple[int, Path]]:
+    """The step-numbered snapshots in a run directory, (step, path) from the oldest."""
+    found = []
+    for path in Path(folder).glob("model-*.safetensors"):
+        digits = path.name[len("model-") : -len(".safetensors")]
+        if len(digits) >= 8 and digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
 
 
 def read_input_bytes(source: str | Path) -> bytes:

@@ -26,7 +26,7 @@ from ddpm_cli.store.checkpoint import (
     load_checkpoint,
     read_header,
 )
-from ddpm_cli.store.files import MODEL, STATE
+from ddpm_cli.store.files import MODEL, STATE, snapshots
 
 RAW = "model."  # the raw weights' prefix in a train state
 
@@ -47,13 +47,16 @@ def network_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return ckpt.tensors
 
 
-def model_file(path: Path, raw: bool = False) -> Path:
+def model_file(path: Path, raw: bool = False, step: int | None = None) -> Path:
     """The file a user's `path` names: the file itself, or in a run directory its
-    model.safetensors (the EMA weights), or with `raw` its train state (the raw weights)."""
+    model.safetensors (the EMA weights), with `raw` its train state (the raw weights), or with
+    `step` the snapshot of that step (ddpm train --keep)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such checkpoint file or run directory")
     folder = path if path.is_dir() else path.parent
+    if step is not None:
+        return snapshot_file(folder, step, raw)
     if raw:
         file = folder / STATE
         if not file.exists():
@@ -68,10 +71,28 @@ def model_file(path: Path, raw: bool = False) -> Path:
     return file
 
 
-def open_checkpoint(path: Path, raw: bool = False, raw_option: bool = True) -> Checkpoint:
+def snapshot_file(folder: Path, step: int, raw: bool) -> Path:
+    """The snapshot of `step` in a run directory, or an error that lists the ones there are."""
+    if raw:
+        raise DataError("--raw and --step: snapshots hold the EMA weights only; drop one")
+    kept = snapshots(folder)
+    for s, path in kept:
+        if s == step:
+            return path
+    if not kept:
+        raise DataError(
+            f"{folder}: keeps no step-numbered snapshots (train with --keep N to keep them)"
+        )
+    steps = ", ".join(str(s) for s, _ in kept)
+    raise DataError(f"{folder}: no snapshot of step {step}; it keeps steps {steps}")
+
+
+def open_checkpoint(
+    path: Path, raw: bool = False, raw_option: bool = True, step: int | None = None
+) -> Checkpoint:
     """The checkpoint of a model a user's `path` names (model_file), read and verified.
     `raw_option`: whether the command has --raw, for the message refusing a train state."""
-    file = model_file(path, raw)
+    file = model_file(path, raw, step)
     kind = (read_header(file).get("__metadata__") or {}).get("kind")
     if kind == "train_state" and not raw:
         raise DataError(
@@ -108,9 +129,11 @@ class LoadedModel:
         return "raw" if self.ckpt.meta.get("kind") == "train_state" else "ema"
 
 
-def load_model(path: Path, raw: bool = False, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    path: Path, raw: bool = False, device: torch.device | str = "cpu", step: int | None = None
+) -> LoadedModel:
     """The model a user's `path` names (open_checkpoint), built and placed on `device`."""
-    ckpt = open_checkpoint(path, raw)
+    ckpt = open_checkpoint(path, raw, step=step)
     model_config = config_section(ckpt, "model", ModelConfig)
     diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
     training = config_section(ckpt, "training", TrainConfig)

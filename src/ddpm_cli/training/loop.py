@@ -21,7 +21,7 @@ from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import DataReport
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.store.files import MODEL
-from ddpm_cli.training.run_files import METRICS, metrics_record, write_grid
+from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, write_grid
 from ddpm_cli.training.train import (
     TrainState,
     check_finite,
@@ -143,7 +143,11 @@ class Loop:
         elapsed = r.elapsed0 + time.perf_counter() - self.started
         decay = ema_decay_at(r.state.step, r.config.ema_decay)
         save_run(r.out, r.state, r.configs, elapsed, decay, world=r.d.world, trained=self.trained())
-        self.on_event("checkpoint", {"step": r.state.step, "path": r.out / MODEL})
+        snapshot = None
+        if r.config.keep:
+            snapshot, _ = save_snapshot(r.out, r.state.step, r.config.keep)
+        self.on_event("checkpoint", {"step": r.state.step, "path": r.out / MODEL,
+                                     "snapshot": snapshot})  # fmt: skip
 
     def grid(self) -> None:
         r = self.job

@@ -24,6 +24,7 @@ RESUMABLE = {
     "cooldown",
     "sample_every",
     "checkpoint_every",
+    "keep",
     "log_every",
     "num_samples",
     "device",

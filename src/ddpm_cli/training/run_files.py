@@ -17,7 +17,7 @@ from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import save_checkpoint
-from ddpm_cli.store.files import MODEL, write_atomic
+from ddpm_cli.store.files import MODEL, SNAPSHOT, snapshots, write_atomic
 from ddpm_cli.training.train import ema_decay_at
 
 METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
@@ -56,12 +56,26 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
         stale.unlink(missing_ok=True)
     if not resumed:  # a fresh run owns this directory: no leftovers of an earlier attempt
         (out / CACHE).unlink(missing_ok=True)
+        for _, old in snapshots(out):
+            old.unlink()
         if config.data_cache and isinstance(images, InMemory):
             write_cache(out, images, report)
         (out / METRICS).unlink(missing_ok=True)
         (out / SKIPPED).unlink(missing_ok=True)
     else:
         truncate_metrics(out / METRICS, ckpt.step)
+
+
+def save_snapshot(out: Path, step: int, keep: int) -> tuple[Path, list[Path]]:
+    """Copy the run's model.safetensors (just written, at `step`) to its step-numbered
+    snapshot, then prune the oldest snapshots beyond `keep`; the newest is never pruned.
+    Returns the snapshot and the pruned files."""
+    path = out / SNAPSHOT.format(step=step)
+    write_atomic(path, (out / MODEL).read_bytes())
+    pruned = [p for _, p in snapshots(out)[: -max(keep, 1)]]
+    for old in pruned:
+        old.unlink(missing_ok=True)
+    return path, pruned
 
 
 def write_grid(out, state, diffusion, config, model_config, device, on_event):
