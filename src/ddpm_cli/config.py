@@ -214,6 +214,9 @@ class TrainConfig:
     precision: Precision | None = None  # None: forward.default_precision (bf16 on Ampere+, AMX)
     compile: bool | None = None  # None: on CUDA for runs of train.COMPILE_MIN_STEPS or more
     unconditional: bool = False  # ignore the class subfolders of the data
+    # fine-tune: start from this checkpoint's or run's weights, architecture and schedule
+    # (training/finetune.py); None: from scratch
+    init: str | None = None
     # classifier-free guidance: the share of training images whose class is replaced by "no
     # class", so that one network learns both (Ho & Salimans 2022 use 0.1 or 0.2)
     cond_drop: float = 0.1

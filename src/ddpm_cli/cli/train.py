@@ -222,6 +222,14 @@ def train(
     sample_every: Annotated[
         int, typer.Option("--sample-every", min=0, help="Steps between sample grids (0: never).")
     ] = D.sample_every,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init", help="Fine-tune: start from this checkpoint's or run's weights (one of "
+            "ddpm's, or made by ddpm import), keeping its architecture, schedule and objective.",
+            show_default=False,
+        ),
+    ] = D.init,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
     ] = D.checkpoint_every,

@@ -228,6 +228,13 @@ def preflight_table(info: dict) -> Table:
             f"{info['out']}" + (f" (resuming at step {info['step']})" if info["resumed"] else ""),
         ),
     ]
+    parent = info.get("parent")
+    if parent:
+        sha = str(parent["content_hash"])[:12]
+        what = f"{parent['file']} (step {parent['step']}, sha256 {sha}): fine-tuning its weights"
+        rows.insert(5, ("from", what))
+    if info.get("parent_note"):
+        rows.append(("note", info["parent_note"]))
     world, stored = info.get("world", 1), info.get("stored_world", 1)
     if info["resumed"] and world != stored:
         now = config.batch_size * config.grad_accum * world

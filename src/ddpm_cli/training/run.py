@@ -36,6 +36,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import MODEL, STATE, RunLock
+from ddpm_cli.training import finetune
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
 from ddpm_cli.training.run_files import CACHE, SKIPPED, prepare_directory
@@ -81,17 +82,23 @@ def train(
         held.callback(distributed.shutdown)
         if not d.main:  # progress, files and messages are rank 0's
             on_event = lambda kind, info: None  # noqa: E731
-        run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event)
+        run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event, given)
         result = Loop(run, on_event, should_stop, started).run()
         distributed.leave_together(d)
         return result
 
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
-            held: contextlib.ExitStack, on_event: Event) -> Prepared:  # fmt: skip
+            held: contextlib.ExitStack, on_event: Event, given: dict | None = None,
+            ) -> Prepared:  # fmt: skip
     """Load the data, claim the run directory, build or restore the training state and the
-    network, and report the start; what the run must release when it ends goes on `held`."""
+    network (from a parent's weights with --init), and report the start; what the run must
+    release when it ends goes on `held`."""
     labelled = not config.unconditional
+    parent = None
+    if config.init is not None and resumed is None:
+        parent = finetune.open_parent(Path(config.init))
+        config, diffusion = finetune.fit(parent, config, diffusion, given or {})
     if config.image_size is None:  # the data's own size (sources.data_image_size)
         config = replace(config, image_size=data_image_size(source))
     if resumed is not None and (out / CACHE).exists():
@@ -120,6 +127,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         model_config = build_model_config(
             config.preset, config.image_size, report.channels, classes=tuple(report.classes)
         )
+        if parent is not None:
+            model_config = finetune.model_config(parent, tuple(report.classes))
     else:
         config = resolve(config, device, report.used, report.channels, d.world)
         model_config = resumed.model
@@ -156,8 +165,11 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         # on resume the cache knows no file sizes or skipped files: keep the stored summary
         "data": resumed.data if resumed is not None else report.summary(),
     }
+    if parent is not None or (resumed is not None and "parent" in resumed.ckpt.config):
+        configs["parent"] = parent.summary if parent else resumed.ckpt.config["parent"]
 
     state = new_state(model_config, config, device)
+    classes_note = finetune.load_parent(state, parent, model_config) if parent else None
     elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
     stored_world = resumed.world if resumed is not None else d.world
@@ -195,6 +207,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "resumed": resumed is not None,
             "world": d.world,
             "stored_world": stored_world,
+            "parent": configs.get("parent"),
+            "parent_note": classes_note,
         },
     )
     if report.skipped and d.main:

@@ -1,0 +1,143 @@
+"""Fine-tuning: a new run that starts from another model's weights (`ddpm train DATA --init
+CKPT`), a checkpoint of ddpm's or one `ddpm import` made.
+
+The run keeps the parent's architecture, diffusion schedule and objective; its image size and
+channel count become the run's (other ones given are refused). The raw weights start as the
+parent's raw weights (from the train state beside a run's model, where there is one) and the
+EMA as the parent's EMA; the optimizer starts fresh. Where the classes change, the class
+embedding is made anew so that the network starts as exactly the parent's function: every new
+class starts as the parent's "no class" (zero for an unconditional parent), and a conditional
+parent trained on unlabelled data folds its "no class" into the time embedding's last bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.errors import UsageError
+from ddpm_cli.store.files import STATE
+from ddpm_cli.store.models import load_model
+
+CLASS_EMB, TEMB_BIAS = "class_emb.weight", "temb.2.bias"  # unet.UNet's names
+# the learning rate of a fine-tuning run where none is given: docs/training.md, "Fine-tuning"
+FINETUNE_LR = 2e-4
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The model a run starts from: its configs, weights and provenance."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    training: TrainConfig
+    raw: dict[str, torch.Tensor]  # the weights training continues from
+    ema: dict[str, torch.Tensor]
+    summary: dict  # what the run's checkpoints record: file, content_hash, step
+
+    @property
+    def size_text(self) -> str:
+        h, w = self.model.image_size
+        return f"{w}x{h}"
+
+
+def open_parent(path: Path) -> Parent:
+    """The model at `path` (a checkpoint file or a run directory) with, where its run keeps
+    one, the raw weights of its train state."""
+    ema = load_model(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    raw = ema
+    if (folder / STATE).exists() and ema.ckpt.path.parent == folder:
+        raw = load_model(folder, raw=True)
+    summary = {
+        "file": str(ema.ckpt.path),
+        "content_hash": ema.ckpt.meta.get("content_hash"),
+        "step": ema.ckpt.step,
+    }
+    return Parent(
+        ema.model_config, ema.diffusion, ema.training,
+        {k: v.detach().cpu() for k, v in raw.model.state_dict().items()},
+        {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}, summary,
+    )  # fmt: skip
+
+
+def fit(
+    parent: Parent, config: TrainConfig, diffusion: DiffusionConfig, given: dict
+) -> tuple[TrainConfig, DiffusionConfig]:
+    """The run's configs on the parent's terms: its image size, channels, objective, schedule
+    and preset (for the recipe), unless given otherwise, which is refused where the network
+    cannot follow."""
+    h, w = parent.model.image_size
+    if config.image_size is not None and tuple(config.image_size) != (h, w):
+        raise UsageError(
+            f"--init {parent.summary['file']} draws {parent.size_text} images; fine-tuning keeps "
+            f"its size: drop --image-size (the data is resized to {parent.size_text})"
+        )
+    c = parent.model.in_channels
+    if config.channels is not None and config.channels != c:
+        raise UsageError(
+            f"--init {parent.summary['file']} draws {c}-channel images; fine-tuning keeps its "
+            "channels: drop --channels (the data is converted)"
+        )
+    if "objective" in given and config.objective != parent.training.objective:
+        raise UsageError(
+            f"--init {parent.summary['file']} predicts {parent.training.objective.value}; a "
+            "fine-tuned network keeps its objective: drop --objective"
+        )
+    for key in ("schedule", "timesteps"):
+        if key in given and getattr(diffusion, key) != getattr(parent.diffusion, key):
+            raise UsageError(
+                f"--init {parent.summary['file']} was trained with {key} "
+                f"{getattr(parent.diffusion, key)}; a fine-tuned network keeps it: drop --{key}"
+            )
+    config = replace(
+        config,
+        image_size=(h, w),
+        channels=c,
+        objective=parent.training.objective,
+        preset=parent.training.preset if config.preset == "auto" else config.preset,
+        lr=config.lr if config.lr is not None else FINETUNE_LR,
+    )
+    return config, parent.diffusion
+
+
+def model_config(parent: Parent, classes: tuple[str, ...]) -> ModelConfig:
+    """The parent's architecture with the data's classes."""
+    return replace(parent.model, classes=tuple(classes))
+
+
+def load_parent(state, parent: Parent, config: ModelConfig) -> str | None:
+    """Put the parent's weights into the run's new state (raw into the model, EMA into the
+    EMA); returns a line saying how the classes changed, or None."""
+    note = None
+    weights = []
+    for tensors in (parent.raw, parent.ema):
+        tensors = dict(tensors)
+        note = _classes(tensors, parent.model, config)
+        weights.append(tensors)
+    with torch.no_grad():
+        for module, tensors in zip((state.model, state.ema), weights, strict=True):
+            own = module.state_dict()
+            for name, value in tensors.items():
+                own[name].copy_(value.to(own[name].dtype))
+    return note
+
+
+def _classes(tensors: dict, before: ModelConfig, after: ModelConfig) -> str | None:
+    """Make `tensors` fit `after`'s classes, the function unchanged (see the module docstring)."""
+    if before.classes == after.classes:
+        return None
+    null = tensors.pop(CLASS_EMB)[-1] if before.classes else None
+    if not after.classes:  # labels gone: "no class" joins the time embedding for good
+        tensors[TEMB_BIAS] = tensors[TEMB_BIAS] + null
+        return f"the data has no classes: the parent's {before.num_classes} are dropped"
+    start = null if null is not None else torch.zeros(tensors[TEMB_BIAS].shape)
+    tensors[CLASS_EMB] = start.expand(after.num_classes + 1, -1).clone()
+    was = f"{before.num_classes} classes" if before.classes else "no classes"
+    return (
+        f"a new class embedding for the data's {after.num_classes} classes (the parent had "
+        f"{was}); each starts as the parent's unconditional model"
+    )
