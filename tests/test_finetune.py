@@ -81,7 +81,7 @@ def test_the_first_step_is_the_parents_loss_on_the_same_batch(
     assert ckpt.config["training"]["init"] == str(parent)
 
 
-def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(tmp_path):
+def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runner, tmp_path):
     parent = train_tiny(tmp_path, 6, steps=2, objective="eps", image_size=8,
                         diffusion=DiffusionConfig(schedule="linear", timesteps=200))  # fmt: skip
     (tmp_path / "big").mkdir()
@@ -94,10 +94,13 @@ def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(tmp_p
     assert config["model"] == parent_config["model"]  # 8x8 RGB, the tiny preset's network
     assert config["diffusion"] == parent_config["diffusion"]
     assert config["training"]["objective"] == "eps"
-    assert config["training"]["lr"] == 2e-4  # finetune.FINETUNE_LR
-    # resume keeps the provenance
+    assert config["training"]["lr"] == 1e-4  # finetune.FINETUNE_LR
+    # resume keeps the provenance, and inspect shows it
     train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 2})
     assert load_checkpoint(run / MODEL).config["parent"] == config["parent"]
+    shown = json.loads(runner.invoke(app, ["inspect", str(run / MODEL), "--json"]).stdout)
+    assert shown["parent"]["content_hash"] == load_checkpoint(parent / MODEL).meta["content_hash"]
+    assert "fine-tuned from" in runner.invoke(app, ["inspect", str(run / MODEL)]).stdout
 
 
 @pytest.mark.parametrize(

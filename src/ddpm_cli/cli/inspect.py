@@ -234,6 +234,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                     ("EMA", tr.get("ema_decay")),
                     ("precision", tr.get("precision")),
                     ("seed", tr.get("seed")),
+                    ("fine-tuned from", _parent_text(info.get("parent"))),
                 ],
             )
         )
@@ -363,3 +364,9 @@ def _steps(steps: list[int]) -> str:
     if not steps:
         return "none (ddpm train --keep N keeps them)"
     return f"steps {', '.join(map(str, steps))} (ddpm sample RUN --step K)"
+
+
+def _parent_text(parent: dict | None) -> str | None:
+    if not parent:
+        return None
+    return f"{parent.get('file')} (step {parent.get('step')}, sha256 {parent.get('content_hash')})"

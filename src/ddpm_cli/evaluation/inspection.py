@@ -76,12 +76,20 @@ def checkpoint_info(path: Path) -> dict:
         },
         "diffusion": diffusion,
         "training": training,
+        "parent": _parent(config.get("parent")),
         "data": data,
         "tensors": [
             {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
             for k, v in tensors.items()
         ],
     }
+
+
+def _parent(parent) -> dict | None:
+    """The model a fine-tuned one started from (ddpm train --init), as far as it is well formed."""
+    if not isinstance(parent, dict):
+        return None
+    return {k: parent[k] for k in ("file", "content_hash", "step") if k in parent}
 
 
 def run_info(folder: Path) -> dict:
