@@ -226,3 +226,27 @@ def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_p
     assert sm.model_config.classes == ("cat", "dog", "owl")
     a, b = model.state_dict(), load_file(str(back))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_imported_model_fine_tunes_from_its_own_function(small, tmp_path):
+    """ddpm train --init on a model ddpm import made: its architecture and schedule kept, its
+    hash recorded, the data converted to its size."""
+    from conftest import draw_shapes
+    from ddpm_cli.config import DiffusionConfig, TrainConfig
+    from ddpm_cli.store.checkpoint import load_checkpoint
+    from ddpm_cli.training.run import train
+
+    root, _ = small
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        draw_shapes((30 + i, 30)).save(tmp_path / "pics" / f"{i}.png")
+    config = TrainConfig(device="cpu", steps=1, batch_size=2, sample_every=0,
+                         init=str(root / "m.safetensors"))  # fmt: skip
+    run = train(str(tmp_path / "pics"), config, DiffusionConfig(), tmp_path / "ft").out
+    ours, parent = (
+        load_checkpoint(run / "model.safetensors"),
+        load_checkpoint(root / "m.safetensors"),
+    )
+    assert ours.config["model"] == parent.config["model"]
+    assert ours.config["diffusion"] == parent.config["diffusion"]
+    assert ours.config["parent"]["content_hash"] == parent.meta["content_hash"]

@@ -124,11 +124,12 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         config = resolve(config, device, report.used, report.channels, d.world)
         if diffusion.schedule is None:  # the preset's
             diffusion = replace(diffusion, schedule=recipe_for(config.preset).schedule)
-        model_config = build_model_config(
-            config.preset, config.image_size, report.channels, classes=tuple(report.classes)
-        )
-        if parent is not None:
+        if parent is not None:  # the parent's network, whatever its preset was called
             model_config = finetune.model_config(parent, tuple(report.classes))
+        else:
+            model_config = build_model_config(
+                config.preset, config.image_size, report.channels, classes=tuple(report.classes)
+            )
     else:
         config = resolve(config, device, report.used, report.channels, d.world)
         model_config = resumed.model
