@@ -181,6 +181,12 @@ class Precision(str, Enum):
     fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA)
 
 
+class LogTo(str, Enum):
+    """Where `ddpm train --log` sends live metrics and sample grids (training/loggers.py)."""
+
+    tensorboard = "tensorboard"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. Values of None are resolved from the data and device at the start of a run
@@ -207,6 +213,10 @@ class TrainConfig:
     ema_decay: float = 0.9999  # the paper's, as an upper bound; see train.ema_decay_at
     batch_size: int | None = None  # None: 128 (paper) on CUDA, 32 elsewhere
     grad_accum: int = 1
+    # recompute each residual block's activations in the backward pass instead of keeping
+    # them: 0.26-0.32x the bytes kept for backward at 1.13-1.15x the step time on the CPU
+    # (benchmarks/grad_checkpoint.py, docs/benchmarks.md)
+    grad_checkpoint: bool = False
     epochs: int | None = None  # training ends at whichever of epochs, steps and time comes
     steps: int | None = None  # first; with none of them, 100 epochs
     time_limit: float | None = None  # seconds of training (the loop, summed over resumes)
@@ -227,10 +237,16 @@ class TrainConfig:
     # one per checkpoint, the oldest pruned first; None: none
     keep: int | None = None
     log_every: int = 50  # steps between metrics lines
+    log: tuple[LogTo, ...] = ()  # live logs besides metrics.jsonl (training/loggers.py)
     num_samples: int = 16  # images in each sample grid
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", Objective(self.objective))
+        try:
+            object.__setattr__(self, "log", tuple(LogTo(v) for v in self.log))
+        except ValueError:
+            names = ", ".join(v.value for v in LogTo)
+            raise ConfigError(f"unknown --log {list(self.log)}; choose from: {names}") from None
         if self.image_size is not None:
             object.__setattr__(self, "image_size", parse_size(self.image_size))
         if self.precision is not None:

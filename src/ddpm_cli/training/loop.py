@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ class Prepared:
     d: distributed.Dist
     device: torch.device
     stored_world: int
+    loggers: list = field(default_factory=list)  # live logs (loggers.py), rank 0's
 
 
 class Loop:
@@ -133,6 +134,8 @@ class Loop:
         )
         with open(r.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for logger in r.loggers:
+            logger.record(record)
         self.on_event("log", record)
         self.window, self.t_log = [], now
 
@@ -151,7 +154,9 @@ class Loop:
 
     def grid(self) -> None:
         r = self.job
-        write_grid(r.out, r.state, r.diffusion, r.config, r.model, r.device, self.on_event)
+        path = write_grid(r.out, r.state, r.diffusion, r.config, r.model, r.device, self.on_event)
+        for logger in r.loggers:
+            logger.grid(path, r.state.step)
 
     def run(self) -> RunResult:
         r, d, state, config = self.job, self.job.d, self.job.state, self.job.config

@@ -25,6 +25,8 @@ RESUMABLE = {
     "sample_every",
     "checkpoint_every",
     "keep",
+    "grad_checkpoint",
+    "log",
     "log_every",
     "num_samples",
     "device",

@@ -36,7 +36,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import MODEL, STATE, RunLock
-from ddpm_cli.training import finetune
+from ddpm_cli.training import finetune, loggers
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
 from ddpm_cli.training.run_files import CACHE, SKIPPED, prepare_directory
@@ -95,6 +95,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
     labelled = not config.unconditional
+    loggers.check(config.log)
     parent = None
     if config.init is not None and resumed is None:
         parent = finetune.open_parent(Path(config.init))
@@ -140,6 +141,9 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         Path(out).mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out))  # before anything in the directory changes
         prepare_directory(out, resumed is not None, config, images, report, ckpt)
+    live = loggers.open_loggers(config.log, out) if d.main else []
+    for logger in live:
+        held.callback(logger.close)
 
     reported: set[str] = set()
 
@@ -219,4 +223,5 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
         report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,
         elapsed0=elapsed0, trained0=trained0, d=d, device=device, stored_world=stored_world,
+        loggers=live,
     )  # fmt: skip

@@ -84,6 +84,7 @@ def write_grid(out, state, diffusion, config, model_config, device, on_event):
     path.parent.mkdir(exist_ok=True)
     write_atomic(path, png)
     on_event("sample", {"step": state.step, "path": path})
+    return path
 
 
 def metrics_record(window, state, config, T: int, seconds: float, elapsed: float) -> dict:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ddpm_cli.config import ModelConfig, Precision, TrainConfig
 from ddpm_cli.data.folders import to_model_range
@@ -30,7 +32,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.model.presets import preset_for, recipe_for
-from ddpm_cli.model.unet import UNet
+from ddpm_cli.model.unet import ResBlock, UNet
 
 WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
 # the power-function EMA's exponent (Karras et al. 2024): an average over about the last
@@ -161,9 +163,21 @@ def new_state(model_config: ModelConfig, config: TrainConfig, device: torch.devi
     torch.manual_seed(config.seed)  # weight init and dropout
     model = place(UNet(model_config), device)  # before Adam: its moments follow the layout
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if config.grad_checkpoint:
+        checkpoint_blocks(model)
     optimizer = make_adam(model, config.lr, device)
     scaler = torch.amp.GradScaler("cuda") if config.precision is Precision.fp16 else None
     return TrainState(model, ema, optimizer, scaler, noise_generator(config.seed, device))
+
+
+def checkpoint_blocks(model: UNet) -> None:
+    """Activation checkpointing per residual block (`--grad-checkpoint`): each ResBlock keeps
+    only its inputs for the backward pass and recomputes the rest there, with the same random
+    state (dropout), so the gradients are the same. The training network's own instances are
+    patched; the architecture, its weights and the EMA copy are untouched."""
+    for block in model.modules():
+        if isinstance(block, ResBlock):
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def noise_generator(seed: int, device: torch.device) -> torch.Generator:
