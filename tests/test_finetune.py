@@ -32,9 +32,9 @@ def class_folder(root, names=("a", "b")):
 
 def first_losses(monkeypatch, parent_dir, same_classes: bool) -> dict:
     """Record the first training step's per-item losses and the same batch's losses under
-    the parent's raw weights (from its train state) with the same x_0, t and eps, and the
-    same labels where the classes are the same (else the parent's "no class")."""
-    parent = load_model(parent_dir, raw=True).model.train()
+    the parent's model (its EMA weights, what ddpm sample draws) with the same x_0, t and eps,
+    and the same labels where the classes are the same (else the parent's "no class")."""
+    parent = load_model(parent_dir).model.train()
     real, seen = train_mod.training_losses, {}
 
     def spy(model, tables, x0, t, eps, objective="eps", gamma=None, y=None):
@@ -79,6 +79,7 @@ def test_the_first_step_is_the_parents_loss_on_the_same_batch(
     parent_meta = load_checkpoint(parent / MODEL).meta
     assert ckpt.config["parent"]["content_hash"] == parent_meta["content_hash"]
     assert ckpt.config["training"]["init"] == str(parent)
+    assert ckpt.config["parent"]["file"] == str((parent / MODEL).resolve())
 
 
 def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runner, tmp_path):
@@ -110,6 +111,8 @@ def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runne
         (["--channels", "1"], "fine-tuning keeps its channels"),
         (["--objective", "eps"], "keeps its objective"),
         (["--timesteps", "500"], "keeps it: drop --timesteps"),
+        (["--preset", "small"], "fine-tuning keeps it: drop --preset"),
+        (["--init", "{tmp}/run/train_state.safetensors"], "is a train state; give the run"),
         (["--init", "{tmp}/nothing"], "no such checkpoint"),
     ],
 )

@@ -53,3 +53,25 @@ def test_a_missing_tensorboard_is_one_line_before_any_work(runner, tmp_path, mon
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
     r = runner.invoke(app, ["train", "--log", "wandb", "--steps", "1"])
     assert r.exit_code == 2 and "wandb" in r.stderr
+
+
+def test_a_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path):
+    """As if a crash came after step 4 was logged but before its checkpoint: resuming from
+    step 2 logs steps 3 and 4 again; TensorBoard's events and the snapshots past step 2 are
+    dropped, as metrics.jsonl's lines are, so no curve doubles back."""
+    import shutil
+
+    run = train_tiny(tmp_path, 6, steps=2, log_every=1, sample_every=0, checkpoint_every=2,
+                     keep=5, log=("tensorboard",))  # fmt: skip
+    saved = tmp_path / "at-2"
+    saved.mkdir()
+    for name in ("model.safetensors", "train_state.safetensors"):
+        shutil.copy(run / name, saved / name)
+    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
+    assert (run / "model-00000004.safetensors").exists()
+    for name in ("model.safetensors", "train_state.safetensors"):  # back to step 2
+        shutil.copy(saved / name, run / name)
+    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 3})
+    assert [e.step for e in read_events(run).Scalars("train/loss")] == [1, 2, 3]
+    assert sorted(p.name for p in run.glob("model-*")) == [
+        "model-00000002.safetensors", "model-00000003.safetensors"]  # fmt: skip

@@ -2,9 +2,10 @@
 CKPT`), a checkpoint of ddpm's or one `ddpm import` made.
 
 The run keeps the parent's architecture, diffusion schedule and objective; its image size and
-channel count become the run's (other ones given are refused). The raw weights start as the
-parent's raw weights (from the train state beside a run's model, where there is one) and the
-EMA as the parent's EMA; the optimizer starts fresh. Where the classes change, the class
+channel count become the run's (other ones given are refused). Both the weights it trains and
+its EMA start as the parent's model, the EMA weights `ddpm sample` draws from it (a train
+state's raw weights would be lost at the first step anyway, where the new run's EMA warm-up
+follows the trained weights); the optimizer starts fresh. Where the classes change, the class
 embedding is made anew so that the network starts as exactly the parent's function: every new
 class starts as the parent's "no class" (zero for an unconditional parent), and a conditional
 parent trained on unlabelled data folds its "no class" into the time embedding's last bias.
@@ -19,8 +20,8 @@ import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.errors import UsageError
-from ddpm_cli.store.files import STATE
-from ddpm_cli.store.models import load_model
+from ddpm_cli.store.checkpoint import read_header
+from ddpm_cli.store.models import load_model, model_file
 
 CLASS_EMB, TEMB_BIAS = "class_emb.weight", "temb.2.bias"  # unet.UNet's names
 # the learning rate of a fine-tuning run where none is given: on real faces from a model of
@@ -36,8 +37,7 @@ class Parent:
     model: ModelConfig
     diffusion: DiffusionConfig
     training: TrainConfig
-    raw: dict[str, torch.Tensor]  # the weights training continues from
-    ema: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # the model's (EMA) weights: where training starts
     summary: dict  # what the run's checkpoints record: file, content_hash, step
 
     @property
@@ -47,23 +47,20 @@ class Parent:
 
 
 def open_parent(path: Path) -> Parent:
-    """The model at `path` (a checkpoint file or a run directory) with, where its run keeps
-    one, the raw weights of its train state."""
-    ema = load_model(path)
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    raw = ema
-    if (folder / STATE).exists() and ema.ckpt.path.parent == folder:
-        raw = load_model(folder, raw=True)
+    """The model at `path`: a checkpoint file or a run directory (its model.safetensors)."""
+    file = model_file(Path(path))
+    if (read_header(file).get("__metadata__") or {}).get("kind") == "train_state":
+        raise UsageError(
+            f"--init {file}: is a train state; give the run directory or its model.safetensors"
+        )
+    loaded = load_model(file)
     summary = {
-        "file": str(ema.ckpt.path),
-        "content_hash": ema.ckpt.meta.get("content_hash"),
-        "step": ema.ckpt.step,
+        "file": str(loaded.ckpt.path.resolve()),
+        "content_hash": loaded.ckpt.meta.get("content_hash"),
+        "step": loaded.ckpt.step,
     }
-    return Parent(
-        ema.model_config, ema.diffusion, ema.training,
-        {k: v.detach().cpu() for k, v in raw.model.state_dict().items()},
-        {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}, summary,
-    )  # fmt: skip
+    weights = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    return Parent(loaded.model_config, loaded.diffusion, loaded.training, weights, summary)
 
 
 def fit(
@@ -83,6 +80,11 @@ def fit(
         raise UsageError(
             f"--init {parent.summary['file']} draws {c}-channel images; fine-tuning keeps its "
             "channels: drop --channels (the data is converted)"
+        )
+    if "preset" in given and config.preset != parent.training.preset:
+        raise UsageError(
+            f"--init {parent.summary['file']} is the {parent.training.preset} network; "
+            "fine-tuning keeps it: drop --preset"
         )
     if "objective" in given and config.objective != parent.training.objective:
         raise UsageError(
@@ -112,16 +114,12 @@ def model_config(parent: Parent, classes: tuple[str, ...]) -> ModelConfig:
 
 
 def load_parent(state, parent: Parent, config: ModelConfig) -> str | None:
-    """Put the parent's weights into the run's new state (raw into the model, EMA into the
-    EMA); returns a line saying how the classes changed, or None."""
-    note = None
-    weights = []
-    for tensors in (parent.raw, parent.ema):
-        tensors = dict(tensors)
-        note = _classes(tensors, parent.model, config)
-        weights.append(tensors)
+    """Put the parent's weights into the run's new state, the trained weights and the EMA;
+    returns a line saying how the classes changed, or None."""
+    tensors = dict(parent.weights)
+    note = _classes(tensors, parent.model, config)
     with torch.no_grad():
-        for module, tensors in zip((state.model, state.ema), weights, strict=True):
+        for module in (state.model, state.ema):
             own = module.state_dict()
             for name, value in tensors.items():
                 own[name].copy_(value.to(own[name].dtype))

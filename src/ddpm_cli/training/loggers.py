@@ -23,7 +23,9 @@ INSTALL = "pip install 'ddpm-cli[tensorboard]'"
 class TensorBoard:
     """Event files under RUN/tensorboard/, one writer per process that trains the run."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, step: int = 0):
+        """`step`: where the run starts; a resumed run's events past it (logged after its
+        checkpoint) are dropped, as metrics.jsonl's lines are."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -31,7 +33,8 @@ class TensorBoard:
                 f"--log tensorboard needs the tensorboard package, which is not installed; "
                 f"run: {INSTALL}"
             ) from None
-        self.writer = SummaryWriter(log_dir=str(Path(out) / TENSORBOARD_DIR))
+        log_dir = str(Path(out) / TENSORBOARD_DIR)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step else None)
 
     def record(self, r: dict) -> None:
         """One metrics.jsonl record (run_files.metrics_record) as scalars at its step."""
@@ -45,7 +48,8 @@ class TensorBoard:
 
     def grid(self, path: Path, step: int) -> None:
         """A sample grid PNG as an image at its step."""
-        pixels = np.asarray(Image.open(path).convert("RGB"))
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
         self.writer.add_image("samples", pixels, step, dataformats="HWC")
         self.writer.flush()
 
@@ -65,6 +69,6 @@ def check(names: tuple[LogTo, ...]) -> None:
             ) from None
 
 
-def open_loggers(names: tuple[LogTo, ...], out: Path) -> list[TensorBoard]:
-    """The loggers `names` ask for, writing under the run directory `out`."""
-    return [TensorBoard(out) for name in names if name is LogTo.tensorboard]
+def open_loggers(names: tuple[LogTo, ...], out: Path, step: int) -> list[TensorBoard]:
+    """The loggers `names` ask for, writing under the run directory `out` from `step` on."""
+    return [TensorBoard(out, step) for name in names if name is LogTo.tensorboard]

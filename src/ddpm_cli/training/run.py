@@ -141,9 +141,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         Path(out).mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out))  # before anything in the directory changes
         prepare_directory(out, resumed is not None, config, images, report, ckpt)
-    live = loggers.open_loggers(config.log, out) if d.main else []
-    for logger in live:
-        held.callback(logger.close)
+
 
     reported: set[str] = set()
 
@@ -176,6 +174,9 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     state = new_state(model_config, config, device)
     classes_note = finetune.load_parent(state, parent, model_config) if parent else None
     elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
+    live = loggers.open_loggers(config.log, out, state.step) if d.main else []
+    for logger in live:
+        held.callback(logger.close)
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
     stored_world = resumed.world if resumed is not None else d.world
     if stored_world != d.world:  # keep the data position: the same image of the epoch

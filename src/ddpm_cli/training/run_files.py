@@ -6,6 +6,7 @@ Written by rank 0 of a training run (run.py); nothing here prints.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import save_checkpoint
 from ddpm_cli.store.files import MODEL, SNAPSHOT, snapshots, write_atomic
+from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
 
 METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
@@ -58,12 +60,16 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
         (out / CACHE).unlink(missing_ok=True)
         for _, old in snapshots(out):
             old.unlink()
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
         if config.data_cache and isinstance(images, InMemory):
             write_cache(out, images, report)
         (out / METRICS).unlink(missing_ok=True)
         (out / SKIPPED).unlink(missing_ok=True)
     else:
         truncate_metrics(out / METRICS, ckpt.step)
+        for step, later in snapshots(out):  # written after the checkpoint resumed from
+            if step > ckpt.step:
+                later.unlink()
 
 
 def save_snapshot(out: Path, step: int, keep: int) -> tuple[Path, list[Path]]:
