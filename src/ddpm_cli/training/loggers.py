@@ -26,13 +26,9 @@ class TensorBoard:
     def __init__(self, out: Path, step: int = 0):
         """`step`: where the run starts; a resumed run's events past it (logged after its
         checkpoint) are dropped, as metrics.jsonl's lines are."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingExtra(
-                f"--log tensorboard needs the tensorboard package, which is not installed; "
-                f"run: {INSTALL}"
-            ) from None
+        check((LogTo.tensorboard,))
+        from torch.utils.tensorboard import SummaryWriter
+
         log_dir = str(Path(out) / TENSORBOARD_DIR)
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step else None)
 
