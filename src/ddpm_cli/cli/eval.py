@@ -23,6 +23,7 @@ from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.evaluation.evaluate import likelihood, sample_quality
 from ddpm_cli.evaluation.fid import STANDARD_N, WEIGHTS_NAME, check_weights
+from ddpm_cli.evaluation.memorization import memorization as copies
 from ddpm_cli.generation.sampling import check_model, load_for_sampling
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
@@ -39,6 +40,16 @@ def eval_(
             "--data",
             help="Held-out images (a folder, builtin:NAME or a data cache): report the "
             "negative log-likelihood bound in bits/dim.",
+            show_default=False,
+        ),
+    ] = None,
+    memorization: Annotated[
+        str | None,
+        typer.Option(
+            "--memorization",
+            help="The training images (a folder, builtin:NAME or a run's data cache): report the "
+            "share of -n samples closer to a training image than 95% of the training images are "
+            "to their own nearest neighbour (about 0.05 for new images, 1 for copies).",
             show_default=False,
         ),
     ] = None,
@@ -70,7 +81,10 @@ def eval_(
         ),
     ] = None,
     num: Annotated[
-        int, typer.Option("--num", "-n", min=2, help="With --fid-ref: samples to draw.")
+        int,
+        typer.Option(
+            "--num", "-n", min=2, help="With --fid-ref or --memorization: samples to draw."
+        ),
     ] = 5000,
     inception_weights: Annotated[
         Path | None,
@@ -87,10 +101,15 @@ def eval_(
     ] = True,
     sampler: Annotated[
         SamplerName | None,
-        typer.Option("--sampler", help="With --fid-ref: as in ddpm sample.", show_default=False),
+        typer.Option(
+            "--sampler",
+            help="With --fid-ref or --memorization: as in ddpm sample.",
+            show_default=False,
+        ),
     ] = SamplerConfig.sampler,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="With --fid-ref: as in ddpm sample.")
+        int | None,
+        typer.Option("--steps", min=1, help="With --fid-ref or --memorization: as in ddpm sample."),
     ] = SamplerConfig.steps,
     seed: seed_option("Seed of the noise and samples.") = 0,
     raw: RawOpt = False,
@@ -114,8 +133,11 @@ def eval_(
 
       [bold]ddpm eval model.safetensors --data ./test --json | jq .likelihood.bits_per_dim[/bold]
     """
-    if data is None and fid_ref is None:
-        raise UsageError("say what to measure: --data DIR (bits/dim) and/or --fid-ref DIR (FID)")
+    if data is None and fid_ref is None and memorization is None:
+        raise UsageError(
+            "say what to measure: --data DIR (bits/dim), --fid-ref DIR (FID) and/or "
+            "--memorization DIR (copies of training images)"
+        )
     if fid_ref is not None:
         check_weights(inception_weights)
     dev = resolve_device(device)
@@ -143,6 +165,12 @@ def eval_(
                 sm, fid_ref, n=num, sampler=config, seed=seed, batch_size=batch_size,
                 device=dev, precision=precision, weights=inception_weights,
                 use_cache=ref_cache, progress=view.update,
+            )  # fmt: skip
+        if memorization is not None:
+            config = SamplerConfig(sampler=sampler, steps=steps)
+            report["memorization"] = copies(
+                sm, memorization, n=num, sampler=config, seed=seed, batch_size=batch_size,
+                device=dev, precision=precision, progress=view.update,
             )  # fmt: skip
     finally:
         view.close()
@@ -178,5 +206,13 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"KID       {r['kid']:.5f} ± {r['kid_std']:.5f}  ({s['sampler']} {s['steps']} steps, "
             f"seed {r['seed']})"
+        )
+    if "memorization" in report:
+        r = report["memorization"]
+        lines.append(
+            f"copied    {r['copied_share']:.3f} of {r['samples']} samples closer to a training "
+            f"image than 95% of the {r['training_images']} training images are to theirs "
+            f"(new images: about {r['expected_share']:.2f}; median distance "
+            f"{r['sample_distance_median']:.4f}, the data's {r['data_distance_median']:.4f})"
         )
     return lines
