@@ -83,3 +83,13 @@ def test_bad_steps_and_keep_are_one_line_exit_2(runner, tmp_path, args, message)
     assert r.exit_code == 2, r.output
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_between_the_model_and_its_snapshot_is_made_good_on_resume(tmp_path):
+    """The snapshot is a copy written after model.safetensors: a kill in between leaves the
+    step without one; resume writes it from the model, which is of that step."""
+    run = train_tiny(tmp_path, 6, steps=20, checkpoint_every=10, keep=3)
+    (run / "model-00000020.safetensors").unlink()
+    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 30})
+    assert steps(run) == [10, 20, 30]
+    assert load_checkpoint(run / "model-00000020.safetensors").step == 20

@@ -14,10 +14,11 @@ import torch
 from ddpm_cli.config import TrainConfig
 from ddpm_cli.data.folders import DataReport, InMemory
 from ddpm_cli.data.images import encode_png
+from ddpm_cli.errors import DdpmError
 from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
-from ddpm_cli.store.checkpoint import save_checkpoint
+from ddpm_cli.store.checkpoint import read_header, save_checkpoint
 from ddpm_cli.store.files import MODEL, SNAPSHOT, snapshots, write_atomic
 from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
@@ -70,6 +71,20 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
         for step, later in snapshots(out):  # written after the checkpoint resumed from
             if step > ckpt.step:
                 later.unlink()
+        if (
+            config.keep
+            and ckpt.step not in dict(snapshots(out))
+            and _step_of(out / MODEL) == ckpt.step
+        ):
+            save_snapshot(out, ckpt.step, config.keep)  # a stop between the model and its copy
+
+
+def _step_of(path: Path) -> int | None:
+    """The step a model file was saved at, from its header; None when unreadable."""
+    try:
+        return int(json.loads(read_header(path)["__metadata__"]["step"]))
+    except (DdpmError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def save_snapshot(out: Path, step: int, keep: int) -> tuple[Path, list[Path]]:
