@@ -18,23 +18,19 @@ stream apart from the sampler's own, so that an edit that keeps nothing walks as
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.diffusion.samplers import Edit, NoiseFn, alpha_bar
+from ddpm_cli.diffusion.samplers import Edit, NoiseFn, q_jump
 from ddpm_cli.diffusion.schedules import DiffusionTables
 
 Pairs = list[tuple[int, int]]
 
 
 def noised_to(tables: DiffusionTables, x0: torch.Tensor, t: int, z: torch.Tensor | None):
-    """x_t ~ q(x_t | x_0) = sqrt(ab_t) x_0 + sqrt(1 - ab_t) z (eq. 4); x_0 itself at t = -1."""
-    if t < 0:
-        return x0
-    ab = alpha_bar(tables, t)
-    return math.sqrt(ab) * x0 + math.sqrt(1 - ab) * z
+    """x_t ~ q(x_t | x_0) = sqrt(ab_t) x_0 + sqrt(1 - ab_t) z (eq. 4); x_0 itself at t = -1.
+    The forward jump from t = -1, where alpha_bar is 1 (samplers.q_jump)."""
+    return x0 if t < 0 else q_jump(tables, x0, -1, t, z)
 
 
 def _draw(noise: NoiseFn, like: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ class EditInput:
     keep: torch.Tensor | None
     digest: str  # sha256 of the image's (and mask's) bytes
     args: tuple[str, ...]  # the command's arguments that redraw from this input
+    files: tuple[str, ...]  # what was read: the image's path (and the mask's), or "-"
     factor: int = 1  # ILVR's block size (upscale, guide); 1 for the other edits
 
     @property
@@ -206,17 +207,19 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
         args = [*FLAG.get(spec.mode, ()), path]
         if factor > 1:
             args += ["--factor", str(factor)]
-        keep = None
+        keep, files = None, [path]
         if spec.mode is EditMode.inpaint:
-            pixels, keep, mask_args, mask_data = _keep(spec, name, img, pixels, masks,
-                                                       mask_folder, read)  # fmt: skip
-            digest.update(mask_data)
+            pixels, keep, mask_args, mask = _keep(spec, name, img, pixels, masks, mask_folder, read)
             args += mask_args
+            if mask is not None:
+                files.append(mask)
+                digest.update(read[mask])
         stem = Path(name).stem
         if stem in stems:
             raise UsageError(f"{name} and {stems[stem]} would write the same output files")
         stems[stem] = name
-        inputs.append(EditInput(name, pixels, keep, digest.hexdigest(), tuple(args), factor))
+        inputs.append(EditInput(name, pixels, keep, digest.hexdigest(), tuple(args),
+                                tuple(files), factor))  # fmt: skip
     return inputs
 
 
@@ -242,10 +245,11 @@ def _pad_text(pad: tuple[int, int, int, int]) -> str:
 
 
 def _keep(spec, name, img, pixels, masks, mask_folder, read):
-    """(canvas, keep mask, redraw arguments, the mask's bytes) of an inpainting input."""
+    """(canvas, keep mask, redraw arguments, the mask's path or None) of an inpainting input;
+    the mask's bytes are in `read`."""
     if spec.outpaint is not None:
         canvas, keep = editing.outpaint_canvas(pixels, spec.outpaint)
-        return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)], b""
+        return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)], None
     h, w = pixels.shape[1:]
     if spec.box is not None:
         x0, y0, x1, y1 = spec.box
@@ -254,7 +258,7 @@ def _keep(spec, name, img, pixels, masks, mask_folder, read):
                 f"--box {_pad_text(spec.box)} is not inside {name} ({w}x{h}): it needs "
                 f"0 <= X0 < X1 <= {w} and 0 <= Y0 < Y1 <= {h}"
             )
-        return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], b""
+        return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], None
     mask_name, mask_path = _pair_mask(name, masks, mask_folder)
     mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read)
     if mask.source_size != img.source_size:
@@ -273,7 +277,7 @@ def _keep(spec, name, img, pixels, masks, mask_folder, read):
             f"the mask {mask_name} has no white pixels: nothing to regenerate "
             "(white is regenerated, black kept)"
         )
-    return pixels, ~regenerate, ["--mask", mask_path], data
+    return pixels, ~regenerate, ["--mask", mask_path], mask_path
 
 
 def edit_sampler(spec: EditSpec, config: SamplerConfig, timesteps: int) -> SamplerConfig:

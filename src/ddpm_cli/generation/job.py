@@ -119,8 +119,7 @@ def sample_images(
     if len(set(files)) < len(files):
         twice = next(f for f in files if files.count(f) > 1)
         raise UsageError(f"two inputs would both write {twice}: rename one of them")
-    sources = [e.args[e.args.index("--mask") + 1] for e in inputs or () if "--mask" in e.args]
-    sources += [q.edit.image] if q.edit else []
+    sources = [f for e in inputs or () for f in e.files]
     check_outputs(q.folder, files, q.grid, q.trajectory, q.overwrite, sources)
     check_model(sm)
     # the sampler settings, resolved once: the user's, the checkpoint's defaults, the sampler's
@@ -243,7 +242,7 @@ def sample_images(
 
 def check_outputs(folder, files, grid, trajectory, overwrite, inputs=()) -> None:
     """Everything that would stop the writes, checked before any sampling; no output may
-    replace one of the `inputs` (files or folders of an edit)."""
+    replace one of the `inputs` (the files an edit read)."""
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder}: exists and is not a directory")
@@ -259,10 +258,8 @@ def check_outputs(folder, files, grid, trajectory, overwrite, inputs=()) -> None
                     f"{existing[0]} already exists ({len(existing)} of the {len(files)} files "
                     "do); pass --overwrite, another -o, or --start to continue the numbering"
                 )
-    images = [p for i in inputs if Path(i).is_dir() for p in Path(i).iterdir()]
-    images += [i for i in inputs if not Path(i).is_dir()]
     for path in (grid, trajectory):
         if path is not None and str(path) != STDIO:
-            check_output_path(Path(path), overwrite=overwrite, inputs=tuple(images))
+            check_output_path(Path(path), overwrite=overwrite, inputs=tuple(inputs))
     if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
         raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")
