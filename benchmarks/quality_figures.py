@@ -8,8 +8,10 @@ For each snapshot of a run (`ddpm train ... --keep N`), on a real-data set (real
   rand-FD     Frechet distance of 128 samples to 512 training images in the features of a fixed,
               randomly initialised convolutional network (no training, no download)
   SWD         sliced Wasserstein distance of the pixels of 128 samples to 512 training images
-  val-loss    the EMA model's loss on 256 held-out images at fixed t and noise (needs images
-              the run did not train on)
+  val-loss    the figure `ddpm train --eval-every` logs (training/quality.py): the EMA model's
+              loss on 256 held-out images at fixed, stratified t and fixed noise
+  copied      the share of the judge's samples closer to a training image than the training
+              images' own 5th-percentile nearest-neighbour distance (ddpm eval --memorization)
 
 and the rank correlation of each figure with FD over the snapshots.
 
@@ -31,11 +33,12 @@ import realdata  # noqa: E402
 import realfeatures  # noqa: E402
 
 from ddpm_cli.data.folders import to_uint8  # noqa: E402
-from ddpm_cli.diffusion.process import training_losses  # noqa: E402
 from ddpm_cli.diffusion.schedules import DiffusionTables  # noqa: E402
+from ddpm_cli.evaluation.memorization import copied_share  # noqa: E402
 from ddpm_cli.generation.sampling import generate, load_for_sampling  # noqa: E402
 from ddpm_cli.sampler_config import SamplerConfig  # noqa: E402
 from ddpm_cli.store.files import snapshots  # noqa: E402
+from ddpm_cli.training import quality  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--dataset", default="sources")
     ap.add_argument("--work", type=Path, default=HERE / ".realdata")
+    ap.add_argument("--plot", type=Path, help="also draw FD and the held-out loss against step")
     args = ap.parse_args()
     ds = realdata.Dataset(args.dataset, args.work)
     s = ds.set
@@ -78,21 +82,17 @@ def main() -> None:
         judge = torch.cat([to_uint8(x) for _, x in batches])
         few = judge[:128]
         tables = DiffusionTables.from_config(sm.diffusion).to(CPU, torch.float32)
-        g = torch.Generator().manual_seed(5)
-        t = torch.randint(0, sm.diffusion.timesteps, (len(held),), generator=g)
-        eps = torch.randn(held.shape, generator=g)
-        with torch.no_grad():
-            y = None
-            if sm.model_config.num_classes:
-                y = torch.full((len(held),), sm.model_config.num_classes)
-            val = training_losses(sm.model, tables, realfeatures.to_unit(held), t, eps,
-                                  sm.objective, None, y).mean()  # fmt: skip
+        labels = s.held_out_labels[:256] if sm.model_config.num_classes else None
+        figure = quality.heldout_loss(  # the figure `ddpm train --eval-every` logs
+            sm.model, tables, quality.HeldOut(held, labels, 5), sm.objective, CPU, 64
+        )
         rows.append({
             "step": step,
             "FD": ds.distance(judge),
             "rand-FD": realfeatures.frechet(feats(realfeatures.to_unit(few)).double(), ref_feats),
             "SWD": realfeatures.swd(few, train_ref),
-            "val-loss": float(val),
+            "val-loss": figure,
+            "copied": copied_share(judge, s.train)["copied_share"],
         })  # fmt: skip
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in rows[-1].items()), flush=True)  # fmt: skip
@@ -100,6 +100,31 @@ def main() -> None:
     for key in ("rand-FD", "SWD", "val-loss"):
         print(f"rank correlation with FD over {len(rows)} snapshots: {key} "
               f"{spearman([r[key] for r in rows], fd):+.2f}")  # fmt: skip
+    if args.plot:
+        plot(rows, args.plot, f"{args.dataset}: {args.run}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """The judge's FD and the held-out loss against step, one panel each, the best of each
+    marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    steps = [r["step"] for r in rows]
+    for ax, key, label in zip(axes, ("FD", "val-loss"), (
+        "Frechet distance to held-out images\n(the benchmark's judge)",
+        "held-out loss\n(ddpm train's quality figure)",
+    ), strict=True):  # fmt: skip
+        values = [r[key] for r in rows]
+        ax.plot(steps, values, marker="o", color="black")
+        best = min(range(len(values)), key=values.__getitem__)
+        ax.plot([steps[best]], [values[best]], marker="o", ms=10, mfc="none", color="tab:red")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title(title, fontsize=9)
+    axes[1].set_xlabel("training step")
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +77,136 @@ def test_a_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_pa
     assert [e.step for e in read_events(run).Scalars("train/loss")] == [1, 2, 3]
     assert sorted(p.name for p in run.glob("model-*")) == [
         "model-00000002.safetensors", "model-00000003.safetensors"]  # fmt: skip
+
+
+def test_the_quality_figure_is_logged_as_a_scalar(tmp_path):
+    run = train_tiny(tmp_path, 30, steps=4, checkpoint_every=2, holdout=6, log=("tensorboard",))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    figures = [r for r in lines if "heldout_loss" in r]
+    events = read_events(run).Scalars("quality/heldout_loss")
+    assert [e.step for e in events] == [r["step"] for r in figures] == [2, 4]
+    assert [e.value for e in events] == pytest.approx([r["heldout_loss"] for r in figures], 1e-6)
+
+
+class FakeRun:
+    def __init__(self, run_id: str, settings: dict):
+        self.id, self.settings, self.logged, self.finished = run_id, settings, [], False
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, values))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class FakeWandb(types.ModuleType):
+    """What ddpm calls of wandb (init, Run.log/finish, Image), recorded; `fail`: init raises
+    as wandb does without a login on a non-interactive terminal."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__("wandb")
+        self.runs: list[FakeRun] = []
+        self.fail = fail
+
+        class Image:
+            def __init__(self, path: str):
+                self.path = path
+
+        self.Image = Image
+
+    def init(self, **settings) -> FakeRun:
+        if self.fail:
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=...)\nmore")
+        self.runs.append(FakeRun(settings["id"] or f"new{len(self.runs)}", settings))
+        return self.runs[-1]
+
+
+def test_wandb_gets_the_metrics_the_figure_and_the_grids_and_resume_continues_its_run(
+    tmp_path, monkeypatch
+):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = train_tiny(tmp_path, 30, steps=4, log_every=2, sample_every=2, checkpoint_every=2,
+                     holdout=6, log=("wandb",))  # fmt: skip
+    (first,) = fake.runs
+    assert first.settings["dir"] == str(run) and first.settings["resume"] is None
+    assert first.settings["config"]["training"]["holdout"] == 6 and first.finished
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(s, v["train/loss"]) for s, v in first.logged if "train/loss" in v]
+    assert losses == [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    figures = [(s, v["quality/heldout_loss"]) for s, v in first.logged
+               if "quality/heldout_loss" in v]  # fmt: skip
+    assert figures == [(r["step"], r["heldout_loss"]) for r in lines if "heldout_loss" in r]
+    grids = [(s, v["samples"].path) for s, v in first.logged if "samples" in v]
+    assert [s for s, _ in grids] == [2, 4] and all(Path(p).exists() for _, p in grids)
+    # resume: the same W&B run, from the next step on
+    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 6})
+    second = fake.runs[1]
+    assert second.settings["id"] == first.id and second.settings["resume"] == "allow"
+    assert min(s for s, _ in second.logged) > 4
+
+
+def test_a_wandb_that_cannot_start_is_one_line_exit_2(runner, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail=True))
+    r = runner.invoke(app, ["train", "builtin:shapes", "--log", "wandb", "--steps", "1",
+                            "--out", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "api_key not configured" in r.stderr and "WANDB_MODE=offline" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of each offline W&B run under `run_dir`/wandb, in order: the .wandb
+    file is a LevelDB-style log (32 KiB blocks of fragments: crc32, length, type) after a
+    7-byte header, each record one of wandb's own protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pending = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a fragment: padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            pending += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last fragment of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                 for i in record.history.item})  # fmt: skip
+    return rows
+
+
+def test_the_real_wandb_client_offline_records_the_run(tmp_path):
+    """In a fresh process (wandb reads its settings once per process), as a user runs it."""
+    import os
+    import subprocess
+
+    from conftest import ddpm_executable, draw_shapes
+
+    pytest.importorskip("wandb")
+    (tmp_path / "pics").mkdir()
+    for i in range(30):
+        draw_shapes((12 + i, 12)).save(tmp_path / "pics" / f"{i}.png")
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    subprocess.run([ddpm_executable(), "train", str(tmp_path / "pics"), "-o", str(run),
+                    "--preset", "tiny", "--image-size", "8", "--batch-size", "4", "--steps", "4",
+                    "--log-every", "2", "--sample-every", "4", "--checkpoint-every", "2",
+                    "--holdout", "6", "--seed", "1", "--log", "wandb", "-q"],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    rows = wandb_history(run)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key, name in (("train/loss", "loss"), ("quality/heldout_loss", "heldout_loss")):
+        logged = [(r["_step"], r[key]) for r in rows if key in r]
+        expected = [(m["step"], m[name]) for m in lines if name in m]
+        assert [s for s, _ in logged] == [s for s, _ in expected] == [2, 4]
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert [r["_step"] for r in rows if "samples/path" in r] == [4]

@@ -91,3 +91,117 @@ def test_grad_checkpoint_gives_the_same_gradients_and_keeps_fewer_activations():
     assert torch.equal(loss_a, loss_b)
     assert torch.allclose(grads_a, grads_b, rtol=1e-5, atol=1e-7)
     assert bytes_b < 0.5 * bytes_a, (bytes_a, bytes_b)
+
+
+# ---- the pre-flight figure and the batch fitted to it (training/memory.py) --------------------
+
+
+MEASURE = """
+import json, torch
+from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.model.presets import build_model_config
+from ddpm_cli.training import memory
+from ddpm_cli.training.train import new_state, train_step
+cpu = torch.device("cpu")
+config = TrainConfig(preset="small", batch_size=32, seed=0, lr=1e-4, warmup_steps=1,
+                     precision="fp32")
+state = new_state(build_model_config("small", (32, 32), 3), config, cpu)
+tables = DiffusionTables.from_config(DiffusionConfig()).to(cpu, torch.float32)
+base = memory._in_use(cpu)
+step = memory.measure(state.model, state.optimizer, tables, config, cpu, 0, (3, 32, 32))
+memory._reset_peak(cpu)
+train_step(state, [torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)], tables, config,
+           cpu, state.model)
+print(json.dumps({"need": step.need(32), "actual": memory._peak(cpu) - base}))
+"""
+
+
+def test_the_step_figure_matches_the_peak_of_a_real_step():
+    """In a fresh process, as a run starts: the figure against the process's peak resident
+    memory during a real step, both above what it held before the probe."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    r = json.loads(out.stdout)
+    assert 0.8 * r["actual"] < r["need"] < 1.6 * r["actual"], r
+
+
+def test_the_probe_leaves_weights_gradients_and_random_state_as_they_were():
+    from ddpm_cli.training import memory
+
+    config = TrainConfig(preset="tiny", batch_size=8, seed=0, lr=1e-4, precision="fp32")
+    state = new_state(build_model_config("tiny", (8, 8), 3), config, CPU)
+    tables = DiffusionTables.from_config(DiffusionConfig()).to(CPU, torch.float32)
+    weights = [p.detach().clone() for p in state.model.parameters()]
+    rng = torch.get_rng_state()
+    step = memory.measure(state.model, state.optimizer, tables, config, CPU, 0, (3, 8, 8))
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's random numbers are untouched
+    assert all(torch.equal(p, w) for p, w in zip(state.model.parameters(), weights, strict=True))
+    assert all(p.grad is None for p in state.model.parameters())
+    assert step.per_image > 0 and step.need(2) < step.need(8)
+
+
+def test_fit_batch_splits_a_batch_that_does_not_fit_into_micro_batches():
+    from ddpm_cli.training.memory import HEADROOM, StepMemory, fit_batch
+
+    config = TrainConfig(batch_size=32)
+    roomy = StepMemory(fixed=100, per_image=10, available=10**9)
+    assert fit_batch(roomy, config, True) == (config, None, None)
+    assert fit_batch(None, config, True) == (config, None, None)  # not measured: as given
+    tight = StepMemory(fixed=100, per_image=10, available=int(200 / HEADROOM) + 1)  # 10 fit
+    fitted, note, warning = fit_batch(tight, config, True)
+    assert (fitted.batch_size, fitted.grad_accum) == (8, 4) and warning is None
+    assert "4 micro-batches of 8 (--grad-accum 4), the same update" in note
+    kept, note, warning = fit_batch(tight, config, False)  # --grad-accum given, or a resume
+    assert kept == config and note is None and "may run out of memory" in warning
+    hopeless = StepMemory(fixed=10**6, per_image=10, available=1000)
+    assert fit_batch(hopeless, config, True)[0] == config
+    three = StepMemory(fixed=100, per_image=10, available=int(130 / HEADROOM) + 1)
+    odd = fit_batch(three, TrainConfig(batch_size=7), True)[0]  # 7 is prime: 7 of 1
+    assert (odd.batch_size, odd.grad_accum) == (1, 7)
+
+
+def test_a_run_chooses_grad_accum_itself_when_the_batch_does_not_fit(tmp_path, monkeypatch):
+    from conftest import train_tiny
+    from ddpm_cli.store.checkpoint import load_checkpoint
+    from ddpm_cli.training import memory
+
+    real = memory.measure
+    monkeypatch.setattr(memory, "measure", lambda *a: memory.StepMemory(100, 10, 10**9))
+    roomy = train_tiny(tmp_path, 8, steps=2, batch_size=8)
+    monkeypatch.setattr(memory, "measure", lambda *a: memory.StepMemory(100, 10, 160))
+    (tmp_path / "b").mkdir()
+    tight = train_tiny(tmp_path / "b", 8, steps=2, batch_size=8)
+    stored = load_checkpoint(tight / "model.safetensors").config["training"]
+    assert (stored["batch_size"], stored["grad_accum"]) == (2, 4)
+    # the same images per step (the update of one full batch: test above), so the same epochs
+    states = [load_checkpoint(r / "train_state.safetensors") for r in (roomy, tight)]
+    assert [s.json("epoch") for s in states] == [2, 2]
+    a = load_checkpoint(roomy / "model.safetensors").tensors
+    monkeypatch.setattr(memory, "measure", real)
+    # the probe leaves no trace: a run with it trains as one without it
+    (tmp_path / "c").mkdir()
+    probed = load_checkpoint(train_tiny(tmp_path / "c", 8, steps=2, batch_size=8)
+                             / "model.safetensors").tensors  # fmt: skip
+    assert all(torch.equal(a[k], probed[k]) for k in a)
+
+
+def test_available_memory_honours_a_cgroup_limit(tmp_path, monkeypatch):
+    from ddpm_cli import device
+
+    files = {n: tmp_path / n for n in ("max", "current", "stat")}
+    monkeypatch.setattr(device, "CGROUP_FILES", (
+        (str(files["max"]), str(files["current"]), str(files["stat"]), "inactive_file"),
+    ))  # fmt: skip
+    files["max"].write_text("1000000000\n")
+    files["current"].write_text("600000000\n")
+    files["stat"].write_text("anon 500000000\ninactive_file 100000000\n")
+    assert device._cgroup_available() == 500_000_000  # the file cache counts as free
+    monkeypatch.setattr(device, "_meminfo_available", lambda: 10**12)
+    assert device.available_memory() == 500_000_000
+    files["max"].write_text("max\n")
+    assert device._cgroup_available() is None and device.available_memory() == 10**12

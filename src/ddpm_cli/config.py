@@ -185,6 +185,7 @@ class LogTo(str, Enum):
     """Where `ddpm train --log` sends live metrics and sample grids (training/loggers.py)."""
 
     tensorboard = "tensorboard"
+    wandb = "wandb"
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,12 @@ class TrainConfig:
     # step-numbered copies of model.safetensors (model-00050000.safetensors) kept besides it,
     # one per checkpoint, the oldest pruned first; None: none
     keep: int | None = None
+    # steps between quality figures (training/quality.py: the loss on images set aside), each
+    # saving best.safetensors when it is the lowest yet; None: at every checkpoint; 0: never
+    eval_every: int | None = None
+    # images set aside from training for the quality figure; None: 5% of them, at most 256,
+    # none when that is under 8 (quality.holdout_size); 0: none (and no figure)
+    holdout: int | None = None
     log_every: int = 50  # steps between metrics lines
     log: tuple[LogTo, ...] = ()  # live logs besides metrics.jsonl (training/loggers.py)
     num_samples: int = 16  # images in each sample grid
@@ -259,6 +266,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        for name in ("eval_every", "holdout"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {value}")
         if not 0.0 <= self.cond_drop <= 1.0:
             raise ConfigError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
         if self.workers is not None and self.workers < 0:
@@ -278,6 +289,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def evaluates_every(self) -> int:
+        """Steps between quality figures; 0 when the run computes none."""
+        if not self.holdout:
+            return 0
+        return self.checkpoint_every if self.eval_every is None else self.eval_every
 
 
 def parse_size(value) -> tuple[int, int]:

@@ -186,7 +186,13 @@ def tune_allocator() -> bool:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
+    """Bytes of memory available to a new allocation, or None if unknown: Linux's
+    MemAvailable, or less where the process's cgroup (a container) limits its memory."""
+    found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -194,4 +200,37 @@ def available_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+# (limit, usage, memory.stat's reclaimable file cache) for cgroup v2, then v1
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",
+     "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)  # fmt: skip
+NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2^63
+
+
+def _cgroup_available() -> int | None:
+    """The cgroup's memory limit less what it uses (its inactive file cache counted as free,
+    as the kernel reclaims it); None without a limit."""
+    for limit_file, usage_file, stat_file, cache_key in CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= NO_LIMIT:
+                return None
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+            cache = 0
+            with open(stat_file) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == cache_key:
+                        cache = int(value)
+            return max(0, int(text) - usage + cache)
+        except (OSError, ValueError):
+            continue
     return None

@@ -38,3 +38,7 @@ class OutputError(DdpmError):
 
 class MissingExtra(UsageError):
     """An optional dependency (an extra such as ddpm-cli[plot]) is not installed."""
+
+
+class LoggerError(UsageError):
+    """A live logger (--log) could not start: not logged in, a bad setting."""

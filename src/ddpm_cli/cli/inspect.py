@@ -274,6 +274,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                         "last loss",
                         f"{last['loss']:.4f} at step {last['step']}" if "loss" in last else None,
                     ),
+                    ("quality", _figures(r)),
                 ],
             )
         )
@@ -357,6 +358,21 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _figures(r: dict) -> str | None:
+    """The quality figures logged and best.safetensors' (training/quality.py)."""
+    if not r.get("figures") and not r.get("best"):
+        return None
+    parts = []
+    if r.get("last_figure"):
+        f = r["last_figure"]
+        parts.append(f"{r['figures']} held-out losses, last {f['heldout_loss']:.5f} at step "
+                     f"{f['step']}")  # fmt: skip
+    if r.get("best"):
+        b = r["best"]
+        parts.append(f"best {b['heldout_loss']:.5f} at step {b['step']}: {b['file']}")
+    return "; ".join(parts)
 
 
 def _steps(steps: list[int]) -> str:

@@ -253,12 +253,34 @@ def train(
             show_default=False,
         ),
     ] = D.keep,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-every",
+            min=0,
+            help="Steps between quality figures (the loss on images set aside from training; "
+            "the lowest yet is saved as best.safetensors). Default: at every checkpoint; "
+            "0: never.",
+            show_default=False,
+        ),
+    ] = D.eval_every,
+    holdout: Annotated[
+        int | None,
+        typer.Option(
+            "--holdout",
+            min=0,
+            help="Images set aside from training for the quality figure. Default: 5% of them, "
+            "at most 256 (none under 160 images); 0: train on all, no figure.",
+            show_default=False,
+        ),
+    ] = D.holdout,
     log: Annotated[
         list[LogTo] | None,
         typer.Option(
             "--log",
-            help="Also log live to tensorboard (under RUN/tensorboard/: losses, learning "
-            "rate, throughput, sample grids); needs the tensorboard extra.",
+            help="Also log live to tensorboard (under RUN/tensorboard/; the tensorboard "
+            "extra) or wandb (Weights & Biases; WANDB_MODE=offline keeps it local): losses, "
+            "learning rate, throughput, the quality figure, sample grids. Repeatable.",
             show_default=False,
         ),
     ] = None,

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from ddpm_cli.cli.common import count_bars, err_console
+from ddpm_cli.training.memory import size_text
 
 
 def _batch(config, world: int) -> str:
@@ -97,6 +98,8 @@ class ProgressView(LiveView):
         err_console.print(preflight_table(info))
         for w in info["report"].warnings:
             err_console.print(f"[yellow]warning:[/yellow] {w}")
+        if info.get("memory") is not None and info["memory"].warning:
+            err_console.print(f"[yellow]warning:[/yellow] {info['memory'].warning}")
         bars = Progress(
             TextColumn("[bold]train[/bold]"),
             BarColumn(),
@@ -151,6 +154,10 @@ class ProgressView(LiveView):
     def on_checkpoint(self, info: dict) -> None:
         kept = f" (and {info['snapshot'].name})" if info.get("snapshot") else ""
         self.line(f"checkpoint at step {info['step']}: {info['path']}{kept}", dim=True)
+
+    def on_eval(self, r: dict) -> None:
+        best = "  (best so far: best.safetensors)" if r["best"] else ""
+        self.line(f"step {r['step']}  held-out loss {r['heldout_loss']:.5f}{best}", dim=True)
 
     def on_end(self, info: dict) -> None:
         self.close()
@@ -218,6 +225,7 @@ def preflight_table(info: dict) -> Table:
             + f"), EMA up to {config.ema_decay}, "
             f"seed {config.seed}",
         ),
+        ("quality", _quality(config)),
         (
             "device",
             f"{info['device']}, {config.precision.value}"
@@ -235,6 +243,13 @@ def preflight_table(info: dict) -> Table:
         rows.insert(5, ("from", what))
     if info.get("parent_note"):
         rows.append(("note", info["parent_note"]))
+    plan = info.get("memory")
+    if plan is not None and plan.step is not None:
+        need = size_text(plan.step.need(config.batch_size))
+        have = size_text(plan.step.available)
+        rows.insert(-1, ("memory", f"a step needs about {need} (measured), {have} available"))
+    if plan is not None and plan.note:
+        rows.append(("note", plan.note))
     world, stored = info.get("world", 1), info.get("stored_world", 1)
     if info["resumed"] and world != stored:
         now = config.batch_size * config.grad_accum * world
@@ -243,6 +258,16 @@ def preflight_table(info: dict) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _quality(config) -> str:
+    if not config.evaluates_every:
+        aside = "no images set aside (--holdout N)" if not config.holdout else "--eval-every 0"
+        return f"none: {aside}"
+    return (
+        f"held-out loss on {config.holdout} images set aside, every {config.evaluates_every} "
+        "steps and at the end; the lowest is kept as best.safetensors"
+    )
 
 
 class SampleProgress(LiveView):

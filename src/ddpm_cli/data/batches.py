@@ -46,18 +46,23 @@ class Batches:
         on_skip: Callable[[list[tuple[str, str]]], None] = lambda failed: None,
         shard: tuple[int, int] = (0, 1),
         device: torch.device | None = None,
+        use: torch.Tensor | None = None,
     ):
-        """`batch_size` images per process; with `shard` = (rank, world), the global batch of
-        batch_size x world images is cut into world equal parts, and this process gets part
-        `rank` (only its own images are decoded). With a CUDA `device`, images in memory that
-        take at most RESIDENT_SHARE of its free memory are kept there."""
-        if len(images) == 0:
+        """`use`: the indices of the images to train on (the rest set aside, e.g. for the
+        run's quality figure); None: all of them. `batch_size` images per process; with
+        `shard` = (rank, world), the global batch of batch_size x world images is cut into
+        world equal parts, and this process gets part `rank` (only its own images are
+        decoded). With a CUDA `device`, images in memory that take at most RESIDENT_SHARE of
+        its free memory are kept there."""
+        self.use = use
+        self.n = len(images) if use is None else len(use)
+        if self.n == 0:
             raise DataError("no training images")
         self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
         self.rank, self.world = shard
         self.batch_size = batch_size * self.world  # the global batch
         self.workers, self.on_skip = workers, on_skip
-        self.per_epoch = max(1, math.ceil(len(images) / self.batch_size))
+        self.per_epoch = max(1, math.ceil(self.n / self.batch_size))
         self.resident = None  # the images on the GPU, when they live there
         if isinstance(images, InMemory) and device is not None and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -65,12 +70,13 @@ class Batches:
                 self.resident = images.data.to(device)
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The permutation and the flip decisions of one epoch, from (seed, epoch) alone."""
+        """The permutation (of image indices) and the flip decisions of one epoch, from
+        (seed, epoch) alone."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n = len(self.images)
+        n = self.n
         order = torch.randperm(n, generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return order, flips
+        return (order if self.use is None else self.use[order]), flips
 
     def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image indices and flip decisions of this process's part of batch `index` of `epoch`.
@@ -78,7 +84,7 @@ class Batches:
         the start of the epoch's order, so that every process gets an equal part. A dataset
         smaller than the batch repeats within the batch."""
         order, flips = self.epoch_order(epoch)
-        n = len(self.images)
+        n = self.n
         if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
             reps = math.ceil(self.batch_size / n)
             order, flips = order.repeat(reps), flips.repeat(reps)

@@ -13,8 +13,13 @@ from pathlib import Path
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.errors import DataError
 from ddpm_cli.sampler_config import SamplerConfig
-from ddpm_cli.store.checkpoint import CheckpointError, config_section, load_checkpoint
-from ddpm_cli.store.files import MODEL, STATE, snapshots
+from ddpm_cli.store.checkpoint import (
+    CheckpointError,
+    config_section,
+    load_checkpoint,
+    read_header,
+)
+from ddpm_cli.store.files import BEST, FIGURE, MODEL, STATE, snapshots
 from ddpm_cli.store.models import is_run_directory, network_weights
 
 METRICS = "metrics.jsonl"
@@ -108,6 +113,8 @@ def run_info(folder: Path) -> dict:
             why = str(e)
     grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
     metrics = read_metrics(folder / METRICS)
+    logged = [m for m in metrics if "loss" in m]
+    figures = [m for m in metrics if FIGURE in m]
     info["run"] = {
         "folder": str(folder),
         "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[0] != "."),
@@ -116,11 +123,24 @@ def run_info(folder: Path) -> dict:
         "newest_grid": str(grids[-1]) if grids else None,
         "grids": len(grids),
         "snapshots": [step for step, _ in snapshots(folder)],
-        "logged_steps": len(metrics),
-        "last": metrics[-1] if metrics else None,
+        "logged_steps": len(logged),
+        "last": logged[-1] if logged else None,
+        "figures": len(figures),
+        "last_figure": figures[-1] if figures else None,
+        "best": _best(folder / BEST),
     }
     info["metrics"] = metrics
     return info
+
+
+def _best(path: Path) -> dict | None:
+    """best.safetensors' step and quality figure, from its header; None when it has none."""
+    try:
+        meta = read_header(path).get("__metadata__") or {}
+        return {"file": str(path), "step": json.loads(meta["step"]),
+                FIGURE: json.loads(meta[FIGURE])}  # fmt: skip
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
 
 
 def read_metrics(path: Path) -> list[dict]:

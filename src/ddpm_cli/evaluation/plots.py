@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 
 from ddpm_cli.errors import ConfigError, MissingExtra
+from ddpm_cli.store.files import FIGURE
 
 FORMATS = (".png", ".svg", ".pdf")
 INSTALL_HINT = 'pip install "ddpm-cli[plot]"'
@@ -39,8 +40,9 @@ def _encode(fig, fmt: str) -> bytes:
 
 
 def loss_plot(metrics: list[dict], fmt: str = "png", title: str = "") -> bytes:
-    """Training loss against step (log scale), with the loss of each quarter of the timesteps,
-    and the learning rate below. `metrics` are metrics.jsonl records."""
+    """Training loss against step (log scale), with the loss of each quarter of the timesteps
+    and the quality figure where the run logged one, and the learning rate below. `metrics`
+    are metrics.jsonl records."""
     records = [m for m in metrics if "loss" in m and "step" in m]
     if not records:
         raise ConfigError("no loss was logged in this run yet; nothing to plot")
@@ -54,6 +56,10 @@ def loss_plot(metrics: list[dict], fmt: str = "png", title: str = "") -> bytes:
         values = [_at(m.get("loss_quarters"), q) for m in records]
         if any(v == v for v in values):
             ax.plot(steps, values, lw=0.9, alpha=0.8, label=name, marker=".", ms=3)
+    figures = [m for m in metrics if isinstance(m.get(FIGURE), (int, float)) and "step" in m]
+    if figures:  # the quality figure (training/quality.py), on the same scale
+        ax.plot([m["step"] for m in figures], [m[FIGURE] for m in figures], color="black", ls="--",
+                lw=1.4, marker="o", ms=3, label="held-out loss (quality figure)")  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)

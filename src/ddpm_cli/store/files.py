@@ -19,6 +19,8 @@ STDIO = "-"  # a path of "-" means stdin for inputs and stdout for outputs
 # training state (raw weights, optimizer, randomness)
 MODEL, STATE = "model.safetensors", "train_state.safetensors"
 SNAPSHOT = "model-{step:08d}.safetensors"  # a copy of MODEL at a step (ddpm train --keep)
+BEST = "best.safetensors"  # the EMA weights with the run's lowest quality figure (--eval-every)
+FIGURE = "heldout_loss"  # that figure's key in its metadata and in metrics.jsonl
 
 
 def snapshots(folder: Path) -> list[tuple[int, Path]]:

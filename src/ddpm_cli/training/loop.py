@@ -20,7 +20,8 @@ from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import DataReport
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.store.files import MODEL
+from ddpm_cli.store.files import BEST, FIGURE, MODEL
+from ddpm_cli.training import quality
 from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, write_grid
 from ddpm_cli.training.train import (
     TrainState,
@@ -29,7 +30,7 @@ from ddpm_cli.training.train import (
     to_host,
     train_step,
 )
-from ddpm_cli.training.train_state import save_run
+from ddpm_cli.training.train_state import save_model, save_run
 
 SYNC_EVERY = 25  # steps between the host's waits for an accelerator (see `Loop.run`)
 
@@ -67,6 +68,8 @@ class Prepared:
     device: torch.device
     stored_world: int
     loggers: list = field(default_factory=list)  # live logs (loggers.py), rank 0's
+    held: quality.HeldOut | None = None  # the images set aside for the quality figure (rank 0)
+    best: float | None = None  # the lowest quality figure so far (best.safetensors')
 
 
 class Loop:
@@ -80,6 +83,7 @@ class Loop:
         self.window: list = []  # host results since the last metrics line
         self.pending: list = []  # results still on the device (train.py: steps never wait)
         self.last_loss: float | None = None
+        self.last_eval: int | None = None  # the step of the last quality figure
         # how often the host waits for the device: every step on the CPU, where it costs
         # nothing; every SYNC_EVERY steps on an accelerator, and always before anything is written
         self.sync_every = 1 if job.device.type == "cpu" else SYNC_EVERY
@@ -125,27 +129,51 @@ class Loop:
             },
         )
 
+    def elapsed(self) -> float:
+        """Seconds of the run so far, start-up and earlier parts included."""
+        return self.job.elapsed0 + time.perf_counter() - self.started
+
     def log_window(self) -> None:
         r = self.job
         now = time.perf_counter()
-        elapsed = r.elapsed0 + now - self.started
         record = metrics_record(
-            self.window, r.state, r.config, r.diffusion.timesteps, now - self.t_log, elapsed
+            self.window, r.state, r.config, r.diffusion.timesteps, now - self.t_log, self.elapsed()
         )
-        with open(r.out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for logger in r.loggers:
-            logger.record(record)
-        self.on_event("log", record)
+        self.record(record, "log")
         self.window, self.t_log = [], now
+
+    def record(self, record: dict, kind: str) -> None:
+        """A line of metrics.jsonl, also sent to the live logs and reported as `kind`."""
+        with open(self.job.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for logger in self.job.loggers:
+            logger.record(record)
+        self.on_event(kind, record)
+
+    def evaluate(self) -> None:
+        """The quality figure of the EMA weights now (quality.py); the lowest yet is saved as
+        best.safetensors, with the figure in its metadata."""
+        r, state = self.job, self.job.state
+        self.last_eval = state.step
+        value = quality.heldout_loss(
+            state.ema, r.tables, r.held, r.config.objective.value, r.device,
+            r.config.batch_size, r.config.min_snr_gamma,
+        )  # fmt: skip
+        best = r.best is None or value < r.best
+        if best:
+            decay = ema_decay_at(state.step, r.config.ema_decay)
+            save_model(r.out / BEST, state, r.configs, self.elapsed(), decay, **{FIGURE: value})
+            r.best = value
+        record = {"step": state.step, FIGURE: value, "best": best, "elapsed": self.elapsed()}
+        self.record(record, "eval")
 
     def checkpoint(self) -> None:
         r = self.job
         if not r.d.main:
             return
-        elapsed = r.elapsed0 + time.perf_counter() - self.started
         decay = ema_decay_at(r.state.step, r.config.ema_decay)
-        save_run(r.out, r.state, r.configs, elapsed, decay, world=r.d.world, trained=self.trained())
+        save_run(r.out, r.state, r.configs, self.elapsed(), decay, world=r.d.world,
+                 trained=self.trained())  # fmt: skip
         snapshot = None
         if r.config.keep:
             snapshot, _ = save_snapshot(r.out, r.state.step, r.config.keep)
@@ -194,7 +222,8 @@ class Loop:
             log = step % config.log_every == 0 or step == total
             grid = config.sample_every and step % config.sample_every == 0
             save = step % config.checkpoint_every == 0
-            if log or grid or save or step % self.sync_every == 0:
+            figure = config.evaluates_every and step % config.evaluates_every == 0
+            if log or grid or save or figure or step % self.sync_every == 0:
                 with distributed.collective("a training step"):
                     self.flush()
             if not d.main:
@@ -205,6 +234,8 @@ class Loop:
                 self.grid()
             if save:
                 self.checkpoint()
+            if figure:
+                self.evaluate()
         feed.close()  # stops the DataLoader workers, if any
         with distributed.collective("a training step"):
             self.flush()
@@ -215,5 +246,9 @@ class Loop:
         done_off_grid = config.sample_every and state.step % config.sample_every
         if status == "done" and done_off_grid and d.main:
             self.grid()
+        # the finished run's own figure (a stop leaves at once)
+        unmeasured = state.step and self.last_eval != state.step
+        if status == "done" and config.evaluates_every and unmeasured and d.main:
+            self.evaluate()
         self.on_event("end", {"status": status, "step": state.step, "out": r.out})
         return RunResult(r.out, state.step, total, status, self.last_loss)

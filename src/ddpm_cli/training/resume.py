@@ -25,6 +25,7 @@ RESUMABLE = {
     "sample_every",
     "checkpoint_every",
     "keep",
+    "eval_every",
     "grad_checkpoint",
     "log",
     "log_every",
@@ -80,6 +81,8 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     stored = config_section(ckpt, "training", TrainConfig)
     if "cooldown" not in ckpt.config.get("training", {}):  # saved before cooldowns existed:
         stored = replace(stored, cooldown=0.0)  # it goes on at a constant rate, as planned
+    if "holdout" not in ckpt.config.get("training", {}):  # saved before quality figures:
+        stored = replace(stored, holdout=0)  # it goes on training on all its images
     diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
     config = merge_resume(stored, diffusion, given)
     model = config_section(ckpt, "model", ModelConfig)

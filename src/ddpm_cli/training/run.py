@@ -5,6 +5,8 @@
       train_state.safetensors  raw weights, EMA, Adam moments, RNG states, data position
                                (written and read by train_state.py)
       metrics.jsonl            one JSON object per logged step
+      best.safetensors         the EMA weights with the lowest quality figure (quality.py)
+      model-NNNNNNNN.safetensors  step-numbered copies of model.safetensors (--keep)
       samples/step-NNNNNNN.png sample grids from the EMA weights
       data_cache.safetensors   the decoded training images (uint8), reused on resume and
                                usable as the DATA of a new run (not written when streaming)
@@ -36,10 +38,10 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import MODEL, STATE, RunLock
-from ddpm_cli.training import finetune, loggers
+from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
-from ddpm_cli.training.run_files import CACHE, SKIPPED, prepare_directory
+from ddpm_cli.training.run_files import CACHE, SKIPPED, best_figure, prepare_directory
 from ddpm_cli.training.train import compiled, new_state, resolve, total_steps
 from ddpm_cli.training.train_state import restore_state
 
@@ -156,9 +158,23 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
                 f.writelines(f"{p}\t{r}\n" for p, r in failed)
         on_event("skip", {"failed": failed})
 
+    state = new_state(model_config, config, device)
+    tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
+    if device.type == "cuda":  # (weights are channels_last from new_state, device.place)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: +19% img/s (docs/benchmarks.md)
+    shape = (report.channels, *config.image_size)
+    adjustable = resumed is None and "grad_accum" not in (given or {})
+    config, memory_plan = memory.plan(state, tables, config, model_config.num_classes, shape,
+                                      device, d, adjustable)  # fmt: skip
+
+    use, heldout = None, None
+    if config.holdout:  # the images the quality figure is computed on, never trained on
+        use, aside = quality.split(len(images), config.holdout, config.seed)
+        heldout = quality.HeldOut.take(images, aside, config.seed) if d.main else None
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
-        shard=(d.rank, d.world), device=device,
+        shard=(d.rank, d.world), device=device, use=use,
     )  # fmt: skip
     total = total_steps(config, batches.per_epoch)
     configs = {
@@ -171,10 +187,9 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     if parent is not None or (resumed is not None and "parent" in resumed.ckpt.config):
         configs["parent"] = parent.summary if parent else resumed.ckpt.config["parent"]
 
-    state = new_state(model_config, config, device)
     classes_note = finetune.load_parent(state, parent, model_config) if parent else None
     elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
-    live = loggers.open_loggers(config.log, out, state.step) if d.main else []
+    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
     for logger in live:
         held.callback(logger.close)
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
@@ -183,10 +198,6 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         seen = state.batch_in_epoch * config.batch_size * stored_world
         state.batch_in_epoch = seen // batches.batch_size
         total = steps_left_by_epoch(config, state, batches.per_epoch, total)
-    tables = DiffusionTables.from_config(diffusion).to(device, torch.float32)
-    if device.type == "cuda":  # (weights are channels_last from new_state, device.place)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: +19% img/s (docs/benchmarks.md)
     forward = state.model
     if d.active:
         # every rank starts from the same weights (the same seed); dropout differs per rank
@@ -215,6 +226,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "stored_world": stored_world,
             "parent": configs.get("parent"),
             "parent_note": classes_note,
+            "memory": memory_plan,
         },
     )
     if report.skipped and d.main:
@@ -224,5 +236,5 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
         report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,
         elapsed0=elapsed0, trained0=trained0, d=d, device=device, stored_world=stored_world,
-        loggers=live,
+        loggers=live, held=heldout, best=best_figure(out) if resumed is not None else None,
     )  # fmt: skip

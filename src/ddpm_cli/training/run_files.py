@@ -6,6 +6,7 @@ Written by rank 0 of a training run (run.py); nothing here prints.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import read_header, save_checkpoint
-from ddpm_cli.store.files import MODEL, SNAPSHOT, snapshots, write_atomic
+from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, snapshots, write_atomic
 from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
 
@@ -59,6 +60,7 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
         stale.unlink(missing_ok=True)
     if not resumed:  # a fresh run owns this directory: no leftovers of an earlier attempt
         (out / CACHE).unlink(missing_ok=True)
+        (out / BEST).unlink(missing_ok=True)
         for _, old in snapshots(out):
             old.unlink()
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
@@ -81,8 +83,19 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
 
 def _step_of(path: Path) -> int | None:
     """The step a model file was saved at, from its header; None when unreadable."""
+    return _header_number(path, "step", int)
+
+
+def best_figure(out: Path) -> float | None:
+    """The quality figure of the run's best.safetensors (what a new figure must beat); None
+    when there is none, or it cannot be read (the next figure then replaces it)."""
+    value = _header_number(out / BEST, FIGURE, float)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _header_number(path: Path, key: str, kind: type):
     try:
-        return int(json.loads(read_header(path)["__metadata__"]["step"]))
+        return kind(json.loads(read_header(path)["__metadata__"][key]))
     except (DdpmError, OSError, KeyError, TypeError, ValueError):
         return None
 

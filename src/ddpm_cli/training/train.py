@@ -29,10 +29,11 @@ from ddpm_cli.data.folders import to_model_range
 from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.errors import DdpmError
+from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.model.presets import preset_for, recipe_for
 from ddpm_cli.model.unet import ResBlock, UNet
+from ddpm_cli.training.quality import holdout_size
 
 WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
 # the power-function EMA's exponent (Karras et al. 2024): an average over about the last
@@ -92,15 +93,25 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
 def resolve(
     config: TrainConfig, device: torch.device, n_images: int, channels: int, world: int = 1
 ):
-    """Fill in the values left as None ("auto") from the device and data; refuse bad mixes.
-    `world` processes each take `batch_size` images of every global batch."""
+    """Fill in the values left as None ("auto") from the device and data (`n_images` of them,
+    before any are set aside); refuse bad mixes. `world` processes each take `batch_size`
+    images of every global batch."""
     accelerated = device.type in ("cuda", "mps")
     precision = resolve_precision(config.precision, device)
     batch = config.batch_size or (128 if device.type == "cuda" else 32)
     preset = (
         config.preset if config.preset != "auto" else preset_for(config.image_size, accelerated)
     )
-    per_epoch = max(1, math.ceil(n_images / (batch * world)))
+    holdout = holdout_size(n_images, config.holdout)
+    if config.eval_every and not holdout:
+        why = (
+            f"{n_images} images are too few to set aside some by default; add --holdout N "
+            "(e.g. --holdout 8)"
+            if config.holdout is None
+            else "the run sets aside none (--holdout 0; a run chooses them when it starts)"
+        )
+        raise UsageError(f"--eval-every needs images set aside for the quality figure: {why}")
+    per_epoch = max(1, math.ceil((n_images - holdout) / (batch * world)))
     steps = total_steps(replace(config, batch_size=batch), per_epoch)
     recipe = recipe_for(preset)
     warmup = config.warmup_steps
@@ -127,6 +138,7 @@ def resolve(
         cooldown=config.cooldown if config.cooldown is not None else recipe.cooldown,
         seed=seed,
         channels=channels,
+        holdout=holdout,
     )
 
 

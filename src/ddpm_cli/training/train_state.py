@@ -59,18 +59,17 @@ def save_run(
         "scaler": state.scaler.state_dict() if state.scaler else None,
     }
     save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta)
-    save_checkpoint(
-        out / MODEL,
-        state.ema.state_dict(),
-        "model",
-        {
-            "config": configs,
-            "step": state.step,
-            "ema_decay": decay,
-            "elapsed": elapsed,
-            "weights": "ema",
-        },
-    )
+    save_model(out / MODEL, state, configs, elapsed, decay)
+
+
+def save_model(
+    path: Path, state: TrainState, configs: dict, elapsed: float, decay: float, **extra
+) -> None:
+    """The EMA weights and the run's configs as a model file, atomically; `extra`: more
+    metadata (e.g. the quality figure of best.safetensors)."""
+    meta = {"config": configs, "step": state.step, "ema_decay": decay, "elapsed": elapsed,
+            "weights": "ema", **extra}  # fmt: skip
+    save_checkpoint(path, state.ema.state_dict(), "model", meta)
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
