@@ -134,7 +134,7 @@ def recompute(run, path) -> float:
     the loop that logged it)."""
     cfg = config_section(load_checkpoint(path), "training", TrainConfig)
     images, _ = load_source(str(run / CACHE), cfg.image_size, cfg.channels)
-    _, aside = quality.split(len(images), cfg.holdout, cfg.seed)
+    _, aside = quality.split(len(images), cfg.holdout, cfg.seed, images.labels)
     sm = load_for_sampling(path)
     tables = DiffusionTables.from_config(sm.diffusion).to(CPU, torch.float32)
     held = quality.HeldOut.take(images, aside, cfg.seed)
@@ -207,7 +207,7 @@ def test_bad_quality_options_are_one_line_exit_2(runner, tmp_path, args, message
     r = runner.invoke(app, ["train", str(tmp_path / "pics"), "--steps", "2", "--image-size",
                             "8", "-o", str(tmp_path / "run"), *args])  # fmt: skip
     assert r.exit_code == 2, r.output
-    assert message in r.output and "Traceback" not in r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run" / MODEL).exists()
 
 
@@ -234,3 +234,32 @@ def test_a_run_saved_before_quality_figures_resumes_on_all_its_images(tmp_path, 
     train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
     assert load_checkpoint(run / MODEL).config["training"]["holdout"] == 0
     assert run_figures(run) == []
+
+
+def test_eval_every_0_sets_no_images_aside_and_a_class_is_never_set_aside_whole():
+    from ddpm_cli.training.train import resolve
+
+    cfg = resolve(TrainConfig(eval_every=0, seed=1, image_size=8), CPU, 1000, 3)
+    assert cfg.holdout == 0 and cfg.evaluates_every == 0
+    assert resolve(TrainConfig(seed=1, image_size=8), CPU, 1000, 3).holdout == 50
+    # one image of class 1 among 40: whatever the seed, it stays in training
+    labels = torch.tensor([0] * 39 + [1])
+    for seed in range(30):
+        use, aside = quality.split(40, 20, seed, labels)
+        assert 39 in use.tolist() and len(aside) == 20
+        assert sorted(use.tolist() + aside.tolist()) == list(range(40))
+
+
+def test_a_non_finite_figure_is_logged_but_never_the_best(tmp_path, monkeypatch):
+    values = iter([0.5, float("nan"), 0.4])
+    monkeypatch.setattr(quality, "heldout_loss", lambda *a, **k: next(values))
+    run = train_tiny(tmp_path, 30, steps=6, checkpoint_every=2, holdout=6)
+    figures = run_figures(run)
+    assert [r["best"] for r in figures] == [True, False, True]
+    assert load_checkpoint(run / BEST).step == 6
+
+
+def test_a_resume_with_no_steps_left_logs_no_second_figure(tmp_path):
+    run = train_tiny(tmp_path, 30, steps=4, checkpoint_every=2, holdout=6)
+    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
+    assert [r["step"] for r in run_figures(run)] == [2, 4]

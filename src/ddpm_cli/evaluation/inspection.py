@@ -16,8 +16,8 @@ from ddpm_cli.sampler_config import SamplerConfig
 from ddpm_cli.store.checkpoint import (
     CheckpointError,
     config_section,
+    header_value,
     load_checkpoint,
-    read_header,
 )
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, STATE, snapshots
 from ddpm_cli.store.models import is_run_directory, network_weights
@@ -135,12 +135,10 @@ def run_info(folder: Path) -> dict:
 
 def _best(path: Path) -> dict | None:
     """best.safetensors' step and quality figure, from its header; None when it has none."""
-    try:
-        meta = read_header(path).get("__metadata__") or {}
-        return {"file": str(path), "step": json.loads(meta["step"]),
-                FIGURE: json.loads(meta[FIGURE])}  # fmt: skip
-    except (CheckpointError, KeyError, TypeError, ValueError):
+    step, figure = header_value(path, "step"), header_value(path, FIGURE)
+    if not _finite(step) or not _finite(figure):
         return None
+    return {"file": str(path), "step": step, FIGURE: figure}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -135,6 +135,15 @@ class Checkpoint:
         return config
 
 
+def header_value(path: Path, key: str):
+    """One metadata value of a safetensors file's header, parsed as JSON; None when the file,
+    its header or the key is missing or unreadable."""
+    try:
+        return json.loads((read_header(path).get("__metadata__") or {})[key])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def load_checkpoint(path: Path, kind: str | None = None, verify: bool = True) -> Checkpoint:
     """Read and validate a checkpoint written by save_checkpoint.
 

@@ -41,16 +41,10 @@ class TensorBoard:
     def record(self, r: dict) -> None:
         """One metrics.jsonl record (run_files.metrics_record, or a quality figure's from
         Loop.evaluate) as scalars at its step."""
-        step = r["step"]
-        for key in ("loss", "lr", "grad_norm", "img_per_s", "ema_decay"):
-            if r.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", r[key], step)
+        for tag, value in scalars(r).items():
+            self.writer.add_scalar(tag, value, r["step"])
         if r.get(FIGURE) is not None:
-            self.writer.add_scalar(f"quality/{FIGURE}", r[FIGURE], step)
             self.writer.flush()
-        for q, value in enumerate(r.get("loss_quarters") or []):
-            if value is not None:
-                self.writer.add_scalar(f"loss_by_t/quarter_{q + 1}", value, step)
 
     def grid(self, path: Path, step: int) -> None:
         """A sample grid PNG as an image at its step."""
@@ -92,13 +86,7 @@ class WandB:
 
     def record(self, r: dict) -> None:
         """One metrics.jsonl record, under the same names as TensorBoard's."""
-        values = {f"train/{k}": r[k] for k in ("loss", "lr", "grad_norm", "img_per_s", "ema_decay")
-                  if r.get(k) is not None}  # fmt: skip
-        for q, value in enumerate(r.get("loss_quarters") or []):
-            if value is not None:
-                values[f"loss_by_t/quarter_{q + 1}"] = value
-        if r.get(FIGURE) is not None:
-            values[f"quality/{FIGURE}"] = r[FIGURE]
+        values = scalars(r)
         if values:
             self.run.log(values, step=r["step"])
 
@@ -107,6 +95,19 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def scalars(r: dict) -> dict[str, float]:
+    """The scalars of a metrics.jsonl record (run_files.metrics_record, or a quality figure's
+    from Loop.evaluate) by their live-log names."""
+    values = {f"train/{k}": r[k] for k in ("loss", "lr", "grad_norm", "img_per_s", "ema_decay")
+              if r.get(k) is not None}  # fmt: skip
+    for q, value in enumerate(r.get("loss_quarters") or []):
+        if value is not None:
+            values[f"loss_by_t/quarter_{q + 1}"] = value
+    if r.get(FIGURE) is not None:
+        values[f"quality/{FIGURE}"] = r[FIGURE]
+    return values
 
 
 def first_line(e: Exception) -> str:
@@ -130,7 +131,12 @@ def open_loggers(names: tuple[LogTo, ...], out: Path, step: int, config: dict | 
     """The loggers `names` ask for, writing under the run directory `out` from `step` on;
     `config`: the run's configs, for loggers that record them (W&B)."""
     made = []
-    for name in names:
-        made.append(TensorBoard(out, step) if name is LogTo.tensorboard
-                    else WandB(out, step, config))  # fmt: skip
+    try:
+        for name in names:
+            made.append(TensorBoard(out, step) if name is LogTo.tensorboard
+                        else WandB(out, step, config))  # fmt: skip
+    except Exception:
+        for logger in made:  # the ones that did start
+            logger.close()
+        raise
     return made

@@ -8,6 +8,7 @@ only rank 0 writes files and reports. Progress goes to `on_event(kind, info)`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -83,7 +84,8 @@ class Loop:
         self.window: list = []  # host results since the last metrics line
         self.pending: list = []  # results still on the device (train.py: steps never wait)
         self.last_loss: float | None = None
-        self.last_eval: int | None = None  # the step of the last quality figure
+        # the step of the last quality figure (a resumed run's figure at its step is logged)
+        self.last_eval: int | None = job.state.step or None
         # how often the host waits for the device: every step on the CPU, where it costs
         # nothing; every SYNC_EVERY steps on an accelerator, and always before anything is written
         self.sync_every = 1 if job.device.type == "cpu" else SYNC_EVERY
@@ -155,11 +157,13 @@ class Loop:
         best.safetensors, with the figure in its metadata."""
         r, state = self.job, self.job.state
         self.last_eval = state.step
+        if r.held is None:  # every image set aside stopped decoding (streamed data)
+            return
         value = quality.heldout_loss(
             state.ema, r.tables, r.held, r.config.objective.value, r.device,
             r.config.batch_size, r.config.min_snr_gamma,
         )  # fmt: skip
-        best = r.best is None or value < r.best
+        best = math.isfinite(value) and (r.best is None or value < r.best)
         if best:
             decay = ema_decay_at(state.step, r.config.ema_decay)
             save_model(r.out / BEST, state, r.configs, self.elapsed(), decay, **{FIGURE: value})

@@ -59,8 +59,8 @@ def measure(
     num_classes: int,
     image_shape: tuple[int, int, int],
 ) -> StepMemory | None:
-    """The step's memory by two probe passes, or None where the device has no peak count
-    (MPS, or a CPU without Linux's /proc)."""
+    """The step's memory by a probe pass, or None where the device has no peak count (MPS,
+    or a CPU without Linux's /proc)."""
     if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not _resettable()):
         return None
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
@@ -74,6 +74,8 @@ def measure(
         torch.set_rng_state(rng[0])
         if rng[1]:
             torch.cuda.set_rng_state_all(rng[1])
+        if device.type == "cuda":  # give the probe's cached blocks back (the data may live there)
+            torch.cuda.empty_cache()
     slope = CHECKPOINTED_SLOPE if config.grad_checkpoint else SLOPE
     per_image = int(slope * saved / PROBE)
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -153,8 +155,7 @@ def _peak(device: torch.device) -> int:
 def _resettable() -> bool:
     """Whether this system reports and resets the process's peak resident memory (Linux)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        _reset_peak(torch.device("cpu"))
     except OSError:
         return False
     return _status("VmHWM") is not None

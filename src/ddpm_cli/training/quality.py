@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_cli.data.folders import InMemory, OnDisk, to_model_range
+from ddpm_cli.data.folders import InMemory, OnDisk, decode_for_training, to_model_range
 from ddpm_cli.device import to_device
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.errors import UsageError
+from ddpm_cli.errors import DataError, UsageError
 
 # by default a run sets aside this share of its images, at most HOLDOUT_MAX; a run that would set
 # aside fewer than HOLDOUT_MIN sets aside none (too few for a figure worth the images)
@@ -45,11 +45,28 @@ def holdout_size(n_images: int, holdout: int | None) -> int:
     return k if k >= HOLDOUT_MIN else 0
 
 
-def split(n_images: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split(
+    n_images: int, k: int, seed: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices to train on, indices set aside), each ascending: k images chosen by a
-    permutation seeded by the run's seed alone, so a resumed run sets aside the same ones."""
+    permutation seeded by the run's seed alone, so a resumed run sets aside the same ones.
+    With class `labels`, an image is not set aside when it is the last of its class left
+    to train on (a rare class is never taken out of training whole)."""
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + SPLIT_SEED))
-    return order[k:].sort().values, order[:k].sort().values
+    if labels is None:
+        return order[k:].sort().values, order[:k].sort().values
+    left = torch.bincount(labels).tolist()
+    aside = []
+    for i in order.tolist():
+        if len(aside) == k:
+            break
+        if left[int(labels[i])] > 1:
+            left[int(labels[i])] -= 1
+            aside.append(i)
+    held = torch.tensor(sorted(aside), dtype=torch.long)
+    keep = torch.ones(n_images, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
 
 
 @dataclass(frozen=True)
@@ -62,12 +79,24 @@ class HeldOut:
     seed: int
 
     @classmethod
-    def take(cls, images: InMemory | OnDisk, held: torch.Tensor, seed: int) -> HeldOut:
-        """The images at indices `held`, decoded once and kept in memory."""
-        labels = None if images.labels is None else images.labels[held]
+    def take(cls, images: InMemory | OnDisk, held: torch.Tensor, seed: int) -> HeldOut | None:
+        """The images at indices `held`, decoded once and kept in memory; images on disk
+        that no longer decode are left out (None when none does)."""
         if isinstance(images, InMemory):
+            labels = None if images.labels is None else images.labels[held]
             return cls(images.data[held], labels, seed + NOISE_SEED)
-        return cls(torch.stack([images[int(i)][0] for i in held]), labels, seed + NOISE_SEED)
+        decoded, kept = [], []
+        for i in held.tolist():
+            try:
+                decoded.append(decode_for_training(images.paths[i], images.image_size,
+                                                   images.channels))  # fmt: skip
+                kept.append(i)
+            except (DataError, OSError):
+                continue
+        if not decoded:
+            return None
+        labels = None if images.labels is None else images.labels[kept]
+        return cls(torch.stack(decoded), labels, seed + NOISE_SEED)
 
 
 @torch.no_grad()

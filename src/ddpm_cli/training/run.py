@@ -34,14 +34,20 @@ from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.sources import data_image_size, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.errors import UsageError
+from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import MODEL, STATE, RunLock
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
-from ddpm_cli.training.run_files import CACHE, SKIPPED, best_figure, prepare_directory
+from ddpm_cli.training.run_files import (
+    CACHE,
+    SKIPPED,
+    best_figure,
+    discard_new_run,
+    prepare_directory,
+)
 from ddpm_cli.training.train import compiled, new_state, resolve, total_steps
 from ddpm_cli.training.train_state import restore_state
 
@@ -139,6 +145,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     # rank 0's choices (the run directory's name, a random seed) are the job's
     out, config = distributed.broadcast(d, (out, config))
     ckpt = resumed.ckpt if resumed is not None else None
+    created = d.main and not Path(out).exists()
     if d.main:
         Path(out).mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out))  # before anything in the directory changes
@@ -170,7 +177,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
 
     use, heldout = None, None
     if config.holdout:  # the images the quality figure is computed on, never trained on
-        use, aside = quality.split(len(images), config.holdout, config.seed)
+        use, aside = quality.split(len(images), config.holdout, config.seed, images.labels)
         heldout = quality.HeldOut.take(images, aside, config.seed) if d.main else None
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
@@ -189,7 +196,12 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
 
     classes_note = finetune.load_parent(state, parent, model_config) if parent else None
     elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
-    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
+    try:
+        live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
+    except DdpmError:  # a logger that cannot start (W&B without a login): a new run leaves
+        if resumed is None and d.main:  # nothing behind
+            discard_new_run(out, created)
+        raise
     for logger in live:
         held.callback(logger.close)
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0

@@ -15,11 +15,10 @@ import torch
 from ddpm_cli.config import TrainConfig
 from ddpm_cli.data.folders import DataReport, InMemory
 from ddpm_cli.data.images import encode_png
-from ddpm_cli.errors import DdpmError
 from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
-from ddpm_cli.store.checkpoint import read_header, save_checkpoint
+from ddpm_cli.store.checkpoint import header_value, save_checkpoint
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, snapshots, write_atomic
 from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
@@ -81,23 +80,28 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
             save_snapshot(out, ckpt.step, config.keep)  # a stop between the model and its copy
 
 
+def discard_new_run(out: Path, created: bool) -> None:
+    """Undo a new run that failed before its first step: the whole directory when the run
+    created it, else what it wrote there (the data cache, a fresh TensorBoard folder)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    (out / CACHE).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+
+
 def _step_of(path: Path) -> int | None:
     """The step a model file was saved at, from its header; None when unreadable."""
-    return _header_number(path, "step", int)
+    step = header_value(path, "step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def best_figure(out: Path) -> float | None:
     """The quality figure of the run's best.safetensors (what a new figure must beat); None
     when there is none, or it cannot be read (the next figure then replaces it)."""
-    value = _header_number(out / BEST, FIGURE, float)
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _header_number(path: Path, key: str, kind: type):
-    try:
-        return kind(json.loads(read_header(path)["__metadata__"][key]))
-    except (DdpmError, OSError, KeyError, TypeError, ValueError):
-        return None
+    value = header_value(out / BEST, FIGURE)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def save_snapshot(out: Path, step: int, keep: int) -> tuple[Path, list[Path]]:

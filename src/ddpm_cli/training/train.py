@@ -102,7 +102,9 @@ def resolve(
     preset = (
         config.preset if config.preset != "auto" else preset_for(config.image_size, accelerated)
     )
-    holdout = holdout_size(n_images, config.holdout)
+    # --eval-every 0 computes no figure: nothing to set aside unless --holdout says so
+    holdout = holdout_size(n_images, 0 if config.eval_every == 0 and config.holdout is None
+                           else config.holdout)  # fmt: skip
     if config.eval_every and not holdout:
         why = (
             f"{n_images} images are too few to set aside some by default; add --holdout N "
