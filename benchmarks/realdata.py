@@ -32,6 +32,7 @@ Needs the `bench` extra (scikit-image; diffusers for --peers); --plot needs matp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -75,7 +76,9 @@ def budget_name(kind: str, value: float) -> str:
 class Dataset:
     """A realsets.RealSet on disk (its training folder, cached tensors) with its classifier."""
 
-    def __init__(self, name: str, work: Path):
+    def __init__(self, name: str, work: Path, subset: int | None = None):
+        """`subset`: train on that many of the training images (a seeded choice), for the
+        few-image experiments; the held-out images and the classifier stay the set's."""
         self.name = name
         root = work / "data" / name
         cache = root / "sets.safetensors"
@@ -96,7 +99,15 @@ class Dataset:
             meta = {"pool_classes": s.pool_classes, "classes": s.classes}
             (root / "sets.json").write_text(json.dumps(meta))
             self.set = s
-        self.folder = self.set.write(root / "train")
+        folder = root / "train"
+        if subset is not None and subset < len(self.set.train):
+            pick = torch.randperm(len(self.set.train), generator=torch.Generator().manual_seed(0))
+            pick = pick[:subset].sort().values
+            labels = self.set.train_labels
+            self.set = dataclasses.replace(self.set, train=self.set.train[pick],
+                                           train_labels=None if labels is None else labels[pick])
+            folder = root / f"train-{subset}"
+        self.folder = self.set.write(folder)
         self.net = realfeatures.load_or_train(
             work / "classifiers", name, self.set.pool, self.set.pool_labels,
             len(self.set.pool_classes),
@@ -220,6 +231,8 @@ def parse_variants(specs: list[str]) -> list[tuple[str, list[str], list[str]]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default="faces,faces8,photos,sources")
+    p.add_argument("--subset", type=int, help="train on N of the training images (few-image "
+                   "experiments); the row gains the share of samples copied from them")
     p.add_argument("--budgets", default="1m,5m,20m")
     p.add_argument("--peers", action="store_true", help="also run the diffusers script")
     p.add_argument("--variant", action="append", metavar="NAME=FLAGS[|SAMPLE_FLAGS]",
@@ -242,7 +255,7 @@ def main() -> None:
         if name not in realsets.DATASETS:
             known = ", ".join(realsets.DATASETS)
             raise SystemExit(f"unknown dataset {name!r}; choose from {known}")
-        ds = Dataset(name, args.work)
+        ds = Dataset(name, args.work, args.subset)
         ref = ds.references()
         s = ds.set
         head = (f"# {name}: {len(s.train)} training images, {s.channels}x{s.image_size}x"
@@ -272,6 +285,11 @@ def main() -> None:
                     "train_s": round(r["train_s"], 1), "real": round(ref["real"], 2),
                     "noise": round(ref["noise"], 2),
                 }  # fmt: skip
+                if args.subset:
+                    from ddpm_cli.evaluation.memorization import copied_share
+
+                    row["train_images"] = len(s.train)
+                    row["copied"] = round(copied_share(r["images"], s.train)["copied_share"], 3)
                 if not args.keep:
                     shutil.rmtree(run, ignore_errors=True)
                 print(json.dumps(row) if args.json else _fmt(row), flush=True)

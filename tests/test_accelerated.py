@@ -82,7 +82,7 @@ def images(n: int = 10, size: int = 6) -> InMemory:
 def test_flips_are_a_selection_equal_to_masked_mirroring():
     b = Batches(images(), 4, seed=5, flip=True)
     for epoch in range(3):
-        idx, fl = b.indices(epoch, 0)
+        idx, fl, _ = b.indices(epoch, 0)
         expected = b.images.data[idx].clone()
         expected[fl] = expected[fl].flip(-1)
         assert torch.equal(b.batch(epoch, 0), expected)

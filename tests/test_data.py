@@ -170,3 +170,41 @@ def test_the_default_training_size_is_the_datas_own(tmp_path, pictures):
     assert ckpt.config["training"]["image_size"] == [12, 12]
     cache = run.out / "data_cache.safetensors"
     assert sources.data_image_size(str(cache)) == (12, 12)
+
+
+def test_shift_translates_each_image_with_a_reflected_border_as_numpy_pads_it():
+    """--shift N: each image moved by its own (dy, dx) in [-N, N], checked against numpy's
+    reflect padding; the shifts follow the seed and epoch (a resumed run sees the same)."""
+    import numpy as np
+
+    from ddpm_cli.data.folders import InMemory
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (12, 3, 7, 9), generator=g, dtype=torch.uint8)
+    batches = Batches(InMemory(data), 12, seed=4, flip=True, shift=3)
+    seen = set()
+    for epoch in range(3):
+        idx, fl, sh = batches.indices(epoch, 0)
+        got = batches.batch(epoch, 0)
+        for k in range(12):
+            img = data[idx[k]].numpy()
+            if fl[k]:
+                img = img[:, :, ::-1]
+            dy, dx = sh[k].tolist()
+            assert abs(dy) <= 3 and abs(dx) <= 3
+            padded = np.pad(img, ((0, 0), (3, 3), (3, 3)), mode="reflect")
+            expected = padded[:, 3 - dy : 3 - dy + 7, 3 - dx : 3 - dx + 9]
+            assert np.array_equal(got[k].numpy(), expected)
+            seen.add((dy, dx))
+    assert len(seen) > 10  # many different shifts, zero among the possible ones
+    again = Batches(InMemory(data), 12, seed=4, flip=True, shift=3)
+    assert torch.equal(again.batch(2, 0), batches.batch(2, 0))
+    plain = Batches(InMemory(data), 12, seed=4, flip=True)  # shift 0: flips as before
+    assert torch.equal(plain.indices(1, 0)[1], batches.indices(1, 0)[1])
+
+
+def test_a_shift_as_large_as_the_image_is_one_line_exit_2(runner, tmp_path):
+    r = runner.invoke(app, ["train", "--image-size", "16", "--shift", "16", "--steps", "1",
+                            "-o", str(tmp_path / "run")])  # fmt: skip
+    assert r.exit_code == 2 and "shift 16 must be less than the image size 16" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -82,6 +82,15 @@ def train(
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
     ] = D.flip,
+    shift: Annotated[
+        int,
+        typer.Option(
+            "--shift",
+            min=0,
+            help="Random translations by up to N pixels each way, the border reflected "
+            "(augmentation for small datasets; 0: none).",
+        ),
+    ] = D.shift,
     stream: Annotated[
         bool | None,
         typer.Option(

@@ -47,18 +47,21 @@ class Batches:
         shard: tuple[int, int] = (0, 1),
         device: torch.device | None = None,
         use: torch.Tensor | None = None,
+        shift: int = 0,
     ):
         """`use`: the indices of the images to train on (the rest set aside, e.g. for the
         run's quality figure); None: all of them. `batch_size` images per process; with
         `shard` = (rank, world), the global batch of batch_size x world images is cut into
         world equal parts, and this process gets part `rank` (only its own images are
         decoded). With a CUDA `device`, images in memory that take at most RESIDENT_SHARE of
-        its free memory are kept there."""
+        its free memory are kept there. `shift`: translate each image by up to this many
+        pixels each way, its border reflected (0: never)."""
         self.use = use
         self.n = len(images) if use is None else len(use)
         if self.n == 0:
             raise DataError("no training images")
         self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
+        self.shift = shift
         self.rank, self.world = shard
         self.batch_size = batch_size * self.world  # the global batch
         self.workers, self.on_skip = workers, on_skip
@@ -69,33 +72,36 @@ class Batches:
             if images.data.numel() <= RESIDENT_SHARE * free:
                 self.resident = images.data.to(device)
 
-    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The permutation (of image indices) and the flip decisions of one epoch, from
-        (seed, epoch) alone."""
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The permutation (of image indices), the flip decisions and the shifts (n, 2: rows,
+        columns) of one epoch, from (seed, epoch) alone."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = self.n
         order = torch.randperm(n, generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return (order if self.use is None else self.use[order]), flips
+        shifts = torch.zeros((n, 2), dtype=torch.long)
+        if self.shift:
+            shifts = torch.randint(-self.shift, self.shift + 1, (n, 2), generator=g)
+        return (order if self.use is None else self.use[order]), flips, shifts
 
-    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image indices and flip decisions of this process's part of batch `index` of `epoch`.
+    def indices(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image indices, flips and shifts of this process's part of batch `index` of `epoch`.
         The last batch of an epoch may be short in a single process; in a job it is filled from
         the start of the epoch's order, so that every process gets an equal part. A dataset
         smaller than the batch repeats within the batch."""
-        order, flips = self.epoch_order(epoch)
+        plan = self.epoch_order(epoch)
         n = self.n
         if n < self.batch_size:  # tiny datasets: fill the batch by cycling the permutation
             reps = math.ceil(self.batch_size / n)
-            order, flips = order.repeat(reps), flips.repeat(reps)
+            plan = tuple(t.repeat(reps, *[1] * (t.ndim - 1)) for t in plan)
             index = 0
         start = index * self.batch_size
-        idx, fl = order[start : start + self.batch_size], flips[start : start + self.batch_size]
-        if self.world > 1 and idx.numel() < self.batch_size:
-            missing = self.batch_size - idx.numel()
-            idx, fl = torch.cat([idx, order[:missing]]), torch.cat([fl, flips[:missing]])
+        batch = tuple(t[start : start + self.batch_size] for t in plan)
+        if self.world > 1 and batch[0].numel() < self.batch_size:
+            missing = self.batch_size - batch[0].numel()
+            batch = tuple(torch.cat([b, t[:missing]]) for b, t in zip(batch, plan, strict=True))
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        return (idx[part], fl[part]) if self.world > 1 else (idx, fl)
+        return tuple(t[part] for t in batch) if self.world > 1 else batch
 
     def positions(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
         """(epoch, batch index) from the given position on, for ever."""
@@ -115,23 +121,23 @@ class Batches:
         labels = self.images.labels
         plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
         if self.resident is not None:
-            for idx, fl in plan:
+            for idx, fl, sh in plan:
                 dev = self.resident.device
-                x = _flip(self.resident[to_device(idx, dev)], to_device(fl, dev), fl.any())
+                x = _augment(self.resident[to_device(idx, dev)], fl, sh, self.shift)
                 yield x, None if labels is None else labels[idx]
             return
         if isinstance(self.images, InMemory):
-            for idx, fl in plan:
+            for idx, fl, sh in plan:
                 yield (
-                    _flip(self.images.data[idx], fl, fl.any()),
+                    _augment(self.images.data[idx], fl, sh, self.shift),
                     (None if labels is None else labels[idx]),
                 )
             return
-        flips: list[tuple[torch.Tensor, torch.Tensor]] = []
+        flips: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def index_lists():
-            for idx, fl in plan:
-                flips.append((idx, fl))
+            for idx, fl, sh in plan:
+                flips.append((idx, fl, sh))
                 yield idx.tolist()
 
         loader = torch.utils.data.DataLoader(
@@ -147,9 +153,31 @@ class Batches:
         for x, failed, shifts in loader:
             if failed:
                 self.on_skip(failed)
-            idx, fl = flips.pop(0)
+            idx, fl, sh = flips.pop(0)
             used = (idx + shifts) % len(self.images)  # the images that stood in, if any
-            yield _flip(x, fl, fl.any()), None if labels is None else labels[used]
+            yield _augment(x, fl, sh, self.shift), None if labels is None else labels[used]
+
+
+def _augment(x: torch.Tensor, fl: torch.Tensor, sh: torch.Tensor, shift: int) -> torch.Tensor:
+    """The batch `x` (on any device) with its flips `fl` (on the host) and, when `shift`,
+    its shifts `sh`."""
+    x = _flip(x, to_device(fl, x.device), fl.any())
+    return _translate(x, to_device(sh, x.device)) if shift else x
+
+
+def _translate(x: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """Image i moved down sh[i, 0] and right sh[i, 1] pixels (|shift| < size), the border
+    reflected (the pixel at the edge not repeated): a gather, exact for uint8."""
+    b, _, h, w = x.shape
+    rows = _reflect(torch.arange(h, device=x.device)[None] - sh[:, :1], h)  # (B, H)
+    cols = _reflect(torch.arange(w, device=x.device)[None] - sh[:, 1:], w)  # (B, W)
+    out = x[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None]]
+    return out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    i = i.abs()
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
 
 
 def _flip(x: torch.Tensor, fl: torch.Tensor, any_flip) -> torch.Tensor:

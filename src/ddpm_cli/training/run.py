@@ -181,7 +181,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         heldout = quality.HeldOut.take(images, aside, config.seed) if d.main else None
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
-        shard=(d.rank, d.world), device=device, use=use,
+        shard=(d.rank, d.world), device=device, use=use, shift=config.shift,
     )  # fmt: skip
     total = total_steps(config, batches.per_epoch)
     configs = {
