@@ -101,7 +101,7 @@ def main() -> None:
         print(f"rank correlation with FD over {len(rows)} snapshots: {key} "
               f"{spearman([r[key] for r in rows], fd):+.2f}")  # fmt: skip
     if args.plot:
-        plot(rows, args.plot, f"{args.dataset}: {args.run}")
+        plot(rows, args.plot, f"{args.dataset}: {Path(args.run).name}, {len(rows)} snapshots")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
