@@ -13,17 +13,17 @@ found them.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from ddpm_cli import distributed
-from ddpm_cli.config import Precision, TrainConfig
+from ddpm_cli.config import TrainConfig
 from ddpm_cli.device import available_memory
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.training.train import mixed_precision
 
 HEADROOM = 0.85  # the share of the available memory a step may plan to use
 PROBE = 2  # images in the probe pass
@@ -102,12 +102,6 @@ def _probe(model, tables, config: TrainConfig, device, num_classes: int, shape) 
     t = torch.linspace(0, tables.timesteps - 1, shape[0]).long().to(device)
     eps = torch.randn(shape, generator=g).to(device)
     y = torch.zeros(shape[0], dtype=torch.long, device=device) if num_classes else None
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if config.precision is Precision.bf16
-                       else torch.float16)  # fmt: skip
-        if config.precision not in (None, Precision.fp32)
-        else contextlib.nullcontext()
-    )
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -119,7 +113,9 @@ def _probe(model, tables, config: TrainConfig, device, num_classes: int, shape) 
 
     was_training = model.training
     model.train()
-    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with mixed_precision(config, device), torch.autograd.graph.saved_tensors_hooks(
+        pack, lambda x: x
+    ):
         loss = training_losses(model, tables, x0, t, eps, config.objective.value,
                                config.min_snr_gamma, y).sum()  # fmt: skip
     loss.backward()

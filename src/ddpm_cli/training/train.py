@@ -296,11 +296,7 @@ def train_step(
         group["lr"] = lr_at(
             state.step, config.lr, config.warmup_steps, progress, config.cooldown or 0.0
         )
-    autocast = (
-        torch.autocast(device.type, dtype=_AMP[config.precision])
-        if config.precision is not Precision.fp32
-        else contextlib.nullcontext()
-    )
+    autocast = mixed_precision(config, device)
     all_losses, all_t = [], []
     n_images = sum(b.shape[0] for b in batches)
     no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last micro
@@ -342,6 +338,13 @@ def train_step(
 
 
 _AMP = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+def mixed_precision(config: TrainConfig, device: torch.device):
+    """The autocast context a training step runs its forward pass in (a no-op for fp32)."""
+    if config.precision in (None, Precision.fp32):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP[config.precision])
 
 
 def _diverged_message(config: TrainConfig, step: int, what: str) -> str:
