@@ -42,7 +42,10 @@ SETTINGS = dict(
 )
 
 
-def run_case(runner, args) -> None:
+def run_case(runner, args, subject: str | None = None) -> int:
+    """Run one case; returns its exit code. A failure must be one clean line; with `subject`
+    (the input's file or folder name) it must also name that input, which shows the command got
+    past its own option parsing to the input itself, not refused a flag."""
     t0 = time.perf_counter()
     r = runner.invoke(app, args)
     seconds = time.perf_counter() - t0
@@ -53,6 +56,9 @@ def run_case(runner, args) -> None:
     if r.exit_code:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        if subject is not None:
+            assert subject in lines[0], (args, lines[0])
+    return r.exit_code
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +141,7 @@ def test_tensor_corruption_is_caught_by_the_content_hash(runner, model_bytes, tm
 
 
 def test_mutated_checkpoints_through_inspect_and_sample(runner, model_bytes, tmp_path):
-    cases = {"n": 0}
+    cases, codes = {"n": 0}, {"inspect": [], "sample": []}
 
     @seed(20261123)
     @settings(max_examples=100 * SCALE, **SETTINGS)
@@ -144,15 +150,19 @@ def test_mutated_checkpoints_through_inspect_and_sample(runner, model_bytes, tmp
         blob = data.draw(mutated_checkpoint(model_bytes))
         path = tmp_path / "m.safetensors"
         path.write_bytes(blob)
-        run_case(runner, ["inspect", str(path)])
+        codes["inspect"].append(run_case(runner, ["inspect", str(path)], path.name))
         if cases["n"] % 4 == 0:  # sampling costs more: a quarter of the cases
-            run_case(runner, ["sample", str(path), "-n", "1", "--steps", "1", "-o",
-                              str(tmp_path / "o"), "--overwrite", "-q"])  # fmt: skip
+            codes["sample"].append(
+                run_case(runner, ["sample", str(path), "-n", "1", "--steps", "1", "-o",
+                                  str(tmp_path / "o"), "--overwrite", "-q"], path.name)
+            )  # fmt: skip
         cases["n"] += 1
 
     check()
     assert cases["n"] >= 100 * SCALE
     assert peak_rss_gib() < MAX_RSS_GIB  # no case allocated what a header merely declared
+    report("checkpoints", codes)
+    assert 0 in codes["inspect"] and any(codes["inspect"])  # both harmless and refused cases
 
 
 def png_bytes(img: Image.Image, fmt: str) -> bytes:
@@ -195,29 +205,67 @@ def mutated_image(draw) -> tuple[bytes, str]:
     return b"", fmt
 
 
+SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp"}
+
+
+def image_commands(runner, folder, path, tmp_path, n: int, train: bool) -> dict[str, int]:
+    """The commands an image case goes through; their exit codes, each failure naming the
+    input (run_case)."""
+    codes = {
+        "noise": run_case(runner, ["noise", str(path), "--t", "10", "-o",
+                                   str(tmp_path / f"n{n}.png")], path.name),
+        "inspect": run_case(runner, ["inspect", str(folder)], folder.name),
+    }  # fmt: skip
+    if train:
+        codes["train"] = run_case(runner, ["train", str(folder), "--preset", "tiny",
+                                           "--image-size", "8", "--steps", "1", "--sample-every",
+                                           "0", "--out", str(tmp_path / f"run{n}"), "-q"],
+                                  folder.name)  # fmt: skip
+    return codes
+
+
+def report(kind: str, codes: dict[str, list[int]]) -> None:
+    """What reliability.md records: cases per command, and how many got through cleanly."""
+    for command, seen in codes.items():
+        print(f"fuzz {kind}: {command}: {len(seen)} cases, {seen.count(0)} exit 0, "
+              f"{len(seen) - seen.count(0)} refused naming the input")  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", sorted(SUFFIX))
+def test_intact_images_pass_every_command(runner, tmp_path, fmt):
+    """The control: the fuzz's base images themselves go through, so a refusal in the fuzz is
+    the mutation's doing, not an option the harness got wrong."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    path = folder / f"img{SUFFIX[fmt]}"
+    path.write_bytes(png_bytes(draw_shapes((24, 20), "RGB" if fmt != "GIF" else "P"), fmt))
+    assert image_commands(runner, folder, path, tmp_path, 0, train=True) == dict(
+        noise=0, inspect=0, train=0
+    )
+
+
 def test_mutated_images_through_noise_inspect_and_train(runner, tmp_path):
-    cases = {"n": 0}
-    suffix = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp"}
+    cases, codes = {"n": 0}, {"noise": [], "inspect": [], "train": []}
 
     @seed(20261124)
     @settings(max_examples=50 * SCALE, **SETTINGS)
     @given(data=st.data())
     def check(data):
         blob, fmt = data.draw(mutated_image())
-        folder = tmp_path / f"f{cases['n']}"
+        n = cases["n"]
+        folder = tmp_path / f"f{n}"
         folder.mkdir()
-        path = folder / f"img{suffix[fmt]}"
+        path = folder / f"img{SUFFIX[fmt]}"
         path.write_bytes(blob)
-        run_case(runner, ["noise", str(path), "--t", "10", "-o", str(tmp_path / "n.png"),
-                          "--overwrite"])  # fmt: skip
-        run_case(runner, ["inspect", str(folder)])
-        if cases["n"] % 10 == 0:  # training costs more: a tenth of the cases
+        train = n % 10 == 0  # training costs more: a tenth of the cases
+        if train:
             draw_shapes((12, 12)).save(folder / "good.png")  # so a folder can also train
-            run_case(runner, ["train", str(folder), "--preset", "tiny", "--image-size", "8",
-                              "--steps", "1", "--sample-every", "0", "--out",
-                              str(tmp_path / f"run{cases['n']}"), "-q"])  # fmt: skip
+        for command, code in image_commands(runner, folder, path, tmp_path, n, train).items():
+            codes[command].append(code)
         cases["n"] += 1
 
     check()
     assert cases["n"] >= 50 * SCALE
     assert peak_rss_gib() < MAX_RSS_GIB
+    report("images", codes)
+    assert 0 in codes["noise"] and any(codes["noise"])  # both harmless and refused cases

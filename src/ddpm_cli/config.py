@@ -6,12 +6,25 @@ options and the core reads only them; later they are saved as JSON inside checkp
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from ddpm_cli.errors import ConfigError
+
+# Bounds on what a config may ask for, checked before anything is built or allocated: far beyond
+# any network or schedule in use (the largest preset: 256x256, 128 x 1,1,2,2,4,4, 2 blocks), and
+# low enough that a hostile checkpoint cannot make `ddpm inspect` or `sample` build for minutes.
+MAX_TIMESTEPS = 100_000
+MAX_SIDE = 8192  # pixels, per image side
+MAX_WIDTH = 16_384  # channels at any level: channels x the largest multiplier
+MAX_LEVELS = 10
+MAX_RES_BLOCKS = 32
+MAX_CLASSES = 100_000
 
 
 class Schedule(str, Enum):
@@ -42,8 +55,8 @@ class DiffusionConfig:
             ) from None
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int):
             raise ConfigError(f"timesteps must be an integer, got {self.timesteps!r}")
-        if self.timesteps < 1:
-            raise ConfigError(f"timesteps must be at least 1, got {self.timesteps}")
+        if not 1 <= self.timesteps <= MAX_TIMESTEPS:
+            raise ConfigError(f"timesteps must be 1 to {MAX_TIMESTEPS:,}, got {self.timesteps}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,8 +99,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if len(self.classes) > MAX_CLASSES:
+            raise ConfigError(f"at most {MAX_CLASSES:,} classes, got {len(self.classes):,}")
         if len(set(self.classes)) != len(self.classes):
-            raise ConfigError(f"class names must be distinct, got {list(self.classes)}")
+            seen: set[str] = set()
+            twice = next(c for c in self.classes if c in seen or seen.add(c))
+            raise ConfigError(f"class names must be distinct; {twice!r} appears more than once")
         for c in self.classes:  # they name sampled files: CLASS-000000.png
             if c in ("", ".", "..") or any(ch in c for ch in "/\\\0"):
                 raise ConfigError(f"class name {c!r} cannot name a file; rename the class")
@@ -102,12 +119,20 @@ class ModelConfig:
         for name in ("in_channels", "out_channels"):
             if getattr(self, name) not in (1, 3, 4):
                 raise ConfigError(f"{name} must be 1, 3 or 4, got {getattr(self, name)}")
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ConfigError(f"image_size must be (height, width), got {self.image_size}")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
-        if self.channels < 1 or self.num_res_blocks < 1:
-            raise ConfigError("channels and num_res_blocks must be at least 1")
+        size = self.image_size
+        if len(size) != 2 or not 1 <= min(size) <= max(size) <= MAX_SIDE:
+            raise ConfigError(f"image_size must be (height, width), each 1 to {MAX_SIDE}, got "
+                              f"{self.image_size}")  # fmt: skip
+        if not 1 <= len(self.channel_mult) <= MAX_LEVELS or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult must be 1 to {MAX_LEVELS} positive integers, got "
+                              f"{self.channel_mult}")  # fmt: skip
+        if not 1 <= self.channels * max(self.channel_mult) <= MAX_WIDTH:
+            raise ConfigError(f"channels x channel_mult must be 1 to {MAX_WIDTH:,} at every level, "
+                              f"got {self.channels} x {max(self.channel_mult)}")  # fmt: skip
+        if not 1 <= self.num_res_blocks <= MAX_RES_BLOCKS:
+            raise ConfigError(f"num_res_blocks must be 1 to {MAX_RES_BLOCKS}, got "
+                              f"{self.num_res_blocks}")  # fmt: skip
+
         factor = 2 ** (len(self.channel_mult) - 1)
         h, w = self.image_size
         if h % factor or w % factor:
@@ -347,16 +372,63 @@ def parse_duration(value) -> float:
     return seconds
 
 
+def _fits(value, hint) -> bool:
+    """Whether a JSON value has the type a config field's annotation names (a float field
+    takes an integer; an enum field its value as a string)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, int)
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is str or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        pairs = zip(value, args, strict=False)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in pairs)
+    return True
+
+
 def from_dict(cls, data: dict):
-    """Rebuild a config dataclass from its JSON form, refusing unknown keys and bad values."""
+    """Rebuild a config dataclass from its JSON form, refusing unknown keys, values of the
+    wrong type (a float where an integer belongs) and bad values, before anything is built."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown fields {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _fits(value, hints[key]):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ConfigError(f"{cls.__name__}: {key} must be {_type_name(hints[key])}, "
+                              f"got {shown}")  # fmt: skip
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _type_name(hint) -> str:
+    """'an integer', 'a list of integers or null': an annotation in the words of a message."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in args)
+    if typing.get_origin(hint) is tuple:
+        return "a list of " + ("integers" if args[0] is int else "strings")
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number"}
+    return names.get(hint, "a string")

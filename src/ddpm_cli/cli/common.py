@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperGroup
 
 from ddpm_cli import runtime
 from ddpm_cli.config import Precision, Schedule
 from ddpm_cli.device import DEVICE_HELP
 from ddpm_cli.errors import DdpmError
+from ddpm_cli.text import shown
 
 # Progress, tables and messages go to stderr; stdout carries only data (paths, PNG bytes, JSON).
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -24,15 +27,38 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def safe(value: object) -> str:
+    """Text from files or file names, ready to go inside Rich markup: brackets escaped (a class
+    named `[bold]` shows as itself) and control characters, terminal escape sequences and
+    non-UTF-8 bytes spelled out (text.shown)."""
+    return escape(shown(str(value)))
+
+
+def literal(value: object) -> Text:
+    """A table cell shown exactly as `value` (text.shown), never read as markup."""
+    return Text(shown(str(value)))
+
+
 def error_line(message: str) -> None:
     """One red line on stderr (line breaks inside the message, say from a damaged file's
     metadata quoted in it, are shown escaped)."""
-    message = message.replace("\r", "\\r").replace("\n", "\\n")
-    err_console.print(f"[bold red]error:[/] {escape(message)}")
+    err_console.print(f"[bold red]error:[/] {safe(message)}")
 
 
 def note_line(message: str) -> None:
-    err_console.print(f"[dim]note:[/] {escape(message)}")
+    err_console.print(f"[dim]note:[/] {safe(message)}")
+
+
+def warning_line(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {safe(message)}")
+
+
+def print_path(path: object) -> None:
+    """A path on stdout, one a line, as the file system's bytes: a name that is not UTF-8 reaches
+    the next program in the pipeline as the same file, not as an encoding error."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(os.fsencode(str(path)) + b"\n")
+    sys.stdout.buffer.flush()
 
 
 # Recent Typer vendors its own copy of click, older Typer uses click itself: take the exception

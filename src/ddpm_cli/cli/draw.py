@@ -25,6 +25,7 @@ from ddpm_cli.cli.common import (
     json_option,
     overwrite_option,
     precision_option,
+    print_path,
 )
 from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.device import resolve_device
@@ -279,7 +280,7 @@ def draw(
         print(json.dumps(result.summary))
     elif not to_stdout:
         for path in [*result.written, *([result.grid] if result.grid else [])]:
-            print(path)
+            print_path(path)
 
 
 def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ddpm_cli.cli.common import JsonOpt, overwrite_option
+from ddpm_cli.cli.common import JsonOpt, literal, overwrite_option
 from ddpm_cli.config import Schedule, parse_size
 from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
@@ -161,7 +161,7 @@ def _table(title: str, rows: list[tuple[str, object]]) -> Table:
     t.add_column()
     for k, v in rows:
         if v is not None:
-            t.add_row(k, str(v))
+            t.add_row(k, literal(v))
     return t
 
 
@@ -205,7 +205,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
     blocks.add_column("block")
     blocks.add_column("parameters", justify="right")
     for name, n in m["blocks"].items():
-        blocks.add_row(name, f"{n:,}")
+        blocks.add_row(literal(name), f"{n:,}")
     out.append(blocks)
     out.append(
         _table(
@@ -283,7 +283,8 @@ def tables(info: dict, tensors: bool) -> list[Table]:
         for col in ("name", "shape", "dtype"):
             t.add_column(col)
         for row in info["tensors"]:
-            t.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"])
+            shape = "x".join(map(str, row["shape"])) or "scalar"
+            t.add_row(literal(row["name"]), shape, literal(row["dtype"]))
         out.append(t)
     return out
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console, overwrite_option
+from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console, overwrite_option, print_path
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.files import check_output_path
 from ddpm_cli.store.interop import export_checkpoint, import_folder
@@ -52,7 +52,7 @@ def import_(
             f"at {m['image_size'][1]}x{m['image_size'][0]}, {d['schedule']} T={d['timesteps']}, "
             f"predicting {info['objective']}, sampler defaults {info['sampler'] or 'none'}"
         )
-    print(out)
+    print_path(out)
 
 
 def export(

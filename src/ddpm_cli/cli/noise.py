@@ -18,6 +18,7 @@ from ddpm_cli.cli.common import (
     TimestepsOpt,
     err_console,
     note_line,
+    print_path,
 )
 from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
 from ddpm_cli.errors import UsageError
@@ -144,7 +145,7 @@ def noise(
     if not quiet:
         err_console.print(_table(report))
     if out != STDIO:
-        print(out)
+        print_path(out)
 
 
 def _output_path(image: str, output: str | None, ts: tuple[int, ...], gif: bool) -> str:

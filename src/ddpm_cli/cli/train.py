@@ -17,6 +17,7 @@ from ddpm_cli.cli.common import (
     TimestepsOpt,
     err_console,
     precision_option,
+    print_path,
     seed_option,
 )
 from ddpm_cli.cli.views import ProgressView
@@ -360,6 +361,6 @@ def train(
         for s, h in previous.items():
             signal.signal(s, h)
     if (result.out / "model.safetensors").exists() and distributed.env_main():
-        print(result.out / "model.safetensors")
+        print_path(result.out / "model.safetensors")
     if result.status == "stopped":
         raise typer.Exit(EXIT_SIGNAL.get(stop["signal"], 130))

@@ -7,8 +7,9 @@ import time
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from ddpm_cli.cli.common import count_bars, err_console
+from ddpm_cli.cli.common import count_bars, err_console, literal, safe, warning_line
 from ddpm_cli.training.memory import size_text
 
 
@@ -66,12 +67,17 @@ class LiveView:
             self.tasks[key] = self.progress.add_task(description, total=update.get("total"))
         self.progress.update(self.tasks[key], **update)
 
-    def line(self, text: str, dim: bool = False) -> None:
-        """A message above the bars, or a plain line without them."""
+    def line(self, text: str, dim: bool = False, warning: bool = False) -> None:
+        """A message above the bars, or a plain line without them; `text` is shown as it is,
+        never read as markup (it may hold file names)."""
         if self.quiet:
             return
         console = self.progress.console if self.progress else err_console
-        console.print(f"[dim]{text}[/dim]" if dim else text)
+        line = literal(text)
+        line.stylize("dim" if dim else "")
+        if warning:
+            line = Text.assemble(("warning: ", "yellow"), line)
+        console.print(line)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -96,10 +102,10 @@ class ProgressView(LiveView):
     def on_start(self, info: dict) -> None:
         self.limit = info["config"].time_limit
         err_console.print(preflight_table(info))
-        for w in info["report"].warnings:
-            err_console.print(f"[yellow]warning:[/yellow] {w}")
+        for w in [*info["report"].warnings, *info.get("warnings", [])]:
+            warning_line(w)
         if info.get("memory") is not None and info["memory"].warning:
-            err_console.print(f"[yellow]warning:[/yellow] {info['memory'].warning}")
+            warning_line(info["memory"].warning)
         bars = Progress(
             TextColumn("[bold]train[/bold]"),
             BarColumn(),
@@ -146,7 +152,7 @@ class ProgressView(LiveView):
 
     def on_skip(self, info: dict) -> None:
         for _, reason in info["failed"]:
-            self.line(f"[yellow]warning:[/yellow] skipped (listed in skipped.txt): {reason}", True)
+            self.line(f"skipped (listed in skipped.txt): {reason}", dim=True, warning=True)
 
     def on_sample(self, info: dict) -> None:
         self.line(f"samples: {info['path']}", dim=True)
@@ -162,7 +168,7 @@ class ProgressView(LiveView):
     def on_end(self, info: dict) -> None:
         self.close()
         verb = "finished" if info["status"] == "done" else "stopped"
-        err_console.print(f"{verb} at step {info['step']}: {info['out']}")
+        err_console.print(f"{verb} at step {info['step']}: {safe(info['out'])}")
 
 
 def preflight_table(info: dict) -> Table:
@@ -256,7 +262,7 @@ def preflight_table(info: dict) -> Table:
         note = f"saved by {stored} processes, resumed by {world}: the global batch is now {now}"
         rows.append(("note", note + " (docs/distributed.md)"))
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, literal(v))
     return table
 
 

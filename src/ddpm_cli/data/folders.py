@@ -14,6 +14,7 @@ sorted name order. Both kinds of data then carry `labels`.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +157,11 @@ def to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int)
 
 def fingerprint(folder: Path, paths: list[Path]) -> str:
     """A hash of the relative names and sizes of `paths`: it changes when files are added,
-    removed, renamed or rewritten with another size."""
+    removed, renamed or rewritten with another size. Names are hashed as the file system's bytes
+    (os.fsencode), so a name that is not valid UTF-8 hashes too, and a UTF-8 one as before."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\n".encode())
+        h.update(os.fsencode(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\n"))
     return h.hexdigest()[:16]
 
 

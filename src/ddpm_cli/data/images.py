@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ddpm_cli.errors import DataError
+from ddpm_cli.text import shown
 
 GRAY8, GRAY16, RGB = "L", "I;16", "RGB"
 _MAX = {GRAY8: 255.0, GRAY16: 65535.0, RGB: 255.0}
@@ -185,10 +186,11 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 
 def encode_png(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    """PNG bytes, with `text` as tEXt chunks (provenance) when given."""
+    """PNG bytes, with `text` as tEXt chunks (provenance) when given; a value that holds bytes
+    that were not UTF-8 (a class named after such a folder) is stored with them escaped."""
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
-        info.add_text(k, v)
+        info.add_text(k, shown(v))
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

@@ -8,6 +8,7 @@ embedded); neither prints.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,10 +112,11 @@ def reference_id(source: str) -> str:
             raise DataError(f"{path}: no such data cache file")
         return f"cache:{file_digest(path)}"
     folder = Path(source)
-    h = hashlib.sha256(str(folder.resolve()).encode())
+    h = hashlib.sha256(os.fsencode(folder.resolve()))
     for p in scan(folder):
         st = p.stat()
-        h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        line = f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        h.update(os.fsencode(line))
     return f"folder:{h.hexdigest()}"
 
 

@@ -6,7 +6,6 @@ Nothing here builds a network: parameter counts come from the stored tensors, so
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ddpm_cli.store.checkpoint import (
 )
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, STATE, snapshots
 from ddpm_cli.store.models import is_run_directory, network_weights
+from ddpm_cli.text import parse_json
 
 METRICS = "metrics.jsonl"
 
@@ -148,8 +148,8 @@ def read_metrics(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(parse_json(line))
+        except ValueError:
             continue
     return records
 
@@ -166,8 +166,8 @@ def _finite(v) -> bool:
 
 def _number(text: str):
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return parse_json(text)
+    except ValueError:
         return text
 
 

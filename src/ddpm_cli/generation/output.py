@@ -14,6 +14,7 @@ from ddpm_cli.config import Precision
 from ddpm_cli.data.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.generation.sampling import SamplingModel, Trajectory
 from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.text import parse_json
 
 
 def to_image(x: torch.Tensor) -> Image.Image:
@@ -66,7 +67,7 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
     image `index` again."""
     head = f"ddpm sample {text['ddpm:checkpoint']}"
     if "ddpm:edit" in text:
-        edit = json.loads(text["ddpm:edit"])
+        edit = parse_json(text["ddpm:edit"])
         head = " ".join(
             [f"ddpm {edit['command']}", text["ddpm:checkpoint"], *map(shlex.quote, edit["args"])]
         )
@@ -95,7 +96,7 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
 def _switches(recorded: str | None) -> str:
     """The environment switches to set before the command (runtime.Runtime.command_prefix)."""
     try:
-        values = json.loads(recorded) if recorded else {}
+        values = parse_json(recorded) if recorded else {}
         return runtime.Runtime(**values).command_prefix()
     except (ValueError, TypeError):  # a PNG from another version, or edited
         return ""

@@ -32,6 +32,7 @@ from safetensors.torch import save
 from ddpm_cli import __version__, runtime
 from ddpm_cli.errors import ConfigError, DdpmError
 from ddpm_cli.store.files import write_atomic
+from ddpm_cli.text import parse_json
 
 FORMAT = "ddpm"
 FORMAT_VERSION = 1
@@ -99,8 +100,8 @@ def read_header(path: Path) -> dict:
             size = path.stat().st_size
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(f"{path}: not a safetensors file (bad header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = parse_json(f.read(n))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
@@ -116,8 +117,8 @@ class Checkpoint:
     def json(self, key: str):
         """A metadata value parsed as JSON, with a clear error when it is not."""
         try:
-            return json.loads(self.meta[key])
-        except (KeyError, json.JSONDecodeError):
+            return parse_json(self.meta[key])
+        except (KeyError, ValueError):
             raise CheckpointError(f"{self.path}: metadata {key!r} is missing or not JSON") from None
 
     @property
@@ -139,7 +140,7 @@ def header_value(path: Path, key: str):
     """One metadata value of a safetensors file's header, parsed as JSON; None when the file,
     its header or the key is missing or unreadable."""
     try:
-        return json.loads((read_header(path).get("__metadata__") or {})[key])
+        return parse_json((read_header(path).get("__metadata__") or {})[key])
     except (CheckpointError, OSError, KeyError, TypeError, ValueError):
         return None
 

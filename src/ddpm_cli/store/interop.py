@@ -28,6 +28,7 @@ from ddpm_cli.store.checkpoint import (
 )
 from ddpm_cli.store.files import write_atomic
 from ddpm_cli.store.models import build_model, open_checkpoint
+from ddpm_cli.text import parse_json
 
 WEIGHTS, PICKLE = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
 PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -55,8 +56,8 @@ class InteropError(DataError):
 
 def _json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = parse_json(path.read_text())
+    except (OSError, ValueError) as e:
         raise InteropError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
         raise InteropError(f"{path}: not a JSON object")

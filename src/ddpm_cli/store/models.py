@@ -104,13 +104,24 @@ def open_checkpoint(
     return load_checkpoint(file, kind="train_state" if raw else "model")
 
 
+def check_weights(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], path: Path | str = "the weights"
+) -> None:
+    """Refuse `tensors` that do not fit the network of `config`, in one message naming `path`,
+    before any memory is spent on that network: it is laid out on the meta device, which
+    allocates nothing, so a config that asks for far more than the file holds costs nothing."""
+    with torch.device("meta"):
+        skeleton = UNet(config)
+    check_state_dict(Path(path), skeleton.state_dict(), tensors)
+
+
 def build_model(
     config: ModelConfig, tensors: dict[str, torch.Tensor], path: Path | str = "the weights"
 ) -> UNet:
-    """The network of `config` with `tensors` as its weights, refused in one message (naming
-    `path`) when they do not fit it."""
+    """The network of `config` with `tensors` as its weights, refused (check_weights) when
+    they do not fit it."""
+    check_weights(config, tensors, path)
     model = UNet(config)
-    check_state_dict(Path(path), model.state_dict(), tensors)
     model.load_state_dict(tensors)
     return model
 

@@ -14,6 +14,7 @@ from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
 from ddpm_cli.store.files import STATE
+from ddpm_cli.store.models import check_weights, network_weights
 
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
@@ -86,24 +87,25 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
     config = merge_resume(stored, diffusion, given)
     model = config_section(ckpt, "model", ModelConfig)
+    check_weights(model, network_weights(ckpt), ckpt.path)  # before the run builds it
     return Resumed(out, ckpt, config, diffusion, model, ckpt.config.get("data", {}))
 
 
 def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -> TrainConfig:
     """The stored config with the safe options the user gave; refuse conflicting ones."""
     values = stored.to_dict()
-    conflicts = []
+    conflicts = []  # options are typed by the CLI: normalised through the dataclass (replace)
     for key in DIFFUSION_OPTIONS:
         if key in given:
             have = diffusion.to_dict()[key]
-            mine = from_dict(DiffusionConfig, {**diffusion.to_dict(), key: given[key]}).to_dict()
+            mine = replace(diffusion, **{key: given[key]}).to_dict()
             if mine[key] != have:
                 conflicts.append(f"--{key} {jsonable(given[key])} (the run has {have})")
     for key, value in given.items():
         if key in DIFFUSION_OPTIONS:
             continue
         # normalise through the dataclass, so "32" and (32, 32) compare equal to the stored [32, 32]
-        normalized = from_dict(TrainConfig, {**values, key: jsonable(value)}).to_dict()[key]
+        normalized = replace(stored, **{key: value}).to_dict()[key]
         if key in RESUMABLE:
             values[key] = normalized
         elif normalized != values.get(key):

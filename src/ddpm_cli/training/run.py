@@ -146,10 +146,11 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     out, config = distributed.broadcast(d, (out, config))
     ckpt = resumed.ckpt if resumed is not None else None
     created = d.main and not Path(out).exists()
+    warnings: list[str] = []
     if d.main:
         Path(out).mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out))  # before anything in the directory changes
-        prepare_directory(out, resumed is not None, config, images, report, ckpt)
+        warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)
 
 
     reported: set[str] = set()
@@ -238,6 +239,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "stored_world": stored_world,
             "parent": configs.get("parent"),
             "parent_note": classes_note,
+            "warnings": warnings,
             "memory": memory_plan,
         },
     )

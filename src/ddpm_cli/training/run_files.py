@@ -5,7 +5,6 @@ Written by rank 0 of a training run (run.py); nothing here prints.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import header_value, save_checkpoint
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, snapshots, write_atomic
+from ddpm_cli.text import parse_json
 from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
 
@@ -53,7 +53,9 @@ def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed:
     return encode_png(grid_image_rows(torch.cat([x for _, x in batches]), per))
 
 
-def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
+def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[str]:
+    """Make `out` ready for a new or resumed run; returns warnings for the user."""
+    warnings = []
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)
@@ -68,7 +70,12 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
         (out / METRICS).unlink(missing_ok=True)
         (out / SKIPPED).unlink(missing_ok=True)
     else:
-        truncate_metrics(out / METRICS, ckpt.step)
+        torn = truncate_metrics(out / METRICS, ckpt.step)
+        if torn:
+            warnings.append(
+                f"{out / METRICS}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut "
+                "short by a kill or a full disk); the records before and after are kept"
+            )
         for step, later in snapshots(out):  # written after the checkpoint resumed from
             if step > ckpt.step:
                 later.unlink()
@@ -78,6 +85,7 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> None:
             and _step_of(out / MODEL) == ckpt.step
         ):
             save_snapshot(out, ckpt.step, config.keep)  # a stop between the model and its copy
+    return warnings
 
 
 def discard_new_run(out: Path, created: bool) -> None:
@@ -145,16 +153,27 @@ def metrics_record(window, state, config, T: int, seconds: float, elapsed: float
     }
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines past `step`: a run resumed from an older checkpoint logs them again."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop metrics lines past `step` (a run resumed from an older checkpoint logs them again)
+    and lines that are not a whole record (a kill or a full disk in the middle of a write left a
+    torn line); returns how many of those torn lines were dropped."""
     if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines(keepends=True)
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+        return 0
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line)
+        except ValueError:
+            record = None
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(at, int) or isinstance(at, bool):
+            torn += 1
+        elif at <= step:
+            keep.append(line + "\n")
     write_atomic(path, "".join(keep).encode())
+    return torn
 
 
 def write_cache(out: Path, images: InMemory, report: DataReport) -> None:
