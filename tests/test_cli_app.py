@@ -69,3 +69,43 @@ def test_shell_completion_completes_commands_and_choices():
         "quadratic",
         "sigmoid",
     ]
+
+
+def numeric_options():
+    """(command, flag, type, min, max) for every int or float option of every command."""
+    import typing
+
+    import typer.main
+
+    out = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for hint in typing.get_type_hints(command.callback, include_extras=True).values():
+            if typing.get_origin(hint) is not typing.Annotated:
+                continue
+            base, info = typing.get_args(hint)[:2]
+            kinds = [k for k in (typing.get_args(base) or (base,)) if k in (int, float)]
+            # Annotated options: Typer keeps the first declaration as `default`
+            given = [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
+            decls = [d for d in given if isinstance(d, str) and d.startswith("--")]
+            if kinds and decls:
+                out.append((name, decls[0], kinds[0], info.min, info.max))
+    return out
+
+
+def test_every_numeric_option_has_a_range_checked_before_any_work(runner):
+    """--lr nan, --guidance inf, --steps 10**12: refused while the command line is parsed (the
+    argument "x" is never opened), naming the option, exit 2 (issue 27)."""
+    import time
+
+    options = numeric_options()
+    assert len(options) > 50  # the enumeration found the options
+    unbounded = [(c, f) for c, f, _, lo, hi in options if lo is None or hi is None]
+    assert not unbounded, unbounded
+    for command, flag, kind, lo, hi in options:
+        bad = ["nan", "inf", "-inf", str(hi + 1)] if kind is float else [str(hi + 1), str(lo - 1)]
+        for value in bad:
+            t0 = time.perf_counter()
+            r = runner.invoke(app, [command, "x", flag, value])
+            assert time.perf_counter() - t0 < 2, (command, flag, value)
+            assert r.exit_code == 2 and flag in r.stderr, (command, flag, value, r.output)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -313,8 +313,10 @@ class TrainConfig:
             raise ConfigError(f"cooldown must be between 0 and 1, got {self.cooldown}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+        if self.min_snr_gamma is not None and not 0 < self.min_snr_gamma < math.inf:
             raise ConfigError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        if not 0 < self.grad_clip < math.inf:
+            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip}")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ConfigError(f"time_limit must be a positive number of seconds: {self.time_limit}")
 

@@ -13,10 +13,16 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ddpm_cli import runtime
-from ddpm_cli.config import Precision, Schedule
+from ddpm_cli.config import MAX_TIMESTEPS, Precision, Schedule
 from ddpm_cli.device import DEVICE_HELP
 from ddpm_cli.errors import DdpmError
 from ddpm_cli.text import shown
+
+# The upper bound of numeric options that count (steps, epochs, indices): far beyond any real
+# use, so that a typo (a stray exponent) is refused at once rather than run for days. Every
+# numeric option has a range, checked while the command line is parsed, before any work; a
+# float range also refuses nan (tests/test_cli_app.py).
+MAX_COUNT = 10**9
 
 # Progress, tables and messages go to stderr; stdout carries only data (paths, PNG bytes, JSON).
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -166,7 +172,10 @@ ScheduleOpt = Annotated[
     Schedule, typer.Option("--schedule", help="Beta schedule of the forward process.")
 ]
 TimestepsOpt = Annotated[
-    int, typer.Option("--timesteps", "-T", min=1, help="Number of diffusion steps T.")
+    int,
+    typer.Option(
+        "--timesteps", "-T", max=MAX_TIMESTEPS, min=1, help="Number of diffusion steps T."
+    ),
 ]
 JsonOpt = json_option()
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no report or notes.")]
@@ -174,7 +183,8 @@ RawOpt = Annotated[
     bool, typer.Option("--raw", help="Use the raw training weights of the run instead of the EMA.")
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", min=1, help="Default: from the free memory.")
+    int | None,
+    typer.Option("--batch-size", "-b", max=65_536, min=1, help="Default: from the free memory."),
 ]
 
 

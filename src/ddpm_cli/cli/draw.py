@@ -15,6 +15,7 @@ import typer
 
 from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
+    MAX_COUNT,
     BatchSizeOpt,
     DeviceOpt,
     QuietOpt,
@@ -28,6 +29,7 @@ from ddpm_cli.cli.common import (
     print_path,
 )
 from ddpm_cli.cli.views import SampleProgress
+from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.editing import EditSpec
@@ -54,7 +56,10 @@ GridOpt = Annotated[
     typer.Option("--grid", help="Also (or only) write all images as one grid PNG; - = stdout."),
 ]
 StartOpt = Annotated[
-    int, typer.Option("--start", min=0, help="Index of the first image (to redraw one image).")
+    int,
+    typer.Option(
+        "--start", max=MAX_COUNT, min=0, help="Index of the first image (to redraw one image)."
+    ),
 ]
 ClassOpt = Annotated[
     list[str] | None,
@@ -69,6 +74,7 @@ GuidanceOpt = Annotated[
     float | None,
     typer.Option(
         "--guidance",
+        max=100.0,
         min=0.0,
         help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
         f"0 is plain conditional sampling; larger is more typical of the class, less varied. "
@@ -88,7 +94,10 @@ SamplerOpt = Annotated[
 StepsOpt = Annotated[
     int | None,
     typer.Option(
-        "--steps", min=1, help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20."
+        "--steps",
+        max=MAX_TIMESTEPS,
+        min=1,
+        help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20.",
     ),
 ]
 EtaOpt = Annotated[
@@ -121,7 +130,7 @@ TrajectoryOpt = Annotated[
     ),
 ]
 TrajectoryImagesOpt = Annotated[
-    int, typer.Option("--trajectory-images", min=1, help="Images in the trajectory.")
+    int, typer.Option("--trajectory-images", max=1000, min=1, help="Images in the trajectory.")
 ]
 SampleOverwriteOpt = overwrite_option("Replace existing output files.")
 SampleJsonOpt = json_option("Print a JSON summary on stdout instead of the paths.")
@@ -129,6 +138,7 @@ StepOpt = Annotated[
     int | None,
     typer.Option(
         "--step",
+        max=MAX_COUNT,
         min=0,
         help="A run directory's snapshot of this step (ddpm train --keep N); "
         "ddpm inspect RUN lists them.",

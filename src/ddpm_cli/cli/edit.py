@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
+from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.editing import (
     DEFAULT_JUMP,
@@ -21,7 +22,9 @@ from ddpm_cli.generation.editing import (
 from ddpm_cli.sampler_config import SamplerName
 
 ImageArg = Annotated[str, typer.Argument(help="An image file, a folder of images, or - for stdin.")]
-NumOpt = Annotated[int, typer.Option("--num", "-n", min=1, help="Variations per input image.")]
+NumOpt = Annotated[
+    int, typer.Option("--num", "-n", max=100_000, min=1, help="Variations per input image.")
+]
 InpaintSamplerOpt = Annotated[
     SamplerName | None,
     typer.Option(
@@ -50,6 +53,7 @@ InpaintStepsOpt = Annotated[
     int | None,
     typer.Option(
         "--steps",
+        max=MAX_TIMESTEPS,
         min=1,
         help=f"Sampler steps (default {INPAINT_STEPS} with ddpm); RePaint "
         "evaluates the network about --resample times as often.",
@@ -92,6 +96,7 @@ def inpaint(
         typer.Option(
             "--resample",
             "-r",
+            max=1000,
             min=1,
             help="RePaint: walk each stretch of --jump steps this "
             "many times, re-noising in between; more agrees better with the kept pixels, and "
@@ -100,7 +105,7 @@ def inpaint(
     ] = DEFAULT_RESAMPLE,
     jump: Annotated[
         int,
-        typer.Option("--jump", min=1, help="RePaint: sampler steps per jump back."),
+        typer.Option("--jump", max=1000, min=1, help="RePaint: sampler steps per jump back."),
     ] = DEFAULT_JUMP,
     resize: ResizeOpt = False,
     num: NumOpt = 1,
@@ -146,6 +151,8 @@ def upscale(
         int | None,
         typer.Option(
             "--factor",
+            min=2,
+            max=8,
             help="2, 4 or 8: the model's size over the image's. Default: from the sizes.",
             show_default=False,
         ),

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.common import (
+    MAX_COUNT,
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
@@ -19,6 +20,7 @@ from ddpm_cli.cli.common import (
     seed_option,
 )
 from ddpm_cli.cli.views import EvalProgress
+from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
 from ddpm_cli.evaluation.evaluate import likelihood, sample_quality
@@ -55,12 +57,15 @@ def eval_(
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", min=1, help="With --data: only the first N images (sorted)."),
+        typer.Option(
+            "--limit", max=MAX_COUNT, min=1, help="With --data: only the first N images (sorted)."
+        ),
     ] = None,
     t_samples: Annotated[
         int | None,
         typer.Option(
             "--t-samples",
+            max=MAX_TIMESTEPS,
             min=1,
             help="With --data: estimate the T-1 KL terms from K timesteps per image (unbiased, "
             "K+1 network evaluations per image instead of T). Default: all T.",
@@ -83,7 +88,11 @@ def eval_(
     num: Annotated[
         int,
         typer.Option(
-            "--num", "-n", min=2, help="With --fid-ref or --memorization: samples to draw."
+            "--num",
+            "-n",
+            max=10_000_000,
+            min=2,
+            help="With --fid-ref or --memorization: samples to draw.",
         ),
     ] = 5000,
     inception_weights: Annotated[
@@ -109,7 +118,12 @@ def eval_(
     ] = SamplerConfig.sampler,
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=1, help="With --fid-ref or --memorization: as in ddpm sample."),
+        typer.Option(
+            "--steps",
+            max=MAX_TIMESTEPS,
+            min=1,
+            help="With --fid-ref or --memorization: as in ddpm sample.",
+        ),
     ] = SamplerConfig.steps,
     seed: seed_option("Seed of the noise and samples.") = 0,
     raw: RawOpt = False,

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ddpm_cli.cli.common import JsonOpt, literal, overwrite_option
-from ddpm_cli.config import Schedule, parse_size
+from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
 from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
 from ddpm_cli.evaluation.inspection import (
@@ -46,7 +46,7 @@ def inspect(
         ),
     ] = None,
     timesteps: Annotated[
-        int, typer.Option("--timesteps", "-T", min=2, help="With --schedule: T.")
+        int, typer.Option("--timesteps", "-T", max=MAX_TIMESTEPS, min=2, help="With --schedule: T.")
     ] = 1000,
     image_size: Annotated[
         str | None,

@@ -59,7 +59,7 @@ def noise(
         bool, typer.Option("--gif", help="Write an animation of the chain from t=0 to T-1.")
     ] = False,
     frames: Annotated[
-        int, typer.Option("--frames", min=2, help="Frames in the --gif animation.")
+        int, typer.Option("--frames", max=10_000, min=2, help="Frames in the --gif animation.")
     ] = NoiseConfig.frames,
     schedule: ScheduleOpt = DiffusionConfig.schedule,
     timesteps: TimestepsOpt = DiffusionConfig.timesteps,

@@ -27,6 +27,7 @@ def sample(
         typer.Option(
             "--num",
             "-n",
+            max=10_000_000,
             min=1,
             help="Number of images (per class with --class, per input "
             "image with --init or --guide).",
@@ -44,6 +45,8 @@ def sample(
         float | None,
         typer.Option(
             "--strength",
+            min=0.0,
+            max=1.0,
             help=f"With --init, in (0, 1]: how much of the image is redrawn; near 0 keeps it, 1 "
             f"is ordinary sampling. Default: {DEFAULT_STRENGTH:g}.",
             show_default=False,
@@ -61,6 +64,8 @@ def sample(
         int | None,
         typer.Option(
             "--factor",
+            min=2,
+            max=8,
             help=f"With --guide: the block size kept, 2, 4 or 8 (larger keeps less). "
             f"Default: {DEFAULT_GUIDE_FACTOR}.",
             show_default=False,

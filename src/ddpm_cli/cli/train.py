@@ -12,6 +12,7 @@ import typer
 
 from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
+    MAX_COUNT,
     DeviceOpt,
     QuietOpt,
     TimestepsOpt,
@@ -78,7 +79,8 @@ def train(
         ),
     ] = None,
     channels: Annotated[
-        int | None, typer.Option("--channels", help="1, 3 or 4. Default: follows the data.")
+        int | None,
+        typer.Option("--channels", min=1, max=4, help="1, 3 or 4. Default: follows the data."),
     ] = D.channels,
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
@@ -87,6 +89,7 @@ def train(
         int,
         typer.Option(
             "--shift",
+            max=1024,
             min=0,
             help="Random translations by up to N pixels each way, the border reflected "
             "(augmentation for small datasets; 0: none).",
@@ -104,7 +107,10 @@ def train(
     workers: Annotated[
         int | None,
         typer.Option(
-            "--workers", min=0, help="Decoding processes when streaming. Default: CPUs - 1, max 4."
+            "--workers",
+            max=256,
+            min=0,
+            help="Decoding processes when streaming. Default: CPUs - 1, max 4.",
         ),
     ] = D.workers,
     data_cache: Annotated[
@@ -124,7 +130,10 @@ def train(
         ),
     ] = D.objective,
     min_snr_gamma: Annotated[
-        float | None, typer.Option("--min-snr-gamma", help="Min-SNR-gamma loss weighting (e.g. 5).")
+        float | None,
+        typer.Option(
+            "--min-snr-gamma", min=0.0, max=1000.0, help="Min-SNR-gamma loss weighting (e.g. 5)."
+        ),
     ] = D.min_snr_gamma,
     unconditional: Annotated[
         bool,
@@ -148,6 +157,8 @@ def train(
         float | None,
         typer.Option(
             "--lr",
+            min=0.0,
+            max=10.0,
             help="Adam learning rate. Default: 1e-3 for the CPU presets (small, tiny, medium), "
             "the paper's 2e-4 for cifar10, celebahq256 and lsun256.",
             show_default=False,
@@ -157,6 +168,7 @@ def train(
         int | None,
         typer.Option(
             "--warmup-steps",
+            max=MAX_COUNT,
             min=0,
             help="Linear warm-up steps. Default: 100 for the CPU presets, the paper's 5000 for "
             "its networks; at most 5% of a run of known length.",
@@ -179,6 +191,8 @@ def train(
         float,
         typer.Option(
             "--ema-decay",
+            min=0.0,
+            max=1.0,
             help="The EMA's largest decay; before it, a power-function EMA over the last 6% "
             "of the run.",
         ),
@@ -186,11 +200,16 @@ def train(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", "-b", min=1, help="Images per step. Default: 128 on CUDA, else 32."
+            "--batch-size",
+            "-b",
+            max=65_536,
+            min=1,
+            help="Images per step. Default: 128 on CUDA, else 32.",
         ),
     ] = D.batch_size,
     grad_accum: Annotated[
-        int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")
+        int,
+        typer.Option("--grad-accum", max=65_536, min=1, help="Micro-batches per optimizer step."),
     ] = D.grad_accum,
     grad_checkpoint: Annotated[
         bool,
@@ -201,12 +220,16 @@ def train(
         ),
     ] = D.grad_checkpoint,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", min=1, help="Passes over the data (default 100).")
+        int | None,
+        typer.Option("--epochs", max=MAX_COUNT, min=1, help="Passes over the data (default 100)."),
     ] = D.epochs,
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", min=1, help="Optimizer steps; the first limit reached ends training."
+            "--steps",
+            max=MAX_COUNT,
+            min=1,
+            help="Optimizer steps; the first limit reached ends training.",
         ),
     ] = D.steps,
     time_limit: Annotated[
@@ -239,7 +262,10 @@ def train(
     ] = None,
     timesteps: TimestepsOpt = DiffusionConfig.timesteps,
     sample_every: Annotated[
-        int, typer.Option("--sample-every", min=0, help="Steps between sample grids (0: never).")
+        int,
+        typer.Option(
+            "--sample-every", max=MAX_COUNT, min=0, help="Steps between sample grids (0: never)."
+        ),
     ] = D.sample_every,
     init: Annotated[
         str | None,
@@ -251,12 +277,14 @@ def train(
         ),
     ] = D.init,
     checkpoint_every: Annotated[
-        int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
+        int,
+        typer.Option("--checkpoint-every", max=MAX_COUNT, min=1, help="Steps between checkpoints."),
     ] = D.checkpoint_every,
     keep: Annotated[
         int | None,
         typer.Option(
             "--keep",
+            max=MAX_COUNT,
             min=1,
             help="Also keep the N newest step-numbered snapshots, "
             "model-00050000.safetensors (one per --checkpoint-every; ddpm sample RUN --step K).",
@@ -267,6 +295,7 @@ def train(
         int | None,
         typer.Option(
             "--eval-every",
+            max=MAX_COUNT,
             min=0,
             help="Steps between quality figures (the loss on images set aside from training; "
             "the lowest yet is saved as best.safetensors). Default: at every checkpoint; "
@@ -278,6 +307,7 @@ def train(
         int | None,
         typer.Option(
             "--holdout",
+            max=MAX_COUNT,
             min=0,
             help="Images set aside from training for the quality figure. Default: 5% of them, "
             "at most 256 (none under 160 images); 0: train on all, no figure.",
@@ -295,10 +325,10 @@ def train(
         ),
     ] = None,
     log_every: Annotated[
-        int, typer.Option("--log-every", min=1, help="Steps between metrics lines.")
+        int, typer.Option("--log-every", max=MAX_COUNT, min=1, help="Steps between metrics lines.")
     ] = D.log_every,
     num_samples: Annotated[
-        int, typer.Option("--num-samples", min=1, help="Images in each sample grid.")
+        int, typer.Option("--num-samples", max=1024, min=1, help="Images in each sample grid.")
     ] = D.num_samples,
     quiet: QuietOpt = False,
 ) -> None:
