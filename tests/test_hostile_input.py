@@ -212,3 +212,41 @@ def test_a_torn_metrics_line_is_dropped_on_resume_with_a_warning(runner, tmp_pat
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all whole again
     assert [r["step"] for r in records if "loss" in r][-1] == 4
     assert records[: len(lines)] == [json.loads(line) for line in lines]
+
+
+# --- a run directory that cannot hold a run --------------------------------------------------
+
+
+def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_path, monkeypatch):
+    data = tmp_path / "pics"
+    data.mkdir()
+    for i in range(4):
+        draw_shapes((12 + i, 12)).save(data / f"{i}.png")
+    (tmp_path / "afile").write_text("keep me")
+    args = ["train", str(data), "--preset", "tiny", "--image-size", "8", "--steps", "1",
+            "--sample-every", "0", "-q"]  # fmt: skip
+    cases = {
+        str(tmp_path / "afile"): "is a file",
+        str(tmp_path / "afile" / "run"): "cannot write",
+        str(data / "run"): "inside the training data",
+        str(data): "inside the training data",
+    }
+    for out, words in cases.items():
+        r = runner.invoke(app, [*args, "--out", out])
+        assert r.exit_code == 2 and words in r.stderr, (out, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in data.iterdir()) == [f"{i}.png" for i in range(4)]
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+    monkeypatch.chdir(data)  # the default runs/NAME-N would land inside the data
+    r = runner.invoke(app, [*args[:1], ".", *args[2:]])
+    assert r.exit_code == 2 and "inside the training data" in r.stderr, r.output
+    assert not (data / "runs").exists()
+
+    # a directory this process may not write to (root may write anywhere: ask os.access)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode))
+    r = runner.invoke(app, [*args, "--out", str(locked / "run")])
+    assert r.exit_code == 2 and f"cannot write in {locked}" in r.stderr, r.output

@@ -208,3 +208,39 @@ def test_a_run_resumed_after_a_kill_ends_with_the_uninterrupted_weights(tmp_path
     a = load_checkpoint(tmp_path / "whole" / "train_state.safetensors").tensors
     b = load_checkpoint(tmp_path / "cut" / "train_state.safetensors").tensors
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.", "optim.")))
+
+
+def _stop_mid_run(tmp_path: Path, how: str) -> tuple[int, Path]:
+    """Start a long run that logs every step, wait for its third step line, then close its
+    terminal (SIGHUP) or the pipe its stderr goes to (`ddpm train ... 2>&1 | head`); returns
+    the exit code and the run directory."""
+    out = tmp_path / how
+    cmd = [sys.executable, "-m", "ddpm_cli", "train", str(_pics(tmp_path / how, 4)), *TRAIN,
+           "--steps", "100000", "--out", str(out)]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while not job.stderr.readline().startswith(b"step 3") and time.time() < deadline:
+        pass
+    if how == "sighup":
+        job.send_signal(signal.SIGHUP)
+        job.stderr.close()  # the terminal is gone too
+    else:
+        job.stderr.close()  # the reader of the pipe exits; the next line written hits EPIPE
+    job.stdout.read()
+    return job.wait(timeout=120), out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP and pipes")
+@pytest.mark.parametrize("how, code", [("sighup", 129), ("closed_stderr", 141)])
+def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(tmp_path, how, code):
+    (tmp_path / how).mkdir()
+    exit_code, out = _stop_mid_run(tmp_path, how)
+    assert exit_code == code
+    state = load_checkpoint(out / "train_state.safetensors")
+    assert state.step >= 3  # saved at the step it reached, not lost
+    assert load_checkpoint(out / "model.safetensors").step == state.step
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--resume", str(out),
+                        "--steps", str(state.step + 2), "-q"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2

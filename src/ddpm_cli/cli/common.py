@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 from typing import Annotated
@@ -25,7 +27,18 @@ from ddpm_cli.text import shown
 MAX_COUNT = 10**9
 
 # Progress, tables and messages go to stderr; stdout carries only data (paths, PNG bytes, JSON).
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+class StreamConsole(Console):
+    """A Rich console that reports a reader that has gone (a closed pipe, a hung-up terminal) as
+    the BrokenPipeError it is, and then stays silent. Rich's own response is to exit the
+    process at once (SystemExit from inside print), which would lose a training run's last
+    steps; `ddpm train` instead saves a checkpoint and stops, as on Ctrl-C."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of this output has gone")
+
+
+err_console = StreamConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def count(n: int, noun: str) -> str:
@@ -47,8 +60,11 @@ def literal(value: object) -> Text:
 
 def error_line(message: str) -> None:
     """One red line on stderr (line breaks inside the message, say from a damaged file's
-    metadata quoted in it, are shown escaped)."""
-    err_console.print(f"[bold red]error:[/] {safe(message)}")
+    metadata quoted in it, are shown escaped); nothing when stderr's reader has gone."""
+    try:
+        err_console.print(f"[bold red]error:[/] {safe(message)}")
+    except OSError:
+        discard(sys.stderr)
 
 
 def note_line(message: str) -> None:
@@ -61,10 +77,26 @@ def warning_line(message: str) -> None:
 
 def print_path(path: object) -> None:
     """A path on stdout, one a line, as the file system's bytes: a name that is not UTF-8 reaches
-    the next program in the pipeline as the same file, not as an encoding error."""
-    sys.stdout.flush()
-    sys.stdout.buffer.write(os.fsencode(str(path)) + b"\n")
-    sys.stdout.buffer.flush()
+    the next program in the pipeline as the same file, not as an encoding error. A reader that
+    has gone (`| head -0`) is not an error: the work is done and saved."""
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(str(path)) + b"\n")
+        sys.stdout.buffer.flush()
+    except OSError:
+        discard(sys.stdout)
+
+
+def discard(stream) -> None:
+    """Send what is still written to `stream` to /dev/null, once its reader has gone (a closed
+    pipe, a hung-up terminal): later messages, and the interpreter's own flush at exit, are
+    dropped instead of raising BrokenPipeError again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a file descriptor (a test's captured stream): nothing to redirect
 
 
 # Recent Typer vendors its own copy of click, older Typer uses click itself: take the exception
@@ -112,6 +144,9 @@ class DdpmGroup(TyperGroup):
             message = e.format_message().replace("Value error, ", "")
             error_line(f"{message}{hint}")
             code = e.exit_code
+        except BrokenPipeError:  # `ddpm inspect ... | head`: the reader has what it wanted
+            discard(sys.stdout)
+            code = 141  # what a shell reports for a writer stopped by SIGPIPE
         except typer.Abort:
             error_line("aborted")
             code = 1

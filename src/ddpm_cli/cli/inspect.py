@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ddpm_cli.cli.common import JsonOpt, literal, overwrite_option
+from ddpm_cli.cli.common import JsonOpt, StreamConsole, literal, overwrite_option
 from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
 from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
@@ -26,7 +25,7 @@ from ddpm_cli.evaluation.plots import loss_plot, plot_format, schedule_plot
 from ddpm_cli.store.files import check_output_path, write_atomic
 from ddpm_cli.store.models import is_run_directory
 
-out_console = Console(highlight=False, soft_wrap=True)  # the report is this command's data
+out_console = StreamConsole(highlight=False, soft_wrap=True)  # the report is this command's data
 
 
 def inspect(

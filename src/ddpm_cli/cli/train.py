@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,7 @@ from ddpm_cli.cli.common import (
     DeviceOpt,
     QuietOpt,
     TimestepsOpt,
+    discard,
     err_console,
     precision_option,
     print_path,
@@ -35,7 +37,13 @@ from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
 
+# Signals that stop training as Ctrl-C does (a checkpoint after this step), and the exit code of
+# each: 128 + the signal. SIGHUP: the terminal or ssh session closed.
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    EXIT_SIGNAL[signal.SIGHUP] = 129
+LOST_OUTPUT = "stderr closed"  # a stop with no signal: stderr's reader went away
+EXIT_LOST_OUTPUT = 141  # what a shell reports for a writer killed by SIGPIPE
 
 # the model presets as a closed set of choices, so that --help and completion list them
 PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, type=str)
@@ -362,16 +370,35 @@ def train(
             given[key] = locals()[key]
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
-    stop = {"signal": None}
+    stop = {"signal": None, "lost": False}
+
+    def lost_output() -> None:
+        """stderr's reader has gone (`2>&1 | head`, a closed terminal): go on silently to a
+        checkpoint after this step, as Ctrl-C does."""
+        stop["lost"] = True
+        discard(sys.stderr)
+        if stop["signal"] is None:
+            stop["signal"] = LOST_OUTPUT
 
     def handler(signum, frame):
         if stop["signal"] is not None:
             os._exit(EXIT_SIGNAL.get(signum, 1))  # second signal: leave now; writes are atomic
         stop["signal"] = signum
-        err_console.print(
-            "[yellow]stopping: saving a checkpoint after this step "
-            "(press Ctrl-C again to quit at once)[/yellow]"
-        )
+        try:
+            err_console.print(
+                "[yellow]stopping: saving a checkpoint after this step "
+                "(press Ctrl-C again to quit at once)[/yellow]"
+            )
+        except OSError:  # SIGHUP: the terminal may be gone already
+            lost_output()
+
+    def show(kind: str, info: dict) -> None:
+        if stop["lost"]:
+            return
+        try:
+            view.event(kind, info)
+        except OSError:
+            lost_output()
 
     previous = {s: signal.signal(s, handler) for s in EXIT_SIGNAL}
     view = ProgressView(quiet)
@@ -383,14 +410,18 @@ def train(
             out=out,
             resume=resume,
             given=given,
-            on_event=view.event,
+            on_event=show,
             should_stop=lambda: stop["signal"] is not None,
         )
     finally:
-        view.close()
+        try:
+            view.close()
+        except OSError:
+            lost_output()
         for s, h in previous.items():
             signal.signal(s, h)
     if (result.out / "model.safetensors").exists() and distributed.env_main():
         print_path(result.out / "model.safetensors")
     if result.status == "stopped":
-        raise typer.Exit(EXIT_SIGNAL.get(stop["signal"], 130))
+        code = EXIT_LOST_OUTPUT if stop["signal"] == LOST_OUTPUT else None
+        raise typer.Exit(code or EXIT_SIGNAL.get(stop["signal"], 130))

@@ -45,6 +45,7 @@ from ddpm_cli.training.run_files import (
     CACHE,
     SKIPPED,
     best_figure,
+    check_run_directory,
     discard_new_run,
     prepare_directory,
 )
@@ -104,6 +105,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     release when it ends goes on `held`."""
     labelled = not config.unconditional
     loggers.check(config.log)
+    if resumed is None and out is not None and d.main:
+        check_run_directory(Path(out), source)
     parent = None
     if config.init is not None and resumed is None:
         parent = finetune.open_parent(Path(config.init))
@@ -124,7 +127,9 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "the run cannot continue exactly; restore the folder, or start a new run with --out"
         )
     if resumed is None:
-        out = Path(out) if out is not None else next_run_dir(Path("runs"), report.name)
+        if out is None:
+            out = next_run_dir(Path("runs"), report.name)
+            check_run_directory(out, source)
         if (out / STATE).exists() or (out / MODEL).exists():
             raise UsageError(
                 f"{out} already holds a run; continue it with --resume {out} "

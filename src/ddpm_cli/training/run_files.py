@@ -6,14 +6,16 @@ Written by rank 0 of a training run (run.py); nothing here prints.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ddpm_cli.config import TrainConfig
-from ddpm_cli.data.folders import DataReport, InMemory
+from ddpm_cli.data.folders import BUILTIN_PREFIX, DataReport, InMemory
 from ddpm_cli.data.images import encode_png
+from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
@@ -86,6 +88,25 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[
         ):
             save_snapshot(out, ckpt.step, config.keep)  # a stop between the model and its copy
     return warnings
+
+
+def check_run_directory(out: Path, source: str | None) -> None:
+    """Refuse, before any work, a new run's directory that cannot hold a run: an existing file,
+    a place this process cannot write to, or a folder inside the training data (the run's own
+    sample grids would become training images when the folder is read again)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a directory for the run")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {existing}; choose another --out")
+    if source is None or source.startswith(BUILTIN_PREFIX) or not Path(source).is_dir():
+        return
+    data, run = Path(source).resolve(), out.resolve()
+    if run == data or data in run.parents:
+        raise UsageError(
+            f"the run directory {out} is inside the training data {source}: its sample grids "
+            "would become training images; give an --out outside the data folder"
+        )
 
 
 def discard_new_run(out: Path, created: bool) -> None:
