@@ -244,3 +244,69 @@ def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(tmp_pat
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2
+
+
+@pytest.mark.parametrize("error, words", [
+    (lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                          "8589934592 bytes"), "out of memory"),
+    (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "out of memory"),
+    (lambda: OSError(errno.ENOSPC, "No space left on device"), "out of disk space"),
+])  # fmt: skip
+def test_running_out_of_memory_or_disk_mid_run_says_what_was_saved(
+    runner, tmp_path, monkeypatch, error, words
+):
+    """The machine running out is the user's situation, not a bug: one line saying what ran
+    out, which checkpoint is intact and what to try; exit 1; the run resumes (issue 27)."""
+    from ddpm_cli.training import loop as loop_mod
+    from ddpm_cli.training import train as train_mod
+
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    if isinstance(error(), OSError):  # the metrics log, written outside the atomic writes
+        calls = {"n": 0}
+
+        def full(path, mode="r", *a, **k):
+            calls["n"] += 1
+            if calls["n"] > 4:
+                raise error()
+            return open(path, mode, *a, **k)
+
+        monkeypatch.setattr(loop_mod, "open", full, raising=False)
+    else:  # the training step's forward pass
+        real, calls = train_mod.training_losses, {"n": 0}
+
+        def losses(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 4:
+                raise error()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "training_losses", losses)
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "20", "--checkpoint-every",
+                            "2", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    step = load_checkpoint(out / "train_state.safetensors").step
+    assert line.startswith(f"error: {words}: the checkpoint of step {step} in {out} is intact")
+    assert "--grad-accum 2" in line if "memory" in words else "free some space" in line
+    assert "internal error" not in r.output and "Traceback" not in r.output
+    monkeypatch.undo()
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", str(step + 2), "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_out_of_memory_outside_training_is_one_line_too(runner, tmp_path, monkeypatch):
+    from conftest import train_tiny
+    from ddpm_cli.generation import job as job_mod
+
+    run = train_tiny(tmp_path, 4)
+
+    def no_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(job_mod, "generate", no_memory)
+    r = runner.invoke(app, ["sample", str(run), "-n", "2", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: out of memory: try a smaller --batch-size, or close other programs"
+    )

@@ -7,6 +7,8 @@ Every error a user can cause is a `DdpmError`. `exit_code` says how the command 
 
 from __future__ import annotations
 
+import errno
+
 
 class DdpmError(Exception):
     """Base of every error ddpm reports to a user; the message is one line saying what to do."""
@@ -42,3 +44,29 @@ class MissingExtra(UsageError):
 
 class LoggerError(UsageError):
     """A live logger (--log) could not start: not logged in, a bad setting."""
+
+
+class ResourceError(DdpmError):
+    """The machine ran out of something (memory, disk): the user's situation, not a bug."""
+
+
+def exhausted(error: BaseException) -> str | None:
+    """What ran out when `error` is the machine running out of memory or disk rather than a
+    bug: "memory", "disk space", or None. torch reports memory as RuntimeErrors: CUDA's and
+    MPS's OutOfMemoryError ("... out of memory ..."), the CPU allocator's "DefaultCPUAllocator:
+    can't allocate memory"."""
+    if isinstance(error, MemoryError):
+        return "memory"
+    if isinstance(error, RuntimeError):
+        text = str(error).lower()
+        if "out of memory" in text or "can't allocate memory" in text:
+            return "memory"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk space"
+    return None
+
+
+RESOURCE_HINTS = {
+    "memory": "try a smaller --batch-size, or close other programs",
+    "disk space": "free some space, or write elsewhere (--out, -o)",
+}

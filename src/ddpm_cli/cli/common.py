@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from ddpm_cli import runtime
 from ddpm_cli.config import MAX_TIMESTEPS, Precision, Schedule
 from ddpm_cli.device import DEVICE_HELP
-from ddpm_cli.errors import DdpmError
+from ddpm_cli.errors import RESOURCE_HINTS, DdpmError, exhausted
 from ddpm_cli.text import shown
 
 # The upper bound of numeric options that count (steps, epochs, indices): far beyond any real
@@ -153,16 +153,17 @@ class DdpmGroup(TyperGroup):
         except DdpmError as e:
             error_line(str(e))
             code = e.exit_code
-        except MemoryError:
-            error_line("out of memory; try a smaller image, --size or batch")
-            code = 1
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
-            if _debugging():
+            what = exhausted(e)  # not a bug when the machine ran out of memory or disk
+            if what is None and _debugging():
                 raise
-            error_line(
-                f"internal error: {type(e).__name__}: {e} "
-                "(please report it; set DDPM_DEBUG=1 to see the traceback)"
-            )
+            if what is not None:
+                error_line(f"out of {what}: {RESOURCE_HINTS[what]}")
+            else:
+                error_line(
+                    f"internal error: {type(e).__name__}: {e} "
+                    "(please report it; set DDPM_DEBUG=1 to see the traceback)"
+                )
             code = 1
         else:
             code = rv if isinstance(rv, int) else 0

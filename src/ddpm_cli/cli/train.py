@@ -32,7 +32,10 @@ from ddpm_cli.config import (
     TrainConfig,
     parse_duration,
 )
+from ddpm_cli.errors import RESOURCE_HINTS, ResourceError, exhausted
 from ddpm_cli.model.presets import PRESETS
+from ddpm_cli.store.checkpoint import header_value
+from ddpm_cli.store.files import STATE
 from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
@@ -42,6 +45,10 @@ D = TrainConfig()  # the one source of defaults
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 if hasattr(signal, "SIGHUP"):  # not on Windows
     EXIT_SIGNAL[signal.SIGHUP] = 129
+TRAIN_MEMORY_HINT = (
+    "try --grad-accum 2 (each step in two halves: the same update in less memory), "
+    "--grad-checkpoint, or a smaller --batch-size"
+)
 LOST_OUTPUT = "stderr closed"  # a stop with no signal: stderr's reader went away
 EXIT_LOST_OUTPUT = 141  # what a shell reports for a writer killed by SIGPIPE
 
@@ -393,6 +400,8 @@ def train(
             lost_output()
 
     def show(kind: str, info: dict) -> None:
+        if kind == "start":
+            stop["out"] = info["out"]
         if stop["lost"]:
             return
         try:
@@ -413,6 +422,12 @@ def train(
             on_event=show,
             should_stop=lambda: stop["signal"] is not None,
         )
+    except Exception as e:
+        what = exhausted(e)  # the machine ran out: say what is saved, and what to try
+        if what is None:
+            raise
+        hint = TRAIN_MEMORY_HINT if what == "memory" else RESOURCE_HINTS[what]
+        raise ResourceError(f"out of {what}: {saved_text(stop.get('out'))}; {hint}") from None
     finally:
         try:
             view.close()
@@ -425,3 +440,11 @@ def train(
     if result.status == "stopped":
         code = EXIT_LOST_OUTPUT if stop["signal"] == LOST_OUTPUT else None
         raise typer.Exit(code or EXIT_SIGNAL.get(stop["signal"], 130))
+
+
+def saved_text(out: Path | None) -> str:
+    """What a run that failed has kept: its last checkpoint, and how to continue from it."""
+    step = header_value(Path(out) / STATE, "step") if out is not None else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "nothing was saved yet"
+    return f"the checkpoint of step {step} in {out} is intact (ddpm train --resume {out})"
