@@ -263,15 +263,15 @@ def test_running_out_of_memory_or_disk_mid_run_says_what_was_saved(
 
     pics, out = _pics(tmp_path), tmp_path / "run"
     if isinstance(error(), OSError):  # the metrics log, written outside the atomic writes
-        calls = {"n": 0}
+        real, calls = loop_mod.append_line, {"n": 0}
 
-        def full(path, mode="r", *a, **k):
+        def full(*a, **k):
             calls["n"] += 1
             if calls["n"] > 4:
                 raise error()
-            return open(path, mode, *a, **k)
+            return real(*a, **k)
 
-        monkeypatch.setattr(loop_mod, "open", full, raising=False)
+        monkeypatch.setattr(loop_mod, "append_line", full)
     else:  # the training step's forward pass
         real, calls = train_mod.training_losses, {"n": 0}
 
@@ -310,3 +310,77 @@ def test_out_of_memory_outside_training_is_one_line_too(runner, tmp_path, monkey
     assert r.stderr.strip().splitlines()[-1] == (
         "error: out of memory: try a smaller --batch-size, or close other programs"
     )
+
+
+def test_a_resume_takes_the_run_lock_before_it_reads_the_state(runner, tmp_path, monkeypatch):
+    """Two --resumes of one run must not both read its state and then race for the lock."""
+    from ddpm_cli.errors import UsageError
+    from ddpm_cli.training import run as run_mod
+
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    real, seen = run_mod.open_resume, []
+
+    def reading(*a, **k):  # while the state is read, a second trainer finds the run locked
+        with pytest.raises(UsageError, match="another ddpm train"):
+            RunLock(out).acquire()
+        seen.append(True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "open_resume", reading)
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3", "-q"])
+    assert r.exit_code == 0 and seen, r.output
+
+
+def test_links_planted_in_a_run_directory_are_never_followed(runner, tmp_path):
+    """A run's bookkeeping files are replaced, never written through a symlink: the file a
+    link points to is left as it was (before, a `.lock` link truncated its target)."""
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    args = ["train", str(pics), *TRAIN, "--steps", "2", "--out", str(out), "-q"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "symbolic link" in r.stderr, r.output
+    assert victim.read_text() == "precious"
+
+    (out / ".lock").unlink()
+    assert runner.invoke(app, args).exit_code == 0
+    for name in ("metrics.jsonl", "model.safetensors", "train_state.safetensors"):
+        target = tmp_path / f"victim-{name}"
+        target.write_bytes((out / name).read_bytes())  # the link reads the same as the file
+        (out / name).unlink()
+        (out / name).symlink_to(target)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("victim-*")}
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("victim-*")} == before
+    for name in ("metrics.jsonl", "model.safetensors", "train_state.safetensors"):
+        assert not (out / name).is_symlink()
+    assert load_checkpoint(out / "train_state.safetensors").step == 4
+
+
+def test_an_atomic_write_syncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """A rename is only durable once its directory is synced: a power cut must not bring back
+    the old checkpoint, or none."""
+    import stat
+
+    from ddpm_cli.store.files import write_atomic
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(*a, **k):
+        events.append("rename")
+        real_replace(*a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "x.bin", b"data")
+    assert events == ["file", "rename", "dir"]
+    assert (tmp_path / "x.bin").read_bytes() == b"data"

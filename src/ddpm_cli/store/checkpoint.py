@@ -56,8 +56,11 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict) -> None:
-    """Write tensors and metadata atomically. `meta` values that are not strings become JSON."""
+def save_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict, follow: bool = True
+) -> None:
+    """Write tensors and metadata atomically. `meta` values that are not strings become JSON.
+    `follow`: as in write_atomic (a run's own files pass False)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {
         "format": FORMAT,
@@ -72,7 +75,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], kind: str, met
     }
     for key, value in meta.items():
         header[key] = value if isinstance(value, str) else json.dumps(value)
-    write_atomic(Path(path), save(tensors, metadata=header))
+    write_atomic(Path(path), save(tensors, metadata=header), follow)
 
 
 def _safetensors_version() -> str:

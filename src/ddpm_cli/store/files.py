@@ -70,12 +70,15 @@ def check_output_path(path: Path, overwrite: bool = True, inputs: tuple = ()) ->
         raise OutputError(f"{path}: cannot write to directory {parent}: permission denied")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target.
+def write_atomic(path: Path, data: bytes, follow: bool = True) -> None:
+    """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target,
+    and fsync the directory, so that a power cut cannot lose the rename either.
 
-    A symlink is followed: its target is replaced, and the link kept.
+    A symlink is followed (its target is replaced, and the link kept) when `follow`, as a user
+    who points an output at a link expects; a run's own files pass follow=False, so that a link
+    planted in the run directory is replaced, never the file it points to.
     """
-    path = Path(os.path.realpath(path))
+    path = Path(os.path.realpath(path)) if follow else Path(os.path.abspath(path))
     parent = path.parent if str(path.parent) else Path(".")
     tmp_name = None
     try:
@@ -87,6 +90,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; match an ordinary open()
         os.replace(tmp_name, path)
         tmp_name = None
+        sync_directory(parent)
     except OSError as e:
         reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise OutputError(f"{path}: cannot write: {reason}") from None
@@ -96,6 +100,35 @@ def write_atomic(path: Path, data: bytes) -> None:
                 os.unlink(tmp_name)
             except OSError:
                 pass
+
+
+def sync_directory(folder: Path) -> None:
+    """fsync a directory, making the renames in it durable (POSIX; elsewhere a no-op)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # Windows cannot open a directory; a rename there is already journaled
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a run's log (metrics.jsonl, skipped.txt), never through a symlink
+    planted in its place: a link is refused (ELOOP) rather than followed to its target."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path}: is a symbolic link; a run writes its own logs, remove "
+                              "the link") from None  # fmt: skip
+        raise
+    with os.fdopen(fd, "a") as f:
+        f.write(line if line.endswith("\n") else line + "\n")
 
 
 def _umask() -> int:
@@ -134,7 +167,13 @@ class RunLock:
             import fcntl
         except ImportError:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted in its place: that would truncate its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UsageError(f"{self.path}: is a symbolic link, not ddpm's lock file; remove "
+                             "it") from None  # fmt: skip
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -21,7 +21,7 @@ from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import DataReport
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.store.files import BEST, FIGURE, MODEL
+from ddpm_cli.store.files import BEST, FIGURE, MODEL, append_line
 from ddpm_cli.training import quality
 from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, write_grid
 from ddpm_cli.training.train import (
@@ -146,8 +146,7 @@ class Loop:
 
     def record(self, record: dict, kind: str) -> None:
         """A line of metrics.jsonl, also sent to the live logs and reported as `kind`."""
-        with open(self.job.out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.job.out / METRICS, json.dumps(record))
         for logger in self.job.loggers:
             logger.record(record)
         self.on_event(kind, record)

@@ -37,7 +37,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
-from ddpm_cli.store.files import MODEL, STATE, RunLock
+from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
@@ -78,16 +78,19 @@ def train(
     (presets.Recipe); a resumed run keeps its own."""
     started = time.perf_counter()
     resumed = None
-    if resume is not None:
-        resumed = open_resume(Path(resume), source, out, given or {})
-        source, out, config, diffusion = (
-            resumed.source,
-            resumed.out,
-            resumed.config,
-            resumed.diffusion,
-        )
-    d, device = distributed.init(resolve_device(config.device))
-    with contextlib.ExitStack() as held:  # the process group, then the run directory's lock
+    with contextlib.ExitStack() as held:  # the run directory's lock, then the process group
+        if resume is not None:
+            if distributed.env_main() and (Path(resume) / STATE).exists():
+                # before the state is read: two --resumes of one run cannot both read it
+                held.enter_context(RunLock(Path(resume)))
+            resumed = open_resume(Path(resume), source, out, given or {})
+            source, out, config, diffusion = (
+                resumed.source,
+                resumed.out,
+                resumed.config,
+                resumed.diffusion,
+            )
+        d, device = distributed.init(resolve_device(config.device))
         held.callback(distributed.shutdown)
         if not d.main:  # progress, files and messages are rank 0's
             on_event = lambda kind, info: None  # noqa: E731
@@ -154,7 +157,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     warnings: list[str] = []
     if d.main:
         Path(out).mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunLock(out))  # before anything in the directory changes
+        if resumed is None:  # (a resumed run's was taken before its state was read)
+            held.enter_context(RunLock(out))  # before anything in the directory changes
         warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)
 
 
@@ -167,8 +171,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         if not failed:
             return
         if d.main:
-            with open(out / SKIPPED, "a") as f:
-                f.writelines(f"{p}\t{r}\n" for p, r in failed)
+            for p, r in failed:
+                append_line(out / SKIPPED, f"{p}\t{r}")
         on_event("skip", {"failed": failed})
 
     state = new_state(model_config, config, device)

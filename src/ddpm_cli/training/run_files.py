@@ -138,7 +138,7 @@ def save_snapshot(out: Path, step: int, keep: int) -> tuple[Path, list[Path]]:
     snapshot, then prune the oldest snapshots beyond `keep`; the newest is never pruned.
     Returns the snapshot and the pruned files."""
     path = out / SNAPSHOT.format(step=step)
-    write_atomic(path, (out / MODEL).read_bytes())
+    write_atomic(path, (out / MODEL).read_bytes(), follow=False)
     pruned = [p for _, p in snapshots(out)[: -max(keep, 1)]]
     for old in pruned:
         old.unlink(missing_ok=True)
@@ -149,7 +149,7 @@ def write_grid(out, state, diffusion, config, model_config, device, on_event):
     png = sample_grid(state.ema, diffusion, config, model_config, device, config.seed)
     path = out / "samples" / f"step-{state.step:07d}.png"
     path.parent.mkdir(exist_ok=True)
-    write_atomic(path, png)
+    write_atomic(path, png, follow=False)
     on_event("sample", {"step": state.step, "path": path})
     return path
 
@@ -193,7 +193,7 @@ def truncate_metrics(path: Path, step: int) -> int:
             torn += 1
         elif at <= step:
             keep.append(line + "\n")
-    write_atomic(path, "".join(keep).encode())
+    write_atomic(path, "".join(keep).encode(), follow=False)
     return torn
 
 
@@ -206,4 +206,5 @@ def write_cache(out: Path, images: InMemory, report: DataReport) -> None:
         tensors,
         "data_cache",
         {"config": {"data": report.summary()}, "step": 0},
+        follow=False,
     )

@@ -58,7 +58,7 @@ def save_run(
         "optimizer_groups": state.optimizer.state_dict()["param_groups"],
         "scaler": state.scaler.state_dict() if state.scaler else None,
     }
-    save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta)
+    save_checkpoint(out / STATE, _state_tensors(state), "train_state", meta, follow=False)
     save_model(out / MODEL, state, configs, elapsed, decay)
 
 
@@ -69,7 +69,7 @@ def save_model(
     metadata (e.g. the quality figure of best.safetensors)."""
     meta = {"config": configs, "step": state.step, "ema_decay": decay, "elapsed": elapsed,
             "weights": "ema", **extra}  # fmt: skip
-    save_checkpoint(path, state.ema.state_dict(), "model", meta)
+    save_checkpoint(path, state.ema.state_dict(), "model", meta, follow=False)
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
