@@ -384,3 +384,30 @@ def test_an_atomic_write_syncs_the_directory_after_the_rename(tmp_path, monkeypa
     write_atomic(tmp_path / "x.bin", b"data")
     assert events == ["file", "rename", "dir"]
     assert (tmp_path / "x.bin").read_bytes() == b"data"
+
+
+def test_non_finite_weights_never_replace_a_good_checkpoint(runner, tmp_path, monkeypatch):
+    """An update can break the weights after its own loss was finite: the checkpoint that
+    follows must not save them (before, only the loss and gradient norm were checked)."""
+    from ddpm_cli.training import loop as loop_mod
+
+    real, calls = loop_mod.train_step, {"n": 0}
+
+    def breaking(state, *a, **k):
+        out = real(state, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the update of step 4 leaves a NaN behind, its loss was finite
+            with torch.no_grad():
+                next(state.model.parameters()).view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(loop_mod, "train_step", breaking)
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "8", "--checkpoint-every",
+                            "2", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert "weights became non-finite" in r.stderr.strip().splitlines()[-1]
+    for name in ("train_state.safetensors", "model.safetensors"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt.step == 2  # the last good one, kept
+        assert all(torch.isfinite(t).all() for t in ckpt.tensors.values() if t.is_floating_point())

@@ -27,6 +27,7 @@ from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, 
 from ddpm_cli.training.train import (
     TrainState,
     check_finite,
+    check_weights_finite,
     ema_decay_at,
     to_host,
     train_step,
@@ -175,6 +176,7 @@ class Loop:
         if not r.d.main:
             return
         decay = ema_decay_at(r.state.step, r.config.ema_decay)
+        check_weights_finite(r.state, r.config)  # never replace a good checkpoint with NaNs
         save_run(r.out, r.state, r.configs, self.elapsed(), decay, world=r.d.world,
                  trained=self.trained())  # fmt: skip
         snapshot = None

@@ -262,6 +262,17 @@ def check_finite(results: list[StepResult], config: TrainConfig) -> None:
             raise TrainingDiverged(_diverged_message(config, r.step - 1, "gradient norm"))
 
 
+def check_weights_finite(state: TrainState, config: TrainConfig) -> None:
+    """Raise TrainingDiverged when a weight, raw or EMA, is not finite: a checkpoint must never
+    replace a good one with such weights. The loss and gradient checks cannot see an update
+    that broke the weights after its own loss was finite (an fp16 step the scaler let through,
+    a learning rate too high for a moment); one device sync per checkpoint."""
+    tensors = [t for m in (state.model, state.ema) for t in m.state_dict().values()
+               if t.is_floating_point()]  # fmt: skip
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise TrainingDiverged(_diverged_message(config, state.step - 1, "weights"))
+
+
 def train_step(
     state: TrainState,
     batches: list[torch.Tensor],
