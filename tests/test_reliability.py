@@ -411,3 +411,54 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(runner, tmp_path, mo
         ckpt = load_checkpoint(out / name)
         assert ckpt.step == 2  # the last good one, kept
         assert all(torch.isfinite(t).all() for t in ckpt.tensors.values() if t.is_floating_point())
+
+
+def _edit_state(path: Path, drop: tuple[str, ...] = (), **meta) -> None:
+    """Rewrite a train state without some tensors or with some metadata changed, its content
+    hash recomputed (a state written by another version, or edited by hand)."""
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_cli.store.checkpoint import content_hash, read_header
+
+    header = read_header(path)["__metadata__"]
+    tensors = {k: v for k, v in load_file(path).items() if k not in drop}
+    header.update({"content_hash": content_hash(tensors), **meta})
+    save_file(tensors, path, metadata=header)
+
+
+def test_resume_from_another_working_directory_finds_a_relative_data_folder(
+    runner, tmp_path, monkeypatch
+):
+    _pics(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "pics", *TRAIN, "--steps", "2", "--no-data-cache", "--out", "run", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # "pics" does not exist here
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--steps", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / "run" / "train_state.safetensors").step == 3
+
+
+def test_a_missing_random_state_is_a_stated_fallback(runner, tmp_path):
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    assert runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out", str(out),
+                               "-q"]).exit_code == 0  # fmt: skip
+    _edit_state(out / "train_state.safetensors", drop=("rng.torch", "rng.noise"))
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    assert "random state" in r.stderr and "bit for bit" in r.stderr, r.stderr
+    assert load_checkpoint(out / "train_state.safetensors").step == 3
+
+
+@pytest.mark.parametrize("key, value", [("epoch", '"x"'), ("batch_in_epoch", "-1"),
+                                        ("elapsed", "NaN"), ("world_size", "1.5")])  # fmt: skip
+def test_bad_train_state_fields_are_one_clear_error(runner, tmp_path, key, value):
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    assert runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out", str(out),
+                               "-q"]).exit_code == 0  # fmt: skip
+    _edit_state(out / "train_state.safetensors", **{key: value})
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3"])
+    assert r.exit_code == 2, r.output
+    assert f"metadata '{key}' is not" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -123,6 +124,16 @@ class Checkpoint:
             return parse_json(self.meta[key])
         except (KeyError, ValueError):
             raise CheckpointError(f"{self.path}: metadata {key!r} is missing or not JSON") from None
+
+    def number(self, key: str, integer: bool = True):
+        """A metadata value that must be a count (integer) or a duration (a real number), zero
+        or more: a hand-edited or damaged train state is one clear error, not a crash later."""
+        value = self.json(key)
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool) or not 0 <= value < math.inf:
+            what = "a count" if integer else "a number of seconds"
+            raise CheckpointError(f"{self.path}: metadata {key!r} is not {what}: {value!r:.40}")
+        return value
 
     @property
     def step(self) -> int:

@@ -54,18 +54,25 @@ class Resumed:
 
     @property
     def source(self) -> str | None:
-        return self.data.get("source")
+        """The run's data, as it was given; a relative folder is found where the run started
+        (its absolute path is stored as `source_path`), whatever the directory is now."""
+        given, absolute = self.data.get("source"), self.data.get("source_path")
+        if isinstance(absolute, str) and Path(absolute).exists():
+            return absolute
+        return given
 
     def trained_seconds(self, elapsed: float) -> float:
         """Seconds spent in the training loop so far, what --time counts (runs saved before
         --time existed stored only the whole `elapsed` time)."""
-        return self.ckpt.json("train_seconds") if "train_seconds" in self.ckpt.meta else elapsed
+        if "train_seconds" not in self.ckpt.meta:
+            return elapsed
+        return self.ckpt.number("train_seconds", integer=False)
 
     @property
     def world(self) -> int:
         """The number of processes that trained it (runs saved before distributed training
         had one)."""
-        return self.ckpt.json("world_size") if "world_size" in self.ckpt.meta else 1
+        return self.ckpt.number("world_size") or 1 if "world_size" in self.ckpt.meta else 1
 
 
 def open_resume(resume: Path, source: str | None, out: Path | None, given: dict) -> Resumed:

@@ -31,6 +31,7 @@ import torch
 from ddpm_cli import distributed
 from ddpm_cli.config import DiffusionConfig, TrainConfig
 from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.diffusion.schedules import DiffusionTables
@@ -199,13 +200,13 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         "diffusion": diffusion.to_dict(),
         "training": config.to_dict(),
         # on resume the cache knows no file sizes or skipped files: keep the stored summary
-        "data": resumed.data if resumed is not None else report.summary(),
+        "data": resumed.data if resumed is not None else {**report.summary(), **where(source)},
     }
     if parent is not None or (resumed is not None and "parent" in resumed.ckpt.config):
         configs["parent"] = parent.summary if parent else resumed.ckpt.config["parent"]
 
     classes_note = finetune.load_parent(state, parent, model_config) if parent else None
-    elapsed0 = restore_state(state, ckpt, device) if resumed is not None else 0.0
+    elapsed0 = restore_state(state, ckpt, device, warnings) if resumed is not None else 0.0
     try:
         live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
     except DdpmError:  # a logger that cannot start (W&B without a login): a new run leaves
@@ -261,3 +262,11 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         elapsed0=elapsed0, trained0=trained0, d=d, device=device, stored_world=stored_world,
         loggers=live, held=heldout, best=best_figure(out) if resumed is not None else None,
     )  # fmt: skip
+
+
+def where(source: str | None) -> dict:
+    """A folder's absolute path, stored so that `--resume` finds a relative one from any
+    working directory (resume.Resumed.source)."""
+    if source is None or source.startswith(BUILTIN_PREFIX) or not Path(source).exists():
+        return {}
+    return {"source_path": str(Path(source).resolve())}

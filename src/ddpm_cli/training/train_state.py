@@ -83,8 +83,14 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
                     moments[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
-    """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds."""
+def restore_state(
+    state: TrainState, ckpt, device: torch.device, warnings: list[str] | None = None
+) -> float:
+    """Load a train_state checkpoint into a freshly built state; returns the elapsed seconds.
+    A random state that is missing or cannot be restored here is replaced by a fresh, seeded
+    one, and said in `warnings`: the run goes on, no longer bit-identical to one that never
+    stopped."""
+    warnings = [] if warnings is None else warnings
     t = ckpt.tensors
     model_sd, ema_sd = strip_prefix(t, RAW), strip_prefix(t, "ema.")
     check_state_dict(ckpt.path, state.model.state_dict(), model_sd)
@@ -111,17 +117,29 @@ def restore_state(state: TrainState, ckpt, device: torch.device) -> float:
         ) from None
     if state.scaler and ckpt.json("scaler"):
         state.scaler.load_state_dict(ckpt.json("scaler"))
-    torch.set_rng_state(t["rng.torch"])
+    lost = []
+    try:
+        torch.set_rng_state(t["rng.torch"])
+    except (KeyError, RuntimeError, TypeError):  # missing, or not a generator state
+        torch.manual_seed(state.noise_gen.initial_seed() + 2 * ckpt.step)
+        lost.append("dropout and flips")
     try:
         state.noise_gen.set_state(t["rng.noise"])
-    except RuntimeError:  # saved on another kind of device (train.noise_generator): the run
-        # goes on with fresh draws, as seeded as ever, instead of the saved sequence
+    except (KeyError, RuntimeError, TypeError):  # missing, or saved on another kind of
+        # device (train.noise_generator): fresh draws, as seeded as ever
         state.noise_gen.manual_seed(state.noise_gen.initial_seed() + ckpt.step)
+        lost.append("timesteps and noise")
+    if lost:
+        warnings.append(
+            f"{ckpt.path}: the saved random state of the {' and of the '.join(lost)} is missing "
+            "or from another kind of device; the run goes on with fresh seeded draws, so it "
+            "will not match an uninterrupted run bit for bit"
+        )
     if device.type == "cuda":
         keys = sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
         cuda_states = [t[k] for k in keys]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     state.step = ckpt.step
-    state.epoch, state.batch_in_epoch = ckpt.json("epoch"), ckpt.json("batch_in_epoch")
-    return float(ckpt.json("elapsed"))
+    state.epoch, state.batch_in_epoch = ckpt.number("epoch"), ckpt.number("batch_in_epoch")
+    return float(ckpt.number("elapsed", integer=False))
