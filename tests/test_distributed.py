@@ -202,3 +202,28 @@ def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):
     assert names == ["a-000000.png", "a-000001.png", "b-000000.png", "b-000001.png"]
     for name in names:
         assert (tmp_path / "s2" / name).read_bytes() == (tmp_path / "s1" / name).read_bytes()
+
+
+def test_processes_that_see_different_data_are_refused(tmp_path):
+    """Each process reads the data itself: rank 1 finding other files than rank 0 (here, one
+    image more) is refused at start by every process, before a step (issue 27)."""
+    for rank in (0, 1):
+        (tmp_path / f"pics{rank}").mkdir()
+        for i in range(8 + rank):
+            draw_shapes((12 + i, 12)).save(tmp_path / f"pics{rank}" / f"{i}.png")
+    # one folder name for both processes: a link each process resolves to its own copy
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "os.symlink(f\"pics{os.environ['RANK']}\", f\"pics-r{os.environ['RANK']}\")\n"
+        "sys.argv[2] = f\"pics-r{os.environ['RANK']}\"\n"
+        "from ddpm_cli.cli import main\n"
+        "main()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(wrapper), *TRAIN, "--steps", "2", "--out", "run"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode != 0
+    assert "see different data" in r.stderr and "rank 1" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -135,14 +136,37 @@ def _is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(w in text for w in FAILURE_WORDS)
 
 
+def _wire_device() -> torch.device:
+    """Where the bytes travel: NCCL moves CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(value, device: torch.device) -> torch.Tensor:
+    data = bytearray(json.dumps(value).encode())
+    return torch.frombuffer(data, dtype=torch.uint8).to(device)
+
+
+def _decode(t: torch.Tensor):
+    return json.loads(t.cpu().numpy().tobytes())
+
+
 def broadcast(d: Dist, value):
-    """Rank 0's `value` on every rank (any picklable object)."""
+    """Rank 0's `value` on every rank. Values travel as JSON (numbers, strings, lists, dicts),
+    in uint8 tensors: nothing one process receives from another is ever unpickled, unlike
+    torch's *_object collectives."""
     if not d.active:
         return value
-    box = [value]
+    device = _wire_device()
+    data = _encode(value, device) if d.main else None
     with collective("sharing the run's settings"):
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+        n = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(n, src=0)
+        if data is None:
+            data = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(data, src=0)
+    return _decode(data)
 
 
 def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
@@ -162,10 +186,18 @@ def most(d: Dist, value: float, device: torch.device) -> float:
 
 
 def gather(d: Dist, value) -> list:
-    """Every rank's `value`, in rank order, on every rank."""
+    """Every rank's `value` (JSON, as in broadcast), in rank order, on every rank."""
     if not d.active:
         return [value]
-    out = [None] * d.world
+    device = _wire_device()
+    data = _encode(value, device)
     with collective("gathering results"):
-        dist.all_gather_object(out, value)
-    return out
+        n = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(n) for _ in range(d.world)]
+        dist.all_gather(sizes, n)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: len(data)] = data
+        parts = [torch.empty_like(padded) for _ in range(d.world)]
+        dist.all_gather(parts, padded)
+    return [_decode(p[: int(s.item())]) for p, s in zip(parts, sizes, strict=True)]

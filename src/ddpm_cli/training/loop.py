@@ -106,10 +106,11 @@ class Loop:
         self.pending = []
         if d.active:  # the whole global batch's losses: for the log, and for every rank to
             # reach the same verdict below
-            parts = distributed.gather(d, [(x.losses, x.t) for x in results])
+            parts = distributed.gather(d, [(x.losses.tolist(), x.t.tolist()) for x in results])
             results = [
-                replace(x, losses=torch.cat([p[i][0] for p in parts]),
-                        t=torch.cat([p[i][1] for p in parts]))
+                replace(x, losses=torch.tensor([v for p in parts for v in p[i][0]],
+                                               dtype=x.losses.dtype),
+                        t=torch.tensor([v for p in parts for v in p[i][1]], dtype=x.t.dtype))
                 for i, x in enumerate(results)
             ]  # fmt: skip
         check_finite(results, r.config)

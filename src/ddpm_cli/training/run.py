@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli import distributed
-from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.config import DiffusionConfig, TrainConfig, from_dict
 from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
@@ -125,6 +125,14 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         images, report = load_source(
             source, config.image_size, config.channels, config.stream, classes=labelled
         )
+    seen = distributed.gather(d, report.fingerprint)  # every process must train on the same
+    if any(f != seen[0] for f in seen):  # files: each reads them itself
+        rank = next(i for i, f in enumerate(seen) if f != seen[0])
+        raise UsageError(
+            f"the processes of this job see different data in {source}: rank {rank} found other "
+            "files (or sizes) than rank 0; give every process the same data (a shared folder, "
+            "or identical copies)"
+        )
     if resumed is not None and report.fingerprint != resumed.data.get("fingerprint"):
         raise UsageError(
             f"{source} has changed since the run started (files added, removed or resized), so "
@@ -152,7 +160,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         config = resolve(config, device, report.used, report.channels, d.world)
         model_config = resumed.model
     # rank 0's choices (the run directory's name, a random seed) are the job's
-    out, config = distributed.broadcast(d, (out, config))
+    shared = distributed.broadcast(d, {"out": str(out), "config": config.to_dict()})
+    out, config = Path(shared["out"]), from_dict(TrainConfig, shared["config"])
     ckpt = resumed.ckpt if resumed is not None else None
     created = d.main and not Path(out).exists()
     warnings: list[str] = []
