@@ -184,3 +184,38 @@ def test_strata_even_in_log_t_make_the_estimate_far_less_noisy(tables, monkeypat
     even = [(1 + i * 999 // 20, 1 + (i + 1) * 999 // 20) for i in range(20)]
     monkeypatch.setattr("ddpm_cli.evaluation.likelihood.strata", lambda T, k: even)
     assert spread() > 10 * in_log_t
+
+
+def test_the_default_budget_plan():
+    """eval's default: as many timesteps per image as fit the budget; the full bound when all
+    T fit; at least MIN_T_SAMPLES, on fewer images, when not even those fit (issue 27)."""
+    from ddpm_cli.evaluation.evaluate import MIN_IMAGES, MIN_T_SAMPLES, budget_plan
+
+    # 60 s at 1 ms per image and timestep: 60,000 evaluations over 100 images, 600 each
+    assert budget_plan(100, 1000, 1e-3, 60.0) == (599, 100)
+    assert budget_plan(100, 1000, 1e-6, 60.0) == (None, 100)  # all T fit: the whole bound
+    # 10 ms: 6,000 evaluations; 10,000 images get MIN_T_SAMPLES each on 352 of them
+    assert budget_plan(10_000, 1000, 1e-2, 60.0) == (MIN_T_SAMPLES, 6000 // (MIN_T_SAMPLES + 1))
+    assert budget_plan(10_000, 1000, 1.0, 60.0) == (MIN_T_SAMPLES, MIN_IMAGES)  # the floor
+    assert budget_plan(10, 1000, 1.0, 60.0) == (MIN_T_SAMPLES, 10)  # never more than there are
+
+
+def test_eval_defaults_to_a_budget_and_full_is_one_flag_away(runner, tmp_path, monkeypatch):
+    import json
+
+    from conftest import train_tiny
+    from ddpm_cli.cli import app
+    from ddpm_cli.evaluation import evaluate
+
+    run = train_tiny(tmp_path, 8, diffusion=DiffusionConfig(timesteps=200))
+    monkeypatch.setattr(evaluate, "seconds_per_evaluation", lambda *a: 60.0 / 800)  # a slow net
+    args = ["eval", str(run), "--data", str(tmp_path / "pics"), "--json"]
+    lik = json.loads(runner.invoke(app, args).stdout)["likelihood"]
+    assert lik["t_samples"] == 800 // 8 - 1 and lik["images"] == 8 and lik["estimate"]
+    assert 0 < lik["stderr"] < lik["bits_per_dim"]
+    full = json.loads(runner.invoke(app, [*args, "--full"]).stdout)["likelihood"]
+    assert full["t_samples"] is None and not full["estimate"] and len(full["per_t"]) == 200
+    # the estimate agrees with the whole bound within a few standard errors
+    assert abs(lik["bits_per_dim"] - full["bits_per_dim"]) < 5 * lik["stderr"] + 1e-3
+    r = runner.invoke(app, [*args, "--full", "--t-samples", "5"])
+    assert r.exit_code == 2 and "--full" in r.stderr

@@ -147,6 +147,14 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA and MPS run asynchronously), for timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """`model` on `device` with its 4-D weights channels_last (NHWC), the layout the U-Net's
     activations use there, except on MPS. With weights left NCHW, every convolution copied its

@@ -23,7 +23,7 @@ from ddpm_cli.cli.views import EvalProgress
 from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.evaluation.evaluate import likelihood, sample_quality
+from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
 from ddpm_cli.evaluation.fid import STANDARD_N, WEIGHTS_NAME, check_weights
 from ddpm_cli.evaluation.memorization import memorization as copies
 from ddpm_cli.generation.sampling import check_model, load_for_sampling
@@ -68,10 +68,16 @@ def eval_(
             max=MAX_TIMESTEPS,
             min=1,
             help="With --data: estimate the T-1 KL terms from K timesteps per image (unbiased, "
-            "K+1 network evaluations per image instead of T). Default: all T.",
+            "K+1 network evaluations per image instead of T). Default: as many as fit in about "
+            "a minute of network time (at least 16, on fewer images if need be; all T when "
+            "they fit); the standard error is printed.",
             show_default=False,
         ),
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="With --data: the whole bound, all T timesteps per image."),
+    ] = False,
     variance: Annotated[
         Variance,
         typer.Option("--variance", help="With --data: sigma_t^2 of the reverse process."),
@@ -159,6 +165,8 @@ def eval_(
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     check_model(sm)
     T = sm.diffusion.timesteps
+    if full and t_samples is not None:
+        raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
     if t_samples is not None and t_samples > T - 1:
         raise UsageError(f"--t-samples {t_samples}: at most T - 1 = {T - 1} (drop it for all T)")
     report: dict = {"checkpoint": str(sm.path), "content_hash": sm.content_hash}
@@ -170,6 +178,7 @@ def eval_(
             report["likelihood"] = likelihood(
                 sm, data, limit=limit, t_samples=t_samples, variance=variance.value,
                 batch_size=batch_size, seed=seed, device=dev, progress=view.update,
+                budget=None if full or t_samples is not None else BUDGET_SECONDS,
             )  # fmt: skip
             if report["likelihood"]["training_images"] and not quiet:
                 note_line("these are the model's training images: a training-set bound")
@@ -199,7 +208,11 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     if "likelihood" in report:
         r = report["likelihood"]
-        how = "full bound" if r["t_samples"] is None else f"estimate from {r['t_samples']} t/image"
+        how = (
+            "full bound"
+            if r["t_samples"] is None
+            else (f"estimate from {r['t_samples']} t/image; --full for the whole bound")
+        )
         lines.append(
             f"bits/dim  {r['bits_per_dim']:.4f} ± {r['stderr']:.4f}  ({r['images']} images of "
             f"{r['data']}, {how}, variance {r['variance']})"

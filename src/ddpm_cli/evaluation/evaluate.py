@@ -18,6 +18,7 @@ import torch
 from ddpm_cli.config import Precision
 from ddpm_cli.data.folders import BUILTIN_PREFIX, scan, to_uint8
 from ddpm_cli.data.sources import is_cache_file, load_source
+from ddpm_cli.device import sync
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DataError
 from ddpm_cli.evaluation.fid import (
@@ -62,6 +63,42 @@ def _training_fingerprint(sm: SamplingModel) -> str | None:
     return fingerprint if isinstance(fingerprint, str) else None
 
 
+# `ddpm eval --data` without --t-samples or --full: a budget of network time, in which the bound
+# is estimated from as many timesteps per image as fit (at least MIN_T_SAMPLES; the full bound
+# when all T fit), on as many images as fit at that (at least MIN_IMAGES)
+BUDGET_SECONDS = 60.0
+MIN_T_SAMPLES = 16
+MIN_IMAGES = 64
+
+
+def budget_plan(n: int, timesteps: int, seconds_per_eval: float,
+                budget: float = BUDGET_SECONDS) -> tuple[int | None, int]:  # fmt: skip
+    """(t_samples, images) that fit `budget` seconds at `seconds_per_eval` per image and
+    timestep: t_samples None is the full bound."""
+    evals = budget / max(seconds_per_eval, 1e-9)
+    k = int(evals / n) - 1  # each image also costs its decoder term
+    if k >= timesteps - 1:
+        return None, n
+    if k >= MIN_T_SAMPLES:
+        return k, n
+    return MIN_T_SAMPLES, min(n, max(MIN_IMAGES, int(evals / (MIN_T_SAMPLES + 1))))
+
+
+def seconds_per_evaluation(sm: SamplingModel, batch: int, device: torch.device) -> float:
+    """The network's time per image at `batch` images a call, timed on the second of two calls
+    (the first pays for one-off set-up)."""
+    h, w = sm.model_config.image_size
+    x = torch.zeros(batch, sm.model_config.in_channels, h, w, device=device)
+    t = torch.full((batch,), sm.diffusion.timesteps // 2, dtype=torch.long, device=device)
+    with torch.no_grad():
+        sm.model(x, t)
+        sync(device)
+        start = time.perf_counter()
+        sm.model(x, t)
+        sync(device)
+    return (time.perf_counter() - start) / batch
+
+
 def likelihood(
     sm: SamplingModel,
     data: str,
@@ -73,13 +110,18 @@ def likelihood(
     seed: int,
     device: torch.device,
     progress: Progress = lambda task, done, total: None,
+    budget: float | None = None,
 ) -> dict:
     """The variational bound in bits/dim on the first `limit` images of `data` (a folder,
-    builtin:NAME or a data cache), decoded at the model's size and channels."""
+    builtin:NAME or a data cache), decoded at the model's size and channels. With `budget`
+    (seconds) and no `t_samples`, the timesteps per image (and if need be the images) are
+    chosen to fit it (budget_plan)."""
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
     n = len(ds) if limit is None else min(limit, len(ds))
     T = sm.diffusion.timesteps
     batch = batch_size or default_batch_size(sm.model_config, device, n)
+    if t_samples is None and budget is not None:
+        t_samples, n = budget_plan(n, T, seconds_per_evaluation(sm, batch, device), budget)
     result = bound(
         sm.model,
         sm.objective,
