@@ -402,3 +402,22 @@ def test_refuses_to_write_image_bytes_to_a_terminal(shapes_png):
         os.close(leader)
     assert p.returncode == 2
     assert "refusing to write image bytes to a terminal" in p.stderr
+
+
+def test_an_image_too_large_to_preview_is_refused_before_decoding(runner, tmp_path, monkeypatch):
+    """Pillow decodes up to 179 million pixels; previewing that at full size takes tens of GiB.
+    Refused from the header alone, with --size as the way out (issue 27)."""
+    from ddpm_cli.generation import noising
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (6000, 5000), (40, 90, 200)).save(big)  # 30 MP, a few KiB on disk
+    monkeypatch.setattr(noising, "available_memory", lambda: 2 * 2**30)  # a small machine
+    decoded = []
+    real = noising.decode_image
+    monkeypatch.setattr(noising, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    r = runner.invoke(app, ["noise", str(big), "-o", str(tmp_path / "n.png")])
+    assert r.exit_code == 2 and not decoded, r.output
+    assert "big.png: a 6000x5000 image" in r.stderr and "--size" in r.stderr
+    r = runner.invoke(app, ["noise", str(big), "--size", "64", "-o", str(tmp_path / "n.png")])
+    assert r.exit_code == 0 and decoded, r.output
+    assert Image.open(tmp_path / "n.png").height < 100  # 64 pixels and the labels

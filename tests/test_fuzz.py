@@ -52,6 +52,7 @@ def run_case(runner, args, subject: str | None = None) -> int:
     assert seconds < SECONDS, f"{args}: {seconds:.1f} s"
     out = r.output
     assert "Traceback" not in out and "internal error" not in out, out
+    assert "\x1b" not in out, out  # text from files is shown escaped, never acted on
     assert r.exit_code in (0, 1, 2), (r.exit_code, out)
     if r.exit_code:
         lines = r.stderr.strip().splitlines()
@@ -103,6 +104,9 @@ def mutated_checkpoint(draw, base: bytes) -> bytes:
                 st.just(json.dumps({"model": {"channels": 10**9}})),
                 st.just(json.dumps({"model": {"image_size": [-1, 2]}})),
                 st.just("[]"),
+                st.just("[" * 100_000 + "]" * 100_000),  # deeper than Python's parser recurses
+                st.just("[bold red]x[/] \x1b[2J\x1b]0;title\x07 \u202e"),  # markup, escapes
+                st.just(json.dumps({"model": {"num_res_blocks": 100_000}})),
             )
         )
         if key == "config" and draw(st.booleans()):
@@ -112,7 +116,8 @@ def mutated_checkpoint(draw, base: bytes) -> bytes:
                 field = draw(st.sampled_from(sorted(config[section])))
                 config[section][field] = draw(
                     st.one_of(st.none(), st.integers(-(10**12), 10**12), st.text(max_size=8),
-                              st.lists(st.integers(-5, 5), max_size=3))
+                              st.lists(st.integers(-5, 5), max_size=3), st.floats(),
+                              st.booleans(), st.just([[[[]]]]))
                 )  # fmt: skip
             value = json.dumps(config)
         meta[key] = value

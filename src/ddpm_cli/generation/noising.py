@@ -6,9 +6,11 @@ command line decides what to show.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from ddpm_cli.config import NoiseConfig
 from ddpm_cli.data.images import (
@@ -20,10 +22,10 @@ from ddpm_cli.data.images import (
     to_8bit,
     to_pil,
 )
-from ddpm_cli.device import make_generator, new_seed, randn, resolve_device
+from ddpm_cli.device import available_memory, make_generator, new_seed, randn, resolve_device
 from ddpm_cli.diffusion.preview import chain, frame_times, noised, step_stats
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.errors import ConfigError
+from ddpm_cli.errors import ConfigError, DataError
 
 REPORT_POINTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # default strip: fractions of T
 
@@ -59,8 +61,36 @@ class NoiseResult:
     notes: tuple[str, ...]
 
 
+# bytes per pixel and channel that previewing at full size needs: the decode in float64, the
+# image, its noise and each panel in float32, the 8-bit panels and the strip they are joined in
+BYTES_PER_VALUE = 8 + 4 * 2
+BYTES_PER_PANEL_VALUE = 4 + 2
+
+
+def check_memory(data: bytes, name: str, config: NoiseConfig) -> None:
+    """Refuse, before decoding, an image too large to preview in the memory there is (Pillow's
+    bomb limit allows 179 million pixels: tens of GiB here), and say to pass --size."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size  # the header only
+    except Exception:  # decode_image reports what is wrong with it
+        return
+    side = config.size
+    pixels = width * height if side is None else side * side
+    panels = config.frames if config.gif else len(config.ts or REPORT_POINTS)
+    need = pixels * 4 * (BYTES_PER_VALUE + panels * BYTES_PER_PANEL_VALUE) + width * height * 4
+    have = available_memory()
+    if have is not None and need > 0.8 * have:
+        hint = "pass --size N to shrink it first" if side is None else "pass a smaller --size"
+        raise DataError(
+            f"{name}: a {width}x{height} image: previewing it"
+            f"{'' if side is None else f' at --size {side}'} needs about "
+            f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available; {hint}"
+        )
+
+
 def run_noise(data: bytes, name: str, config: NoiseConfig) -> NoiseResult:
     """Noise the image in `data` as `config` asks; see NoiseResult."""
+    check_memory(data, name, config)
     device = resolve_device(config.device)
     image = decode_image(data, name, size=config.size)
     tables64 = DiffusionTables.from_config(config.diffusion)
