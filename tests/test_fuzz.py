@@ -34,6 +34,8 @@ def peak_rss_gib() -> float:
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
 
 
+REFUSALS: list[tuple[float, str]] = []  # (seconds, command) of each refused case, for report()
+
 SETTINGS = dict(
     deadline=None,  # timed by hand below, with a clearer message
     derandomize=False,
@@ -50,6 +52,8 @@ def run_case(runner, args, subject: str | None = None) -> int:
     r = runner.invoke(app, args)
     seconds = time.perf_counter() - t0
     assert seconds < SECONDS, f"{args}: {seconds:.1f} s"
+    if r.exit_code:
+        REFUSALS.append((seconds, args[0]))
     out = r.output
     assert "Traceback" not in out and "internal error" not in out, out
     assert "\x1b" not in out, out  # text from files is shown escaped, never acted on
@@ -234,6 +238,10 @@ def report(kind: str, codes: dict[str, list[int]]) -> None:
     for command, seen in codes.items():
         print(f"fuzz {kind}: {command}: {len(seen)} cases, {seen.count(0)} exit 0, "
               f"{len(seen) - seen.count(0)} refused naming the input")  # fmt: skip
+    if REFUSALS:
+        seconds, command = max(REFUSALS)
+        print(f"fuzz {kind}: the slowest refusal took {seconds:.2f} s ({command})")
+    REFUSALS.clear()
 
 
 @pytest.mark.parametrize("fmt", sorted(SUFFIX))

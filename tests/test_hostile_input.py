@@ -250,3 +250,18 @@ def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode))
     r = runner.invoke(app, [*args, "--out", str(locked / "run")])
     assert r.exit_code == 2 and f"cannot write in {locked}" in r.stderr, r.output
+
+
+def test_an_unreadable_image_with_a_non_utf8_name_is_listed_by_its_bytes(runner, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        draw_shapes((12 + i, 12)).save(data / f"{i}.png")
+    bad = os.fsencode(data) + b"/\xffbroken.png"
+    Path(os.fsdecode(bad)).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", str(data), "--preset", "tiny", "--image-size", "8",
+                            "--steps", "1", "--sample-every", "0", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert b"\xffbroken.png" in (out / "skipped.txt").read_bytes()
+    no_raw_controls(r.stderr)

@@ -198,6 +198,8 @@ def test_the_default_budget_plan():
     assert budget_plan(10_000, 1000, 1e-2, 60.0) == (MIN_T_SAMPLES, 6000 // (MIN_T_SAMPLES + 1))
     assert budget_plan(10_000, 1000, 1.0, 60.0) == (MIN_T_SAMPLES, MIN_IMAGES)  # the floor
     assert budget_plan(10, 1000, 1.0, 60.0) == (MIN_T_SAMPLES, 10)  # never more than there are
+    # a chain of T <= MIN_T_SAMPLES + 1 steps: every timestep, on as many images as fit
+    assert budget_plan(10_000, 10, 1e-2, 60.0) == (None, 600)
 
 
 def test_eval_defaults_to_a_budget_and_full_is_one_flag_away(runner, tmp_path, monkeypatch):

@@ -234,6 +234,23 @@ def _stop_mid_run(tmp_path: Path, how: str) -> tuple[int, Path]:
     return job.wait(timeout=120), out
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
+def test_nohup_keeps_training_through_a_hang_up(tmp_path):
+    """`nohup ddpm train` ignores SIGHUP on purpose: the run must not stop on it."""
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpm_cli", "train", str(pics), *TRAIN, "--steps", "12",
+           "--out", str(out)]  # fmt: skip
+    ignore = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 (what nohup does)
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           preexec_fn=ignore)  # fmt: skip
+    while not job.stderr.readline().startswith(b"step 3"):
+        pass
+    job.send_signal(signal.SIGHUP)
+    job.stderr.read()
+    assert job.wait(timeout=120) == 0
+    assert load_checkpoint(out / "train_state.safetensors").step == 12
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP and pipes")
 @pytest.mark.parametrize("how, code", [("sighup", 129), ("closed_stderr", 141)])
 def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(tmp_path, how, code):
@@ -248,6 +265,19 @@ def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(tmp_pat
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2
+
+
+def _fail_after(monkeypatch, module, name: str, calls: int, error) -> None:
+    """Make module.name raise error() on every call after the first `calls`."""
+    real, seen = getattr(module, name), {"n": 0}
+
+    def failing(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] > calls:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
 
 
 @pytest.mark.parametrize("error, words", [
@@ -267,25 +297,9 @@ def test_running_out_of_memory_or_disk_mid_run_says_what_was_saved(
 
     pics, out = _pics(tmp_path), tmp_path / "run"
     if isinstance(error(), OSError):  # the metrics log, written outside the atomic writes
-        real, calls = loop_mod.append_line, {"n": 0}
-
-        def full(*a, **k):
-            calls["n"] += 1
-            if calls["n"] > 4:
-                raise error()
-            return real(*a, **k)
-
-        monkeypatch.setattr(loop_mod, "append_line", full)
+        _fail_after(monkeypatch, loop_mod, "append_line", 4, error)
     else:  # the training step's forward pass
-        real, calls = train_mod.training_losses, {"n": 0}
-
-        def losses(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] > 4:
-                raise error()
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train_mod, "training_losses", losses)
+        _fail_after(monkeypatch, train_mod, "training_losses", 4, error)
     r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "20", "--checkpoint-every",
                             "2", "--out", str(out)])  # fmt: skip
     assert r.exit_code == 1, r.output
@@ -443,6 +457,10 @@ def test_resume_from_another_working_directory_finds_a_relative_data_folder(
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--steps", "3", "-q"])
     assert r.exit_code == 0, r.output
     assert load_checkpoint(tmp_path / "run" / "train_state.safetensors").step == 3
+    # the absolute path is in the train state (for resume), not in the model file people share
+    run = tmp_path / "run"
+    assert "source_path" in load_checkpoint(run / "train_state.safetensors").config["data"]
+    assert "source_path" not in load_checkpoint(run / "model.safetensors").config["data"]
 
 
 def test_a_missing_random_state_is_a_stated_fallback(runner, tmp_path):

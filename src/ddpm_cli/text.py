@@ -4,7 +4,8 @@ File names on Linux may be any bytes: Python hands the ones that are not UTF-8 o
 surrogates (U+DC80-U+DCFF), which a UTF-8 stream refuses to encode. Names and metadata may also
 hold control characters, terminal escape sequences included, that would move the cursor,
 recolour or clear the user's terminal. `shown` spells all of these out as backslash escapes, so a
-message or table shows exactly which bytes a name holds and the terminal never acts on them.
+message or table shows which bytes a name holds and the terminal never acts on them (a literal
+backslash is left as it is, for the paths of Windows: `\\xff` in a name reads like the byte).
 """
 
 from __future__ import annotations

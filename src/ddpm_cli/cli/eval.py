@@ -29,6 +29,7 @@ from ddpm_cli.evaluation.memorization import memorization as copies
 from ddpm_cli.generation.sampling import check_model, load_for_sampling
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
+from ddpm_cli.text import shown
 
 
 def eval_(
@@ -215,7 +216,7 @@ def summary_lines(report: dict) -> list[str]:
         )
         lines.append(
             f"bits/dim  {r['bits_per_dim']:.4f} ± {r['stderr']:.4f}  ({r['images']} images of "
-            f"{r['data']}, {how}, variance {r['variance']})"
+            f"{shown(str(r['data']))}, {how}, variance {r['variance']})"
         )
         t = r["terms"]
         lines.append(

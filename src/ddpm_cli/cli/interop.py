@@ -75,4 +75,7 @@ def export(
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:
         raise UsageError(f"{diffusers}: is not empty; pass --overwrite to write into it")
     info = export_checkpoint(checkpoint, diffusers)
-    print(json.dumps(info, indent=2) if as_json else diffusers)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_path(diffusers)

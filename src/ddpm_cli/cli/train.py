@@ -46,8 +46,8 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 if hasattr(signal, "SIGHUP"):  # not on Windows
     EXIT_SIGNAL[signal.SIGHUP] = 129
 TRAIN_MEMORY_HINT = (
-    "try --grad-accum 2 (each step in two halves: the same update in less memory), "
-    "--grad-checkpoint, or a smaller --batch-size"
+    "resume with --grad-checkpoint (less memory, the same update), or start a new run with "
+    "--grad-accum 2 (each step in two halves) or a smaller --batch-size"
 )
 LOST_OUTPUT = "stderr closed"  # a stop with no signal: stderr's reader went away
 EXIT_LOST_OUTPUT = 141  # what a shell reports for a writer killed by SIGPIPE
@@ -377,7 +377,7 @@ def train(
             given[key] = locals()[key]
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
-    stop = {"signal": None, "lost": False}
+    stop = {"signal": None, "lost": False, "out": resume}
 
     def lost_output() -> None:
         """stderr's reader has gone (`2>&1 | head`, a closed terminal): go on silently to a
@@ -389,6 +389,8 @@ def train(
 
     def handler(signum, frame):
         if stop["signal"] is not None:
+            if signum == getattr(signal, "SIGHUP", None):
+                return  # a hang-up said again (terminal, then shell): the checkpoint still comes
             os._exit(EXIT_SIGNAL.get(signum, 1))  # second signal: leave now; writes are atomic
         stop["signal"] = signum
         try:
@@ -409,7 +411,9 @@ def train(
         except OSError:
             lost_output()
 
-    previous = {s: signal.signal(s, handler) for s in EXIT_SIGNAL}
+    # `nohup ddpm train` ignores SIGHUP on purpose: keep it ignored
+    caught = [s for s in EXIT_SIGNAL if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in caught}
     view = ProgressView(quiet)
     try:
         result = run_training(

@@ -81,6 +81,8 @@ def budget_plan(n: int, timesteps: int, seconds_per_eval: float,
         return None, n
     if k >= MIN_T_SAMPLES:
         return k, n
+    if timesteps - 1 <= MIN_T_SAMPLES:  # a short chain: every timestep, on fewer images
+        return None, min(n, max(MIN_IMAGES, int(evals / timesteps)))
     return MIN_T_SAMPLES, min(n, max(MIN_IMAGES, int(evals / (MIN_T_SAMPLES + 1))))
 
 

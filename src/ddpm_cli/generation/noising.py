@@ -71,13 +71,16 @@ def check_memory(data: bytes, name: str, config: NoiseConfig) -> None:
     """Refuse, before decoding, an image too large to preview in the memory there is (Pillow's
     bomb limit allows 179 million pixels: tens of GiB here), and say to pass --size."""
     try:
-        width, height = Image.open(io.BytesIO(data)).size  # the header only
+        header = Image.open(io.BytesIO(data))  # the header only
+        width, height = header.size
+        channels = 4 if header.mode == "P" else len(header.getbands())
     except Exception:  # decode_image reports what is wrong with it
         return
     side = config.size
     pixels = width * height if side is None else side * side
     panels = config.frames if config.gif else len(config.ts or REPORT_POINTS)
-    need = pixels * 4 * (BYTES_PER_VALUE + panels * BYTES_PER_PANEL_VALUE) + width * height * 4
+    need = (pixels * channels * (BYTES_PER_VALUE + panels * BYTES_PER_PANEL_VALUE)
+            + width * height * channels)  # fmt: skip
     have = available_memory()
     if have is not None and need > 0.8 * have:
         hint = "pass --size N to shrink it first" if side is None else "pass a smaller --size"

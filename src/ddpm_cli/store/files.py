@@ -127,8 +127,8 @@ def append_line(path: Path, line: str) -> None:
             raise OutputError(f"{path}: is a symbolic link; a run writes its own logs, remove "
                               "the link") from None  # fmt: skip
         raise
-    with os.fdopen(fd, "a") as f:
-        f.write(line if line.endswith("\n") else line + "\n")
+    with os.fdopen(fd, "ab") as f:  # a name that is not UTF-8 is written as its own bytes
+        f.write(os.fsencode(line if line.endswith("\n") else line + "\n"))
 
 
 def _umask() -> int:

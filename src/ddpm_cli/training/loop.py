@@ -174,10 +174,11 @@ class Loop:
 
     def checkpoint(self) -> None:
         r = self.job
+        # on every rank (their weights are the same), so that all stop together
+        check_weights_finite(r.state, r.config)  # never replace a good checkpoint with NaNs
         if not r.d.main:
             return
         decay = ema_decay_at(r.state.step, r.config.ema_decay)
-        check_weights_finite(r.state, r.config)  # never replace a good checkpoint with NaNs
         save_run(r.out, r.state, r.configs, self.elapsed(), decay, world=r.d.world,
                  trained=self.trained())  # fmt: skip
         snapshot = None

@@ -21,6 +21,7 @@ Progress is reported to `on_event(kind, info)`; nothing here prints.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -38,7 +39,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
-from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line
+from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line, write_atomic
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
@@ -264,7 +265,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     )
     if report.skipped and d.main:
         lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
-        (out / SKIPPED).write_text(lines)
+        write_atomic(out / SKIPPED, os.fsencode(lines), follow=False)  # names as their bytes
     return Prepared(
         out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
         report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,

@@ -67,7 +67,10 @@ def save_model(
 ) -> None:
     """The EMA weights and the run's configs as a model file, atomically; `extra`: more
     metadata (e.g. the quality figure of best.safetensors)."""
-    meta = {"config": configs, "step": state.step, "ema_decay": decay, "elapsed": elapsed,
+    data = {k: v for k, v in configs.get("data", {}).items() if k != "source_path"}
+    shared = {**configs, "data": data} if "data" in configs else configs  # files people share:
+    # not the absolute path of the data folder (only resume needs it, from the train state)
+    meta = {"config": shared, "step": state.step, "ema_decay": decay, "elapsed": elapsed,
             "weights": "ema", **extra}  # fmt: skip
     save_checkpoint(path, state.ema.state_dict(), "model", meta, follow=False)
 
