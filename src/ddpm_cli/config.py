@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from ddpm_cli.errors import ConfigError
+from ddpm_cli.text import json_fits, type_words
 
 # Bounds on what a config may ask for, checked before anything is built or allocated: far beyond
 # any network or schedule in use (the largest preset: 256x256, 128 x 1,1,2,2,4,4, 2 blocks), and
@@ -374,34 +374,6 @@ def parse_duration(value) -> float:
     return seconds
 
 
-def _fits(value, hint) -> bool:
-    """Whether a JSON value has the type a config field's annotation names (a float field
-    takes an integer; an enum field its value as a string)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    if hint is int:
-        return isinstance(value, int)
-    if hint is float:
-        return isinstance(value, (int, float))
-    if hint is str or (isinstance(hint, type) and issubclass(hint, Enum)):
-        return isinstance(value, str)
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        pairs = zip(value, args, strict=False)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in pairs)
-    return True
-
-
 def from_dict(cls, data: dict):
     """Rebuild a config dataclass from its JSON form, refusing unknown keys, values of the
     wrong type (a float where an integer belongs) and bad values, before anything is built."""
@@ -413,24 +385,13 @@ def from_dict(cls, data: dict):
         raise ConfigError(f"{cls.__name__}: unknown fields {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        if not _fits(value, hints[key]):
+        if not json_fits(value, hints[key]):
             shown = json.dumps(value)
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            raise ConfigError(f"{cls.__name__}: {key} must be {_type_name(hints[key])}, "
+            raise ConfigError(f"{cls.__name__}: {key} must be {type_words(hints[key])}, "
                               f"got {shown}")  # fmt: skip
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
-
-
-def _type_name(hint) -> str:
-    """'an integer', 'a list of integers or null': an annotation in the words of a message."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in args)
-    if typing.get_origin(hint) is tuple:
-        return "a list of " + ("integers" if args[0] is int else "strings")
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number"}
-    return names.get(hint, "a string")

@@ -1,4 +1,5 @@
-"""Text that came from files, made safe to show and to parse.
+"""Text that came from files, made safe to show and to parse, and JSON values checked against
+the types a config dataclass declares (json_fits) before anything is built from them.
 
 File names on Linux may be any bytes: Python hands the ones that are not UTF-8 over as lone
 surrogates (U+DC80-U+DCFF), which a UTF-8 stream refuses to encode. Names and metadata may also
@@ -11,6 +12,9 @@ backslash is left as it is, for the paths of Windows: `\\xff` in a name reads li
 from __future__ import annotations
 
 import json
+import types
+import typing
+from enum import Enum
 
 # Bidirectional overrides and isolates reorder what follows them on screen ("Trojan Source");
 # the line and paragraph separators break a one-line message.
@@ -48,3 +52,42 @@ def parse_json(text: str | bytes):
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def json_fits(value, hint) -> bool:
+    """Whether a JSON value has the type a config field's annotation names (a float field
+    takes an integer; an enum field its value as a string)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(json_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, int)
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is str or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(json_fits(v, args[0]) for v in value)
+        pairs = zip(value, args, strict=False)
+        return len(value) == len(args) and all(json_fits(v, a) for v, a in pairs)
+    return True
+
+
+def type_words(hint) -> str:
+    """'an integer', 'a list of integers or null': an annotation in the words of a message."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_words(h) for h in args)
+    if typing.get_origin(hint) is tuple:
+        return "a list of " + ("integers" if args[0] is int else "strings")
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number"}
+    return names.get(hint, "a string")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -17,12 +14,11 @@ from ddpm_cli.cli.common import (
     DeviceOpt,
     QuietOpt,
     TimestepsOpt,
-    discard,
-    err_console,
     precision_option,
     print_path,
     seed_option,
 )
+from ddpm_cli.cli.stopping import Stopper
 from ddpm_cli.cli.views import ProgressView
 from ddpm_cli.config import (
     DiffusionConfig,
@@ -32,25 +28,10 @@ from ddpm_cli.config import (
     TrainConfig,
     parse_duration,
 )
-from ddpm_cli.errors import RESOURCE_HINTS, ResourceError, exhausted
 from ddpm_cli.model.presets import PRESETS
-from ddpm_cli.store.checkpoint import header_value
-from ddpm_cli.store.files import STATE
 from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
-
-# Signals that stop training as Ctrl-C does (a checkpoint after this step), and the exit code of
-# each: 128 + the signal. SIGHUP: the terminal or ssh session closed.
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-if hasattr(signal, "SIGHUP"):  # not on Windows
-    EXIT_SIGNAL[signal.SIGHUP] = 129
-TRAIN_MEMORY_HINT = (
-    "resume with --grad-checkpoint (less memory, the same update), or start a new run with "
-    "--grad-accum 2 (each step in two halves) or a smaller --batch-size"
-)
-LOST_OUTPUT = "stderr closed"  # a stop with no signal: stderr's reader went away
-EXIT_LOST_OUTPUT = 141  # what a shell reports for a writer killed by SIGPIPE
 
 # the model presets as a closed set of choices, so that --help and completion list them
 PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, type=str)
@@ -377,44 +358,9 @@ def train(
             given[key] = locals()[key]
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
-    stop = {"signal": None, "lost": False, "out": resume}
-
-    def lost_output() -> None:
-        """stderr's reader has gone (`2>&1 | head`, a closed terminal): go on silently to a
-        checkpoint after this step, as Ctrl-C does."""
-        stop["lost"] = True
-        discard(sys.stderr)
-        if stop["signal"] is None:
-            stop["signal"] = LOST_OUTPUT
-
-    def handler(signum, frame):
-        if stop["signal"] is not None:
-            if signum == getattr(signal, "SIGHUP", None):
-                return  # a hang-up said again (terminal, then shell): the checkpoint still comes
-            os._exit(EXIT_SIGNAL.get(signum, 1))  # second signal: leave now; writes are atomic
-        stop["signal"] = signum
-        try:
-            err_console.print(
-                "[yellow]stopping: saving a checkpoint after this step "
-                "(press Ctrl-C again to quit at once)[/yellow]"
-            )
-        except OSError:  # SIGHUP: the terminal may be gone already
-            lost_output()
-
-    def show(kind: str, info: dict) -> None:
-        if kind == "start":
-            stop["out"] = info["out"]
-        if stop["lost"]:
-            return
-        try:
-            view.event(kind, info)
-        except OSError:
-            lost_output()
-
-    # `nohup ddpm train` ignores SIGHUP on purpose: keep it ignored
-    caught = [s for s in EXIT_SIGNAL if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, handler) for s in caught}
     view = ProgressView(quiet)
+    stop = Stopper(view.event, resume)
+    stop.install()
     try:
         result = run_training(
             data,
@@ -423,32 +369,21 @@ def train(
             out=out,
             resume=resume,
             given=given,
-            on_event=show,
-            should_stop=lambda: stop["signal"] is not None,
+            on_event=stop.show,
+            should_stop=stop.requested,
         )
     except Exception as e:
-        what = exhausted(e)  # the machine ran out: say what is saved, and what to try
-        if what is None:
+        error = stop.out_of(e)  # the machine ran out: say what is saved, and what to try
+        if error is None:
             raise
-        hint = TRAIN_MEMORY_HINT if what == "memory" else RESOURCE_HINTS[what]
-        raise ResourceError(f"out of {what}: {saved_text(stop.get('out'))}; {hint}") from None
+        raise error from None
     finally:
         try:
             view.close()
         except OSError:
-            lost_output()
-        for s, h in previous.items():
-            signal.signal(s, h)
+            stop.lost_output()
+        stop.restore()
     if (result.out / "model.safetensors").exists() and distributed.env_main():
         print_path(result.out / "model.safetensors")
     if result.status == "stopped":
-        code = EXIT_LOST_OUTPUT if stop["signal"] == LOST_OUTPUT else None
-        raise typer.Exit(code or EXIT_SIGNAL.get(stop["signal"], 130))
-
-
-def saved_text(out: Path | None) -> str:
-    """What a run that failed has kept: its last checkpoint, and how to continue from it."""
-    step = header_value(Path(out) / STATE, "step") if out is not None else None
-    if not isinstance(step, int) or isinstance(step, bool):
-        return "nothing was saved yet"
-    return f"the checkpoint of step {step} in {out} is intact (ddpm train --resume {out})"
+        raise typer.Exit(stop.exit_code())
