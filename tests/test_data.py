@@ -208,3 +208,17 @@ def test_a_shift_as_large_as_the_image_is_one_line_exit_2(runner, tmp_path):
                             "-o", str(tmp_path / "run")])  # fmt: skip
     assert r.exit_code == 2 and "shift 16 must be less than the image size 16" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_small_folder_warns_and_points_to_shift(tmp_path):
+    """Below TINY_DATASET images the report warns that the model will memorise them, and names
+    the augmentation measured to help on small sets of centred subjects (docs/training.md)."""
+    from ddpm_cli.data.folders import TINY_DATASET
+    from ddpm_cli.data.sources import load_source
+
+    for i in range(5):
+        draw_shapes((12 + i, 12)).save(tmp_path / f"{i}.png")
+    _, report = load_source(str(tmp_path), (8, 8), 3)
+    (warning,) = [w for w in report.warnings if "memorise" in w]
+    assert warning.startswith("only 5 images") and "--shift 2" in warning
+    assert TINY_DATASET == 100
