@@ -117,8 +117,10 @@ def test_tables_to_casts_after_float64_math():
 def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="unknown schedule 'foo'.*linear, cosine"):
         DiffusionConfig(schedule="foo")
-    with pytest.raises(ConfigError, match="at least 1"):
+    with pytest.raises(ConfigError, match="timesteps must be 1 to 100,000, got 0"):
         DiffusionConfig(timesteps=0)
+    with pytest.raises(ConfigError, match="timesteps must be 1 to 100,000"):
+        DiffusionConfig(timesteps=100_001)
     assert DiffusionConfig(schedule="cosine").schedule is Schedule.cosine
     assert DiffusionConfig().to_dict() == {"schedule": "linear", "timesteps": 1000}
 
