@@ -74,8 +74,10 @@ def test_hostile_class_names_train_inspect_and_sample(runner, tmp_path):
 
     out = tmp_path / "s"
     r = runner.invoke(app, ["sample", str(run), "-n", "1", "--steps", "2", "--class", "all",
-                            "-o", str(out), "-q"])  # fmt: skip
+                            "-o", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
+    no_raw_controls(r.stderr)  # the header names the classes
+    assert "[bold]dog" in r.stderr and "\\xffcat" in r.stderr, r.stderr
     # stdout: the files' own bytes, one a line, each an existing file with the class in its name
     paths = [Path(os.fsdecode(line)) for line in r.stdout_bytes.splitlines()]
     assert len(paths) == len(HOSTILE) and all(p.is_file() for p in paths)

@@ -27,6 +27,7 @@ from ddpm_cli.cli.common import (
     overwrite_option,
     precision_option,
     print_path,
+    safe,
 )
 from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.config import MAX_TIMESTEPS
@@ -327,13 +328,13 @@ def _header(info: dict) -> str:
     share = f" ({info['mine']} per process, {info['world']} processes)" if info["active"] else ""
     which = ""
     if info["classes"]:
-        which = f" of {', '.join(info['classes'])}, guidance {info['guidance']:g}"
+        which = f" of {safe(', '.join(info['classes']))}, guidance {info['guidance']:g}"
     command = f"ddpm {e.command}" if e else "ddpm sample"
     what = ""
     if e is not None:
         what = f" from {count(info['inputs'], 'input')} ({_edit_text(e, info['factor'])})"
     return (
-        f"[bold]{command}[/bold] {sm.path} ({sm.weights} weights, step {sm.step}): "
+        f"[bold]{command}[/bold] {safe(sm.path)} ({sm.weights} weights, step {sm.step}): "
         f"{count(info['total'], 'image')}{which}{what}{share}, {s.sampler.value} "
         f"{s.steps} steps ({s.spacing}){_evaluations(info)}, seed {info['seed']}, "
         f"batch {info['batch']}, "

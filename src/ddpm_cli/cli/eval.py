@@ -172,7 +172,7 @@ def eval_(
         raise UsageError(f"--t-samples {t_samples}: at most T - 1 = {T - 1} (drop it for all T)")
     report: dict = {"checkpoint": str(sm.path), "content_hash": sm.content_hash}
     # the header waits for the first progress, so that bad input gets its one error line alone
-    header = f"[bold]ddpm eval[/bold] {sm.path} ({sm.weights} weights, step {sm.step}), {dev}"
+    header = f"ddpm eval {sm.path} ({sm.weights} weights, step {sm.step}), {dev}"  # shown as is
     view = EvalProgress(quiet, header)
     try:
         if data is not None:
