@@ -74,7 +74,8 @@ class LiveView:
             return
         console = self.progress.console if self.progress else err_console
         line = literal(text)
-        line.stylize("dim" if dim else "")
+        if dim:
+            line.stylize("dim")
         if warning:
             line = Text.assemble(("warning: ", "yellow"), line)
         console.print(line)

@@ -72,7 +72,9 @@ class Resumed:
     def world(self) -> int:
         """The number of processes that trained it (runs saved before distributed training
         had one)."""
-        return self.ckpt.number("world_size") or 1 if "world_size" in self.ckpt.meta else 1
+        if "world_size" not in self.ckpt.meta:
+            return 1
+        return self.ckpt.number("world_size") or 1
 
 
 def open_resume(resume: Path, source: str | None, out: Path | None, given: dict) -> Resumed:
