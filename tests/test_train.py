@@ -157,6 +157,11 @@ def test_schedules_of_lr_ema_and_length():
     assert lr_at(500, 1e-3, 100, progress=1.0, cooldown=0.3) == 0.0
     assert lr_at(10, 1e-3, 100, progress=0.85, cooldown=0.3) == pytest.approx(0.11 * 0.5e-3)
     assert lr_at(500, 1e-3, 100, progress=0.99, cooldown=0.0) == 1e-3
+    # a warm-up share ends the warm-up by that share of the run, if no step count has yet
+    assert lr_at(9, 1e-3, 100, progress=0.025, warmup_share=0.05) == pytest.approx(0.5e-3)
+    assert lr_at(9, 1e-3, 100, progress=0.05, warmup_share=0.05) == pytest.approx(1e-3)
+    assert lr_at(59, 1e-3, 100, progress=0.01, warmup_share=0.05) == pytest.approx(0.6e-3)
+    assert lr_at(9, 1e-3, 100, progress=0.05) == pytest.approx(1e-4)
     # the power-function EMA (Karras et al. 2024) with exponent train.EMA_GAMMA = 16
     assert ema_decay_at(0, 0.9999) == ema_decay_at(1, 0.9999) == 0.0  # step 1 copies
     assert ema_decay_at(100, 0.9999) == pytest.approx(0.99**17)
@@ -201,11 +206,13 @@ def test_recipes_resolve_by_preset_and_explicit_values_win():
     assert short.warmup_steps == 50
     timed = train_mod.resolve(TrainConfig(preset="tiny", time_limit=60.0), cpu, 1000, 3)
     assert (timed.lr, timed.warmup_steps, timed.cooldown) == (1e-3, 100, 0.3)
+    assert timed.warmup_share == 0.05  # or 5% of the time, whichever comes first
     paper = train_mod.resolve(TrainConfig(preset="cifar10", steps=800_000), cpu, 50_000, 3)
     assert (paper.lr, paper.warmup_steps, paper.cooldown) == (2e-4, 5000, 0.0)
     mine = train_mod.resolve(TrainConfig(preset="small", lr=3e-4, warmup_steps=7, cooldown=0.0,
                                          steps=100), cpu, 100, 3)  # fmt: skip
     assert (mine.lr, mine.warmup_steps, mine.cooldown) == (3e-4, 7, 0.0)
+    assert mine.warmup_share == 0.0  # a warm-up given in steps is kept whatever the time
 
 
 @pytest.mark.parametrize(
@@ -501,7 +508,7 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
     seconds over resumes: a resumed run with a longer limit trains the difference."""
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    config = TrainConfig(**FAST, time_limit=2.0, warmup_steps=1)
+    config = TrainConfig(**FAST, time_limit=2.0)  # the preset's warm-up: 100 steps or 5%
     result = train(str(colours), config, DiffusionConfig(), out)
     wall = time.perf_counter() - t0
     assert result.status == "done" and result.total is None and result.step > 5
@@ -514,6 +521,10 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = max(r["lr"] for r in records)
     assert peak == pytest.approx(1e-3) and records[-1]["lr"] < 0.1 * peak
+    # the warm-up was planned for the time too: full rate after 5% of it, not after 100 steps
+    assert records[0]["lr"] < 0.5e-3
+    full = min(r["step"] for r in records if r["lr"] == pytest.approx(1e-3))
+    assert full <= max(2, 0.1 * result.step) and full < 100
     again = train(None, TrainConfig(**FAST, time_limit=3.5), DiffusionConfig(), resume=out,
                   given={"time_limit": 3.5})  # fmt: skip
     second = load_checkpoint(out / "train_state.safetensors")
@@ -529,7 +540,11 @@ def test_cli_time_option_plans_and_refuses_bad_durations(runner, colours, tmp_pa
     assert r.exit_code == 0, r.output
     assert "1s of training" in r.output and "finished at step" in r.output
     training = load_checkpoint(tmp_path / "run" / "model.safetensors").config["training"]
-    assert training["time_limit"] == 1.0
+    assert training["time_limit"] == 1.0 and training["warmup_share"] == 0.05
+    # the pre-flight table and inspect say how the warm-up ends
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "run")])
+    for text in (r.output, shown.output):  # table cells may wrap: read them without borders
+        assert "warm-up 100 steps or 5% of the time" in " ".join(text.replace("│", " ").split())
     r = cli_train(runner, colours, tmp_path / "bad", "--time", "10 minutes")
     assert r.exit_code == 2 and "use a number with s, m or h" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "bad").exists()

@@ -237,6 +237,7 @@ class TrainConfig:
     # paper's (2e-4, 5000 steps, none) for its networks, 1e-3, 100 steps and 0.3 on the CPU
     lr: float | None = None
     warmup_steps: int | None = None  # linear warm-up; at most 5% of a run of known length
+    warmup_share: float = 0.0  # a --time run's warm-up also ends at this share of its time
     cooldown: float | None = None  # the share at a run's end where lr falls linearly to 0
     grad_clip: float = 1.0  # global gradient-norm clipping, as in the paper
     ema_decay: float = 0.9999  # the paper's, as an upper bound; see train.ema_decay_at
@@ -289,8 +290,7 @@ class TrainConfig:
                                   f"{min(self.image_size)}")  # fmt: skip
         if self.precision is not None:
             object.__setattr__(self, "precision", Precision(self.precision))
-        positive = ("grad_accum", "log_every", "num_samples")
-        for name in positive:
+        for name in ("grad_accum", "log_every", "num_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("batch_size", "epochs", "steps", "keep"):
@@ -309,8 +309,9 @@ class TrainConfig:
             raise ConfigError(f"channels must be 1, 3 or 4, got {self.channels}")
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.cooldown is not None and not 0.0 <= self.cooldown <= 1.0:
-            raise ConfigError(f"cooldown must be between 0 and 1, got {self.cooldown}")
+        for name in ("cooldown", "warmup_share"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.min_snr_gamma is not None and not 0 < self.min_snr_gamma < math.inf:

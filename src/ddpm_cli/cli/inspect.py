@@ -227,7 +227,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
                     (
                         "lr",
-                        f"{tr.get('lr')} (warm-up {tr.get('warmup_steps')}, cooldown "
+                        f"{tr.get('lr')} (warm-up {_warmup(tr)}, cooldown "
                         f"{tr.get('cooldown') or 0:g})",
                     ),
                     ("EMA", tr.get("ema_decay")),
@@ -352,6 +352,14 @@ def _size(size) -> str | None:
         return None
     h, w = size
     return f"{w}x{h}"
+
+
+def _warmup(tr: dict) -> str:
+    """The stored warm-up: steps, and the share of a --time run that ends it sooner."""
+    share = tr.get("warmup_share")
+    if not tr.get("time_limit") or type(share) not in (int, float) or not share:
+        return str(tr.get("warmup_steps"))
+    return f"{tr.get('warmup_steps')} steps or {share:.0%} of the time"
 
 
 def _duration(seconds: float) -> str:

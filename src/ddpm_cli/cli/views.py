@@ -36,6 +36,13 @@ def duration_text(seconds: float) -> str:
     return "".join(parts)
 
 
+def _warmup(config) -> str:
+    """100, or "100 steps or 5% of the time" when a --time run ends it by its share."""
+    if config.time_limit is None or not config.warmup_share:
+        return str(config.warmup_steps)
+    return f"{config.warmup_steps} steps or {config.warmup_share:.0%} of the time"
+
+
 def _length(total: int | None, time_limit: float | None) -> str:
     if time_limit is None:
         return f"{total} steps"
@@ -227,7 +234,7 @@ def preflight_table(info: dict) -> Table:
             "training",
             f"{_length(info['total'], config.time_limit)}, batch "
             f"{_batch(config, info.get('world', 1))}, "
-            f"lr {config.lr:g} (warm-up {config.warmup_steps}"
+            f"lr {config.lr:g} (warm-up {_warmup(config)}"
             + (f", cooldown over the last {config.cooldown:.0%}" if config.cooldown else "")
             + f"), EMA up to {config.ema_decay}, "
             f"seed {config.seed}",

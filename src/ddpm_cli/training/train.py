@@ -35,7 +35,7 @@ from ddpm_cli.model.presets import preset_for, recipe_for
 from ddpm_cli.model.unet import ResBlock, UNet
 from ddpm_cli.training.quality import holdout_size
 
-WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
+WARMUP_SHARE = 0.05  # the preset's warm-up lasts at most 5% of a run, in steps or in time
 # the power-function EMA's exponent (Karras et al. 2024): an average over about the last
 # 1/(EMA_GAMMA + 1) of the run at any length (docs/training.md: 16 measured better than 8,
 # the old warm-up's equivalent, at 1 and 5 minutes on real images)
@@ -65,12 +65,17 @@ def ema_decay_at(step: int, max_decay: float) -> float:
     return min(max_decay, (1.0 - 1.0 / step) ** (EMA_GAMMA + 1))
 
 
-def lr_at(step: int, lr: float, warmup: int, progress: float = 0.0, cooldown: float = 0.0) -> float:
+def lr_at(step: int, lr: float, warmup: int, progress: float = 0.0, cooldown: float = 0.0,
+          warmup_share: float = 0.0) -> float:  # fmt: skip
     """The learning rate of step `step` (0-based): a linear warm-up from lr/warmup to lr over
     `warmup` steps, then constant (the paper), and over the last `cooldown` share of the run
     a linear fall to 0; `progress` is the share of the run done (0 when its length is unknown,
-    e.g. a run that only Ctrl-C ends)."""
-    value = lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+    e.g. a run that only Ctrl-C ends). With `warmup_share`, the warm-up ends by that share of
+    the run at the latest (a --time run on a slow machine may not reach `warmup` steps)."""
+    ramp = (step + 1) / warmup if warmup > 0 else 1.0
+    if warmup_share > 0:
+        ramp = max(ramp, progress / warmup_share)
+    value = lr * min(1.0, ramp)
     if cooldown > 0 and progress > 1.0 - cooldown:
         value *= max(0.0, 1.0 - progress) / cooldown
     return value
@@ -116,9 +121,9 @@ def resolve(
     per_epoch = max(1, math.ceil((n_images - holdout) / (batch * world)))
     steps = total_steps(replace(config, batch_size=batch), per_epoch)
     recipe = recipe_for(preset)
-    warmup = config.warmup_steps
-    if warmup is None:
-        warmup = recipe.warmup_steps
+    warmup, warmup_share = config.warmup_steps, config.warmup_share
+    if warmup is None:  # the preset's: at most 5% of the run, in steps or in time
+        warmup, warmup_share = recipe.warmup_steps, WARMUP_SHARE
         if steps:
             warmup = min(warmup, max(1, int(WARMUP_SHARE * steps)))
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31, (1,)).item())
@@ -137,6 +142,7 @@ def resolve(
         preset=preset,
         lr=config.lr if config.lr is not None else recipe.lr,
         warmup_steps=warmup,
+        warmup_share=warmup_share,
         cooldown=config.cooldown if config.cooldown is not None else recipe.cooldown,
         seed=seed,
         channels=channels,
@@ -305,7 +311,8 @@ def train_step(
     state.model.train()
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(
-            state.step, config.lr, config.warmup_steps, progress, config.cooldown or 0.0
+            state.step, config.lr, config.warmup_steps, progress, config.cooldown or 0.0,
+            config.warmup_share,
         )
     autocast = mixed_precision(config, device)
     all_losses, all_t = [], []
