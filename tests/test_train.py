@@ -213,6 +213,28 @@ def test_recipes_resolve_by_preset_and_explicit_values_win():
                                          steps=100), cpu, 100, 3)  # fmt: skip
     assert (mine.lr, mine.warmup_steps, mine.cooldown) == (3e-4, 7, 0.0)
     assert mine.warmup_share == 0.0  # a warm-up given in steps is kept whatever the time
+    given = train_mod.resolve(TrainConfig(preset="tiny", time_limit=60.0, warmup_steps=100),
+                              cpu, 1000, 3)  # fmt: skip
+    assert (given.warmup_steps, given.warmup_share) == (100, 0.0)
+    # the paper's networks keep their step warm-up under --time (not measured there)
+    timed_paper = train_mod.resolve(TrainConfig(preset="cifar10", time_limit=600.0), cpu, 1000, 3)
+    assert (timed_paper.warmup_steps, timed_paper.warmup_share) == (5000, 0.0)
+
+
+def test_cuda_runs_compile_when_long_in_steps_or_in_time():
+    """A CUDA run bounded only by --time has no step count: it compiles from
+    COMPILE_MIN_SECONDS of training on (it used to fail comparing None with a number)."""
+    cuda = torch.device("cuda")  # resolve only reads the type; no device is needed
+    def plan(**options):
+        config = TrainConfig(preset="tiny", precision="fp32", **options)
+        return train_mod.resolve(config, cuda, 1000, 3).compile
+
+    assert plan(time_limit=60.0) is False
+    assert plan(time_limit=float(train_mod.COMPILE_MIN_SECONDS)) is True
+    assert plan(steps=100) is False and plan(steps=train_mod.COMPILE_MIN_STEPS) is True
+    assert plan(time_limit=3600.0, steps=100) is False  # the nearer limit decides
+    assert train_mod.resolve(TrainConfig(preset="tiny", time_limit=3600.0),
+                             torch.device("cpu"), 1000, 3).compile is False  # fmt: skip
 
 
 @pytest.mark.parametrize(

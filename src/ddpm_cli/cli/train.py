@@ -167,7 +167,8 @@ def train(
             max=MAX_COUNT,
             min=0,
             help="Linear warm-up steps. Default: 100 for the CPU presets, the paper's 5000 for "
-            "its networks; at most 5% of a run of known length, in steps or --time.",
+            "its networks; at most 5% of a run of known length (for the CPU presets, of a "
+            "--time budget too).",
             show_default=False,
         ),
     ] = D.warmup_steps,

@@ -73,6 +73,8 @@ class Recipe:
     # the learning rate falls linearly to 0; 0 keeps it constant after the warm-up
     cooldown: float
     schedule: Schedule
+    # a --time run's warm-up also ends at this share of its time (0: only by its steps)
+    warmup_share: float = 0.0
 
 
 # Ho et al. 2020: Adam at 2e-4, 5000 warm-up steps, constant; kept for the paper's networks
@@ -80,7 +82,9 @@ PAPER_RECIPE = Recipe(lr=2e-4, warmup_steps=5000, cooldown=0.0, schedule=Schedul
 # the CPU presets' recipe for runs of minutes to hours, chosen on real photographs and faces
 # (docs/training.md, "Defaults on real images"): 5x the paper's rate, a short warm-up, a
 # linear cooldown over the last 30% of the run, and the cosine schedule (Nichol & Dhariwal)
-SHORT_RECIPE = Recipe(lr=1e-3, warmup_steps=100, cooldown=0.3, schedule=Schedule.cosine)
+SHORT_RECIPE = Recipe(
+    lr=1e-3, warmup_steps=100, cooldown=0.3, schedule=Schedule.cosine, warmup_share=0.05
+)
 RECIPES = {"cifar10": PAPER_RECIPE, "celebahq256": PAPER_RECIPE, "lsun256": PAPER_RECIPE}
 
 

@@ -35,15 +35,17 @@ from ddpm_cli.model.presets import preset_for, recipe_for
 from ddpm_cli.model.unet import ResBlock, UNet
 from ddpm_cli.training.quality import holdout_size
 
-WARMUP_SHARE = 0.05  # the preset's warm-up lasts at most 5% of a run, in steps or in time
+WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
 # the power-function EMA's exponent (Karras et al. 2024): an average over about the last
 # 1/(EMA_GAMMA + 1) of the run at any length (docs/training.md: 16 measured better than 8,
 # the old warm-up's equivalent, at 1 and 5 minutes on real images)
 EMA_GAMMA = 16
 MAX_WORKERS = 4  # DataLoader processes decoding ahead when data is streamed from disk
 # a CUDA run of this many steps or more compiles its network: on an H100, compiling took
-# about 1.5-3 minutes and the steps then ran 1.9x faster (docs/benchmarks.md)
+# about 1.5-3 minutes and the steps then ran 1.9x faster (docs/benchmarks.md); a run that
+# only --time bounds compiles from this many seconds on (5x the longest compile)
 COMPILE_MIN_STEPS = 10_000
+COMPILE_MIN_SECONDS = 900
 
 
 class TrainingDiverged(DdpmError):
@@ -122,8 +124,8 @@ def resolve(
     steps = total_steps(replace(config, batch_size=batch), per_epoch)
     recipe = recipe_for(preset)
     warmup, warmup_share = config.warmup_steps, config.warmup_share
-    if warmup is None:  # the preset's: at most 5% of the run, in steps or in time
-        warmup, warmup_share = recipe.warmup_steps, WARMUP_SHARE
+    if warmup is None:  # the preset's: the CPU presets' also ends by 5% of a --time run
+        warmup, warmup_share = recipe.warmup_steps, recipe.warmup_share
         if steps:
             warmup = min(warmup, max(1, int(WARMUP_SHARE * steps)))
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31, (1,)).item())
@@ -132,7 +134,9 @@ def resolve(
         workers = min(MAX_WORKERS, max(1, (os.cpu_count() or 2) - 1))
     compile = config.compile
     if compile is None:
-        compile = device.type == "cuda" and steps >= COMPILE_MIN_STEPS
+        long = (steps >= COMPILE_MIN_STEPS if steps is not None
+                else config.time_limit >= COMPILE_MIN_SECONDS)  # fmt: skip
+        compile = device.type == "cuda" and long
     return replace(
         config,
         compile=compile,
