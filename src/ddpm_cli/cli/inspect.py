@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ddpm_cli.cli.common import JsonOpt, StreamConsole, literal, overwrite_option
+from ddpm_cli.cli.views import warmup_text
 from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
 from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
@@ -218,6 +219,9 @@ def tables(info: dict, tensors: bool) -> list[Table]:
         )
     )
     if tr:
+        share = tr.get("warmup_share")  # metadata may hold anything: only a number counts
+        share = share if type(share) in (int, float) else 0
+        warmup = warmup_text(tr.get("warmup_steps"), share, bool(tr.get("time_limit")))
         out.append(
             _table(
                 "training",
@@ -227,7 +231,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
                     (
                         "lr",
-                        f"{tr.get('lr')} (warm-up {_warmup(tr)}, cooldown "
+                        f"{tr.get('lr')} (warm-up {warmup}, cooldown "
                         f"{tr.get('cooldown') or 0:g})",
                     ),
                     ("EMA", tr.get("ema_decay")),
@@ -352,14 +356,6 @@ def _size(size) -> str | None:
         return None
     h, w = size
     return f"{w}x{h}"
-
-
-def _warmup(tr: dict) -> str:
-    """The stored warm-up: steps, and the share of a --time run that ends it sooner."""
-    share = tr.get("warmup_share")
-    if not tr.get("time_limit") or type(share) not in (int, float) or not share:
-        return str(tr.get("warmup_steps"))
-    return f"{tr.get('warmup_steps')} steps or {share:.0%} of the time"
 
 
 def _duration(seconds: float) -> str:

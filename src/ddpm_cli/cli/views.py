@@ -36,11 +36,11 @@ def duration_text(seconds: float) -> str:
     return "".join(parts)
 
 
-def _warmup(config) -> str:
-    """100, or "100 steps or 5% of the time" when a --time run ends it by its share."""
-    if config.time_limit is None or not config.warmup_share:
-        return str(config.warmup_steps)
-    return f"{config.warmup_steps} steps or {config.warmup_share:.0%} of the time"
+def warmup_text(steps, share, timed: bool) -> str:
+    """"100", or "100 steps or 5% of the time" when a --time run's share ends it sooner."""
+    if not timed or not share:
+        return str(steps)
+    return f"{steps} steps or {share:.0%} of the time"
 
 
 def _length(total: int | None, time_limit: float | None) -> str:
@@ -182,6 +182,7 @@ class ProgressView(LiveView):
 def preflight_table(info: dict) -> Table:
     report, config, model = info["report"], info["config"], info["model"]
     s = info["data"]
+    warmup = warmup_text(config.warmup_steps, config.warmup_share, config.time_limit is not None)
     table = Table(title="ddpm train", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -234,7 +235,7 @@ def preflight_table(info: dict) -> Table:
             "training",
             f"{_length(info['total'], config.time_limit)}, batch "
             f"{_batch(config, info.get('world', 1))}, "
-            f"lr {config.lr:g} (warm-up {_warmup(config)}"
+            f"lr {config.lr:g} (warm-up {warmup}"
             + (f", cooldown over the last {config.cooldown:.0%}" if config.cooldown else "")
             + f"), EMA up to {config.ema_decay}, "
             f"seed {config.seed}",

@@ -234,6 +234,8 @@ class Loop:
                 with distributed.collective("a training step"):
                     self.flush()
             if not d.main:
+                if save:  # only the weight check runs here, so that the ranks stop together
+                    self.checkpoint()
                 continue
             if log:
                 self.log_window()
