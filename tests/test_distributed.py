@@ -227,3 +227,36 @@ def test_processes_that_see_different_data_are_refused(tmp_path):
     assert r.returncode != 0
     assert "see different data" in r.stderr and "rank 1" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+class Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["sample", "--no-such"], 2)])
+def test_a_torchrun_process_ends_without_the_interpreter_teardown(monkeypatch, capsys, argv, code):
+    """gloo's workers can still be dropping the last collective when Python finalizes, which
+    aborts a job that went well (exit -6); a process that joined a job ends in os._exit after
+    running the exit handlers and flushing its streams."""
+    from ddpm_cli import cli, distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(distributed.atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+
+    def leave(status):
+        calls.append(status)
+        raise Exited
+
+    monkeypatch.setattr(distributed.os, "_exit", leave)
+    monkeypatch.setattr(sys, "argv", ["ddpm", *argv])
+    with pytest.raises(Exited):
+        cli.main()
+    assert calls == ["atexit", code]
+    if code == 0:
+        assert capsys.readouterr().out.startswith("ddpm ")
+    # a process that never joined a job exits as usual
+    monkeypatch.setattr(distributed, "_joined", False)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == code and calls == ["atexit", code]

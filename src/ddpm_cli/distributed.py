@@ -9,10 +9,12 @@ Without WORLD_SIZE > 1 everything here is a no-op for a single process.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ class Dist:
 
 
 SINGLE = Dist()
+_joined = False  # set once this process has joined a process group
 
 
 def launched() -> bool:
@@ -78,6 +81,8 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
             )
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"cannot join the torchrun job: {e}") from None
+    global _joined
+    _joined = True
     return Dist(rank, world, local), device
 
 
@@ -94,6 +99,30 @@ def leave_together(d: Dist) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """True once this process has been part of a torchrun job."""
+    return _joined
+
+
+def exit_process(code: int) -> None:
+    """End a process that was part of a torchrun job, skipping the interpreter's teardown.
+
+    gloo's worker threads drop a finished collective (and the tensors it holds) a moment after
+    the caller has seen it complete; a thread that needs the GIL for that once the interpreter
+    has begun to finalize is made to exit, which aborts the whole process (exit -6, "terminate
+    called without an active exception") after a job that went well: seen about once in 40
+    CPU jobs on a loaded machine, on rank 0 as on rank 1. So the exit handlers run while the
+    interpreter is whole (loggers, W&B), the streams are flushed, and the process ends here.
+    Every file of ours is already closed, and written atomically."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            pass
+    os._exit(code)
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

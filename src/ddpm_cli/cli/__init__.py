@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli import __version__
+from ddpm_cli import __version__, distributed
 from ddpm_cli.cli.common import DdpmGroup, err_console
 from ddpm_cli.cli.edit import inpaint, upscale
 from ddpm_cli.cli.eval import eval_
@@ -73,7 +73,19 @@ def main() -> None:
         tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
     except DdpmError:  # a bad environment switch: the app says so in its one error line
         pass
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if distributed.joined():  # a torchrun process: no interpreter teardown (exit_process)
+            distributed.exit_process(_exit_code(done.code))
+        raise
+
+
+def _exit_code(code) -> int:
+    """The status SystemExit(code) ends a process with: None is 0, a message is 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 __all__ = ["app", "main", "err_console"]
