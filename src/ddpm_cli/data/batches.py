@@ -75,7 +75,8 @@ class Batches:
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The permutation (of image indices), the flip decisions and the shifts (n, 2: rows,
         columns) of one epoch, from (seed, epoch) alone."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # modulo 2**64, what a generator takes: --seed goes up to 2**63 - 1
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         n = self.n
         order = torch.randperm(n, generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)

@@ -125,7 +125,7 @@ def heldout_loss(
         part = which[start : start + batch_size]
         x0 = to_model_range(to_device(held.images[part], device))
         eps = torch.stack([
-            torch.randn(x0.shape[1:], generator=g.manual_seed(held.seed * 4099 + i))
+            torch.randn(x0.shape[1:], generator=g.manual_seed((held.seed * 4099 + i) % 2**64))
             for i in range(start, start + len(part))
         ])  # fmt: skip
         y = None if held.labels is None else to_device(held.labels[part], device)
