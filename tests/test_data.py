@@ -222,3 +222,43 @@ def test_a_small_folder_warns_and_points_to_shift(tmp_path):
     (warning,) = [w for w in report.warnings if "memorise" in w]
     assert warning.startswith("only 5 images") and "--shift 2" in warning
     assert TINY_DATASET == 100
+
+
+def test_transparency_is_drawn_on_white_unless_the_model_learns_it(tmp_path):
+    """Sprites store arbitrary colour under transparent pixels (here black): training on it
+    would teach the model a background nobody sees. Colour and gray+alpha files, and a
+    palette with a transparent index, are drawn over white, at full size before the resize,
+    alike in memory and streamed; --channels 4 keeps the alpha as the fourth channel."""
+    from PIL import Image
+
+    folder = tmp_path / "sprites"
+    folder.mkdir()
+    sprite = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # transparent black
+    sprite.paste((255, 0, 0, 255), (4, 4, 12, 12))  # an opaque red square
+    sprite.paste((0, 0, 255, 128), (0, 0, 4, 4))  # half-transparent blue
+    sprite.save(folder / "rgba.png")
+    sprite.convert("LA").save(folder / "la.png")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.paste(1, (4, 4, 12, 12))
+    palette.save(folder / "p.png", transparency=0)
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(folder / "opaque.png")
+    memory, report = data.load_folder(folder, (16, 16), stream=False)
+    disk, streamed = data.load_folder(folder, (16, 16), stream=True)
+    assert report.matted == streamed.matted == 3
+    assert any("3 images have an alpha channel" in w for w in report.warnings)
+    names = sorted(p.name for p in folder.iterdir())  # the loader's order
+    x = {n: memory.data[i] for i, n in enumerate(names)}
+    assert all(torch.equal(memory.data[i], disk[i][0]) for i in range(len(names)))
+    white, red = torch.tensor([255, 255, 255]), torch.tensor([255, 0, 0])
+    for name in ("rgba.png", "p.png"):
+        assert torch.equal(x[name][:, 0, 15], white) and torch.equal(x[name][:, 8, 8], red)
+    half = x["rgba.png"][:, 1, 1].float()  # 128/255 blue over white
+    assert torch.allclose(half, torch.tensor([127.0, 127.0, 255.0]), atol=1.0)
+    assert x["la.png"][:, 0, 15].tolist() == [255] * 3  # gray+alpha, as colour here
+    assert torch.equal(x["opaque.png"][:, 0, 15], torch.zeros(3, dtype=torch.uint8))
+    # --channels 4: the transparency is the model's to learn, the colour left as it was
+    four, report4 = data.load_folder(folder, (16, 16), channels=4, stream=False)
+    rgba = four.data[names.index("rgba.png")]
+    assert report4.matted == 0 and not any("alpha" in w for w in report4.warnings)
+    assert rgba[:, 0, 15].tolist() == [0, 0, 0, 0] and rgba[:, 8, 8].tolist() == [255, 0, 0, 255]

@@ -50,6 +50,7 @@ class DataReport:
     stored: dict | None = None  # the summary a data cache was saved with (sizes are not kept)
     classes: list[str] = field(default_factory=list)  # class names, in label order
     class_counts: list[int] = field(default_factory=list)  # images per class, as used
+    matted: int = 0  # images with an alpha channel, drawn over white (images.matted)
 
     @property
     def name(self) -> str:
@@ -69,6 +70,11 @@ class DataReport:
         small = sum(1 for w, h in self.sizes if w < tw or h < th)
         if small:
             out.append(f"{small} images are smaller than {tw}x{th} and were upscaled")
+        if self.matted:
+            out.append(
+                f"{self.matted} images have an alpha channel: transparent parts are drawn on "
+                "white (--channels 4 learns the transparency instead)"
+            )
         if self.class_counts and max(self.class_counts) >= IMBALANCE * min(self.class_counts):
             most, least = (self.class_counts.index(f(self.class_counts)) for f in (max, min))
             out.append(
@@ -169,11 +175,16 @@ def fingerprint(folder: Path, paths: list[Path]) -> str:
 GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int], bool]:
+    """(mode, (width, height), whether it has an alpha channel) from an image file's header,
+    without decoding its pixels."""
     try:
         with Image.open(path) as img:
-            return img.mode, img.size
+            alpha = img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+            return img.mode, img.size, alpha
     except Exception as e:  # Pillow raises many kinds for files it cannot read
         raise DataError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
 
@@ -200,7 +211,7 @@ def load_folder(
         stream = available is not None and need > MEMORY_SHARE * available
     if stream:
         return _on_disk(folder, paths, report, channels, label_of, labelled)
-    decoded = list(decode_all(paths, image_size, report))
+    decoded = list(decode_all(paths, image_size, report, matte=channels != 4))
     _check_found(folder, len(decoded), report)
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for _, d in decoded) else 3
@@ -214,17 +225,20 @@ def load_folder(
     return InMemory(data, labels), report
 
 
-def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport):
-    """Decode each file (resized and cropped), recording modes, sizes and failures in `report`;
-    yields (path, decoded image) one at a time."""
+def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport,
+               matte: bool = True):  # fmt: skip
+    """Decode each file (resized and cropped; with `matte`, transparency drawn on white),
+    recording modes, sizes and failures in `report`; yields (path, decoded image) one at a
+    time."""
     for p in paths:
         try:
-            img = decode_image(p.read_bytes(), str(p), size=image_size)
+            img = decode_image(p.read_bytes(), str(p), size=image_size, matte=matte)
         except (DataError, OSError) as e:
             report.skipped.append((str(p), str(e)))
             continue
         report.modes[img.source_mode] += 1
         report.sizes.append(img.source_size)
+        report.matted += img.matted
         yield p, img
 
 
@@ -258,11 +272,12 @@ def _on_disk(
     kept = []
     for p in paths:
         try:
-            mode, size = _header(p)
+            mode, size, alpha = _header(p)
         except DataError as e:
             report.skipped.append((str(p), str(e)))
             continue
         report.modes[mode] += 1
+        report.matted += alpha and channels != 4
         report.sizes.append(size)
         kept.append(p)
     _check_found(folder, len(kept), report)
@@ -284,7 +299,7 @@ def _check_found(folder: Path, found: int, report: DataReport) -> None:
 
 def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
     """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
-    img = decode_image(Path(path).read_bytes(), str(path), size=image_size)
+    img = decode_image(Path(path).read_bytes(), str(path), size=image_size, matte=channels != 4)
     return to_uint8(to_channels(img.pixels, img.alpha, channels))
 
 

@@ -3,6 +3,8 @@
 Loading normalises every Pillow mode to one of three families, which outputs keep:
 8-bit grayscale ("L"), 16-bit grayscale ("I;16") and 8-bit colour ("RGB"). An alpha channel is
 kept apart, unchanged, and put back on output; the diffusion acts on the colour channels only.
+Training images are matted instead (`matte=True`): drawn over white, what the colour under a
+transparent pixel holds (often black, or leftovers of an editor) never reaches the model.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LoadedImage:
     source_mode: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     source_size: tuple[int, int] = (0, 0)  # (width, height) before any resize
+    matted: bool = False  # an alpha channel was drawn over white (decode_image's matte)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -129,10 +132,20 @@ def _resize_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + tw, top + th))
 
 
+def matted(colour: Image.Image, alpha: Image.Image) -> Image.Image:
+    """`colour` drawn over white through `alpha`, at full size (resizing the colour and the
+    alpha apart first would bleed the hidden colour into the edges)."""
+    canvas = Image.new(colour.mode, colour.size, WHITE[colour.mode])
+    canvas.paste(colour, mask=alpha)
+    return canvas
+
+
 def decode_image(
-    data: bytes, name: str = "image", size: int | tuple[int, int] | None = None
-) -> LoadedImage:
-    """Decode image bytes: EXIF orientation applied, first frame, mode normalised, optional crop."""
+    data: bytes, name: str = "image", size: int | tuple[int, int] | None = None,
+    matte: bool = False,
+) -> LoadedImage:  # fmt: skip
+    """Decode image bytes: EXIF orientation applied, first frame, mode normalised, optional crop.
+    With `matte`, an alpha channel is drawn over white and dropped (for training)."""
     img, open_notes = _open(data, name)
     source_mode = img.mode
     try:
@@ -142,6 +155,10 @@ def decode_image(
     colour, alpha, family, notes = _normalise(img)
     notes = open_notes + notes
     source_size = colour.size
+    had_alpha = matte and alpha is not None
+    if had_alpha:
+        colour, alpha = matted(colour, alpha), None
+        notes = [n for n in notes if not n.startswith("alpha")] + ["transparency drawn on white"]
     if size is not None:
         colour = _resize_crop(colour, size)
         alpha = _resize_crop(alpha, size) if alpha is not None else None
@@ -151,7 +168,7 @@ def decode_image(
     arr = arr.reshape(colour.height, colour.width, -1) / _MAX[family]
     pixels = torch.from_numpy(arr * 2.0 - 1.0).permute(2, 0, 1).to(torch.float32).contiguous()
     alpha_t = torch.from_numpy(np.array(alpha, dtype=np.uint8)) if alpha is not None else None
-    return LoadedImage(pixels, alpha_t, family, source_mode, tuple(notes), source_size)
+    return LoadedImage(pixels, alpha_t, family, source_mode, tuple(notes), source_size, had_alpha)
 
 
 def quantize(x: torch.Tensor, family: str) -> np.ndarray:
