@@ -82,9 +82,13 @@ def test_an_image_that_breaks_mid_run_is_replaced_and_reported(pictures):
     broken = images.paths[2]
     head = broken.read_bytes()[:60]  # a valid header, then nothing: decoding fails later
     broken.write_bytes(head)
-    x, failed = images[2]
-    assert failed and failed[0][0] == str(broken)
+    x, failed, used = images[2]
+    assert failed and failed[0][0] == str(broken) and used == 3
     assert torch.equal(x, images[3][0])  # the next image stands in, the same one every time
+    # an image set aside (for the run's quality figure) never stands in: the next trained one
+    batches = Batches(images, 11, seed=1, flip=False, use=torch.tensor([0, 1, 2, 4, 5, 6]))
+    assert batches.images[2][2] == 4 and torch.equal(batches.images[2][0], images[4][0])
+    assert batches.images[6][2] == 6 and images.pool is None  # the run's copy is limited
     seen = []
     batches = Batches(images, 11, seed=1, flip=False, on_skip=seen.extend)
     next(batches.iterate(0, 0))

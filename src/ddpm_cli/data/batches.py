@@ -19,10 +19,10 @@ from ddpm_cli.errors import DataError
 
 
 def _collate(items):
-    """(images, every failure, failures per item): OnDisk replaced an item that failed k
-    times by image i + k, whose label is the one to use."""
-    failed = [f for _, fs in items for f in fs]
-    return torch.stack([x for x, _ in items]), failed, torch.tensor([len(fs) for _, fs in items])
+    """(images, every failure, the index of each image): OnDisk may have replaced an item that
+    failed by a stand-in, whose label is the one to use."""
+    failed = [f for _, fs, _ in items for f in fs]
+    return torch.stack([x for x, _, _ in items]), failed, torch.tensor([j for _, _, j in items])
 
 
 RESIDENT_SHARE = 0.25  # of the GPU's free memory that training images may take
@@ -58,6 +58,8 @@ class Batches:
         pixels each way, its border reflected (0: never)."""
         self.use = use
         self.n = len(images) if use is None else len(use)
+        if isinstance(images, OnDisk) and use is not None:  # no held-out image stands in
+            images = images.limited_to(use.tolist())
         if self.n == 0:
             raise DataError("no training images")
         self.images, self.local, self.seed, self.flip = images, batch_size, seed, flip
@@ -151,11 +153,10 @@ class Batches:
             # dropout uses): creating a loader must not shift a resumed run's random numbers
             generator=torch.Generator().manual_seed(self.seed),
         )
-        for x, failed, shifts in loader:
+        for x, failed, used in loader:  # used: the images decoded, stand-ins included
             if failed:
                 self.on_skip(failed)
-            idx, fl, sh = flips.pop(0)
-            used = (idx + shifts) % len(self.images)  # the images that stood in, if any
+            _, fl, sh = flips.pop(0)
             yield _augment(x, fl, sh, self.shift), None if labels is None else labels[used]
 
 

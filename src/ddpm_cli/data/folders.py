@@ -13,6 +13,7 @@ sorted name order. Both kinds of data then carry `labels`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from collections import Counter
@@ -316,27 +317,44 @@ class InMemory:
 
 class OnDisk(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers). An image that fails to decode
-    is replaced by the next readable one, the same one every time, and reported."""
+    is replaced by the next readable one of `pool` (the images a run trains on; None: all),
+    the same one every time, and reported: an image set aside never stands in."""
 
     def __init__(
         self, paths: list[Path], image_size: tuple[int, int], channels: int,
-        labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, pool: list[int] | None = None,
     ):  # fmt: skip
         self.paths, self.image_size, self.channels = list(paths), image_size, channels
         self.labels = labels  # (N,) class labels, for labelled data
+        self.pool = sorted(pool) if pool is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    def limited_to(self, pool: list[int]) -> OnDisk:
+        """The same files, with stand-ins drawn from `pool` only."""
+        return OnDisk(self.paths, self.image_size, self.channels, self.labels, pool)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[tuple[str, str]], int]:
+        """(image, the failures met, the index of the image returned)."""
         failed = []
-        for k in range(len(self.paths)):
-            path = self.paths[(i + k) % len(self.paths)]
+        for j in self._candidates(i):
+            path = self.paths[j]
             try:
-                return decode_for_training(path, self.image_size, self.channels), failed
+                return decode_for_training(path, self.image_size, self.channels), failed, j
             except (DataError, OSError) as e:
                 failed.append((str(path), str(e)))
-        raise DataError(f"none of the {len(self.paths)} images can be decoded any more")
+        raise DataError(f"none of the {len(failed)} images can be decoded any more")
+
+    def _candidates(self, i: int):
+        """i, then the pool's images after it, wrapping around."""
+        yield i
+        pool = range(len(self.paths)) if self.pool is None else self.pool
+        start = bisect.bisect_right(pool, i)
+        for k in range(len(pool)):
+            j = pool[(start + k) % len(pool)]
+            if j != i:
+                yield j
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
