@@ -205,3 +205,8 @@ def test_available_memory_honours_a_cgroup_limit(tmp_path, monkeypatch):
     assert device.available_memory() == 500_000_000
     files["max"].write_text("max\n")
     assert device._cgroup_available() is None and device.available_memory() == 10**12
+    # a torchrun job's processes on one machine share it (each holds its data and its step)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert device.available_memory() == 10**12 // 4
+    files["max"].write_text("1000000000\n")
+    assert device.available_memory() == 500_000_000 // 4

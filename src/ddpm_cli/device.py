@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import re
 import secrets
@@ -194,10 +195,20 @@ def tune_allocator() -> bool:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation, or None if unknown: Linux's
-    MemAvailable, or less where the process's cgroup (a container) limits its memory."""
+    """Bytes of memory available to a new allocation by this process, or None if unknown:
+    Linux's MemAvailable, or less where the process's cgroup (a container) limits its memory,
+    shared evenly among the processes a torchrun job starts on this machine (each holds its
+    own copy of the data and its own step)."""
     found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
-    return min(found) if found else None
+    return min(found) // _local_processes() if found else None
+
+
+def _local_processes() -> int:
+    """The processes of this torchrun job on this machine (torchrun's LOCAL_WORLD_SIZE); 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _meminfo_available() -> int | None:
