@@ -55,6 +55,24 @@ def test_a_checkpoint_reports_its_model_diffusion_training_and_file(runner, run)
     }
 
 
+def test_a_checkpoint_whose_tensors_do_not_fit_its_config_is_flagged(runner, run, tmp_path):
+    """A config edited (or written by another tool) so that the weights no longer fit: inspect
+    still shows everything, and says what sampling would refuse."""
+    ckpt = load_checkpoint(run / "model.safetensors")
+    assert inspect_json(runner, run / "model.safetensors")["warnings"] == []
+    config = {**ckpt.config, "model": {**ckpt.config["model"], "channels": 64}}
+    bad = tmp_path / "bad.safetensors"
+    save_file(ckpt.tensors, str(bad), {**ckpt.meta, "config": json.dumps(config)})
+    info = inspect_json(runner, bad)
+    assert len(info["warnings"]) == 1 and "of the wrong shape" in info["warnings"][0]
+    assert info["model"]["channels"] == 64 and info["step"] == 3
+    table = runner.invoke(app, ["inspect", str(bad)])
+    words = " ".join(table.output.replace("│", " ").split())  # the table wraps long rows
+    assert table.exit_code == 0 and "warning" in words and "cannot be sampled" in words
+    sampled = runner.invoke(app, ["sample", str(bad), "-n", "1", "-o", str(tmp_path / "out")])
+    assert sampled.exit_code == 2 and "of the wrong shape" in sampled.output
+
+
 def test_a_run_directory_adds_progress_and_resumability(runner, run, tmp_path):
     info = inspect_json(runner, run)
     r = info["run"]

@@ -184,6 +184,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ("step", info["step"]),
                 ("EMA decay", f"{info['ema_decay']:.6f}" if "ema_decay" in info else None),
                 ("wall time", _duration(info["elapsed"]) if "elapsed" in info else None),
+                *[("warning", w) for w in info.get("warnings", [])],
             ],
         ),
         _table(

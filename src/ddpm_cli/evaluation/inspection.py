@@ -19,7 +19,7 @@ from ddpm_cli.store.checkpoint import (
     load_checkpoint,
 )
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, STATE, snapshots
-from ddpm_cli.store.models import is_run_directory, network_weights
+from ddpm_cli.store.models import check_weights, is_run_directory, network_weights
 from ddpm_cli.text import parse_json
 
 METRICS = "metrics.jsonl"
@@ -48,6 +48,12 @@ def checkpoint_info(path: Path) -> dict:
                       ("training", TrainConfig)):  # fmt: skip
         if name in config:
             config_section(ckpt, name, cls)
+    warnings = []
+    if "model" in config:  # what sampling would refuse, shown beside everything else
+        try:
+            check_weights(config_section(ckpt, "model", ModelConfig), weights, path)
+        except CheckpointError as e:
+            warnings.append(f"{str(e).removeprefix(f'{path}: ')}; it cannot be sampled or resumed")
     training = config.get("training", {})
     diffusion = dict(config.get("diffusion", {}))
     data = config.get("data", {})
@@ -87,6 +93,7 @@ def checkpoint_info(path: Path) -> dict:
             {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
             for k, v in tensors.items()
         ],
+        "warnings": warnings,
     }
 
 
