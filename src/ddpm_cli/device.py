@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 import re
 import secrets
@@ -20,6 +19,7 @@ import sys
 import torch
 
 from ddpm_cli import runtime
+from ddpm_cli.distributed import local_processes
 from ddpm_cli.errors import DeviceError
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -200,15 +200,7 @@ def available_memory() -> int | None:
     shared evenly among the processes a torchrun job starts on this machine (each holds its
     own copy of the data and its own step)."""
     found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
-    return min(found) // _local_processes() if found else None
-
-
-def _local_processes() -> int:
-    """The processes of this torchrun job on this machine (torchrun's LOCAL_WORLD_SIZE); 1."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    return min(found) // local_processes() if found else None
 
 
 def _meminfo_available() -> int | None:

@@ -51,6 +51,14 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_processes() -> int:
+    """The processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE); 1 without."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def env_main() -> bool:
     """True unless this is a torchrun process other than rank 0 (known before init)."""
     return int(os.environ.get("RANK", "0")) == 0
