@@ -109,3 +109,25 @@ def test_every_numeric_option_has_a_range_checked_before_any_work(runner):
             assert time.perf_counter() - t0 < 2, (command, flag, value)
             assert r.exit_code == 2 and flag in r.stderr, (command, flag, value, r.output)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_refusals_name_what_the_user_typed(runner, tmp_path):
+    """Messages quote the option as given (not None, not an enum's repr) and say the way out."""
+    from conftest import train_tiny
+
+    run = train_tiny(tmp_path, 4)
+
+    def error(*args: str) -> str:
+        r = runner.invoke(app, list(args))
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        return line
+
+    assert error("train", str(tmp_path / "pics"), "--image-size", "8x8x8") == (
+        "error: image size '8x8x8': use N or WIDTHxHEIGHT, e.g. 32 or 64x32"
+    )
+    line = error("train", "--resume", str(run), "--precision", "bf16", "--steps", "9")
+    assert "--precision bf16 (the run has fp32)" in line
+    line = error("train", "--resume", str(run), "--init", str(run), "--steps", "9")
+    assert f"--init {run} (the run has none)" in line
+    assert error("inspect", str(run), "--schedule", "linear").endswith(", not both")

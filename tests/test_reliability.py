@@ -144,6 +144,36 @@ def test_a_full_disk_while_sampling_is_one_line(runner, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000.png"]
 
 
+def test_an_output_folder_that_cannot_be_created_is_one_line(runner, tmp_path, monkeypatch):
+    """A read-only file system or a folder without permission (root passes os.access, so the
+    refusal comes from mkdir itself): one line naming the folder, for every command that makes
+    one, and nothing sampled or trained."""
+    from conftest import train_tiny
+
+    run = train_tiny(tmp_path, 4)
+    real = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if "denied" in self.parts:
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    target = tmp_path / "denied"
+    for args in (["sample", str(run), "-n", "1", "--steps", "2", "-o", str(target)],
+                 ["train", str(_pics(tmp_path / "p")), *TRAIN, "--steps", "2", "--out",
+                  str(target)],
+                 ["export", str(run), "--diffusers", str(target)]):  # fmt: skip
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        lines = r.stderr.strip().splitlines()  # (sample's header line comes first)
+        assert [x for x in lines if x.startswith("error")] == lines[-1:] == [
+            f"error: {target}: cannot create this folder: Read-only file system"
+        ], args
+        assert "Traceback" not in r.output
+        assert not target.exists()
+
+
 def _train_cmd(pics: Path, out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "ddpm_cli", "train", str(pics), *TRAIN, "--steps", str(steps),
             "--checkpoint-every", "1", "--no-data-cache", "--out", str(out), "-q"]  # fmt: skip

@@ -334,19 +334,17 @@ class TrainConfig:
 
 def parse_size(value) -> tuple[int, int]:
     """32, "32", "64x32" (width x height), (h, w) or [h, w] -> (height, width), each >= 8."""
+    usage = f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32"
     if isinstance(value, str):
-        parts = value.lower().split("x")
         try:
-            nums = [int(p) for p in parts]
+            nums = [int(p) for p in value.lower().split("x")]
         except ValueError:
-            raise ConfigError(
-                f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32"
-            ) from None
-        value = nums[0] if len(nums) == 1 else (nums[1], nums[0]) if len(nums) == 2 else None
+            raise ConfigError(usage) from None
+        value = nums[0] if len(nums) == 1 else tuple(reversed(nums))  # (height, width)
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ConfigError(f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32")
+        raise ConfigError(usage)
     h, w = (int(v) for v in value)
     if min(h, w) < 8 or max(h, w) > 4096:
         raise ConfigError(f"image size {w}x{h}: each side must be between 8 and 4096 pixels")

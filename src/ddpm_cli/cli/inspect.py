@@ -87,7 +87,8 @@ def inspect(
       [bold]ddpm inspect --schedule linear --schedule cosine --plot schedules.png[/bold]
     """
     if (path is None) == (not schedule):
-        raise UsageError("give a PATH (checkpoint, run or image folder), or --schedule NAME")
+        raise UsageError("give a PATH (checkpoint, run or image folder) or --schedule NAME"
+                         + (", not both" if schedule else ""))  # fmt: skip
     if plot is not None:
         plot_format(plot)
         check_output_path(plot, overwrite=overwrite)

@@ -52,7 +52,7 @@ from ddpm_cli.generation.sampling import (
 )
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.sampler_config import SamplerConfig
-from ddpm_cli.store.files import STDIO, check_output_path, write_atomic, write_stdout
+from ddpm_cli.store.files import STDIO, check_output_path, make_folder, write_atomic, write_stdout
 
 Event = Callable[[str, dict], None]
 
@@ -152,7 +152,7 @@ def sample_images(
         "factor": inputs[0].factor if inputs else None, "evaluations": evals,
     })  # fmt: skip
     if q.folder:
-        q.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(q.folder)
 
     traj = Trajectory() if q.trajectory else None
     written: list[str] = []

@@ -219,7 +219,8 @@ def resolve_classes(requested: list[str], sm: SamplingModel) -> list[int]:
         elif value.isdigit() and int(value) < len(names):
             labels.append(int(value))
         else:
-            raise UsageError(f"unknown class {value!r}; the model knows: {', '.join(names)}")
+            raise UsageError(f"unknown class {value!r}; the model knows: {', '.join(names)} "
+                             f"(or their numbers, 0 to {len(names) - 1})")  # fmt: skip
     return labels
 
 

@@ -70,6 +70,21 @@ def check_output_path(path: Path, overwrite: bool = True, inputs: tuple = ()) ->
         raise OutputError(f"{path}: cannot write to directory {parent}: permission denied")
 
 
+def make_folder(path: Path) -> Path:
+    """Create the folder `path` (and its parents) if missing; one clear error when it cannot
+    be (no permission, a read-only file system, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno == errno.ENOTDIR:
+            reason = "a file of that name (or above it) is in the way"
+        else:
+            reason = e.strerror or str(e)
+        raise OutputError(f"{path}: cannot create this folder: {reason}") from None
+    return path
+
+
 def write_atomic(path: Path, data: bytes, follow: bool = True) -> None:
     """Write `data` to `path` atomically: a temporary file, fsync, then rename over the target,
     and fsync the directory, so that a power cut cannot lose the rename either.

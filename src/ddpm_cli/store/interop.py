@@ -26,7 +26,7 @@ from ddpm_cli.store.checkpoint import (
     config_section,
     save_checkpoint,
 )
-from ddpm_cli.store.files import write_atomic
+from ddpm_cli.store.files import make_folder, write_atomic
 from ddpm_cli.store.models import build_model, open_checkpoint
 from ddpm_cli.text import parse_json
 
@@ -365,8 +365,9 @@ def export_checkpoint(path: Path, folder: Path) -> dict:
         "unet": ["diffusers", "UNet2DModel"],
     }
     folder = Path(folder)
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler").mkdir(exist_ok=True)
+    make_folder(folder)
+    make_folder(folder / "unet")
+    make_folder(folder / "scheduler")
     weights = to_diffusers(ckpt.tensors, config)
     write_atomic(folder / "unet" / WEIGHTS, save(weights, metadata={"format": "pt"}))
     write_atomic(folder / "unet" / "config.json", json.dumps(unet, indent=2).encode())

@@ -118,7 +118,9 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
         if key in RESUMABLE:
             values[key] = normalized
         elif normalized != values.get(key):
-            conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {values.get(key)})")
+            had = values.get(key)
+            conflicts.append(f"--{key.replace('_', '-')} {jsonable(normalized)} (the run has "
+                             f"{'none' if had is None else jsonable(had)})")  # fmt: skip
     if conflicts:
         raise UsageError(
             "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"

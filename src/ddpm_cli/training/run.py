@@ -39,7 +39,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
-from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line, write_atomic
+from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line, make_folder, write_atomic
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
@@ -167,7 +167,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     created = d.main and not Path(out).exists()
     warnings: list[str] = []
     if d.main:
-        Path(out).mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         if resumed is None:  # (a resumed run's was taken before its state was read)
             held.enter_context(RunLock(out))  # before anything in the directory changes
         warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)

@@ -20,7 +20,7 @@ from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import header_value, save_checkpoint
-from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, snapshots, write_atomic
+from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, make_folder, snapshots, write_atomic
 from ddpm_cli.text import parse_json
 from ddpm_cli.training.loggers import TENSORBOARD_DIR
 from ddpm_cli.training.train import ema_decay_at
@@ -58,7 +58,7 @@ def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed:
 def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[str]:
     """Make `out` ready for a new or resumed run; returns warnings for the user."""
     warnings = []
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)
     if not resumed:  # a fresh run owns this directory: no leftovers of an earlier attempt
