@@ -73,6 +73,15 @@ def test_a_checkpoint_whose_tensors_do_not_fit_its_config_is_flagged(runner, run
     assert sampled.exit_code == 2 and "of the wrong shape" in sampled.output
 
 
+def test_a_data_cache_shows_its_data_and_no_network(runner, run):
+    info = inspect_json(runner, run / "data_cache.safetensors")
+    assert info["kind"] == "data_cache" and not {"model", "diffusion", "training"} & set(info)
+    assert info["data"]["used"] == 6 and info["data"]["image_size"] == [8, 8]
+    table = runner.invoke(app, ["inspect", str(run / "data_cache.safetensors")])
+    assert table.exit_code == 0 and "8x8, 3 channels" in table.output
+    assert "model" not in table.output and "parameters" not in table.output
+
+
 def test_a_run_directory_adds_progress_and_resumability(runner, run, tmp_path):
     info = inspect_json(runner, run)
     r = info["run"]
@@ -170,7 +179,7 @@ TAB_BLUE, TAB_ORANGE, TAB_GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
 def test_loss_curve_in_the_terminal_and_as_a_plot(runner, run, tmp_path):
     from PIL import Image
 
-    from ddpm_cli.cli.inspect import loss_curve
+    from ddpm_cli.cli.views import loss_curve
 
     line = loss_curve([{"step": s, "loss": 1.0 / s} for s in range(1, 101)])
     spark = line.split("[cyan]")[1].split("[/cyan]")[0]

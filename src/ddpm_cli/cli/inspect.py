@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ddpm_cli.cli.common import JsonOpt, StreamConsole, literal, overwrite_option
-from ddpm_cli.cli.views import warmup_text
+from ddpm_cli.cli.views import loss_curve, warmup_text
 from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
 from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
@@ -132,30 +131,6 @@ def inspect(
         out_console.print(loss_curve(info["metrics"]))
 
 
-SPARK = "▁▂▃▄▅▆▇█"
-
-
-def loss_curve(metrics: list[dict], width: int = 60) -> str:
-    """The loss over training as one line of block characters (log scale, mean per column)."""
-    points = [(m["step"], m["loss"]) for m in metrics if m.get("loss", 0) > 0 and "step" in m]
-    if not points:
-        return "loss curve: no loss logged yet"
-    logs = [math.log(loss) for _, loss in points]
-    columns = min(width, len(logs))
-    means = []
-    for c in range(columns):
-        chunk = logs[c * len(logs) // columns : (c + 1) * len(logs) // columns]
-        means.append(sum(chunk) / len(chunk))
-    lo, hi = min(means), max(means)
-    span = (hi - lo) or 1.0
-    line = "".join(SPARK[round((m - lo) / span * (len(SPARK) - 1))] for m in means)
-    (s0, l0), (s1, l1) = points[0], points[-1]
-    return (
-        f"[bold]loss[/bold] (log scale) {l0:.4g} at step {s0} [cyan]{line}[/cyan] "
-        f"{l1:.4g} at step {s1}"
-    )
-
-
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
     t = Table(title=title, title_justify="left", show_header=False)
     t.add_column(style="bold")
@@ -167,7 +142,7 @@ def _table(title: str, rows: list[tuple[str, object]]) -> Table:
 
 
 def tables(info: dict, tensors: bool) -> list[Table]:
-    m, d, tr, data = info["model"], info["diffusion"], info["training"], info["data"]
+    m, d, tr, data = (info.get(k) for k in ("model", "diffusion", "training", "data"))
     out = [
         _table(
             "checkpoint",
@@ -188,6 +163,10 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 *[("warning", w) for w in info.get("warnings", [])],
             ],
         ),
+    ]
+    if m is None:  # a data cache: no network, no schedule
+        return out + [data_table(data)] + (_tensor_table(info) if tensors else [])
+    out.append(
         _table(
             "model",
             [
@@ -201,8 +180,8 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ("dropout", m.get("dropout")),
                 ("classes", ", ".join(m.get("classes") or []) or "none (unconditional)"),
             ],
-        ),
-    ]
+        )
+    )
     blocks = Table(title="parameters per block", title_justify="left")
     blocks.add_column("block")
     blocks.add_column("parameters", justify="right")
@@ -244,18 +223,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             )
         )
     if data:
-        out.append(
-            _table(
-                "data",
-                [
-                    ("source", data.get("source")),
-                    ("images", f"{data.get('used')} used of {data.get('found')} found"),
-                    ("skipped", data.get("skipped")),
-                    ("modes", ", ".join(f"{k} {v}" for k, v in data.get("modes", {}).items())),
-                    ("streamed", data.get("streamed")),
-                ],
-            )
-        )
+        out.append(data_table(data))
     if "run" in info:
         r = info["run"]
         last = r["last"] or {}
@@ -283,15 +251,35 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ],
             )
         )
-    if tensors:
-        t = Table(title="tensors", title_justify="left")
-        for col in ("name", "shape", "dtype"):
-            t.add_column(col)
-        for row in info["tensors"]:
-            shape = "x".join(map(str, row["shape"])) or "scalar"
-            t.add_row(literal(row["name"]), shape, literal(row["dtype"]))
-        out.append(t)
-    return out
+    return out + (_tensor_table(info) if tensors else [])
+
+
+def data_table(data: dict) -> Table:
+    """The data a checkpoint was trained on, or a data cache holds (metadata may hold anything:
+    lists are shown only where they are lists)."""
+    names, counts = (v if isinstance(v, list) else [] for v in
+                     (data.get("classes"), data.get("class_counts")))  # fmt: skip
+    size = data.get("image_size")
+    size = _size(size) if isinstance(size, list) and len(size) == 2 else None
+    return _table("data", [
+        ("source", data.get("source")),
+        ("images", f"{data.get('used')} used of {data.get('found')} found"),
+        ("size", size and f"{size}, {data.get('channels')} channels"),
+        ("classes", ", ".join(f"{c} {n}" for c, n in zip(names, counts, strict=False)) or None),
+        ("skipped", data.get("skipped")),
+        ("modes", ", ".join(f"{k} {v}" for k, v in data.get("modes", {}).items())),
+        ("streamed", data.get("streamed")),
+    ])  # fmt: skip
+
+
+def _tensor_table(info: dict) -> list[Table]:
+    t = Table(title="tensors", title_justify="left")
+    for col in ("name", "shape", "dtype"):
+        t.add_column(col)
+    for row in info["tensors"]:
+        shape = "x".join(map(str, row["shape"])) or "scalar"
+        t.add_row(literal(row["name"]), shape, literal(row["dtype"]))
+    return [t]
 
 
 SKIPPED_SHOWN = 10

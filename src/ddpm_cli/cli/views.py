@@ -3,6 +3,7 @@ progress views (Rich bars on a terminal, plain lines otherwise), all on stderr."
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -335,3 +336,27 @@ class EvalProgress(LiveView):
         elif (now := time.perf_counter()) - self.last >= 10 or done == total:
             self.last = now
             self.line(f"{name}: {done}/{total}")
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def loss_curve(metrics: list[dict], width: int = 60) -> str:
+    """The loss over training as one line of block characters (log scale, mean per column)."""
+    points = [(m["step"], m["loss"]) for m in metrics if m.get("loss", 0) > 0 and "step" in m]
+    if not points:
+        return "loss curve: no loss logged yet"
+    logs = [math.log(loss) for _, loss in points]
+    columns = min(width, len(logs))
+    means = []
+    for c in range(columns):
+        chunk = logs[c * len(logs) // columns : (c + 1) * len(logs) // columns]
+        means.append(sum(chunk) / len(chunk))
+    lo, hi = min(means), max(means)
+    span = (hi - lo) or 1.0
+    line = "".join(SPARK[round((m - lo) / span * (len(SPARK) - 1))] for m in means)
+    (s0, l0), (s1, l1) = points[0], points[-1]
+    return (
+        f"[bold]loss[/bold] (log scale) {l0:.4g} at step {s0} [cyan]{line}[/cyan] "
+        f"{l1:.4g} at step {s1}"
+    )

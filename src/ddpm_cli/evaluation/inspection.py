@@ -79,15 +79,17 @@ def checkpoint_info(path: Path) -> dict:
         # a damaged file may hold anything here: keep only what is the type it should be
         **{k: v for k, v in numbers.items() if _finite(v)},
         **{k: meta[k] for k in strings if k in meta},
-        "model": {
-            **config.get("model", {}),
-            "preset": training.get("preset"),
-            "parameters": sum(blocks.values()),
-            "blocks": blocks,
-        },
-        "diffusion": diffusion,
-        "training": training,
-        "parent": _parent(config.get("parent")),
+        **({} if meta["kind"] == "data_cache" else {  # images, no network
+            "model": {
+                **config.get("model", {}),
+                "preset": training.get("preset"),
+                "parameters": sum(blocks.values()),
+                "blocks": blocks,
+            },
+            "diffusion": diffusion,
+            "training": training,
+            "parent": _parent(config.get("parent")),
+        }),
         "data": data,
         "tensors": [
             {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
