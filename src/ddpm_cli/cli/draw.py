@@ -274,7 +274,7 @@ def draw(
     )  # fmt: skip
     d, dev = distributed.init(resolve_device(device))
     try:
-        result = _run(request, d, dev, quiet)
+        result = _run(request, d, dev, quiet, list_paths=not as_json and not to_stdout)
         distributed.leave_together(d)
     finally:
         distributed.shutdown()
@@ -294,21 +294,24 @@ def draw(
             print_path(path)
 
 
-def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:
-    """The job, its header line and its progress; Ctrl-C says how many images were written."""
+def _run(request: SampleRequest, d, dev, quiet: bool, list_paths: bool) -> SampleResult | None:
+    """The job, its header line and its progress. Ctrl-C lists the images written so far on
+    stdout (as a finished job does) and says how many, and for plain sampling how to draw
+    the rest."""
     view: SampleProgress | None = None
-    written = 0
+    paths: list[str] = []
+    seed = None
 
     def on_event(kind: str, info: dict) -> None:
-        nonlocal view, written
+        nonlocal view, seed
         if kind == "start":
             if not quiet:
                 err_console.print(_header(info))
-            view = SampleProgress(quiet, info["mine"], info["sampler"].steps)
+            view, seed = SampleProgress(quiet, info["mine"], info["sampler"].steps), info["seed"]
         elif kind == "step":
             view.step(info["index"], info["total"])
         elif kind == "batch":
-            written = info["written"]
+            paths.extend(info["paths"])
             view.batch_done(info["images"])
 
     try:
@@ -316,7 +319,15 @@ def _run(request: SampleRequest, d, dev, quiet: bool) -> SampleResult | None:
     except KeyboardInterrupt:
         if view is not None:
             view.close()
-        err_console.print(f"[yellow]interrupted[/yellow]: {count(written, 'image')} written")
+        q, rest = request, ""
+        if paths and not (q.classes or q.edit or d.active):  # images start .. start + n - 1
+            rest = (f"; the rest: --start {q.start + len(paths)} -n {q.num - len(paths)} "
+                    f"--seed {seed}")  # fmt: skip
+        err_console.print(f"[yellow]interrupted[/yellow]: {count(len(paths), 'image')} "
+                          f"written{rest}")  # fmt: skip
+        if list_paths and not d.active:  # (a torchrun process knows only its own files)
+            for path in paths:
+                print_path(path)
         raise typer.Exit(130) from None
     finally:
         if view is not None:

@@ -183,7 +183,8 @@ def sample_images(
         if q.grid is not None:
             images.append(x)
         done += len(chunk)
-        on_event("batch", {"images": len(chunk), "written": len(written)})
+        on_event("batch", {"images": len(chunk), "written": len(written),
+                           "paths": written[len(written) - len(chunk) if q.folder else 0:]})
     seconds = time.perf_counter() - t0
     if d.active:  # rank 0 lists every process's files, in index order
         written = sorted(p for part in distributed.gather(d, written) for p in part)
