@@ -131,3 +131,19 @@ def test_refusals_name_what_the_user_typed(runner, tmp_path):
     line = error("train", "--resume", str(run), "--init", str(run), "--steps", "9")
     assert f"--init {run} (the run has none)" in line
     assert error("inspect", str(run), "--schedule", "linear").endswith(", not both")
+    line = error("train", str(run / "model.safetensors"), "--steps", "2")
+    assert "is a model file" in line and line.endswith("add --init MODEL")
+
+
+def test_cond_drop_on_data_without_classes_is_warned_about(runner, tmp_path):
+    from conftest import draw_shapes
+
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        draw_shapes((8 + i, 8)).save(tmp_path / "pics" / f"{i}.png")
+    args = ["train", str(tmp_path / "pics"), "--preset", "tiny", "--image-size", "8", "--steps",
+            "1", "--sample-every", "0", "--device", "cpu"]  # fmt: skip
+    warned = runner.invoke(app, [*args, "--cond-drop", "0.3", "--out", str(tmp_path / "a")])
+    assert warned.exit_code == 0 and "--cond-drop has no effect" in warned.stderr
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert quiet.exit_code == 0 and "cond-drop" not in quiet.stderr

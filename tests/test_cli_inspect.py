@@ -112,10 +112,12 @@ def test_bad_input_is_one_line(runner, tmp_path):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     (tmp_path / "empty").mkdir()
+    draw_shapes((8, 8)).save(tmp_path / "photo.jpg")
     for path, message in (
         (tmp_path / "missing.safetensors", "no such checkpoint file, run directory or image"),
         (foreign, "not a ddpm checkpoint"),
         (tmp_path / "empty", "no readable images found"),
+        (tmp_path / "photo.jpg", "photo.jpg: is an image, not a checkpoint"),
     ):
         r = runner.invoke(app, ["inspect", str(path)])
         assert r.exit_code == 2, r.output

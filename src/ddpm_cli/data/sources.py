@@ -67,9 +67,15 @@ def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
 
     The images were cropped and converted when they were cached, so size and channels must match.
     """
-    from ddpm_cli.store.checkpoint import load_checkpoint
+    from ddpm_cli.store.checkpoint import CheckpointError, load_checkpoint
 
-    ckpt = load_checkpoint(Path(path), kind="data_cache")
+    try:
+        ckpt = load_checkpoint(Path(path), kind="data_cache")
+    except CheckpointError as e:
+        if "expected a data_cache" not in str(e):
+            raise
+        raise DataError(f"{e}: DATA is images (a folder, or a run's data_cache.safetensors); "
+                        "to start from a model's weights, add --init MODEL") from None
     data = ckpt.tensors.get("images")
     if data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0:
         raise DataError(f"{path}: not a data cache of uint8 images (N, C, H, W)")

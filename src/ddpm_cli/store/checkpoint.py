@@ -88,6 +88,10 @@ def _safetensors_version() -> str:
         return "unknown"
 
 
+# the first bytes of PNG, JPEG, GIF, BMP, WebP/RIFF and TIFF files
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+
+
 def read_header(path: Path) -> dict:
     """The safetensors JSON header of `path` (tensors and "__metadata__"), bounded in size."""
     path = Path(path)
@@ -103,6 +107,8 @@ def read_header(path: Path) -> dict:
             (n,) = struct.unpack("<Q", raw)
             size = path.stat().st_size
             if n > MAX_HEADER_BYTES or 8 + n > size:
+                if raw.startswith(IMAGE_MAGIC):  # (a valid header length never gets here)
+                    raise CheckpointError(f"{path}: is an image, not a checkpoint (.safetensors)")
                 raise CheckpointError(f"{path}: not a safetensors file (bad header length {n})")
             header = parse_json(f.read(n))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
