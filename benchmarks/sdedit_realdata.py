@@ -14,7 +14,7 @@ that keeps the damage. Two kinds of damage:
 `--guide` measures guided variations instead: `-n 4` per original at each factor, their FD, their
 RMSE to the original, and their spread (the mean RMSE between two variations of one original).
 
-    python benchmarks/sdedit_realdata.py --run RUN --strength 0.1,0.2,0.3,0.4,0.5,0.6,0.8,1
+    python benchmarks/sdedit_realdata.py --run RUN --strength 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,1
     python benchmarks/sdedit_realdata.py --run RUN --guide 2,4,8
     python benchmarks/sdedit_realdata.py --run RUN --strength 0.3,0.5,0.7 --picture out.png
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="photos")
     ap.add_argument("--work", type=Path, default=HERE / ".realdata")
     ap.add_argument("--n", type=int, default=250, help="originals redrawn (at most half the set)")
-    ap.add_argument("--strength", default="0.1,0.2,0.3,0.4,0.5,0.6,0.8,1")
+    ap.add_argument("--strength", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,1")
     ap.add_argument("--kinds", default="noisy,strokes")
     ap.add_argument("--guide", default="", help="factors: measure --guide variations instead")
     ap.add_argument("--flags", default="", help="more ddpm sample flags, e.g. a sampler")

@@ -71,38 +71,41 @@ def test_writes_numbered_pngs_lists_them_and_records_provenance(runner, runs, tm
 
 def test_ctrl_c_lists_what_was_written_and_the_hint_draws_the_rest(runner, runs, tmp_path,
                                                                     monkeypatch):  # fmt: skip
-    """Interrupted in its third batch of two, sample lists the four files written on stdout
-    (a pipeline gets them) and says how to draw the rest; following the hint gives the files
-    an uninterrupted run writes, byte for byte."""
+    """Interrupted in its third batch of two (before its first image, then after it), sample
+    lists the files written on stdout (a pipeline gets them) and says how to draw the rest;
+    following the hint gives the files an uninterrupted run writes, byte for byte."""
     from ddpm_cli.generation import job
 
     model = runs["v"] / "model.safetensors"
     whole = sample(runner, model, "-n", 6, "-b", 2, "--steps", 2, "-o", tmp_path / "a",
                    "--seed", 5)  # fmt: skip
     assert whole.exit_code == 0, whole.output
-    real, calls = job.encode_png, []
+    real = job.encode_png
+    for cut_at in (5, 6):  # 4 written, then 5 (the third batch's first image)
+        def interrupted(*args, calls=[], cut_at=cut_at, **kwargs):  # noqa: B006 (a counter)
+            calls.append(1)
+            if len(calls) == cut_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(job, "encode_png", interrupted)
-    cut = runner.invoke(app, ["sample", str(model), "-n", "6", "-b", "2", "--steps", "2", "-o",
-                              str(tmp_path / "b"), "--seed", "5"])  # fmt: skip
-    assert cut.exit_code == 130
-    assert cut.stdout.splitlines() == [str(tmp_path / "b" / f"00000{i}.png") for i in range(4)]
-    hint = cut.stderr.strip().splitlines()[-1]
-    assert hint.endswith("4 images written; the rest: --start 4 -n 2 --seed 5"), hint
-    monkeypatch.setattr(job, "encode_png", real)
-    rest = sample(runner, model, "-b", 2, "--steps", 2, "-o", tmp_path / "b",
-                  *hint.split("the rest: ")[1].split())  # fmt: skip
-    assert rest.exit_code == 0, rest.output
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
-               for n in names)  # fmt: skip
+        monkeypatch.setattr(job, "encode_png", interrupted)
+        out = tmp_path / f"cut{cut_at}"
+        cut = runner.invoke(app, ["sample", str(model), "-n", "6", "-b", "2", "--steps", "2",
+                                  "-o", str(out), "--seed", "5"])  # fmt: skip
+        assert cut.exit_code == 130
+        done = cut_at - 1
+        assert cut.stdout.splitlines() == [str(out / f"00000{i}.png") for i in range(done)]
+        hint = cut.stderr.strip().splitlines()[-1]
+        assert hint.endswith(f"{done} images written; the rest: --start {done} -n {6 - done} "
+                             "--seed 5"), hint  # fmt: skip
+        monkeypatch.setattr(job, "encode_png", real)
+        rest = sample(runner, model, "-b", 2, "--steps", 2, "-o", out,
+                      *hint.split("the rest: ")[1].split())  # fmt: skip
+        assert rest.exit_code == 0, rest.output
+        names = sorted(p.name for p in (tmp_path / "a").iterdir())
+        assert names == sorted(p.name for p in out.iterdir())
+        assert all((tmp_path / "a" / n).read_bytes() == (out / n).read_bytes()
+                   for n in names)  # fmt: skip
 
 
 def test_image_k_does_not_depend_on_n_batch_size_or_run(runner, runs, tmp_path):

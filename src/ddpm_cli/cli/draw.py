@@ -310,8 +310,9 @@ def _run(request: SampleRequest, d, dev, quiet: bool, list_paths: bool) -> Sampl
             view, seed = SampleProgress(quiet, info["mine"], info["sampler"].steps), info["seed"]
         elif kind == "step":
             view.step(info["index"], info["total"])
+        elif kind == "written":
+            paths.append(info["path"])
         elif kind == "batch":
-            paths.extend(info["paths"])
             view.batch_done(info["images"])
 
     try:

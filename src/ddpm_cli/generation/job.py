@@ -2,7 +2,7 @@
 before any sampling, resolve the sampler, seed and batch, draw this process's share of the
 images and write them (numbered PNGs, a grid, stdout, a trajectory).
 
-It reports through `on_event(kind, info)` ("start", "step", "batch") and never prints; the
+It reports through `on_event(kind, info)` ("start", "step", "written", "batch"), never prints; the
 command renders the events and the returned summary.
 """
 
@@ -178,13 +178,13 @@ def sample_images(
                 path = q.folder / name_of(i, k, c)
                 write_atomic(path, png)
                 written.append(str(path))
+                on_event("written", {"path": str(path)})  # (a Ctrl-C may come mid-batch)
             elif q.stdout:
                 write_stdout(png)
         if q.grid is not None:
             images.append(x)
         done += len(chunk)
-        on_event("batch", {"images": len(chunk), "written": len(written),
-                           "paths": written[len(written) - len(chunk) if q.folder else 0:]})
+        on_event("batch", {"images": len(chunk), "written": len(written)})
     seconds = time.perf_counter() - t0
     if d.active:  # rank 0 lists every process's files, in index order
         written = sorted(p for part in distributed.gather(d, written) for p in part)

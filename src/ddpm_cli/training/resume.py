@@ -119,8 +119,8 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
             values[key] = normalized
         elif normalized != values.get(key):
             had = values.get(key)
-            conflicts.append(f"--{key.replace('_', '-')} {jsonable(normalized)} (the run has "
-                             f"{'none' if had is None else jsonable(had)})")  # fmt: skip
+            conflicts.append(f"--{key.replace('_', '-')} {jsonable(value)} (the run has "
+                             f"{'none' if had is None else had})")  # fmt: skip
     if conflicts:
         raise UsageError(
             "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"

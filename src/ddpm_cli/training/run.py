@@ -172,8 +172,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             held.enter_context(RunLock(out))  # before anything in the directory changes
         warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)
         if "cond_drop" in (given or {}) and not model_config.num_classes:
-            warnings.append("--cond-drop has no effect: the data has no classes (a folder of "
-                            "class subfolders trains a class-conditional model)")  # fmt: skip
+            warnings.append("--cond-drop has no effect on a model without classes (a folder "
+                            "of class subfolders trains a class-conditional one)")  # fmt: skip
 
 
     reported: set[str] = set()
