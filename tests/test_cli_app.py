@@ -131,6 +131,7 @@ def test_refusals_name_what_the_user_typed(runner, tmp_path):
     line = error("train", "--resume", str(run), "--init", str(run), "--steps", "9")
     assert f"--init {run} (the run has none)" in line
     assert error("inspect", str(run), "--schedule", "linear").endswith(", not both")
+    assert "'--channels': must be 1, 3 or 4, got 2" in error("train", str(run), "--channels", "2")
     line = error("train", str(run / "model.safetensors"), "--steps", "2")
     assert "is a model file" in line and line.endswith("add --init MODEL")
 

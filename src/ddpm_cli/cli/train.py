@@ -38,6 +38,12 @@ PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, typ
 AUTO = PresetName(D.preset)
 
 
+
+def _channels(value: int | None) -> int | None:
+    if value not in (None, 1, 3, 4):  # 2 passes the range: gray+alpha is not a model kind
+        raise typer.BadParameter(f"must be 1, 3 or 4, got {value}")
+    return value
+
 def train(
     ctx: typer.Context,
     data: Annotated[
@@ -76,7 +82,8 @@ def train(
     ] = None,
     channels: Annotated[
         int | None,
-        typer.Option("--channels", min=1, max=4, help="1, 3 or 4. Default: follows the data."),
+        typer.Option("--channels", min=1, max=4, callback=_channels,
+                     help="1, 3 or 4. Default: follows the data."),
     ] = D.channels,
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
