@@ -38,11 +38,11 @@ PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, typ
 AUTO = PresetName(D.preset)
 
 
-
 def _channels(value: int | None) -> int | None:
     if value not in (None, 1, 3, 4):  # 2 passes the range: gray+alpha is not a model kind
         raise typer.BadParameter(f"must be 1, 3 or 4, got {value}")
     return value
+
 
 def train(
     ctx: typer.Context,

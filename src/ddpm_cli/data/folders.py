@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddpm_cli.data.images import decode_image
+from ddpm_cli.data.images import decode_image, has_alpha
 from ddpm_cli.device import available_memory
 from ddpm_cli.errors import DataError
 
@@ -176,16 +176,12 @@ def fingerprint(folder: Path, paths: list[Path]) -> str:
 GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 
 
-ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
-
-
 def _header(path: Path) -> tuple[str, tuple[int, int], bool]:
     """(mode, (width, height), whether it has an alpha channel) from an image file's header,
     without decoding its pixels."""
     try:
         with Image.open(path) as img:
-            alpha = img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
-            return img.mode, img.size, alpha
+            return img.mode, img.size, has_alpha(img)
     except Exception as e:  # Pillow raises many kinds for files it cannot read
         raise DataError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
 

@@ -90,12 +90,20 @@ def _open(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
     return img, notes
 
 
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an opened image carries transparency that loading keeps: an alpha band, or a
+    palette with a transparent index (known from the header, before decoding)."""
+    return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+
+
 def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, list[str]]:
     """Split an image into (colour image, alpha or None, family, notes)."""
     mode, notes = img.mode, []
     if mode == "P" or mode == "PA":
-        has_alpha = mode == "PA" or "transparency" in img.info
-        img = img.convert("RGBA" if has_alpha else "RGB")
+        img = img.convert("RGBA" if has_alpha(img) else "RGB")
         notes.append("palette image: written as full colour (a palette cannot hold noise)")
     elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         img = img.convert("RGB")

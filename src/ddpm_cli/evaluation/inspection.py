@@ -44,14 +44,13 @@ def checkpoint_info(path: Path) -> dict:
     for name, t in weights.items():
         blocks[_block(name)] = blocks.get(_block(name), 0) + t.numel()
     # the sections must be what their dataclasses accept, as for sampling (one clear error)
-    for name, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig),
-                      ("training", TrainConfig)):  # fmt: skip
-        if name in config:
-            config_section(ckpt, name, cls)
+    sections = {name: config_section(ckpt, name, cls) for name, cls in (
+        ("model", ModelConfig), ("diffusion", DiffusionConfig), ("training", TrainConfig),
+    ) if name in config}  # fmt: skip
     warnings = []
-    if "model" in config:  # what sampling would refuse, shown beside everything else
+    if "model" in sections:  # what sampling would refuse, shown beside everything else
         try:
-            check_weights(config_section(ckpt, "model", ModelConfig), weights, path)
+            check_weights(sections["model"], weights, path)
         except CheckpointError as e:
             warnings.append(f"{str(e).removeprefix(f'{path}: ')}; it cannot be sampled or resumed")
     training = config.get("training", {})
