@@ -141,6 +141,20 @@ def test_a_model_trained_by_ddpm_exports_with_its_schedule(tmp_path, runner):
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
+def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, runner):
+    from conftest import train_tiny
+    from ddpm_cli.config import DiffusionConfig
+
+    run = train_tiny(tmp_path, 4, DiffusionConfig(schedule="cosine", timesteps=200))
+    said = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "a")])
+    assert said.exit_code == 0 and said.stdout == f"{tmp_path / 'a'}\n"
+    assert "DDPMScheduler squaredcos_cap_v2 T=200, predicting v_prediction" in said.stderr
+    assert "at 8x8" in said.stderr
+    quiet = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "b"), "-q"])
+    assert quiet.exit_code == 0 and quiet.stdout == f"{tmp_path / 'b'}\n"
+    assert quiet.stderr == ""
+
+
 def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     cases = {
         "multihead": ({**SMALL, "attention_head_dim": 8}, SCHEDULER, "attention_head_dim=8"),

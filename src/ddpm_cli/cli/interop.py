@@ -63,6 +63,7 @@ def export(
     ],
     overwrite: overwrite_option("Write into a folder that has files.") = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write a ddpm checkpoint as a diffusers folder (UNet2DModel and DDPMScheduler).
 
@@ -77,5 +78,14 @@ def export(
     info = export_checkpoint(checkpoint, diffusers)
     if as_json:
         print(json.dumps(info, indent=2))
-    else:
-        print_path(diffusers)
+        return
+    if not quiet:
+        u, s = info["unet"], info["scheduler"]
+        size = u["sample_size"]
+        size = f"{size[1]}x{size[0]}" if isinstance(size, list) else f"{size}x{size}"
+        err_console.print(
+            f"exported {checkpoint}: UNet2DModel {','.join(map(str, u['block_out_channels']))} "
+            f"at {size}, DDPMScheduler {s['beta_schedule']} T={s['num_train_timesteps']}, "
+            f"predicting {s['prediction_type']}"
+        )
+    print_path(diffusers)

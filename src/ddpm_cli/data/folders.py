@@ -208,7 +208,7 @@ def load_folder(
         stream = available is not None and need > MEMORY_SHARE * available
     if stream:
         return _on_disk(folder, paths, report, channels, label_of, labelled)
-    decoded = list(decode_all(paths, image_size, report, matte=channels != 4))
+    decoded = list(decode_all(paths, image_size, report, matte=mattes(channels)))
     _check_found(folder, len(decoded), report)
     if channels is None:
         channels = 1 if all(d.pixels.shape[0] == 1 for _, d in decoded) else 3
@@ -220,6 +220,12 @@ def load_folder(
     if labelled:
         labels = report.set_labels([label_of[p] for p, _ in decoded], labelled[1])
     return InMemory(data, labels), report
+
+
+def mattes(channels: int | None) -> bool:
+    """Whether training draws an alpha channel over white and drops it: unless the model learns
+    the alpha as a fourth channel (`--channels 4`); `None`, channels still to be chosen, mattes."""
+    return channels != 4
 
 
 def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataReport,
@@ -274,7 +280,7 @@ def _on_disk(
             report.skipped.append((str(p), str(e)))
             continue
         report.modes[mode] += 1
-        report.matted += alpha and channels != 4
+        report.matted += alpha and mattes(channels)
         report.sizes.append(size)
         kept.append(p)
     _check_found(folder, len(kept), report)
@@ -296,7 +302,7 @@ def _check_found(folder: Path, found: int, report: DataReport) -> None:
 
 def decode_for_training(path: Path, image_size: tuple[int, int], channels: int) -> torch.Tensor:
     """One image file -> uint8 (channels, height, width), exactly as the in-memory path does."""
-    img = decode_image(Path(path).read_bytes(), str(path), size=image_size, matte=channels != 4)
+    img = decode_image(Path(path).read_bytes(), str(path), size=image_size, matte=mattes(channels))
     return to_uint8(to_channels(img.pixels, img.alpha, channels))
 
 

@@ -102,7 +102,7 @@ def _sources(spec: str, what: str) -> list[tuple[str, str]]:
         return [(p.name, str(p)) for p in found]
     if not path.exists():
         raise DataError(f"{path}: no such file ({what})")
-    return [(path.name, str(path))]
+    return [(spec, str(path))]  # named as typed, so that messages show its folder
 
 
 def _pair_mask(name: str, masks: list[tuple[str, str]], folder: bool) -> tuple[str, str]:
