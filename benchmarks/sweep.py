@@ -79,7 +79,7 @@ def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]
     losses = []
     try:
         while (progress := (time.perf_counter() - start) / budget) < 1:
-            x, y = next(feed)
+            x, y, _ = next(feed)
             r = train_mod.train_step(state, [x], tables, config, CPU, state.model,
                                      labels=[y] if mc.num_classes else None,
                                      num_classes=mc.num_classes, progress=progress)  # fmt: skip

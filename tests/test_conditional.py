@@ -155,7 +155,7 @@ def test_batches_carry_each_images_label_through_shuffles_and_flips(tmp_path):
         images, _ = load_folder(data, (8, 8), stream=stream)
         feed = Batches(images, 4, seed=3, flip=True, workers=0).iterate(0, 0)
         for _ in range(8):
-            x, y = next(feed)
+            x, y, _ = next(feed)
             blue = x[:, 2, 0, 0] == 255
             red = x[:, 0, 0, 0] == 255
             assert torch.equal(y == 0, red & ~blue) and torch.equal(y == 1, blue & ~red)
@@ -284,7 +284,7 @@ def test_a_streamed_image_that_stops_decoding_is_replaced_with_its_label(tmp_pat
     images, _ = load_folder(data, (8, 8), stream=True)
     (data / "a" / "002.png").write_bytes(b"not a png any more")  # after the header scan
     feed = Batches(images, 6, seed=0, flip=False, workers=0).iterate(0, 0)
-    x, y = next(feed)
+    x, y, _ = next(feed)
     assert torch.equal(y == 1, x[:, 2, 0, 0] == 255)  # blue images are labelled b, and only they
 
 

@@ -37,8 +37,8 @@ def first_losses(monkeypatch, parent_dir, same_classes: bool) -> dict:
     parent = load_model(parent_dir).model.train()
     real, seen = train_mod.training_losses, {}
 
-    def spy(model, tables, x0, t, eps, objective="eps", gamma=None, y=None):
-        out = real(model, tables, x0, t, eps, objective, gamma, y)
+    def spy(model, tables, x0, t, eps, objective="eps", gamma=None, y=None, augment=None):
+        out = real(model, tables, x0, t, eps, objective, gamma, y, augment)
         if "run" not in seen:
             seen["run"] = out.detach().clone()
             with torch.no_grad():
@@ -80,6 +80,39 @@ def test_the_first_step_is_the_parents_loss_on_the_same_batch(
     assert ckpt.config["parent"]["content_hash"] == parent_meta["content_hash"]
     assert ckpt.config["training"]["init"] == str(parent)
     assert ckpt.config["parent"]["file"] == str((parent / MODEL).resolve())
+
+
+def test_a_run_that_shifts_starts_from_a_parent_that_did_not_as_its_function(
+    tmp_path, monkeypatch
+):
+    """--init with --shift: the network gains the convolution of the shift map at zero, so
+    its first loss on the shifted batch is the parent's; the maps then train it."""
+    parent = train_tiny(tmp_path, 6, steps=3)
+    assert "augment_in.weight" not in load_checkpoint(parent / MODEL).tensors
+    seen = first_losses(monkeypatch, parent, same_classes=True)
+    run = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(parent), shift=2),
+                DiffusionConfig(), tmp_path / "ft").out  # fmt: skip
+    assert torch.allclose(seen["run"], seen["parent"], rtol=1e-5, atol=1e-7)
+    ckpt = load_checkpoint(run / MODEL)
+    assert ckpt.config["model"]["augment"] == 1
+    assert ckpt.tensors["augment_in.weight"].abs().max() > 0  # trained by the maps
+
+
+def test_a_run_without_shift_from_a_parent_with_it_drops_the_map_as_its_function(
+    tmp_path, monkeypatch
+):
+    """The other way: a run that does not shift never gives a map, so the convolution of
+    one (which adds nothing at sampling's empty map) is left out, and the first loss is the
+    parent's (a crash before: no shifts to make the map from)."""
+    train_tiny(tmp_path, 6, steps=3, shift=2)
+    parent = tmp_path / "run"
+    assert "augment_in.weight" in load_checkpoint(parent / MODEL).tensors
+    seen = first_losses(monkeypatch, parent, same_classes=True)
+    run = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(parent)), DiffusionConfig(),
+                tmp_path / "ft").out  # fmt: skip
+    assert torch.allclose(seen["run"], seen["parent"], rtol=1e-5, atol=1e-7)
+    ckpt = load_checkpoint(run / MODEL)
+    assert ckpt.config["model"]["augment"] == 0 and "augment_in.weight" not in ckpt.tensors
 
 
 def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runner, tmp_path):

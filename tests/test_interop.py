@@ -141,6 +141,24 @@ def test_a_model_trained_by_ddpm_exports_with_its_schedule(tmp_path, runner):
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
+def test_a_model_trained_with_shift_exports_without_its_map_and_computes_the_same(
+    tmp_path, runner
+):
+    """The convolution of the shift map adds nothing at the empty map sampling gives, so the
+    exported UNet2DModel, which has no place for it, is the same function."""
+    from conftest import train_tiny
+
+    run = train_tiny(tmp_path, 4, shift=1, steps=3)
+    ours = load_for_sampling(run).model
+    assert ours.config.augment == 1 and ours.augment_in.weight.abs().max() > 0
+    out = tmp_path / "exp"
+    assert runner.invoke(app, ["export", str(run), "--diffusers", str(out), "-q"]).exit_code == 0
+    pipe = DDPMPipeline.from_pretrained(out)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t), pipe.unet(x, t).sample, atol=1e-5, rtol=1e-5)
+
+
 def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, runner):
     from conftest import train_tiny
     from ddpm_cli.config import DiffusionConfig

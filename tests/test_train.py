@@ -473,7 +473,7 @@ def test_uneven_micro_batches_weigh_every_image_the_same(monkeypatch):
     config = TrainConfig(**FAST, steps=1, grad_accum=2, warmup_steps=1, precision="fp32", lr=2e-4)
     state = new_state(build_model_config("tiny", (8, 8), 3), config, torch.device("cpu"))
 
-    def losses(model, tables, x0, t, eps, objective, gamma, y=None):
+    def losses(model, tables, x0, t, eps, objective, gamma, y=None, augment=None):
         weight = 1.0 if x0.shape[0] == 4 else 5.0  # per-item loss p * weight, p one parameter
         return model.conv_in.bias[0] * torch.full((x0.shape[0],), weight)
 
@@ -524,7 +524,8 @@ def test_compiled_training_matches_eager(colours, tmp_path, compiles_for_real):
 
 
 def test_durations_parse_and_bad_ones_are_refused():
-    from ddpm_cli.config import ConfigError, parse_duration
+    from ddpm_cli.config import ConfigError
+    from ddpm_cli.text import parse_duration
 
     cases = {"90s": 90, "10m": 600, "2h": 7200, "1h30m": 5400, "1.5h": 5400, "600": 600,
              "2m 30s": 150, "0.5s": 0.5}  # fmt: skip

@@ -20,7 +20,7 @@ def fixed_noise(monkeypatch):
     float64, so that any split of a batch sees the same per-image terms."""
     real = train_mod.training_losses
 
-    def losses(model, tables, x0, t, eps, objective, gamma, y=None):
+    def losses(model, tables, x0, t, eps, objective, gamma, y=None, augment=None):
         x0 = x0.double()
         key = (x0.flatten(1) * torch.arange(1, x0[0].numel() + 1, dtype=torch.float64)).sum(1)
         t = (key.abs() * 1e3).long() % T

@@ -90,6 +90,35 @@ def test_zero_initialised_output_and_timestep_dependence():
     assert not torch.allclose(a, b)  # the timestep reaches the output
 
 
+def test_the_shift_map_enters_through_a_convolution_beside_conv_in_and_empty_adds_nothing():
+    """ModelConfig.augment (--shift): a bias-free 3x3 convolution of the map of reflected
+    pixels is added to conv_in's output. An empty map, and none (sampling), give exactly the
+    network without it, which the export and the unshifted samples rest on."""
+    told = UNet(ModelConfig(**{**TINY.to_dict(), "augment": 1}))
+    assert told.augment_in.weight.abs().max() == 0 and told.augment_in.bias is None
+    with torch.no_grad():
+        for p in told.parameters():
+            p.normal_(std=0.05)
+    own = told.state_dict()
+    plain = UNet(TINY)
+    plain.load_state_dict({k: v for k, v in own.items() if not k.startswith("augment_in")})
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([5, 300, 900])
+    maps = (torch.rand(3, 1, 8, 8) < 0.3).float()
+    with torch.no_grad():
+        assert torch.equal(told(x, t), plain(x, t))
+        assert torch.equal(told(x, t, augment=torch.zeros(3, 1, 8, 8)), plain(x, t))
+        # the same as adding the convolution of the map to conv_in's output by hand, in float64
+        added = torch.nn.functional.conv2d(maps.double(), own["augment_in.weight"].double(),
+                                           padding=1).float()  # fmt: skip
+        plain.conv_in.register_forward_hook(lambda m, args, out: out + added)
+        assert torch.allclose(told(x, t, augment=maps), plain(x, t), atol=1e-5)
+        assert not torch.allclose(told(x, t, augment=maps), told(x, t), atol=1e-4)
+    with pytest.raises(ValueError, match="trained without one"):
+        UNet(TINY)(x, t, augment=maps)
+    with pytest.raises(ConfigError, match="augment must be 0 or 1"):
+        ModelConfig(augment=2)
+
+
 def test_attention_and_depth_follow_the_config():
     with_attn = UNet(TINY)
     without = UNet(ModelConfig(**{**TINY.to_dict(), "attention_resolutions": ()}))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import typing
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
@@ -25,6 +24,7 @@ MAX_WIDTH = 16_384  # channels at any level: channels x the largest multiplier
 MAX_LEVELS = 10
 MAX_RES_BLOCKS = 32
 MAX_CLASSES = 100_000
+AUGMENT_MAPS = 1  # ModelConfig.augment of a run with --shift: where its border was reflected
 
 
 class Schedule(str, Enum):
@@ -92,6 +92,10 @@ class ModelConfig:
     # network learns one embedding per class and one more for "no class" (label len(classes)),
     # which classifier-free guidance needs.
     classes: tuple[str, ...] = ()
+    # maps of the augmentation the network is told of (Karras et al. 2022's non-leaking
+    # augmentation, made spatial): 1 for a run with --shift, the pixels its reflected border
+    # filled, which sampling leaves empty, as in unshifted images; 0: none
+    augment: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -150,6 +154,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.augment not in (0, AUGMENT_MAPS):
+            raise ConfigError(f"augment must be 0 or {AUGMENT_MAPS}, got {self.augment}")
 
     def resolution(self, level: int) -> int:
         """The shorter side of the feature maps at resolution `level` (0 = full size)."""
@@ -349,28 +355,6 @@ def parse_size(value) -> tuple[int, int]:
     if min(h, w) < 8 or max(h, w) > 4096:
         raise ConfigError(f"image size {w}x{h}: each side must be between 8 and 4096 pixels")
     return h, w
-
-
-DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(value) -> float:
-    """A wall-clock duration in seconds: "90s", "10m", "2h", "1h30m", "1.5h" or a bare number
-    of seconds ("600")."""
-    text = str(value).strip().lower()
-    if re.fullmatch(r"\d+(\.\d*)?", text):
-        seconds = float(text)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d*)?)\s*([hms])", text)
-        rebuilt = "".join(n + u for n, u in parts)
-        if not parts or rebuilt != text.replace(" ", "") or len({u for _, u in parts}) < len(parts):
-            raise ConfigError(
-                f"duration {value!r}: use a number with s, m or h, e.g. 90s, 10m, 2h or 1h30m"
-            )
-        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
-    if not 0 < seconds < math.inf:
-        raise ConfigError(f"duration {value!r} must be more than zero")
-    return seconds
 
 
 def from_dict(cls, data: dict):

@@ -12,9 +12,13 @@ backslash is left as it is, for the paths of Windows: `\\xff` in a name reads li
 from __future__ import annotations
 
 import json
+import math
+import re
 import types
 import typing
 from enum import Enum
+
+from ddpm_cli.errors import ConfigError
 
 # Bidirectional overrides and isolates reorder what follows them on screen ("Trojan Source");
 # the line and paragraph separators break a one-line message.
@@ -91,3 +95,25 @@ def type_words(hint) -> str:
         return "a list of " + ("integers" if args[0] is int else "strings")
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number"}
     return names.get(hint, "a string")
+
+
+DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value) -> float:
+    """A wall-clock duration in seconds: "90s", "10m", "2h", "1h30m", "1.5h" or a bare number
+    of seconds ("600")."""
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(\.\d*)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d*)?)\s*([hms])", text)
+        rebuilt = "".join(n + u for n, u in parts)
+        if not parts or rebuilt != text.replace(" ", "") or len({u for _, u in parts}) < len(parts):
+            raise ConfigError(
+                f"duration {value!r}: use a number with s, m or h, e.g. 90s, 10m, 2h or 1h30m"
+            )
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"duration {value!r} must be more than zero")
+    return seconds

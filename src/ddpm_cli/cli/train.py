@@ -26,9 +26,9 @@ from ddpm_cli.config import (
     Objective,
     Schedule,
     TrainConfig,
-    parse_duration,
 )
 from ddpm_cli.model.presets import PRESETS
+from ddpm_cli.text import parse_duration
 from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
@@ -94,8 +94,8 @@ def train(
             "--shift",
             max=1024,
             min=0,
-            help="Random translations by up to N pixels each way, the border reflected "
-            "(augmentation for small datasets; 0: none).",
+            help="Random translations by up to N pixels each way, the border reflected; the "
+            "network is told where, and samples draw no border (small datasets; 0: none).",
         ),
     ] = D.shift,
     stream: Annotated[

@@ -221,6 +221,7 @@ def preflight_table(info: dict) -> Table:
                 else ", held in memory"
             ),
         ),
+        ("augment", _augment(config, model)),
         (
             "model",
             f"{config.preset}: {info['parameters']:,} parameters, channels "
@@ -274,6 +275,17 @@ def preflight_table(info: dict) -> Table:
     for k, v in rows:
         table.add_row(k, literal(v))
     return table
+
+
+def _augment(config, model) -> str:
+    flips = "random horizontal flips" if config.flip else "no flips (--no-flip)"
+    if not config.shift:
+        return flips
+    if model.augment:
+        told = "the network is told each image's shift and samples unshifted"
+    else:
+        told = "started before ddpm told the network of them: samples may show reflected borders"
+    return f"{flips}; shifts of up to {config.shift} pixels each way ({told})"
 
 
 def _quality(config) -> str:

@@ -1,15 +1,18 @@
-"""Batches for training: a seeded permutation and flips per epoch, from images held in memory
-or decoded from disk ahead of the step by DataLoader workers.
+"""Batches for training: a seeded permutation, flips and shifts per epoch, from images held
+in memory or decoded from disk ahead of the step by DataLoader workers.
 
-The order and the flips are decided in the main process from (seed, epoch) alone, so the two
-sources give the same bytes and a resumed run sees the same data. On CUDA, images held in memory
-move to the GPU once, when they fit, and batches are gathered and flipped there.
+The order, the flips and the shifts are decided in the main process from (seed, epoch) alone, so
+the two sources give the same bytes and a resumed run sees the same data. Each batch carries its
+shifts, from which `reflected` makes the map a network trained with --shift is told. On CUDA,
+images held in memory move to the GPU once, when they fit, and batches are gathered and flipped
+there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -28,9 +31,18 @@ def _collate(items):
 RESIDENT_SHARE = 0.25  # of the GPU's free memory that training images may take
 
 
+class Batch(NamedTuple):
+    """One batch: uint8 images (B, C, H, W), their class labels (B,) or None, and, where the
+    images are shifted, each one's shift (B, 2: down, right, in pixels) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    shifts: torch.Tensor | None
+
+
 class Batches:
-    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips, each with
-    its images' class labels (None for unlabelled data).
+    """Seeded epoch-by-epoch batches of uint8 images, with random horizontal flips (and shifts,
+    with `shift`), each with its images' class labels (None for unlabelled data).
 
     The position (epoch, index of the next batch in the epoch) is all the state there is:
     `indices(epoch, batch)` rebuilds the same order, so a resumed run sees the same data.
@@ -115,26 +127,24 @@ class Batches:
                 epoch, index = epoch + 1, 0
 
     def batch(self, epoch: int, index: int) -> torch.Tensor:
-        """One batch as uint8 (B, C, H, W)."""
-        return next(self.iterate(epoch, index))[0]
+        """One batch's images, uint8 (B, C, H, W)."""
+        return next(self.iterate(epoch, index)).images
 
-    def iterate(self, epoch: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The batches (uint8 images, labels) from position (epoch, index) on, in order; on
-        disk, `workers` processes decode ahead of the training step."""
+    def iterate(self, epoch: int, index: int) -> Iterator[Batch]:
+        """The batches from position (epoch, index) on, in order; on disk, `workers`
+        processes decode ahead of the training step."""
         labels = self.images.labels
         plan = (self.indices(e, i) for e, i in self.positions(epoch, index))
         if self.resident is not None:
             for idx, fl, sh in plan:
                 dev = self.resident.device
-                x = _augment(self.resident[to_device(idx, dev)], fl, sh, self.shift)
-                yield x, None if labels is None else labels[idx]
+                x = self.resident[to_device(idx, dev)]
+                yield self._batch(x, fl, sh, None if labels is None else labels[idx])
             return
         if isinstance(self.images, InMemory):
             for idx, fl, sh in plan:
-                yield (
-                    _augment(self.images.data[idx], fl, sh, self.shift),
-                    (None if labels is None else labels[idx]),
-                )
+                x = self.images.data[idx]
+                yield self._batch(x, fl, sh, None if labels is None else labels[idx])
             return
         flips: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -157,14 +167,28 @@ class Batches:
             if failed:
                 self.on_skip(failed)
             _, fl, sh = flips.pop(0)
-            yield _augment(x, fl, sh, self.shift), None if labels is None else labels[used]
+            yield self._batch(x, fl, sh, None if labels is None else labels[used])
+
+    def _batch(self, x: torch.Tensor, fl: torch.Tensor, sh: torch.Tensor, labels) -> Batch:
+        """The images `x` (on any device) with their flips `fl` (on the host) and, when the
+        run shifts, their shifts `sh`."""
+        x = _flip(x, to_device(fl, x.device), fl.any())
+        if not self.shift:
+            return Batch(x, labels, None)
+        return Batch(_translate(x, to_device(sh, x.device)), labels, sh)
 
 
-def _augment(x: torch.Tensor, fl: torch.Tensor, sh: torch.Tensor, shift: int) -> torch.Tensor:
-    """The batch `x` (on any device) with its flips `fl` (on the host) and, when `shift`,
-    its shifts `sh`."""
-    x = _flip(x, to_device(fl, x.device), fl.any())
-    return _translate(x, to_device(sh, x.device)) if shift else x
+def reflected(shifts: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Where each image's shift filled it by reflection: (B, 1, height, width) float, 1 in the
+    top sh[i, 0] rows (the bottom -sh[i, 0] for a shift up) and likewise in the columns, 0
+    elsewhere; all 0 for no shift. What a network trained with --shift is told (its
+    ModelConfig.augment map), so that its samples, drawn with an empty map, have no seams."""
+    dev = shifts.device
+    rows, cols = torch.arange(height, device=dev)[None], torch.arange(width, device=dev)[None]
+    dy, dx = shifts[:, :1], shifts[:, 1:]
+    row = (rows < dy) | (rows >= height + dy)  # (B, H)
+    col = (cols < dx) | (cols >= width + dx)  # (B, W)
+    return (row[:, :, None] | col[:, None, :]).float()[:, None]
 
 
 def _translate(x: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ GroupNorm -> SiLU -> conv_out. The timestep enters every residual block through 
 embedding and two dense layers. A class-conditional network (ModelConfig.classes) adds a
 learned class embedding to that timestep embedding, as diffusers' UNet2DModel does with
 num_class_embeds; label len(classes), also used when no label is given, means "no class".
+A network trained with augmentation it is told of (ModelConfig.augment: --shift; the
+non-leaking augmentation of Karras et al. 2022, as a map rather than a vector) adds a bias-free
+3x3 convolution of the augmentation map to conv_in's output; it starts at zero, and an empty
+map, what sampling gives, adds nothing: the network then is exactly one without it.
 """
 
 from __future__ import annotations
@@ -135,6 +139,10 @@ class UNet(nn.Module):
         self.class_emb = (
             nn.Embedding(config.num_classes + 1, temb_ch) if config.num_classes else None
         )
+        self.augment_in = (
+            zero_init(nn.Conv2d(config.augment, ch, 3, padding=1, bias=False))
+            if config.augment else None
+        )  # fmt: skip
         self.conv_in = conv3x3(config.in_channels, ch)
 
         skips, cur = [ch], ch
@@ -169,9 +177,15 @@ class UNet(nn.Module):
         install(self, kernels)  # the fast paths, chosen once, outside the architecture
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        augment: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`y` (B,): class labels, for a class-conditional network (None: no class)."""
+        """`y` (B,): class labels, for a class-conditional network (None: no class).
+        `augment` (B, config.augment, H, W): where each image of a training batch was
+        augmented (None: nowhere, as in sampling)."""
         if x.device.type != "mps":
             # NHWC activations: what cuDNN's tensor-core kernels and oneDNN's CPU convolutions
             # work in natively (measured on the CPU: +4% for the cifar10 preset, no reorders)
@@ -183,7 +197,12 @@ class UNet(nn.Module):
             temb = temb + self.class_emb(y).to(temb.dtype)
         elif y is not None:
             raise ValueError("class labels given to a network trained without classes")
-        hs = [self.conv_in(x)]
+        h = self.conv_in(x)
+        if augment is not None:
+            if self.augment_in is None:
+                raise ValueError("an augmentation map given to a network trained without one")
+            h = h + self.augment_in(augment.to(x.dtype))
+        hs = [h]
         for i, level in enumerate(self.down):
             for res, attn in zip(level.res, level.attn, strict=True):
                 hs.append(attn(res(hs[-1], temb)))

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import read_header
 from ddpm_cli.store.models import load_model, model_file
 
 CLASS_EMB, TEMB_BIAS = "class_emb.weight", "temb.2.bias"  # unet.UNet's names
+AUGMENT_IN = "augment_in.weight"
 # the learning rate of a fine-tuning run where none is given: on real faces from a model of
 # photograph crops, 1e-4 came nearest the data after 30 s and after 2 min of CPU training,
 # against 3e-5, 3e-4 and 1e-3, and training from scratch (docs/training.md, "Fine-tuning")
@@ -108,15 +109,18 @@ def fit(
     return config, parent.diffusion
 
 
-def model_config(parent: Parent, classes: tuple[str, ...]) -> ModelConfig:
-    """The parent's architecture with the data's classes."""
-    return replace(parent.model, classes=tuple(classes))
+def model_config(parent: Parent, classes: tuple[str, ...], shift: int) -> ModelConfig:
+    """The parent's architecture with the data's classes, with the convolution of the shift
+    map where the run shifts (load_parent keeps the function the parent's either way)."""
+    return replace(parent.model, classes=tuple(classes), augment=AUGMENT_MAPS if shift else 0)
 
 
 def load_parent(state, parent: Parent, config: ModelConfig) -> str | None:
     """Put the parent's weights into the run's new state, the trained weights and the EMA;
     returns a line saying how the classes changed, or None."""
     tensors = dict(parent.weights)
+    if not config.augment:  # a map the run never gives: sampling's empty one, which adds 0
+        tensors.pop(AUGMENT_IN, None)  # (a parent without it: the run's starts at zero)
     note = _classes(tensors, parent.model, config)
     with torch.no_grad():
         for module in (state.model, state.ema):

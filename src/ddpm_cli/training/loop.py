@@ -212,11 +212,12 @@ class Loop:
             # the share of the run done, for the learning rate's cooldown: of its steps, or of
             # its time, whichever limit is nearer
             progress = max(time_spent, state.step / total if total else 0.0)
-            micro, labels = [], []
+            micro, labels, shifts = [], [], []
             for _ in range(config.grad_accum):
-                x, y = next(feed)
+                x, y, shift = next(feed)
                 micro.append(x)
                 labels.append(y)
+                shifts.append(shift)
                 state.batch_in_epoch += 1
                 if state.batch_in_epoch >= r.batches.per_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -224,6 +225,7 @@ class Loop:
                 self.pending.append(train_step(
                     state, micro, r.tables, config, r.device, r.forward, (d.rank, d.world),
                     labels if r.model.num_classes else None, r.model.num_classes, progress,
+                    shifts if r.model.augment else None,
                 ))  # fmt: skip
             step = state.step
             log = step % config.log_every == 0 or step == total

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli import distributed
-from ddpm_cli.config import DiffusionConfig, TrainConfig, from_dict
+from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, TrainConfig, from_dict
 from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
@@ -152,11 +152,12 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         if diffusion.schedule is None:  # the preset's
             diffusion = replace(diffusion, schedule=recipe_for(config.preset).schedule)
         if parent is not None:  # the parent's network, whatever its preset was called
-            model_config = finetune.model_config(parent, tuple(report.classes))
-        else:
+            model_config = finetune.model_config(parent, tuple(report.classes), config.shift)
+        else:  # a run that shifts its images tells the network how (non-leaking)
             model_config = build_model_config(
-                config.preset, config.image_size, report.channels, classes=tuple(report.classes)
-            )
+                config.preset, config.image_size, report.channels, classes=tuple(report.classes),
+                augment=AUGMENT_MAPS if config.shift else 0,
+            )  # fmt: skip
     else:
         config = resolve(config, device, report.used, report.channels, d.world)
         model_config = resumed.model

@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ddpm_cli.config import ModelConfig, Precision, TrainConfig
+from ddpm_cli.data.batches import reflected
 from ddpm_cli.data.folders import to_model_range
 from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion.process import training_losses
@@ -294,10 +295,13 @@ def train_step(
     labels: list[torch.Tensor] | None = None,
     num_classes: int = 0,
     progress: float = 0.0,
+    shifts: list[torch.Tensor] | None = None,
 ) -> StepResult:
     """One optimizer step over `grad_accum` uint8 micro-batches (on the CPU or on `device`),
     with their class labels for a model of `num_classes` classes. A share config.cond_drop
     of the labels, drawn from the noise generator, becomes "no class" (label num_classes).
+    `shifts`: each micro-batch's shifts (B, 2), for a model told of them (ModelConfig.augment)
+    as the map of where each image was filled by reflection.
 
     Nothing here waits for the device: a non-finite loss is found later, by `check_finite`.
     Until then the weights may hold NaN; the caller checks before anything is written.
@@ -333,12 +337,15 @@ def train_step(
             drop = torch.rand(b * world, generator=gen, device=gen.device)[mine] < config.cond_drop
             y = to_device(labels[i], device)
             y = torch.where(to_device(drop, device), num_classes, y)
+        augment = None
+        if shifts is not None:
+            augment = reflected(to_device(shifts[i], device), *x0.shape[2:])
         accumulate = no_sync() if no_sync and i < len(batches) - 1 else contextlib.nullcontext()
         with accumulate:
             with autocast:
                 per_item = training_losses(
                     forward, tables, x0, to_device(t, device), to_device(eps, device),
-                    config.objective.value, config.min_snr_gamma, y,
+                    config.objective.value, config.min_snr_gamma, y, augment,
                 )  # fmt: skip
             # every image counts the same, however the images fall into micro-batches
             loss = per_item.sum() / n_images
