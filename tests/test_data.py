@@ -239,7 +239,7 @@ def test_a_network_told_of_the_shifts_draws_unshifted_images(tmp_path, runner):
         img = torch.zeros(8, 8, dtype=torch.uint8)
         img[3:5, 3:5] = 140 + 5 * i
         Image.fromarray(img.numpy(), "L").save(pics / f"{i}.png")
-    cfg = TrainConfig(preset="tiny", batch_size=16, device="cpu", seed=1, steps=500, shift=2,
+    cfg = TrainConfig(preset="tiny", batch_size=16, device="cpu", seed=1, steps=600, shift=2,
                       holdout=0, sample_every=0, log_every=100)  # fmt: skip
     run = train(str(pics), cfg, DiffusionConfig(schedule=None), tmp_path / "run").out
     r = runner.invoke(app, ["sample", str(run), "-n", "48", "--seed", "0", "-o",

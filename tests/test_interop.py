@@ -168,6 +168,12 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
     assert said.exit_code == 0 and said.stdout == f"{tmp_path / 'a'}\n"
     assert "DDPMScheduler squaredcos_cap_v2 T=200, predicting v_prediction" in said.stderr
     assert "at 8x8" in said.stderr
+    odd = tmp_path / "[v2]" / "[/old]"  # Rich markup in a path is shown as it is
+    odd.mkdir(parents=True)
+    (run / "model.safetensors").rename(odd / "m.safetensors")
+    run = odd / "m.safetensors"
+    said = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "c")])
+    assert said.exit_code == 0 and f"exported {run}: UNet2DModel" in said.stderr
     quiet = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "b"), "-q"])
     assert quiet.exit_code == 0 and quiet.stdout == f"{tmp_path / 'b'}\n"
     assert quiet.stderr == ""

@@ -179,7 +179,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ("attention at", ",".join(map(str, m.get("attention_resolutions", []))) or "none"),
                 ("dropout", m.get("dropout")),
                 ("classes", ", ".join(m.get("classes") or []) or "none (unconditional)"),
-                ("shift map", "yes: told where --shift reflected each border (samples: none)"
+                ("shift map", "yes: told where --shift reflected each border (sampling: empty)"
                  if m.get("augment") else "none"),  # fmt: skip
             ],
         )

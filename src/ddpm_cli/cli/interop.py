@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli.cli.common import JsonOpt, QuietOpt, err_console, overwrite_option, print_path
+from ddpm_cli.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    err_console,
+    overwrite_option,
+    print_path,
+    safe,
+)
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.files import check_output_path
 from ddpm_cli.store.interop import export_checkpoint, import_folder
@@ -48,7 +55,7 @@ def import_(
     if not quiet:
         m, d = info["model"], info["diffusion"]
         err_console.print(
-            f"imported {folder}: {m['channels']} x {','.join(map(str, m['channel_mult']))} "
+            f"imported {safe(folder)}: {m['channels']} x {','.join(map(str, m['channel_mult']))} "
             f"at {m['image_size'][1]}x{m['image_size'][0]}, {d['schedule']} T={d['timesteps']}, "
             f"predicting {info['objective']}, sampler defaults {info['sampler'] or 'none'}"
         )
@@ -84,8 +91,8 @@ def export(
         size = u["sample_size"]
         size = f"{size[1]}x{size[0]}" if isinstance(size, list) else f"{size}x{size}"
         err_console.print(
-            f"exported {checkpoint}: UNet2DModel {','.join(map(str, u['block_out_channels']))} "
-            f"at {size}, DDPMScheduler {s['beta_schedule']} T={s['num_train_timesteps']}, "
-            f"predicting {s['prediction_type']}"
+            f"exported {safe(checkpoint)}: UNet2DModel "
+            f"{','.join(map(str, u['block_out_channels']))} at {size}, DDPMScheduler "
+            f"{s['beta_schedule']} T={s['num_train_timesteps']}, predicting {s['prediction_type']}"
         )
     print_path(diffusers)

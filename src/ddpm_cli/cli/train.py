@@ -95,7 +95,8 @@ def train(
             max=1024,
             min=0,
             help="Random translations by up to N pixels each way, the border reflected; the "
-            "network is told where, and samples draw no border (small datasets; 0: none).",
+            "network is told where, and samples show no reflected border (small datasets; "
+            "0: none).",
         ),
     ] = D.shift,
     stream: Annotated[

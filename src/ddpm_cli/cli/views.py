@@ -282,7 +282,7 @@ def _augment(config, model) -> str:
     if not config.shift:
         return flips
     if model.augment:
-        told = "the network is told each image's shift and samples unshifted"
+        told = "the network is told each image's shift; samples are drawn unshifted"
     else:
         told = "started before ddpm told the network of them: samples may show reflected borders"
     return f"{flips}; shifts of up to {config.shift} pixels each way ({told})"

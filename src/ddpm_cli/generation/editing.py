@@ -102,7 +102,7 @@ def _sources(spec: str, what: str) -> list[tuple[str, str]]:
         return [(p.name, str(p)) for p in found]
     if not path.exists():
         raise DataError(f"{path}: no such file ({what})")
-    return [(spec, str(path))]  # named as typed, so that messages show its folder
+    return [(path.name, str(path))]
 
 
 def _pair_mask(name: str, masks: list[tuple[str, str]], folder: bool) -> tuple[str, str]:
@@ -115,6 +115,11 @@ def _pair_mask(name: str, masks: list[tuple[str, str]], folder: bool) -> tuple[s
     if Path(name).stem in stems:
         return stems[Path(name).stem]
     raise DataError(f"no mask for {name} in the mask folder (masks pair with images by file name)")
+
+
+def _shown(name: str, path: str) -> str:
+    """An input as messages name it: its path as typed, its folder included; "stdin" for "-"."""
+    return name if path == STDIO else path
 
 
 def _size_text(size: tuple[int, int]) -> str:
@@ -191,13 +196,14 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
     target = _target(spec, mh, mw)
     inputs, stems, read = [], {}, {}
     for name, path in sources:
-        img, data = _decode(path, name, target if spec.resize else None, read)
-        pixels = _channels(img, name, channels)
+        shown = _shown(name, path)
+        img, data = _decode(path, shown, target if spec.resize else None, read)
+        pixels = _channels(img, shown, channels)
         size = img.size
         factor = _factor(spec, size, (mw, mh))
         want = (mw // factor, mh // factor) if spec.mode is EditMode.upscale else target[::-1]
         if size != want:
-            raise UsageError(_size_problem(spec, name, size, want, (mw, mh), factor))
+            raise UsageError(_size_problem(spec, shown, size, want, (mw, mh), factor))
         if inputs and factor != inputs[0].factor:
             raise UsageError(
                 f"{name} upscales by {factor} and {inputs[0].name} by {inputs[0].factor}: "
@@ -209,7 +215,8 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
             args += ["--factor", str(factor)]
         keep, files = None, [path]
         if spec.mode is EditMode.inpaint:
-            pixels, keep, mask_args, mask = _keep(spec, name, img, pixels, masks, mask_folder, read)
+            pixels, keep, mask_args, mask = _keep(spec, shown, img, pixels, masks, mask_folder,
+                                                  read, name)  # fmt: skip
             args += mask_args
             if mask is not None:
                 files.append(mask)
@@ -244,9 +251,10 @@ def _pad_text(pad: tuple[int, int, int, int]) -> str:
     return ",".join(str(v) for v in pad)
 
 
-def _keep(spec, name, img, pixels, masks, mask_folder, read):
-    """(canvas, keep mask, redraw arguments, the mask's path or None) of an inpainting input;
-    the mask's bytes are in `read`."""
+def _keep(spec, name, img, pixels, masks, mask_folder, read, file_name):
+    """(canvas, keep mask, redraw arguments, the mask's path or None) of an inpainting input
+    (`name` as messages show it, `file_name` what a mask folder pairs by); the mask's bytes
+    are in `read`."""
     if spec.outpaint is not None:
         canvas, keep = editing.outpaint_canvas(pixels, spec.outpaint)
         return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)], None
@@ -259,7 +267,8 @@ def _keep(spec, name, img, pixels, masks, mask_folder, read):
                 f"0 <= X0 < X1 <= {w} and 0 <= Y0 < Y1 <= {h}"
             )
         return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], None
-    mask_name, mask_path = _pair_mask(name, masks, mask_folder)
+    mask_name, mask_path = _pair_mask(file_name, masks, mask_folder)
+    mask_name = _shown(mask_name, mask_path)
     mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read)
     if mask.source_size != img.source_size:
         raise UsageError(
