@@ -154,17 +154,15 @@ def training_losses(
     augment: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-item loss (B,): the weighted mean squared error of the model's prediction, given
-    class labels `y` for a class-conditional model and the augmentation labels `augment` of
-    `x0` for a model told of them.
+    class labels `y` for a class-conditional model and the map `augment` of where `x0` was
+    augmented for a model told of it (--shift).
 
     With objective "eps" and no weighting this is L_simple, eq. 14 of Ho et al. 2020.
     """
     xt = q_sample(tables, x0, t, eps)
     target = training_target(objective, x0, eps, v_target(tables, x0, t, eps))
-    if augment is not None:
-        out = model(xt, t, y, augment)
-    else:
-        out = model(xt, t) if y is None else model(xt, t, y)
+    extra = (y, augment) if augment is not None else (y,) if y is not None else ()
+    out = model(xt, t, *extra)  # (a model without classes or a map takes no more)
     mse = (out.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
     return mse * loss_weight(tables, t, objective, gamma).to(mse.dtype)
 

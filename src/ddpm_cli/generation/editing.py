@@ -215,8 +215,9 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
             args += ["--factor", str(factor)]
         keep, files = None, [path]
         if spec.mode is EditMode.inpaint:
-            pixels, keep, mask_args, mask = _keep(spec, shown, img, pixels, masks, mask_folder,
-                                                  read, name)  # fmt: skip
+            pixels, keep, mask_args, mask = _keep(
+                spec, shown, img, pixels, masks, mask_folder, read
+            )
             args += mask_args
             if mask is not None:
                 files.append(mask)
@@ -251,10 +252,10 @@ def _pad_text(pad: tuple[int, int, int, int]) -> str:
     return ",".join(str(v) for v in pad)
 
 
-def _keep(spec, name, img, pixels, masks, mask_folder, read, file_name):
+def _keep(spec, name, img, pixels, masks, mask_folder, read):
     """(canvas, keep mask, redraw arguments, the mask's path or None) of an inpainting input
-    (`name` as messages show it, `file_name` what a mask folder pairs by); the mask's bytes
-    are in `read`."""
+    (`name` as messages show it: a mask folder pairs by its file name); the mask's bytes are in
+    `read`."""
     if spec.outpaint is not None:
         canvas, keep = editing.outpaint_canvas(pixels, spec.outpaint)
         return canvas, keep, ["--outpaint", _pad_text(spec.outpaint)], None
@@ -267,7 +268,7 @@ def _keep(spec, name, img, pixels, masks, mask_folder, read, file_name):
                 f"0 <= X0 < X1 <= {w} and 0 <= Y0 < Y1 <= {h}"
             )
         return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], None
-    mask_name, mask_path = _pair_mask(file_name, masks, mask_folder)
+    mask_name, mask_path = _pair_mask(Path(name).name, masks, mask_folder)
     mask_name = _shown(mask_name, mask_path)
     mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read)
     if mask.source_size != img.source_size:

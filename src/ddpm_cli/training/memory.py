@@ -102,7 +102,7 @@ def _probe(model, tables, config: TrainConfig, device, num_classes: int, shape) 
     t = torch.linspace(0, tables.timesteps - 1, shape[0]).long().to(device)
     eps = torch.randn(shape, generator=g).to(device)
     y = torch.zeros(shape[0], dtype=torch.long, device=device) if num_classes else None
-    told = getattr(getattr(model, "config", None), "augment", 0)  # a --shift run's map
+    told = model.config.augment  # a --shift run's map
     augment = torch.ones((shape[0], told, *shape[2:]), device=device) if told else None
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
