@@ -556,8 +556,10 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
     assert peak == pytest.approx(1e-3) and records[-1]["lr"] < 0.1 * peak
     # the warm-up was planned for the time too: full rate after 5% of it, not after 100 steps
     assert records[0]["lr"] < 0.5e-3
+    # (steps of even length reach 5% of the time after ceil(5% of the steps); one to log the
+    # rate and one for an uneven step on a loaded machine)
     full = min(r["step"] for r in records if r["lr"] == pytest.approx(1e-3))
-    assert full <= max(2, 0.1 * result.step) and full < 100
+    assert full <= math.ceil(0.05 * result.step) + 2 and full < 100
     again = train(None, TrainConfig(**FAST, time_limit=3.5), DiffusionConfig(), resume=out,
                   given={"time_limit": 3.5})  # fmt: skip
     second = load_checkpoint(out / "train_state.safetensors")
