@@ -144,7 +144,7 @@ def test_a_cuda_run_logs_resumes_and_stops_on_nan(tmp_path, monkeypatch):
     for i in range(16):
         draw_shapes((16 + i, 16)).save(tmp_path / "pics" / f"{i}.png")
     cfg = dict(preset="tiny", image_size=16, batch_size=8, device="cuda", seed=2,
-               sample_every=0, log_every=1, checkpoint_every=30)  # fmt: skip
+               sample_every=0, log_every=1, checkpoint_every=30, shift=0)  # fmt: skip
     runs = {}
     for name, seed in (("whole", 2), ("other", 3)):
         runs[name] = train(str(tmp_path / "pics"), TrainConfig(**{**cfg, "seed": seed}, steps=60),

@@ -264,18 +264,27 @@ def test_a_shift_as_large_as_the_image_is_one_line_exit_2(runner, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-def test_a_small_folder_warns_and_points_to_shift(tmp_path):
-    """Below TINY_DATASET images the report warns that the model will memorise them, and names
-    the augmentation measured to copy less on small sets (docs/training.md)."""
+def test_a_small_folder_warns_and_is_shifted_by_default(tmp_path):
+    """Below TINY_DATASET images the report warns that the model will memorise them. Below
+    SHIFT_BELOW images a run shifts them by 1/16 of the shorter side (none below 16 pixels),
+    the network told (the default measured on real images, docs/training.md#small-datasets);
+    a given --shift, 0 included, is kept."""
     from ddpm_cli.data.folders import TINY_DATASET
     from ddpm_cli.data.sources import load_source
+    from ddpm_cli.training.train import SHIFT_BELOW, resolve
 
     for i in range(5):
         draw_shapes((12 + i, 12)).save(tmp_path / f"{i}.png")
     _, report = load_source(str(tmp_path), (8, 8), 3)
     (warning,) = [w for w in report.warnings if "memorise" in w]
-    assert warning.startswith("only 5 images") and "--shift 2" in warning
-    assert TINY_DATASET == 100
+    assert warning.startswith("only 5 images") and TINY_DATASET == 100
+    assert SHIFT_BELOW == 2000
+    cpu = torch.device("cpu")
+    for n, size, shift, want in [(5, 8, None, 0), (5, 16, None, 1), (1999, 32, None, 2),
+                                 (2000, 32, None, 0), (10, (64, 48), None, 3), (10, 32, 0, 0),
+                                 (5000, 32, 3, 3), (5, 8, 2, 2)]:  # fmt: skip
+        config = resolve(TrainConfig(image_size=size, shift=shift), cpu, n, 3)
+        assert config.shift == want, (n, size, shift)
 
 
 def test_transparency_is_drawn_on_white_unless_the_model_learns_it(tmp_path):

@@ -43,7 +43,9 @@ def first_losses(monkeypatch, parent_dir, same_classes: bool) -> dict:
             seen["run"] = out.detach().clone()
             with torch.no_grad():
                 y_parent = y if same_classes else None
-                seen["parent"] = real(parent, tables, x0, t, eps, objective, gamma, y_parent)
+                told = augment if parent.augment_in is not None else None  # (its own maps)
+                seen["parent"] = real(parent, tables, x0, t, eps, objective, gamma, y_parent,
+                                      told)  # fmt: skip
         return out
 
     monkeypatch.setattr(train_mod, "training_losses", spy)
@@ -71,9 +73,13 @@ def test_the_first_step_is_the_parents_loss_on_the_same_batch(
         for i in range(6):
             draw_shapes((14 + i, 12)).save(data / f"{i}.png")
     seen = first_losses(monkeypatch, parent, same_classes=not (parent_classes or data_classes))
+    events = {}
     run = train(str(data), TrainConfig(**TINY, init=str(parent)), DiffusionConfig(),
-                tmp_path / "ft").out  # fmt: skip
+                tmp_path / "ft", on_event=events.setdefault).out  # fmt: skip
     assert torch.allclose(seen["run"], seen["parent"], rtol=1e-5, atol=1e-7)
+    notes = events["start"]["parent_notes"]  # the pre-flight table's lines
+    assert len(notes) == (parent_classes or data_classes)  # (the class names differ too)
+    assert all(("new class embedding" if data_classes else "are dropped") in n for n in notes)
     ckpt = load_checkpoint(run / MODEL)
     assert ckpt.config["model"]["classes"] == (["x", "y", "z"] if data_classes else [])
     parent_meta = load_checkpoint(parent / MODEL).meta
@@ -87,15 +93,24 @@ def test_a_run_that_shifts_starts_from_a_parent_that_did_not_as_its_function(
 ):
     """--init with --shift: the network gains the convolution of the shift map at zero, so
     its first loss on the shifted batch is the parent's; the maps then train it."""
-    parent = train_tiny(tmp_path, 6, steps=3)
+    parent = train_tiny(tmp_path, 6, steps=3, shift=0)
     assert "augment_in.weight" not in load_checkpoint(parent / MODEL).tensors
-    seen = first_losses(monkeypatch, parent, same_classes=True)
+    seen, events = first_losses(monkeypatch, parent, same_classes=True), {}
     run = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(parent), shift=2),
-                DiffusionConfig(), tmp_path / "ft").out  # fmt: skip
+                DiffusionConfig(), tmp_path / "ft", on_event=events.setdefault).out  # fmt: skip
     assert torch.allclose(seen["run"], seen["parent"], rtol=1e-5, atol=1e-7)
     ckpt = load_checkpoint(run / MODEL)
     assert ckpt.config["model"]["augment"] == 1
     assert ckpt.tensors["augment_in.weight"].abs().max() > 0  # trained by the maps
+    assert events["start"]["parent_notes"] == [
+        "a shift-map convolution is added, at zero (this run shifts its images; the parent "
+        "did not)"
+    ]  # fmt: skip
+    # without --shift, a fine-tune keeps its parent's shift (8x8 by default would have none;
+    # an unshifted parent at 32x32: test_interop's imported model)
+    again = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(run)), DiffusionConfig(),
+                  tmp_path / "ft2").out  # fmt: skip
+    assert load_checkpoint(again / MODEL).config["training"]["shift"] == 2
 
 
 def test_a_run_without_shift_from_a_parent_with_it_drops_the_map_as_its_function(
@@ -107,12 +122,17 @@ def test_a_run_without_shift_from_a_parent_with_it_drops_the_map_as_its_function
     train_tiny(tmp_path, 6, steps=3, shift=2)
     parent = tmp_path / "run"
     assert "augment_in.weight" in load_checkpoint(parent / MODEL).tensors
-    seen = first_losses(monkeypatch, parent, same_classes=True)
-    run = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(parent)), DiffusionConfig(),
-                tmp_path / "ft").out  # fmt: skip
+    seen, events = first_losses(monkeypatch, parent, same_classes=True), {}
+    run = train(str(tmp_path / "pics"), TrainConfig(**TINY, init=str(parent), shift=0),
+                DiffusionConfig(), tmp_path / "ft", on_event=events.setdefault).out  # fmt: skip
     assert torch.allclose(seen["run"], seen["parent"], rtol=1e-5, atol=1e-7)
     ckpt = load_checkpoint(run / MODEL)
     assert ckpt.config["model"]["augment"] == 0 and "augment_in.weight" not in ckpt.tensors
+    # the pre-flight table says so
+    assert events["start"]["parent_notes"] == [
+        "the parent's shift-map convolution is left out (this run does not shift; it added "
+        "nothing to samples)"
+    ]  # fmt: skip
 
 
 def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runner, tmp_path):

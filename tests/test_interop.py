@@ -152,7 +152,11 @@ def test_a_model_trained_with_shift_exports_without_its_map_and_computes_the_sam
     ours = load_for_sampling(run).model
     assert ours.config.augment == 1 and ours.augment_in.weight.abs().max() > 0
     out = tmp_path / "exp"
-    assert runner.invoke(app, ["export", str(run), "--diffusers", str(out), "-q"]).exit_code == 0
+    said = runner.invoke(app, ["export", str(run), "--diffusers", str(out)])
+    assert said.exit_code == 0 and "left out augment_in.weight: the --shift map's" in said.stderr
+    info = json.loads(runner.invoke(app, ["export", str(run), "--diffusers", str(out),
+                                          "--overwrite", "--json"]).stdout)  # fmt: skip
+    assert list(info["left_out"]) == ["augment_in.weight"]
     pipe = DDPMPipeline.from_pretrained(out)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 900])
     with torch.no_grad():
@@ -163,7 +167,7 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
     from conftest import train_tiny
     from ddpm_cli.config import DiffusionConfig
 
-    run = train_tiny(tmp_path, 4, DiffusionConfig(schedule="cosine", timesteps=200))
+    run = train_tiny(tmp_path, 4, DiffusionConfig(schedule="cosine", timesteps=200), shift=0)
     said = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "a")])
     assert said.exit_code == 0 and said.stdout == f"{tmp_path / 'a'}\n"
     assert "DDPMScheduler squaredcos_cap_v2 T=200, predicting v_prediction" in said.stderr
@@ -176,7 +180,7 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
     assert said.exit_code == 0 and f"exported {run}: UNet2DModel" in said.stderr
     quiet = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "b"), "-q"])
     assert quiet.exit_code == 0 and quiet.stdout == f"{tmp_path / 'b'}\n"
-    assert quiet.stderr == ""
+    assert quiet.stderr == "" and "left out" not in said.stderr  # nothing left out here
 
 
 def test_what_does_not_map_is_refused_by_name(tmp_path, runner):

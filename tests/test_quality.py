@@ -222,17 +222,22 @@ def test_inspect_shows_the_figures_and_the_best(runner, tmp_path):
     assert "2 held-out losses" in text and "best.safetensors" in text
 
 
-def test_a_run_saved_before_quality_figures_resumes_on_all_its_images(tmp_path, monkeypatch):
+def test_a_run_saved_before_quality_figures_and_shifts_resumes_as_it_was(tmp_path, monkeypatch):
+    """On all its images, and unshifted (30 images would now be shifted by default)."""
     monkeypatch.setattr(quality, "HOLDOUT_MIN", 1)  # 30 images would now set aside one
-    run = train_tiny(tmp_path, 30, steps=2, holdout=0)
+    run = train_tiny(tmp_path, 30, steps=2, holdout=0, shift=0, image_size=16)
     state = load_checkpoint(run / "train_state.safetensors")
     keys = ("world_size", "config", "step", "epoch", "batch_in_epoch", "elapsed",
             "train_seconds", "optimizer_groups", "scaler")  # fmt: skip
     meta = {k: state.json(k) for k in keys}
-    del meta["config"]["training"]["holdout"]  # as written before --holdout existed
+    for key in ("holdout", "shift"):  # as written before --holdout and --shift existed
+        del meta["config"]["training"][key]
+    del meta["config"]["model"]["augment"]
     save_checkpoint(run / "train_state.safetensors", state.tensors, "train_state", meta)
     train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
-    assert load_checkpoint(run / MODEL).config["training"]["holdout"] == 0
+    config = load_checkpoint(run / MODEL).config
+    assert config["training"]["holdout"] == 0 and config["training"]["shift"] == 0
+    assert config["model"]["augment"] == 0
     assert run_figures(run) == []
 
 

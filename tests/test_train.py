@@ -571,7 +571,7 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
 
 
 def test_cli_time_option_plans_and_refuses_bad_durations(runner, colours, tmp_path):
-    r = cli_train(runner, colours, tmp_path / "run", "--time", "1s", "--image-size", "8")
+    r = cli_train(runner, colours, tmp_path / "run", "--time", "1s", "--image-size", "16")
     assert r.exit_code == 0, r.output
     assert "1s of training" in r.output and "finished at step" in r.output
     training = load_checkpoint(tmp_path / "run" / "model.safetensors").config["training"]
@@ -580,6 +580,12 @@ def test_cli_time_option_plans_and_refuses_bad_durations(runner, colours, tmp_pa
     shown = runner.invoke(app, ["inspect", str(tmp_path / "run")])
     for text in (r.output, shown.output):  # table cells may wrap: read them without borders
         assert "warm-up 100 steps or 5% of the time" in " ".join(text.replace("│", " ").split())
+    # 64 images, below SHIFT_BELOW: shifted by default, 1 pixel at 16x16, the network told
+    flat = " ".join(r.output.replace("│", " ").split())
+    assert "shifts of up to 1 pixel each way (the network is told" in flat
+    assert training["shift"] == 1 and "shift map yes" in " ".join(
+        shown.output.replace("│", " ").split()
+    )  # fmt: skip
     r = cli_train(runner, colours, tmp_path / "bad", "--time", "10 minutes")
     assert r.exit_code == 2 and "use a number with s, m or h" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "bad").exists()

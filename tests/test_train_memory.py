@@ -3,6 +3,9 @@ full batch) and --grad-checkpoint (the same gradients, fewer activations kept)."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from ddpm_cli.config import DiffusionConfig, TrainConfig
@@ -25,39 +28,53 @@ def fixed_noise(monkeypatch):
         key = (x0.flatten(1) * torch.arange(1, x0[0].numel() + 1, dtype=torch.float64)).sum(1)
         t = (key.abs() * 1e3).long() % T
         eps = torch.sin(x0 * 7.3 + key.view(-1, 1, 1, 1))
-        return real(model, tables, x0, t, eps, objective, gamma, y)
+        return real(model, tables, x0, t, eps, objective, gamma, y, augment)
 
     monkeypatch.setattr(train_mod, "training_losses", losses)
 
 
-def float64_state(config: TrainConfig, preset="tiny", size=(8, 8)):
-    state = new_state(build_model_config(preset, size, 3), config, CPU)
+def float64_state(config: TrainConfig, augment: int = 0):
+    """A float64 tiny model whose optimizer is plain SGD: the step is lr times the gradient
+    (Adam's first step is about lr times its sign, blind to the gradient's scale)."""
+    model_config = replace(build_model_config("tiny", (8, 8), 3), augment=augment)
+    state = new_state(model_config, config, CPU)
     state.model.double()
     state.ema.double()
-    state.optimizer = torch.optim.Adam(state.model.parameters(), lr=config.lr, foreach=True)
+    if augment:  # not zero, so that the maps change every gradient, not only the conv's own
+        torch.nn.init.normal_(state.model.augment_in.weight, std=0.3)
+    state.optimizer = torch.optim.SGD(state.model.parameters(), lr=config.lr)
     return state
 
 
-def test_grad_accum_gives_the_update_of_one_full_batch(monkeypatch):
+@pytest.mark.parametrize("shift", [False, True])
+def test_grad_accum_gives_the_update_of_one_full_batch(monkeypatch, shift):
+    """With --shift, each micro-batch is told its own images' shifts."""
     fixed_noise(monkeypatch)
     tables = DiffusionTables.from_config(DiffusionConfig(timesteps=T))  # float64
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8)
-    base = dict(preset="tiny", image_size=8, batch_size=8, device="cpu", seed=4, lr=1e-3,
+    shifts = torch.randint(-2, 3, (8, 2), generator=g) if shift else None
+    base = dict(preset="tiny", image_size=8, batch_size=8, device="cpu", seed=4, lr=0.1,
                 warmup_steps=1, precision="fp32", grad_clip=1e9)  # fmt: skip
 
     def flat(model):
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    params = {}
-    for accum, micro in ((1, [images]), (2, list(images.split(4))), (3, list(images.split(3)))):
-        state = float64_state(TrainConfig(**base, grad_accum=accum))
-        before = flat(state.model)
-        train_step(state, micro, tables, TrainConfig(**base, grad_accum=accum), CPU, state.model)
-        params[accum] = flat(state.model)
-        assert (params[accum] - before).abs().max() > 1e-4  # the step moved the weights
+    def step(accum, maps):
+        state = float64_state(TrainConfig(**base, grad_accum=accum), augment=int(shift))
+        before, config = flat(state.model), TrainConfig(**base, grad_accum=accum)
+        micro = list(images.tensor_split(accum))
+        train_step(state, micro, tables, config, CPU, state.model, shifts=maps)
+        assert (flat(state.model) - before).abs().max() > 1e-4  # the step moved the weights
+        return flat(state.model)
+
+    split = (lambda k, s: list(s.tensor_split(k))) if shift else (lambda k, s: None)
+    full = step(1, split(1, shifts))
     for accum in (2, 3):  # uneven micro-batches (3, 3, 2) too
-        assert (params[accum] - params[1]).abs().max() < 1e-5
+        assert (step(accum, split(accum, shifts)) - full).abs().max() < 1e-9
+    if shift:  # the maps count: the first micro-batch's shifts for all of them differ
+        wrong = [shifts[: len(m)] for m in shifts.tensor_split(2)]
+        assert (step(2, wrong) - full).abs().max() > 1e-6
 
 
 def test_grad_checkpoint_gives_the_same_gradients_and_keeps_fewer_activations():

@@ -230,9 +230,9 @@ class TrainConfig:
     image_size: tuple[int, int] | None = None
     channels: int | None = None  # None: 1 for all-grayscale data, else 3
     flip: bool = True  # random horizontal flips, as in the paper
-    # random translations by up to this many pixels each way, the border reflected (0: none):
-    # augmentation for small datasets (docs/training.md#small-datasets)
-    shift: int = 0
+    # random translations by up to this many pixels each way, the border reflected (0: none),
+    # the network told where; None: by data size (training.train.default_shift)
+    shift: int | None = None
     stream: bool | None = None  # decode batches from disk; None: only when memory is short
     workers: int | None = None  # DataLoader processes when streaming; None: by CPU count
     data_cache: bool = True  # keep the decoded images in the run directory (in-memory data)
@@ -291,7 +291,7 @@ class TrainConfig:
             raise ConfigError(f"unknown --log {list(self.log)}; choose from: {names}") from None
         if self.image_size is not None:
             object.__setattr__(self, "image_size", parse_size(self.image_size))
-            if self.shift >= min(self.image_size):
+            if self.shift is not None and self.shift >= min(self.image_size):
                 raise ConfigError(f"shift {self.shift} must be less than the image size "
                                   f"{min(self.image_size)}")  # fmt: skip
         if self.precision is not None:

@@ -95,4 +95,6 @@ def export(
             f"{','.join(map(str, u['block_out_channels']))} at {size}, DDPMScheduler "
             f"{s['beta_schedule']} T={s['num_train_timesteps']}, predicting {s['prediction_type']}"
         )
+        for name, why in info["left_out"].items():
+            err_console.print(f"left out {name}: {why}")
     print_path(diffusers)

@@ -89,14 +89,14 @@ def train(
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
     ] = D.flip,
     shift: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--shift",
             max=1024,
             min=0,
             help="Random translations by up to N pixels each way, the border reflected; the "
-            "network is told where, and samples show no reflected border (small datasets; "
-            "0: none).",
+            "network is told where, and samples show no reflected border (0: none). Default: "
+            "1/16 of the side (2 at 32x32, none below 16) below 2000 images, else none.",
         ),
     ] = D.shift,
     stream: Annotated[

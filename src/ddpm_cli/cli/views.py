@@ -258,8 +258,7 @@ def preflight_table(info: dict) -> Table:
         sha = str(parent["content_hash"])[:12]
         what = f"{parent['file']} (step {parent['step']}, sha256 {sha}): fine-tuning its weights"
         rows.insert(5, ("from", what))
-    if info.get("parent_note"):
-        rows.append(("note", info["parent_note"]))
+    rows += [("note", note) for note in info.get("parent_notes", [])]
     plan = info.get("memory")
     if plan is not None and plan.step is not None:
         need = size_text(plan.step.need(config.batch_size))
@@ -285,7 +284,8 @@ def _augment(config, model) -> str:
         told = "the network is told each image's shift; samples are drawn unshifted"
     else:
         told = "started before ddpm told the network of them: samples may show reflected borders"
-    return f"{flips}; shifts of up to {config.shift} pixels each way ({told})"
+    n = config.shift
+    return f"{flips}; shifts of up to {n} pixel{'s' * (n != 1)} each way ({told})"
 
 
 def _quality(config) -> str:

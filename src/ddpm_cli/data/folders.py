@@ -64,8 +64,8 @@ class DataReport:
         if self.used < TINY_DATASET:
             out.append(
                 f"only {self.used} images: the model will mostly memorise them; "
-                f"hundreds or thousands of images give more varied samples (with --shift 2 "
-                f"the model copies fewer of them: docs/training.md#small-datasets)"
+                f"hundreds or thousands of images give more varied samples "
+                f"(docs/training.md#small-datasets)"
             )
         th, tw = self.image_size
         small = sum(1 for w, h in self.sizes if w < tw or h < th)

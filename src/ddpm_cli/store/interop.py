@@ -300,7 +300,8 @@ def import_folder(folder: Path, out: Path) -> dict:
         build_model(config, state, unet_dir / WEIGHTS)
     except CheckpointError as e:
         raise InteropError(f"the UNet's weights do not fit its config: {e}") from None
-    training = TrainConfig(objective=objective, image_size=config.image_size, preset="imported")
+    training = TrainConfig(objective=objective, image_size=config.image_size, preset="imported",
+                           shift=0)  # fmt: skip
     configs = {
         "model": config.to_dict(), "diffusion": diffusion.to_dict(),
         "training": training.to_dict(), "sampler": defaults,
@@ -309,6 +310,9 @@ def import_folder(folder: Path, out: Path) -> dict:
     save_checkpoint(out, state, "model", {"config": configs, "step": 0, "weights": "imported"})
     return {"out": str(out), "model": config.to_dict(), "diffusion": diffusion.to_dict(),
             "objective": objective, "sampler": defaults}  # fmt: skip
+
+
+SHIFT_CONV = "the --shift map's input convolution, which adds nothing when sampling"
 
 
 def export_checkpoint(path: Path, folder: Path) -> dict:
@@ -374,4 +378,7 @@ def export_checkpoint(path: Path, folder: Path) -> dict:
     scheduler_json = json.dumps(scheduler, indent=2).encode()
     write_atomic(folder / "scheduler" / "scheduler_config.json", scheduler_json)
     write_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())
-    return {"out": str(folder), "ddpm_version": __version__, "unet": unet, "scheduler": scheduler}
+    # a --shift run's map conv: sampling gives it no map, so it adds exactly nothing there
+    left_out = {"augment_in.weight": SHIFT_CONV} if config.augment else {}
+    return {"out": str(folder), "ddpm_version": __version__, "unet": unet, "scheduler": scheduler,
+            "left_out": left_out}  # fmt: skip

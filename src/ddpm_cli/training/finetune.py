@@ -2,13 +2,15 @@
 CKPT`), a checkpoint of ddpm's or one `ddpm import` made.
 
 The run keeps the parent's architecture, diffusion schedule and objective; its image size and
-channel count become the run's (other ones given are refused). Both the weights it trains and
-its EMA start as the parent's model, the EMA weights `ddpm sample` draws from it (a train
-state's raw weights would be lost at the first step anyway, where the new run's EMA warm-up
-follows the trained weights); the optimizer starts fresh. Where the classes change, the class
-embedding is made anew so that the network starts as exactly the parent's function: every new
-class starts as the parent's "no class" (zero for an unconditional parent), and a conditional
-parent trained on unlabelled data folds its "no class" into the time embedding's last bias.
+channel count become the run's (other ones given are refused), and its shift, unless --shift
+is given (the shift map's convolution then comes or goes, the function unchanged). Both the
+weights it trains and its EMA start as the parent's model, the EMA weights `ddpm sample` draws
+from it (a train state's raw weights would be lost at the first step anyway, where the new
+run's EMA warm-up follows the trained weights); the optimizer starts fresh. Where the classes
+change, the class embedding is made anew so that the network starts as exactly the parent's
+function: every new class starts as the parent's "no class" (zero for an unconditional
+parent), and a conditional parent trained on unlabelled data folds its "no class" into the
+time embedding's last bias.
 """
 
 from __future__ import annotations
@@ -98,8 +100,13 @@ def fit(
                 f"--init {parent.summary['file']} was trained with {key} "
                 f"{getattr(parent.diffusion, key)}; a fine-tuned network keeps it: drop --{key}"
             )
+    # the parent's network, shift map included or not: its shift unless --shift is given
+    shift = config.shift
+    if shift is None:
+        shift = (parent.training.shift or 0) if parent.model.augment else 0
     config = replace(
         config,
+        shift=shift,
         image_size=(h, w),
         channels=c,
         objective=parent.training.objective,
@@ -115,19 +122,26 @@ def model_config(parent: Parent, classes: tuple[str, ...], shift: int) -> ModelC
     return replace(parent.model, classes=tuple(classes), augment=AUGMENT_MAPS if shift else 0)
 
 
-def load_parent(state, parent: Parent, config: ModelConfig) -> str | None:
+def load_parent(state, parent: Parent, config: ModelConfig) -> list[str]:
     """Put the parent's weights into the run's new state, the trained weights and the EMA;
-    returns a line saying how the classes changed, or None."""
+    returns lines saying what changed in the network (its classes, the shift map's conv)."""
     tensors = dict(parent.weights)
-    if not config.augment:  # a map the run never gives: sampling's empty one, which adds 0
-        tensors.pop(AUGMENT_IN, None)  # (a parent without it: the run's starts at zero)
+    notes = []
+    # a map the run never gives is sampling's empty one, where the conv adds 0; a parent
+    # without the conv, for a run that shifts: the run's starts at zero
+    if not config.augment and tensors.pop(AUGMENT_IN, None) is not None:
+        notes.append("the parent's shift-map convolution is left out (this run does not "
+                     "shift; it added nothing to samples)")  # fmt: skip
+    elif config.augment and AUGMENT_IN not in tensors:
+        notes.append("a shift-map convolution is added, at zero (this run shifts its images; "
+                     "the parent did not)")  # fmt: skip
     note = _classes(tensors, parent.model, config)
     with torch.no_grad():
         for module in (state.model, state.ema):
             own = module.state_dict()
             for name, value in tensors.items():
                 own[name].copy_(value.to(own[name].dtype))
-    return note
+    return [note, *notes] if note else notes
 
 
 def _classes(tensors: dict, before: ModelConfig, after: ModelConfig) -> str | None:

@@ -89,10 +89,11 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
         raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
     ckpt = load_checkpoint(out / STATE, kind="train_state")
     stored = config_section(ckpt, "training", TrainConfig)
-    if "cooldown" not in ckpt.config.get("training", {}):  # saved before cooldowns existed:
-        stored = replace(stored, cooldown=0.0)  # it goes on at a constant rate, as planned
-    if "holdout" not in ckpt.config.get("training", {}):  # saved before quality figures:
-        stored = replace(stored, holdout=0)  # it goes on training on all its images
+    # saved before these options existed, a run goes on as it was: at a constant rate after
+    # its warm-up, on all its images (no quality figure), unshifted
+    old = {"cooldown": 0.0, "holdout": 0, "shift": 0}
+    saved = ckpt.config.get("training", {})
+    stored = replace(stored, **{k: v for k, v in old.items() if k not in saved})
     diffusion = config_section(ckpt, "diffusion", DiffusionConfig)
     config = merge_resume(stored, diffusion, given)
     model = config_section(ckpt, "model", ModelConfig)

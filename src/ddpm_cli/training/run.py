@@ -219,7 +219,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     if parent is not None or (resumed is not None and "parent" in resumed.ckpt.config):
         configs["parent"] = parent.summary if parent else resumed.ckpt.config["parent"]
 
-    classes_note = finetune.load_parent(state, parent, model_config) if parent else None
+    parent_notes = finetune.load_parent(state, parent, model_config) if parent else []
     elapsed0 = restore_state(state, ckpt, device, warnings) if resumed is not None else 0.0
     try:
         live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
@@ -262,7 +262,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "world": d.world,
             "stored_world": stored_world,
             "parent": configs.get("parent"),
-            "parent_note": classes_note,
+            "parent_notes": parent_notes,
             "warnings": warnings,
             "memory": memory_plan,
         },

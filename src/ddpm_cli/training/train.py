@@ -47,6 +47,14 @@ MAX_WORKERS = 4  # DataLoader processes decoding ahead when data is streamed fro
 # only --time bounds compiles from this many seconds on (5x the longest compile)
 COMPILE_MIN_STEPS = 10_000
 COMPILE_MIN_SECONDS = 900
+# smaller data sets are shifted by default, the network told (docs/training.md#small-datasets)
+SHIFT_BELOW = 2000
+
+
+def default_shift(n_images: int, image_size: tuple[int, int]) -> int:
+    """--shift's default: 1/16 of the shorter side (2 pixels at 32x32; none below 16) below
+    SHIFT_BELOW images; none for larger sets."""
+    return min(image_size) // 16 if n_images < SHIFT_BELOW else 0
 
 
 class TrainingDiverged(DdpmError):
@@ -138,8 +146,12 @@ def resolve(
         long = (steps >= COMPILE_MIN_STEPS if steps is not None
                 else config.time_limit >= COMPILE_MIN_SECONDS)  # fmt: skip
         compile = device.type == "cuda" and long
+    shift = config.shift
+    if shift is None:  # (the size is always known in a run; not in some callers' checks)
+        shift = default_shift(n_images, config.image_size) if config.image_size else 0
     return replace(
         config,
+        shift=shift,
         compile=compile,
         workers=workers,
         precision=precision,
