@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from conftest import draw_shapes
+from ddpm_cli.cli import app
 from ddpm_cli.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo jobs on Linux and macOS")
@@ -36,8 +38,14 @@ def torchrun(cwd: Path, *args: str, procs: int = 2, wait: bool = True, **env):
 
 
 def ddpm(cwd: Path, *args: str):
-    return subprocess.run([sys.executable, "-m", "ddpm_cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    """`ddpm ARGS` in this process, from cwd: the one-process runs the jobs are compared with
+    (a process of their own would only add the start-up of another interpreter)."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(here)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,7 @@ def jobs(tmp_path_factory):
     two = torchrun(root, *TRAIN, "--batch-size", "4", "--steps", "4", "--out", "two")
     one = ddpm(root, *TRAIN, "--batch-size", "8", "--steps", "4", "--out", "one")
     assert two.returncode == 0, two.stderr
-    assert one.returncode == 0, one.stderr
+    assert one.exit_code == 0, one.output
     return root, two, one
 
 
@@ -81,7 +89,7 @@ def test_only_rank_0_writes_and_reports(jobs):
 def test_resume_with_another_world_size(jobs):
     root, _, _ = jobs
     r = ddpm(root, "train", "--resume", "two", "--steps", "6")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     assert "saved by 2 processes, resumed by 1: the global batch is now 4" in r.stderr
     state = load_checkpoint(root / "two" / "train_state.safetensors")
     assert state.step == 6 and state.json("world_size") == 1
@@ -92,13 +100,21 @@ def test_distributed_sampling_writes_the_images_of_one_process(jobs):
     args = ["sample", "one", "-n", "5", "--seed", "4", "--steps", "4"]
     two = torchrun(root, *args, "-o", "s2")
     one = ddpm(root, *args, "-o", "s1")
-    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    assert two.returncode == 0 and one.exit_code == 0, two.stderr + one.output
     for k in range(5):
         name = f"{k:06d}.png"
         assert (root / "s2" / name).read_bytes() == (root / "s1" / name).read_bytes()
     assert two.stdout.splitlines() == [str(Path("s2") / f"{k:06d}.png") for k in range(5)]
-    grid = torchrun(root, "sample", "one", "-n", "2", "--grid", "g.png")
-    assert grid.returncode != 0 and "writes numbered files only" in grid.stderr
+
+
+
+def test_distributed_sampling_refuses_a_grid(jobs, monkeypatch):
+    """Refused before any work from what torchrun sets: WORLD_SIZE, here in this process."""
+    root, _, _ = jobs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    grid = ddpm(root, "sample", "one", "-n", "2", "--grid", "g.png")
+    assert grid.exit_code == 2 and "writes numbered files only" in grid.stderr
+    assert len(grid.stderr.strip().splitlines()) == 1 and not (root / "g.png").exists()
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
@@ -176,7 +192,7 @@ def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):
         draw_shapes((12 + i, 12)).save(folder / f"{i}.png")
     two = torchrun(tmp_path, *TRAIN, "--batch-size", "4", "--steps", "3", "--out", "two")
     one = ddpm(tmp_path, *TRAIN, "--batch-size", "8", "--steps", "3", "--out", "one")
-    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    assert two.returncode == 0 and one.exit_code == 0, two.stderr + one.output
     a = load_file(str(tmp_path / "one" / "train_state.safetensors"))
     b = load_file(str(tmp_path / "two" / "train_state.safetensors"))
     assert "model.class_emb.weight" in a
@@ -197,7 +213,7 @@ def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):
     ]
     s2 = torchrun(tmp_path, *args, "-o", "s2")
     s1 = ddpm(tmp_path, *args, "-o", "s1")
-    assert s2.returncode == 0 and s1.returncode == 0, s2.stderr + s1.stderr
+    assert s2.returncode == 0 and s1.exit_code == 0, s2.stderr + s1.output
     names = sorted(p.name for p in (tmp_path / "s1").iterdir())
     assert names == ["a-000000.png", "a-000001.png", "b-000000.png", "b-000001.png"]
     for name in names:

@@ -79,7 +79,9 @@ def test_a_second_trainer_on_the_same_run_directory_refuses(runner, tmp_path):
     assert ok.exit_code == 0, ok.output  # released: the next one trains
 
 
-def test_two_real_processes_on_one_out(tmp_path):
+def test_two_real_processes_on_one_out(runner, tmp_path):
+    """A training process holds the run; this one (pytest's) is refused a second run in it
+    and a resume of it."""
     pics = _pics(tmp_path)
     cmd = [sys.executable, "-m", "ddpm_cli", "train", str(pics), *TRAIN, "--out",
            str(tmp_path / "run")]  # fmt: skip
@@ -89,11 +91,10 @@ def test_two_real_processes_on_one_out(tmp_path):
         deadline = time.time() + 60
         while not (tmp_path / "run" / "model.safetensors").exists() and time.time() < deadline:
             time.sleep(0.2)
-        second = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and "already holds a run" in second.stderr
-        resume = [sys.executable, "-m", "ddpm_cli", "train", "--resume", str(tmp_path / "run")]
-        third = subprocess.run(resume, capture_output=True, text=True, timeout=60)
-        assert third.returncode == 2 and "another ddpm train" in third.stderr
+        second = runner.invoke(app, [*cmd[3:], "--steps", "2"])
+        assert second.exit_code == 2 and "already holds a run" in second.stderr
+        third = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+        assert third.exit_code == 2 and "another ddpm train" in third.stderr
     finally:
         first.kill()
         first.wait()
@@ -182,37 +183,52 @@ def _train_cmd(pics: Path, out: Path, steps: int) -> list[str]:
 KILL_TRIALS = int(os.environ.get("DDPM_KILL_TRIALS", "6"))  # CI's slice; the full suite: 20+
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which file is at path now: an atomic replace gives a new inode and modification time."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
-    """Kill a run at random moments (many land inside checkpoint writes, which happen every
-    step here); the latest checkpoint always loads, and resuming finishes the run."""
-    pics = _pics(tmp_path)
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(runner, tmp_path):
+    """Kill a run at a random moment, then kill its resumption, and so on (many kills land
+    inside checkpoint writes, which happen every step here): the latest checkpoint always
+    loads, each resumption sweeps the torn write away and goes on from the last step saved,
+    and the last one finishes the run."""
+    pics, out = _pics(tmp_path), tmp_path / "run"
     rng = random.Random(0)  # fixed seed: the same moments every run of the suite
-    in_write = 0
+    in_write, last, torn = 0, 0, set()
     for trial in range(KILL_TRIALS):
-        out = tmp_path / f"k{trial}"
-        job = subprocess.Popen(_train_cmd(pics, out, 1000), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.time() + 60
-        while not (out / "model.safetensors").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        if trial % 2:  # inside a checkpoint write: while its temporary file exists
-            while not list(out.glob(".*.tmp")) and time.time() < deadline:
-                pass
-            in_write += bool(list(out.glob(".*.tmp")))
-        else:
-            time.sleep(rng.uniform(0.0, 1.5))
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait()
+        before = _stamp(out / "model.safetensors")
+        cmd = [sys.executable, "-m", "ddpm_cli", "train", "--resume", str(out), "-q"]
+        job = subprocess.Popen(cmd if trial else _train_cmd(pics, out, 1000),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.time() + 60
+            while _stamp(out / "model.safetensors") in (None, before) and time.time() < deadline:
+                time.sleep(0.02)  # until this process has saved a checkpoint of its own
+            assert not torn & set(out.glob(".*.tmp"))  # it swept the last kill's torn writes
+            if trial % 2:  # inside a checkpoint write: while its temporary file exists
+                while not list(out.glob(".*.tmp")) and time.time() < deadline:
+                    pass
+                in_write += bool(list(out.glob(".*.tmp")))
+            else:
+                time.sleep(rng.uniform(0.0, 1.5))
+        finally:  # a failed check must not leave a 1000-step run behind
+            job.kill()
+            job.wait()
         state = load_checkpoint(out / "train_state.safetensors")  # whole, hash verified
         model = load_checkpoint(out / "model.safetensors")
         assert model.step in (state.step, state.step - 1)  # killed between the two writes
-        r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--resume", str(out),
-                            "--steps", str(state.step + 2), "-q"], capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2
-        assert not list(out.glob(".*.tmp"))  # the resumed run swept the torn write away
+        assert state.step > last  # went on from the last step saved, not from the start
+        last, torn = state.step, set(out.glob(".*.tmp"))
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", str(last + 2), "-q"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out / "train_state.safetensors").step == last + 2
+    assert not list(out.glob(".*.tmp"))
     assert in_write >= KILL_TRIALS // 2 - 1  # most of the odd trials caught a write in progress
 
 
@@ -283,17 +299,17 @@ def test_nohup_keeps_training_through_a_hang_up(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP and pipes")
 @pytest.mark.parametrize("how, code", [("sighup", 129), ("closed_stderr", 141)])
-def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(tmp_path, how, code):
+def test_a_closed_terminal_or_stderr_pipe_saves_a_checkpoint_and_resumes(
+    runner, tmp_path, how, code
+):
     (tmp_path / how).mkdir()
     exit_code, out = _stop_mid_run(tmp_path, how)
     assert exit_code == code
     state = load_checkpoint(out / "train_state.safetensors")
     assert state.step >= 3  # saved at the step it reached, not lost
     assert load_checkpoint(out / "model.safetensors").step == state.step
-    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--resume", str(out),
-                        "--steps", str(state.step + 2), "-q"], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", str(state.step + 2), "-q"])
+    assert r.exit_code == 0, r.output
     assert load_checkpoint(out / "train_state.safetensors").step == state.step + 2
 
 

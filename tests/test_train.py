@@ -52,13 +52,14 @@ def test_a_tiny_model_learns_two_colours(colours, tmp_path):
     """Every sample close to red or blue, and both present: the distribution was learned.
 
     v-prediction: with eps-prediction a model this small needs far longer to resolve the
-    low-SNR end of the chain (docs/training.md)."""
+    low-SNR end of the chain (docs/training.md). 300 steps pass with margin: over seeds 3-6,
+    every sample within 0.19 of a colour, 26 to 35 red of 48, and noise 0.06."""
     config = TrainConfig(
         **{**FAST, "batch_size": 32, "log_every": 100},
-        steps=500,
+        steps=300,
         lr=1e-3,
         objective="v",
-        checkpoint_every=500,
+        checkpoint_every=300,
     )
     result = train(str(colours), config, DiffusionConfig(), out=tmp_path / "run")
     lm = load_model(result.out / "model.safetensors")
@@ -308,7 +309,7 @@ def test_cli_trains_reports_and_writes_a_self_describing_run(runner, colours, tm
     assert ckpt.config["data"]["used"] == 65 and ckpt.meta["weights"] == "ema"
 
 
-def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(colours, tmp_path):
+def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(runner, colours, tmp_path):
     out = tmp_path / "run"
     cmd = [
         ddpm_executable(),
@@ -345,13 +346,8 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_continues(colours, tmp_p
     assert "stopping: saving a checkpoint" in stderr and "Traceback" not in stderr
     step = load_checkpoint(out / "model.safetensors").step
     assert step >= 1 and not list(out.glob(".*.tmp"))
-    r = subprocess.run(
-        [ddpm_executable(), "train", "--resume", str(out), "--steps", str(step + 2)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", str(step + 2)])
+    assert r.exit_code == 0, r.output
     assert load_checkpoint(out / "model.safetensors").step == step + 2
     assert f"resuming at step {step}" in r.stderr
     env_sigterm = subprocess.Popen(
@@ -512,8 +508,13 @@ def test_training_on_an_amx_cpu_defaults_to_bf16(colours, tmp_path, monkeypatch,
     assert stored["precision"] == "bf16"
 
 
-def test_compiled_training_matches_eager(colours, tmp_path, compiles_for_real):
-    pytest.importorskip("torch._inductor")
+def test_compiled_training_matches_eager(colours, tmp_path, compiles_for_real, monkeypatch):
+    """Captured as --compile captures it (dynamo, then AOTAutograd for the backward: where this
+    code meets the compiler), but lowered by aot_eager, not inductor: inductor's C++ build of
+    the forward and backward takes 70 s on a cold cache on a 2-core CPU, as on a fresh CI
+    machine. test_compiled_sampling_matches_eager lowers the same network with inductor."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
     runs = {}
     for compiled in (False, True):
         cfg = TrainConfig(**FAST, steps=2, compile=compiled, checkpoint_every=2)
