@@ -268,16 +268,30 @@ def _stop_mid_run(tmp_path: Path, how: str) -> tuple[int, Path]:
     cmd = [sys.executable, "-m", "ddpm_cli", "train", str(_pics(tmp_path / how, 4)), *TRAIN,
            "--steps", "100000", "--out", str(out)]  # fmt: skip
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    while not job.stderr.readline().startswith(b"step 3") and time.time() < deadline:
-        pass
-    if how == "sighup":
-        job.send_signal(signal.SIGHUP)
-        job.stderr.close()  # the terminal is gone too
-    else:
-        job.stderr.close()  # the reader of the pipe exits; the next line written hits EPIPE
-    job.stdout.read()
-    return job.wait(timeout=120), out
+    try:
+        _read_until(job, b"step 3")
+        if how == "sighup":
+            job.send_signal(signal.SIGHUP)
+            job.stderr.close()  # the terminal is gone too
+        else:
+            job.stderr.close()  # the reader of the pipe exits; the next line written hits EPIPE
+        job.stdout.read()
+        return job.wait(timeout=120), out
+    finally:  # a failed check must not leave a 100,000-step run behind
+        job.kill()
+        job.wait()
+
+
+def _read_until(job: subprocess.Popen, prefix: bytes, seconds: float = 90) -> None:
+    """Read the job's stderr up to a line that starts with prefix; fails (rather than spinning
+    for ever) when the job ends without one, or after `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        line = job.stderr.readline()
+        if line.startswith(prefix):
+            return
+        assert line, f"the job ended without a {prefix.decode()!r} line (exit {job.wait()})"
+    raise AssertionError(f"no {prefix.decode()!r} line in {seconds} s")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
@@ -289,11 +303,14 @@ def test_nohup_keeps_training_through_a_hang_up(tmp_path):
     ignore = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 (what nohup does)
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            preexec_fn=ignore)  # fmt: skip
-    while not job.stderr.readline().startswith(b"step 3"):
-        pass
-    job.send_signal(signal.SIGHUP)
-    job.stderr.read()
-    assert job.wait(timeout=120) == 0
+    try:
+        _read_until(job, b"step 3")
+        job.send_signal(signal.SIGHUP)
+        job.stderr.read()
+        assert job.wait(timeout=120) == 0
+    finally:
+        job.kill()
+        job.wait()
     assert load_checkpoint(out / "train_state.safetensors").step == 12
 
 
