@@ -294,6 +294,56 @@ def _read_until(job: subprocess.Popen, prefix: bytes, seconds: float = 90) -> No
     raise AssertionError(f"no {prefix.decode()!r} line in {seconds} s")
 
 
+def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_path, monkeypatch):
+    """A stop during the data loading or set-up: the directory the run made is removed (the
+    next `ddpm train` would otherwise count past a run with nothing in it); in an --out that
+    was there before, the user's files stay and the data cache goes."""
+    from ddpm_cli.config import DiffusionConfig, TrainConfig
+    from ddpm_cli.training.run import train
+
+    pics, mine = _pics(tmp_path), tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    config = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1,
+                         steps=5, sample_every=0)  # fmt: skip
+    ends = []
+    for out in (tmp_path / "new", mine):
+        r = train(str(pics), config, DiffusionConfig(), out=out, should_stop=lambda: True,
+                  on_event=lambda kind, info: kind == "end" and ends.append(info))  # fmt: skip
+        assert (r.status, r.step) == ("stopped", 0)
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
+    assert [(e["discarded"], e["created"]) for e in ends] == [(True, True), (True, False)]
+    asked = []  # stopped at its third look, after two steps: a run to keep
+    stopped = train(str(pics), config, DiffusionConfig(), out=tmp_path / "one",
+                    should_stop=lambda: asked.append(1) or len(asked) > 2)  # fmt: skip
+    assert (stopped.status, stopped.step) == ("stopped", 2)
+    assert load_checkpoint(tmp_path / "one" / "model.safetensors").step == 2
+    from ddpm_cli.cli import stopping  # the command says so, and exits as a stop does
+
+    monkeypatch.setattr(stopping.Stopper, "requested", lambda self: True)
+    monkeypatch.setattr(stopping.Stopper, "exit_code", lambda self: 130)
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 130 and r.stdout == "", r.output
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"stopped before the first step: nothing saved, {tmp_path / 'cli'} removed"
+    )
+    assert not (tmp_path / "cli").exists()
+
+
+def test_ctrl_c_while_the_command_loads_is_quiet_exit_130(tmp_path):
+    """Importing torch takes seconds: a Ctrl-C then ended with a traceback from inside an
+    import (and the signal's status); now as a Ctrl-C later does, with nothing left behind."""
+    cmd = [sys.executable, "-m", "ddpm_cli", "train", str(_pics(tmp_path)), "--out",
+           str(tmp_path / "run")]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # in the imports
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and "Traceback" not in err and out == "", err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
 def test_nohup_keeps_training_through_a_hang_up(tmp_path):
     """`nohup ddpm train` ignores SIGHUP on purpose: the run must not stop on it."""

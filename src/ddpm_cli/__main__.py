@@ -1,6 +1,17 @@
-"""`python -m ddpm_cli` runs the command line, as the `ddpm` script does."""
+"""`python -m ddpm_cli` and the `ddpm` script: the command line, entered here so that a Ctrl-C
+while it loads (importing torch takes seconds on a laptop CPU) ends quietly with status 130, as
+one does later in a command, instead of with a traceback from inside an import."""
 
-from ddpm_cli.cli import main
+import sys
+
+
+def main() -> None:
+    try:
+        from ddpm_cli.cli import main as run
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT: the shell's convention, and what a stopped run exits with
+    run()
+
 
 if __name__ == "__main__":
     main()

@@ -176,6 +176,11 @@ class ProgressView(LiveView):
 
     def on_end(self, info: dict) -> None:
         self.close()
+        if info.get("discarded"):
+            undone = "removed" if info["created"] else "left as it was"
+            err_console.print(f"stopped before the first step: nothing saved, "
+                              f"{safe(info['out'])} {undone}")  # fmt: skip
+            return
         verb = "finished" if info["status"] == "done" else "stopped"
         err_console.print(f"{verb} at step {info['step']}: {safe(info['out'])}")
 

@@ -23,7 +23,13 @@ from ddpm_cli.data.folders import DataReport
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, append_line
 from ddpm_cli.training import quality
-from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, write_grid
+from ddpm_cli.training.run_files import (
+    METRICS,
+    discard_new_run,
+    metrics_record,
+    save_snapshot,
+    write_grid,
+)
 from ddpm_cli.training.train import (
     TrainState,
     check_finite,
@@ -72,6 +78,8 @@ class Prepared:
     loggers: list = field(default_factory=list)  # live logs (loggers.py), rank 0's
     held: quality.HeldOut | None = None  # the images set aside for the quality figure (rank 0)
     best: float | None = None  # the lowest quality figure so far (best.safetensors')
+    # a new run: whether it created its directory (run_files.discard_new_run); None: resumed
+    created: bool | None = None
 
 
 class Loop:
@@ -261,5 +269,9 @@ class Loop:
         unmeasured = state.step and self.last_eval != state.step
         if status == "done" and config.evaluates_every and unmeasured and d.main:
             self.evaluate()
-        self.on_event("end", {"status": status, "step": state.step, "out": r.out})
+        discarded = status == "stopped" and not state.step and r.created is not None
+        if discarded and d.main:  # stopped before its first step: nothing worth keeping
+            discard_new_run(r.out, r.created)
+        self.on_event("end", {"status": status, "step": state.step, "out": r.out,
+                              "discarded": discarded, "created": r.created})  # fmt: skip
         return RunResult(r.out, state.step, total, status, self.last_loss)

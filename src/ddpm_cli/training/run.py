@@ -275,6 +275,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         report=report, batches=batches, state=state, tables=tables, forward=forward, total=total,
         elapsed0=elapsed0, trained0=trained0, d=d, device=device, stored_world=stored_world,
         loggers=live, held=heldout, best=best_figure(out) if resumed is not None else None,
+        created=created if resumed is None else None,
     )  # fmt: skip
 
 
