@@ -9,13 +9,14 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import draw_shapes
+from conftest import ddpm_executable, draw_shapes
 from ddpm_cli.cli import app
 from ddpm_cli.store.checkpoint import load_checkpoint
 from ddpm_cli.store.files import RunLock
@@ -283,15 +284,20 @@ def _stop_mid_run(tmp_path: Path, how: str) -> tuple[int, Path]:
 
 
 def _read_until(job: subprocess.Popen, prefix: bytes, seconds: float = 90) -> None:
-    """Read the job's stderr up to a line that starts with prefix; fails (rather than spinning
-    for ever) when the job ends without one, or after `seconds`."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        line = job.stderr.readline()
-        if line.startswith(prefix):
-            return
-        assert line, f"the job ended without a {prefix.decode()!r} line (exit {job.wait()})"
-    raise AssertionError(f"no {prefix.decode()!r} line in {seconds} s")
+    """Read the job's stderr up to a line that starts with prefix; fails (rather than waiting
+    for ever) when the job ends without one, or is still silent after `seconds` (it is then
+    killed, which ends the blocked read)."""
+    timer = threading.Timer(seconds, job.kill)
+    timer.start()
+    try:
+        for line in iter(job.stderr.readline, b""):
+            if line.startswith(prefix):
+                return
+    finally:
+        timer.cancel()
+    code = job.wait(timeout=30)
+    raise AssertionError(f"no {prefix.decode()!r} line: the job ended (exit {code}) or was "
+                         f"killed after {seconds} s")  # fmt: skip
 
 
 def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_path, monkeypatch):
@@ -331,16 +337,32 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_p
     assert not (tmp_path / "cli").exists()
 
 
+def _wait_for_torch(pid: int, seconds: float = 60) -> None:
+    """Until the process has mapped torch's library (where /proc shows it; elsewhere 0.2 s):
+    a signal sent earlier could land in the interpreter's own start-up."""
+    maps = Path(f"/proc/{pid}/maps")
+    if not maps.exists():
+        time.sleep(0.2)
+        return
+    deadline = time.time() + seconds
+    while "libtorch" not in maps.read_text(errors="replace") and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_ctrl_c_while_the_command_loads_is_quiet_exit_130(tmp_path):
     """Importing torch takes seconds: a Ctrl-C then ended with a traceback from inside an
     import (and the signal's status); now as a Ctrl-C later does, with nothing left behind."""
-    cmd = [sys.executable, "-m", "ddpm_cli", "train", str(_pics(tmp_path)), "--out",
-           str(tmp_path / "run")]  # fmt: skip
+    cmd = [ddpm_executable(), "train", str(_pics(tmp_path)), *TRAIN, "--steps", "2", "--out",
+           str(tmp_path / "run")]  # the installed script: its entry point is the one that counts
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # in the imports
-    job.send_signal(signal.SIGINT)
-    out, err = job.communicate(timeout=120)
-    assert job.returncode == 130 and "Traceback" not in err and out == "", err
+    try:
+        _wait_for_torch(job.pid)  # then inside `import torch`, a second or more on any machine
+        job.send_signal(signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        job.wait()
+    assert (job.returncode, out, err) == (130, "", "")  # not even a pre-flight table: early
     assert not (tmp_path / "run").exists()
 
 

@@ -68,7 +68,8 @@ app.command(name="export", context_settings=CONTEXT)(export)
 
 
 def main() -> None:
-    """Entry point of the `ddpm` script and of `python -m ddpm_cli`."""
+    """The command line, as the `ddpm` script and `python -m ddpm_cli` run it (through
+    ddpm_cli.__main__, which exits quietly on a Ctrl-C while this module loads)."""
     try:
         tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
     except DdpmError:  # a bad environment switch: the app says so in its one error line

@@ -177,7 +177,7 @@ class ProgressView(LiveView):
     def on_end(self, info: dict) -> None:
         self.close()
         if info.get("discarded"):
-            undone = "removed" if info["created"] else "left as it was"
+            undone = "removed" if info["created"] else "kept, its data cache removed"
             err_console.print(f"stopped before the first step: nothing saved, "
                               f"{safe(info['out'])} {undone}")  # fmt: skip
             return

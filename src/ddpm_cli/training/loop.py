@@ -23,13 +23,7 @@ from ddpm_cli.data.folders import DataReport
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.store.files import BEST, FIGURE, MODEL, append_line
 from ddpm_cli.training import quality
-from ddpm_cli.training.run_files import (
-    METRICS,
-    discard_new_run,
-    metrics_record,
-    save_snapshot,
-    write_grid,
-)
+from ddpm_cli.training.run_files import METRICS, metrics_record, save_snapshot, write_grid
 from ddpm_cli.training.train import (
     TrainState,
     check_finite,
@@ -52,6 +46,7 @@ class RunResult:
     total: int | None  # the step limit; None when only a time limit bounds the run
     status: str  # "done" or "stopped"
     loss: float | None
+    unsaved: bool = False  # a new run stopped before its first step: nothing in it to keep
 
 
 @dataclass
@@ -269,9 +264,9 @@ class Loop:
         unmeasured = state.step and self.last_eval != state.step
         if status == "done" and config.evaluates_every and unmeasured and d.main:
             self.evaluate()
-        discarded = status == "stopped" and not state.step and r.created is not None
-        if discarded and d.main:  # stopped before its first step: nothing worth keeping
-            discard_new_run(r.out, r.created)
+        # stopped before its first step, a new run has nothing to keep: run.train discards it
+        # once its loggers have closed
+        unsaved = status == "stopped" and not state.step and r.created is not None
         self.on_event("end", {"status": status, "step": state.step, "out": r.out,
-                              "discarded": discarded, "created": r.created})  # fmt: skip
-        return RunResult(r.out, state.step, total, status, self.last_loss)
+                              "discarded": unsaved, "created": r.created})  # fmt: skip
+        return RunResult(r.out, state.step, total, status, self.last_loss, unsaved)

@@ -99,7 +99,9 @@ def train(
         run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event, given)
         result = Loop(run, on_event, should_stop, started).run()
         distributed.leave_together(d)
-        return result
+    if result.unsaved and d.main:  # after the loggers closed: nothing writes there any more
+        discard_new_run(run.out, run.created)
+    return result
 
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
