@@ -319,7 +319,7 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_p
         assert (r.status, r.step) == ("stopped", 0)
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
-    assert [(e["discarded"], e["created"]) for e in ends] == [(True, True), (True, False)]
+    assert [(e["unsaved"], e["created"]) for e in ends] == [(True, True), (True, False)]
     asked = []  # stopped at its third look, after two steps: a run to keep
     stopped = train(str(pics), config, DiffusionConfig(), out=tmp_path / "one",
                     should_stop=lambda: asked.append(1) or len(asked) > 2)  # fmt: skip

@@ -176,7 +176,7 @@ class ProgressView(LiveView):
 
     def on_end(self, info: dict) -> None:
         self.close()
-        if info.get("discarded"):
+        if info.get("unsaved"):
             undone = "removed" if info["created"] else "kept, its data cache removed"
             err_console.print(f"stopped before the first step: nothing saved, "
                               f"{safe(info['out'])} {undone}")  # fmt: skip

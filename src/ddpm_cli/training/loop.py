@@ -46,7 +46,12 @@ class RunResult:
     total: int | None  # the step limit; None when only a time limit bounds the run
     status: str  # "done" or "stopped"
     loss: float | None
-    unsaved: bool = False  # a new run stopped before its first step: nothing in it to keep
+
+    @property
+    def unsaved(self) -> bool:
+        """Stopped before its first step (only a new run can be: a resumed one starts from a
+        saved step), so nothing in its directory is worth keeping."""
+        return self.status == "stopped" and not self.step
 
 
 @dataclass
@@ -264,9 +269,8 @@ class Loop:
         unmeasured = state.step and self.last_eval != state.step
         if status == "done" and config.evaluates_every and unmeasured and d.main:
             self.evaluate()
-        # stopped before its first step, a new run has nothing to keep: run.train discards it
-        # once its loggers have closed
-        unsaved = status == "stopped" and not state.step and r.created is not None
+        result = RunResult(r.out, state.step, total, status, self.last_loss)
+        # an unsaved run is discarded by run.train, once its loggers have closed
         self.on_event("end", {"status": status, "step": state.step, "out": r.out,
-                              "discarded": unsaved, "created": r.created})  # fmt: skip
-        return RunResult(r.out, state.step, total, status, self.last_loss, unsaved)
+                              "unsaved": result.unsaved, "created": r.created})  # fmt: skip
+        return result
