@@ -61,8 +61,9 @@ def test_grad_accum_gives_the_update_of_one_full_batch(monkeypatch, shift):
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     def step(accum, maps):
-        state = float64_state(TrainConfig(**base, grad_accum=accum), augment=int(shift))
-        before, config = flat(state.model), TrainConfig(**base, grad_accum=accum)
+        config = TrainConfig(**base, grad_accum=accum)
+        state = float64_state(config, augment=int(shift))
+        before = flat(state.model)
         micro = list(images.tensor_split(accum))
         train_step(state, micro, tables, config, CPU, state.model, shifts=maps)
         assert (flat(state.model) - before).abs().max() > 1e-4  # the step moved the weights
