@@ -17,7 +17,7 @@ Each implementation runs in its own process, so that peak memory (allocated on C
 set on the CPU) is its own, and nothing one warms up helps another. --peers needs the `bench`
 extra (diffusers, denoising-diffusion-pytorch); benchmarks/peers.py builds the peers at ddpm's
 configuration. ddpm's process tunes the C allocator as the `ddpm` command does
-(device.tune_allocator); --tune-malloc-peers tunes the peers' processes too. Numbers print to
+(host.tune_allocator); --tune-malloc-peers tunes the peers' processes too. Numbers print to
 stdout; nothing here asserts a speed.
 """
 
@@ -39,9 +39,10 @@ from PIL import Image
 from ddpm_cli.config import DiffusionConfig, Precision, TrainConfig
 from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import load_folder
-from ddpm_cli.device import resolve_device, to_device, tune_allocator
+from ddpm_cli.device import resolve_device, to_device
 from ddpm_cli.diffusion.samplers import from_config
 from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.forward import network
 from ddpm_cli.model.presets import PRESETS, build_model_config
 from ddpm_cli.sampler_config import SamplerConfig

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from workload import workload  # benchmarks/workload.py
 
-from ddpm_cli.device import resolve_device, tune_allocator
+from ddpm_cli.device import resolve_device
 from ddpm_cli.diffusion.process import training_losses
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.kernels import groupnorm
 from ddpm_cli.training.train import ema_decay_at, update_ema
 

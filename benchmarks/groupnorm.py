@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from winograd import timed  # benchmarks/winograd.py
 
-from ddpm_cli.device import tune_allocator
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.kernels.groupnorm import ToNCHW, nchw_is_faster
 
 SHAPES = "16x32x32,16x64x16,16x64x8,16x96x32,16x128x32,16x256x32,16x256x16,16x384x16,16x512x8"

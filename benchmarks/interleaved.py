@@ -11,7 +11,7 @@ batch (in bf16, ddpm runs bf16 weights as `ddpm sample` does, and diffusers auto
 --peer-bf16-weights; ddpm keeps its Winograd filters over the rounds, as a sampling batch does
 over its steps). Each prints one JSON line per workload with the median seconds per call
 of each, the ratio of the medians, and the ratio's range over the rounds. Both share this
-process's memory allocator: --tune-malloc applies ddpm's setting (device.tune_allocator) to
+process's memory allocator: --tune-malloc applies ddpm's setting (host.tune_allocator) to
 both.
 """
 
@@ -27,7 +27,8 @@ import torch
 from workload import workload  # benchmarks/workload.py
 
 from ddpm_cli.config import Precision
-from ddpm_cli.device import resolve_device, tune_allocator
+from ddpm_cli.device import resolve_device
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.forward import network
 from ddpm_cli.model.kernels import winograd
 from ddpm_cli.training.train import to_host, train_step

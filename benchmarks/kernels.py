@@ -24,7 +24,8 @@ import time
 import torch
 from workload import workload  # benchmarks/workload.py
 
-from ddpm_cli.device import resolve_device, tune_allocator
+from ddpm_cli.device import resolve_device
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.kernels import winograd
 from ddpm_cli.model.kernels.policy import FAST, install
 from ddpm_cli.training.train import to_host, train_step

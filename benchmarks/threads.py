@@ -36,7 +36,8 @@ def measure(args: argparse.Namespace, threads: int) -> dict:
     from workload import workload  # benchmarks/workload.py
 
     from ddpm_cli.config import Precision
-    from ddpm_cli.device import resolve_device, tune_allocator
+    from ddpm_cli.device import resolve_device
+    from ddpm_cli.host import tune_allocator
     from ddpm_cli.model.forward import network
     from ddpm_cli.model.kernels.winograd import keep_filters
     from ddpm_cli.training.train import to_host, train_step

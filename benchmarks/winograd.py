@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpm_cli.device import tune_allocator
+from ddpm_cli.host import tune_allocator
 from ddpm_cli.model.kernels import winograd
 
 SHAPES = "128x128x32,256x128x32,128x256x16,256x256x16,512x256x16,384x256x16,256x256x8,512x256x8"

@@ -235,7 +235,7 @@ def test_bf16_sampling_runs_a_bf16_copy_close_to_float32():
 
 def test_tune_allocator_stops_the_page_faults_of_large_tensors():
     """With glibc's defaults, every large tensor is mapped fresh from the kernel and its pages
-    fault in again; device.tune_allocator keeps them (checked in fresh processes)."""
+    fault in again; host.tune_allocator keeps them (checked in fresh processes)."""
     import subprocess
     import sys
 
@@ -246,7 +246,7 @@ def test_tune_allocator_stops_the_page_faults_of_large_tensors():
         pytest.skip("transparent huge pages fault 2 MiB at a time: too few faults to count")
     code = (
         "import resource, torch\n"
-        "from ddpm_cli.device import tune_allocator\n"
+        "from ddpm_cli.host import tune_allocator\n"
         "print(tune_allocator())\n"
         "x = torch.randn(2**24)\n"  # 64 MiB: over glibc's largest automatic mmap threshold
         "for _ in range(3): y = x * 2; del y\n"  # warm up

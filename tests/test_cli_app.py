@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -48,7 +49,13 @@ def test_unknown_command_is_one_line(runner):
     assert line.startswith("error:") and "nosie" in line
 
 
-def test_shell_completion_completes_commands_and_choices():
+HEAVY = ("torch", "numpy", "PIL", "safetensors")  # what a command's work needs, its help not
+
+
+def test_shell_completion_completes_commands_and_choices_without_torch():
+    """Each Tab press starts the installed script; it answers without importing torch (seconds
+    on a laptop CPU), as `python -X importtime` shows."""
+
     def complete(words: str, cword: int) -> list[str]:
         env = {
             **os.environ,
@@ -56,10 +63,13 @@ def test_shell_completion_completes_commands_and_choices():
             "COMP_WORDS": words,
             "COMP_CWORD": str(cword),
         }
-        out = subprocess.run(
-            [ddpm_executable()], env=env, capture_output=True, text=True, timeout=120
-        )
+        command = [sys.executable, "-X", "importtime", ddpm_executable()]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
+                  if line.startswith("import time:")}  # fmt: skip
+        assert "ddpm_cli.cli" in loaded
+        assert sorted(m for m in loaded if m.split(".")[0] in HEAVY)[:3] == []
         return out.stdout.split()
 
     assert complete("ddpm no", 1) == ["noise"]
@@ -69,6 +79,26 @@ def test_shell_completion_completes_commands_and_choices():
         "quadratic",
         "sigmoid",
     ]
+
+
+def test_help_and_usage_errors_load_no_torch():
+    """`ddpm --help`, every command's help and an option refused while parsing answer in a
+    fraction of a second: the CLI imports the core inside each command (cli/__init__). One
+    fresh process runs them all, then lists the heavy modules it loaded."""
+    cases = [[], *([c, "--help"] for c in sorted(COMMANDS)), ["train", "--epochs", "0"],
+             ["sample", "run", "--steps", "0"], ["inspect", "--schedule", "nope"]]  # fmt: skip
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from ddpm_cli.cli import app\n"
+        f"print([CliRunner().invoke(app, args).exit_code for args in {cases!r}])\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    codes, loaded = out.stdout.splitlines()
+    assert codes == repr([2] + [0] * len(COMMANDS) + [2, 2, 2])
+    assert loaded == "[]"
 
 
 def numeric_options():

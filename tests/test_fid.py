@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 
 from conftest import draw_shapes, train_tiny
 from ddpm_cli.cli import app
-from ddpm_cli.config import DiffusionConfig
+from ddpm_cli.config import INCEPTION_WEIGHTS, DiffusionConfig
 from ddpm_cli.errors import DataError
 from ddpm_cli.evaluation.evaluate import sample_quality
 from ddpm_cli.evaluation.fid import (
-    WEIGHTS_NAME,
     default_weights_path,
     fid,
     frechet_distance,
@@ -140,7 +139,7 @@ def random_inception(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / WEIGHTS_NAME
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS
     return path, random_inception(path)
 
 
@@ -159,7 +158,8 @@ def test_the_inception_features_are_torch_fidelitys_with_our_weights(inception):
 
 
 def test_bad_inception_weights_are_refused_clearly(tmp_path):
-    with pytest.raises(DataError, match=f"put {WEIGHTS_NAME} .* at .*{default_weights_path()}"):
+    missing = f"put {INCEPTION_WEIGHTS} .* at .*{default_weights_path()}"
+    with pytest.raises(DataError, match=missing):
         load_inception(None, torch.device("cpu"))
     pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     pth.write_bytes(b"\x80\x02 a pickle")

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "ddpm_cli"
 
-BASE = {"errors", "config", "sampler_config", "runtime", "device", "distributed", "text"}
+BASE = {"errors", "config", "sampler_config", "runtime", "host", "device", "distributed", "text"}
 PACKAGES = {"diffusion", "model", "data", "store", "training", "generation", "evaluation", "cli"}
 # what each layer may not import (besides the CLI, which nothing below it may import)
 FORBIDDEN = {

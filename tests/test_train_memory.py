@@ -209,20 +209,20 @@ def test_a_run_chooses_grad_accum_itself_when_the_batch_does_not_fit(tmp_path, m
 
 
 def test_available_memory_honours_a_cgroup_limit(tmp_path, monkeypatch):
-    from ddpm_cli import device
+    from ddpm_cli import device, host
 
     files = {n: tmp_path / n for n in ("max", "current", "stat")}
-    monkeypatch.setattr(device, "CGROUP_FILES", (
+    monkeypatch.setattr(host, "CGROUP_FILES", (
         (str(files["max"]), str(files["current"]), str(files["stat"]), "inactive_file"),
     ))  # fmt: skip
     files["max"].write_text("1000000000\n")
     files["current"].write_text("600000000\n")
     files["stat"].write_text("anon 500000000\ninactive_file 100000000\n")
-    assert device._cgroup_available() == 500_000_000  # the file cache counts as free
-    monkeypatch.setattr(device, "_meminfo_available", lambda: 10**12)
+    assert host._cgroup_available() == 500_000_000  # the file cache counts as free
+    monkeypatch.setattr(host, "_meminfo_available", lambda: 10**12)
     assert device.available_memory() == 500_000_000
     files["max"].write_text("max\n")
-    assert device._cgroup_available() is None and device.available_memory() == 10**12
+    assert host._cgroup_available() is None and device.available_memory() == 10**12
     # a torchrun job's processes on one machine share it (each holds its data and its step)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert device.available_memory() == 10**12 // 4

@@ -26,6 +26,10 @@ MAX_RES_BLOCKS = 32
 MAX_CLASSES = 100_000
 AUGMENT_MAPS = 1  # ModelConfig.augment of a run with --shift: where its border was reflected
 
+# names that the command line's help shows, here so that the help loads no torch
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (device.resolve_device)
+INCEPTION_WEIGHTS = "inception-2015-12-05.safetensors"  # FID's weights file in the user cache
+
 
 class Schedule(str, Enum):
     """Named beta schedules. A released name never changes meaning: checkpoints depend on it."""

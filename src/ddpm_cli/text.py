@@ -7,6 +7,9 @@ hold control characters, terminal escape sequences included, that would move the
 recolour or clear the user's terminal. `shown` spells all of these out as backslash escapes, so a
 message or table shows which bytes a name holds and the terminal never acts on them (a literal
 backslash is left as it is, for the paths of Windows: `\\xff` in a name reads like the byte).
+
+Also durations as people type them (`parse_duration`: 90s, 10m) and memory as they read it
+(`bytes_text`: 3.2 GiB).
 """
 
 from __future__ import annotations
@@ -117,3 +120,10 @@ def parse_duration(value) -> float:
     if not 0 < seconds < math.inf:
         raise ConfigError(f"duration {value!r} must be more than zero")
     return seconds
+
+
+def bytes_text(n: int | None) -> str:
+    """An amount of memory as a person reads it: '512 MiB', '3.2 GiB'; '?' if unknown."""
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

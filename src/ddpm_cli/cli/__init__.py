@@ -1,15 +1,19 @@
 """The `ddpm` command line: a thin Typer layer that translates options into core calls.
 
-This package is the only place that imports typer or rich.
+This package is the only place that imports typer or rich. Its modules import the core (torch)
+inside each command's body, never at the top: `ddpm --help`, each command's help and every Tab
+press of shell completion then start in a fraction of a second, where importing torch takes
+seconds on a laptop CPU (tests/test_cli_app.py checks that they load no torch).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from ddpm_cli import __version__, distributed
+from ddpm_cli import __version__
 from ddpm_cli.cli.common import DdpmGroup, err_console
 from ddpm_cli.cli.edit import inpaint, upscale
 from ddpm_cli.cli.eval import eval_
@@ -18,8 +22,8 @@ from ddpm_cli.cli.interop import export, import_
 from ddpm_cli.cli.noise import noise
 from ddpm_cli.cli.sample import sample
 from ddpm_cli.cli.train import train
-from ddpm_cli.device import tune_allocator
 from ddpm_cli.errors import DdpmError
+from ddpm_cli.host import tune_allocator
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -71,13 +75,14 @@ def main() -> None:
     """The command line, as the `ddpm` script and `python -m ddpm_cli` run it (through
     ddpm_cli.__main__, which exits quietly on a Ctrl-C while this module loads)."""
     try:
-        tune_allocator()  # a process of ours: keep large blocks mapped (device.tune_allocator)
+        tune_allocator()  # a process of ours: keep large blocks mapped (host.tune_allocator)
     except DdpmError:  # a bad environment switch: the app says so in its one error line
         pass
     try:
         app()
     except SystemExit as done:
-        if distributed.joined():  # a torchrun process: no interpreter teardown (exit_process)
+        distributed = sys.modules.get("ddpm_cli.distributed")  # loaded by the commands that run
+        if distributed is not None and distributed.joined():  # a torchrun process: no teardown
             distributed.exit_process(_exit_code(done.code))
         raise
 

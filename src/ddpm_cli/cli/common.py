@@ -15,8 +15,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ddpm_cli import runtime
-from ddpm_cli.config import MAX_TIMESTEPS, Precision, Schedule
-from ddpm_cli.device import DEVICE_HELP
+from ddpm_cli.config import DEVICE_HELP, MAX_TIMESTEPS, Precision, Schedule
 from ddpm_cli.errors import RESOURCE_HINTS, DdpmError, exhausted
 from ddpm_cli.text import shown
 
@@ -122,6 +121,12 @@ class DdpmGroup(TyperGroup):
     Usage errors from click (unknown option, bad choice) and every DdpmError from the core are
     reported as a single line, without traceback; exit 2 for usage errors, 1 for runtime errors.
     """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C in a command, e.g. while it imports torch: quietly
+            raise typer.Exit(130) from None  # 128 + SIGINT (older Click said "Aborted!", exit 1)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:

@@ -9,11 +9,10 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
     MAX_COUNT,
     BatchSizeOpt,
@@ -31,12 +30,19 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.config import MAX_TIMESTEPS
-from ddpm_cli.device import resolve_device
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.editing import EditSpec
-from ddpm_cli.generation.job import SampleRequest, SampleResult, sample_images
-from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig, SamplerName, Spacing, Variance
+from ddpm_cli.sampler_config import (
+    DEFAULT_GUIDANCE,
+    EditSpec,
+    SamplerConfig,
+    SamplerName,
+    Spacing,
+    Variance,
+)
 from ddpm_cli.store.files import STDIO, stdout_is_terminal
+
+if TYPE_CHECKING:
+    from ddpm_cli.generation.job import SampleRequest, SampleResult
 
 S = SamplerConfig()  # the one source of defaults
 
@@ -221,6 +227,9 @@ def draw(
     edit: EditSpec | None = None,
 ) -> None:  # fmt: skip
     """The shared body of the drawing commands: the options as the commands name them."""
+    from ddpm_cli import distributed
+    from ddpm_cli.device import resolve_device
+    from ddpm_cli.generation.job import SampleRequest
     # inpainting's default sampler is ddpm (generation/editing.edit_sampler)
     named = sampler.value if sampler else ("ddpm" if edit and edit.mode.value == "inpaint" else "")
     for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
@@ -298,6 +307,8 @@ def _run(request: SampleRequest, d, dev, quiet: bool, list_paths: bool) -> Sampl
     """The job, its header line and its progress. Ctrl-C lists the images written so far on
     stdout (as a finished job does) and says how many, and for plain sampling how to draw
     the rest."""
+    from ddpm_cli.generation.job import sample_images
+
     view: SampleProgress | None = None
     paths: list[str] = []
     seed = None

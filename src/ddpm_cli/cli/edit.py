@@ -10,7 +10,7 @@ import typer
 from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
 from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.editing import (
+from ddpm_cli.sampler_config import (
     DEFAULT_JUMP,
     DEFAULT_RESAMPLE,
     FACTORS,
@@ -18,8 +18,8 @@ from ddpm_cli.generation.editing import (
     INPAINT_VARIANCE,
     EditMode,
     EditSpec,
+    SamplerName,
 )
-from ddpm_cli.sampler_config import SamplerName
 
 ImageArg = Annotated[str, typer.Argument(help="An image file, a folder of images, or - for stdin.")]
 NumOpt = Annotated[

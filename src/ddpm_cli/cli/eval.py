@@ -20,14 +20,8 @@ from ddpm_cli.cli.common import (
     seed_option,
 )
 from ddpm_cli.cli.views import EvalProgress
-from ddpm_cli.config import MAX_TIMESTEPS
-from ddpm_cli.device import resolve_device
+from ddpm_cli.config import INCEPTION_WEIGHTS, MAX_TIMESTEPS
 from ddpm_cli.errors import UsageError
-from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
-from ddpm_cli.evaluation.fid import STANDARD_N, WEIGHTS_NAME, check_weights
-from ddpm_cli.evaluation.memorization import memorization as copies
-from ddpm_cli.generation.sampling import check_model, load_for_sampling
-from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
 from ddpm_cli.text import shown
 
@@ -106,8 +100,9 @@ def eval_(
         Path | None,
         typer.Option(
             "--inception-weights",
-            help=f"The FID Inception-v3 weights as safetensors. Default: {WEIGHTS_NAME} in the "
-            "user cache directory (ddpm/ under ~/.cache on Linux, ~/Library/Caches on macOS).",
+            help="The FID Inception-v3 weights as safetensors. Default: "
+            f"{INCEPTION_WEIGHTS} in the user cache directory (ddpm/ under ~/.cache on Linux, "
+            "~/Library/Caches on macOS).",
             show_default=False,
         ),
     ] = None,
@@ -154,6 +149,13 @@ def eval_(
 
       [bold]ddpm eval model.safetensors --data ./test --json | jq .likelihood.bits_per_dim[/bold]
     """
+    from ddpm_cli.device import resolve_device
+    from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
+    from ddpm_cli.evaluation.fid import check_weights
+    from ddpm_cli.evaluation.memorization import memorization as copies
+    from ddpm_cli.generation.sampling import check_model, load_for_sampling
+    from ddpm_cli.model.forward import resolve_precision
+
     if data is None and fid_ref is None and memorization is None:
         raise UsageError(
             "say what to measure: --data DIR (bits/dim), --fid-ref DIR (FID) and/or "
@@ -206,6 +208,8 @@ def eval_(
 
 
 def summary_lines(report: dict) -> list[str]:
+    from ddpm_cli.evaluation.fid import STANDARD_N
+
     lines = []
     if "likelihood" in report:
         r = report["likelihood"]

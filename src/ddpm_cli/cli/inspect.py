@@ -12,18 +12,9 @@ from rich.table import Table
 from ddpm_cli.cli.common import JsonOpt, StreamConsole, literal, overwrite_option
 from ddpm_cli.cli.views import loss_curve, warmup_text
 from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
-from ddpm_cli.data.sources import data_image_size
 from ddpm_cli.errors import DataError, UsageError
-from ddpm_cli.evaluation.inspection import (
-    checkpoint_info,
-    folder_info,
-    run_info,
-    schedule_curves,
-    schedule_info,
-)
 from ddpm_cli.evaluation.plots import loss_plot, plot_format, schedule_plot
 from ddpm_cli.store.files import check_output_path, write_atomic
-from ddpm_cli.store.models import is_run_directory
 
 out_console = StreamConsole(highlight=False, soft_wrap=True)  # the report is this command's data
 
@@ -85,6 +76,10 @@ def inspect(
 
       [bold]ddpm inspect --schedule linear --schedule cosine --plot schedules.png[/bold]
     """
+    from ddpm_cli.data.sources import data_image_size
+    from ddpm_cli.evaluation import inspection
+    from ddpm_cli.store.models import is_run_directory
+
     if (path is None) == (not schedule):
         raise UsageError("give a PATH (checkpoint, run or image folder) or --schedule NAME"
                          + (", not both" if schedule else ""))  # fmt: skip
@@ -98,9 +93,10 @@ def inspect(
             )
     if schedule:
         names = [s.value for s in schedule]
-        info = schedule_info(names, timesteps)
+        info = inspection.schedule_info(names, timesteps)
         if plot is not None:
-            write_atomic(plot, schedule_plot(schedule_curves(names, timesteps), plot_format(plot)))
+            curves = inspection.schedule_curves(names, timesteps)
+            write_atomic(plot, schedule_plot(curves, plot_format(plot)))
         if as_json:
             print(json.dumps(info, indent=2))
         else:
@@ -110,13 +106,13 @@ def inspect(
         raise DataError(f"{path}: no such checkpoint file, run directory or image folder")
     if path.is_dir() and not is_run_directory(path):
         size = parse_size(image_size) if image_size else data_image_size(str(path))
-        report = folder_info(path, size)
+        report = inspection.folder_info(path, size)
         if as_json:
             print(json.dumps(report, indent=2))
         else:
             out_console.print(folder_table(report))
         return
-    info = run_info(path) if path.is_dir() else checkpoint_info(path)
+    info = inspection.run_info(path) if path.is_dir() else inspection.checkpoint_info(path)
     if plot is not None:
         write_atomic(plot, loss_plot(info["metrics"], plot_format(plot), title=str(path)))
     if as_json:

@@ -18,7 +18,6 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.files import check_output_path
-from ddpm_cli.store.interop import export_checkpoint, import_folder
 
 
 def import_(
@@ -45,6 +44,8 @@ def import_(
 
       [bold]ddpm sample cifar10.safetensors -n 64 --grid grid.png[/bold]
     """
+    from ddpm_cli.store.interop import import_folder
+
     if out.suffix != ".safetensors":
         raise UsageError(f"{out}: the checkpoint is a .safetensors file")
     check_output_path(out, overwrite=overwrite)
@@ -78,6 +79,8 @@ def export(
 
       [bold]ddpm export runs/shapes-1 --diffusers shapes-diffusers/[/bold]
     """
+    from ddpm_cli.store.interop import export_checkpoint
+
     if diffusers.exists() and not diffusers.is_dir():
         raise UsageError(f"{diffusers}: exists and is not a directory")
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:

@@ -22,7 +22,6 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.noising import parse_timesteps, run_noise
 from ddpm_cli.store.files import (
     STDIO,
     check_output_path,
@@ -94,6 +93,8 @@ def noise(
 
       [bold]cat cat.png | ddpm noise - --t 250 -o - > noisy.png[/bold]
     """
+    from ddpm_cli.generation.noising import parse_timesteps, run_noise
+
     if gif and t is not None:
         raise UsageError("--gif animates every t from 0 to T-1; drop --t, or drop --gif")
     diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)

@@ -9,7 +9,7 @@ import typer
 
 from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
 from ddpm_cli.errors import UsageError
-from ddpm_cli.generation.editing import (
+from ddpm_cli.sampler_config import (
     DEFAULT_GUIDE_FACTOR,
     DEFAULT_STRENGTH,
     FACTORS,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ddpm_cli.cli.common import discard, err_console
 from ddpm_cli.errors import RESOURCE_HINTS, ResourceError, exhausted
-from ddpm_cli.store.checkpoint import header_value
 from ddpm_cli.store.files import STATE
 
 # each signal that stops training, and its exit code: 128 + the signal
@@ -101,6 +100,8 @@ class Stopper:
 
 def saved_text(out: Path | None) -> str:
     """What a run that failed has kept: its last checkpoint, and how to continue from it."""
+    from ddpm_cli.store.checkpoint import header_value
+
     step = header_value(Path(out) / STATE, "step") if out is not None else None
     if not isinstance(step, int) or isinstance(step, bool):
         return "nothing was saved yet"

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from ddpm_cli import distributed
 from ddpm_cli.cli.common import (
     MAX_COUNT,
     DeviceOpt,
@@ -29,7 +28,6 @@ from ddpm_cli.config import (
 )
 from ddpm_cli.model.presets import PRESETS
 from ddpm_cli.text import parse_duration
-from ddpm_cli.training.run import train as run_training
 
 D = TrainConfig()  # the one source of defaults
 
@@ -365,6 +363,9 @@ def train(
     for key in ("schedule", "timesteps"):
         if ctx.get_parameter_source(key).name == "COMMANDLINE":
             given[key] = locals()[key]
+
+    from ddpm_cli import distributed  # the core, once the options are checked (cli/__init__)
+    from ddpm_cli.training.run import train as run_training
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
     view = ProgressView(quiet)

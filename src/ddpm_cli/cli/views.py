@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpm_cli.cli.common import count_bars, err_console, literal, safe, warning_line
-from ddpm_cli.training.memory import size_text
+from ddpm_cli.text import bytes_text
 
 
 def _batch(config, world: int) -> str:
@@ -266,8 +266,8 @@ def preflight_table(info: dict) -> Table:
     rows += [("note", note) for note in info.get("parent_notes", [])]
     plan = info.get("memory")
     if plan is not None and plan.step is not None:
-        need = size_text(plan.step.need(config.batch_size))
-        have = size_text(plan.step.available)
+        need = bytes_text(plan.step.need(config.batch_size))
+        have = bytes_text(plan.step.available)
         rows.insert(-1, ("memory", f"a step needs about {need} (measured), {have} available"))
     if plan is not None and plan.note:
         rows.append(("note", plan.note))

@@ -22,10 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from ddpm_cli.config import INCEPTION_WEIGHTS
 from ddpm_cli.errors import ConfigError, DataError, MissingExtra
 from ddpm_cli.store.files import write_atomic
 
-WEIGHTS_NAME = "inception-2015-12-05.safetensors"
 FEATURES = 2048
 STANDARD_N = 50_000  # the sample count FID is usually reported at; fewer images bias it upward
 DOCS = "docs/evaluation.md#inception-weights"
@@ -40,7 +40,7 @@ def cache_dir() -> Path:
 
 
 def default_weights_path() -> Path:
-    return cache_dir() / WEIGHTS_NAME
+    return cache_dir() / INCEPTION_WEIGHTS
 
 
 def file_digest(path: Path) -> str:
@@ -57,8 +57,9 @@ def check_weights(path: Path | None) -> Path:
     path = Path(path) if path is not None else default_weights_path()
     if not path.is_file():
         raise DataError(
-            f"Inception weights not found: put {WEIGHTS_NAME} (the FID Inception-v3 weights as "
-            f"safetensors) at {path}, or pass --inception-weights FILE; {DOCS} says how to make it"
+            f"Inception weights not found: put {INCEPTION_WEIGHTS} (the FID Inception-v3 weights "
+            f"as safetensors) at {path}, or pass --inception-weights FILE; {DOCS} says how to "
+            "make it"
         )
     if path.suffix != ".safetensors":
         raise DataError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -23,45 +22,19 @@ from ddpm_cli.diffusion import editing
 from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs, evaluations
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DataError, UsageError
-from ddpm_cli.sampler_config import SamplerConfig, SamplerName
+from ddpm_cli.sampler_config import (
+    DEFAULT_GUIDE_FACTOR,
+    FACTORS,
+    INPAINT_STEPS,
+    INPAINT_VARIANCE,
+    EditMode,
+    EditSpec,
+    SamplerConfig,
+    SamplerName,
+)
 from ddpm_cli.store.files import STDIO, read_input_bytes
 
-FACTORS = (2, 4, 8)  # ILVR's downsampling factors
-DEFAULT_GUIDE_FACTOR = 4  # --guide: keeps the layout and colours, redraws the detail
-DEFAULT_STRENGTH = 0.5  # --init: half the noise, see docs/editing.md
-# RePaint: jump back one step, R times at every step, with the ancestral sampler over 100 steps
-# and the posterior variance where no sampler is named. On real photographs (docs/editing.md)
-# this kept the image's class and matched the seam best per second; on the exact model for
-# Gaussian data, one-step jumps reach the right conditional in fewer evaluations than 10-step.
-DEFAULT_JUMP, DEFAULT_RESAMPLE = 1, 3
-INPAINT_STEPS, INPAINT_VARIANCE = 100, "small"
-
-
-class EditMode(str, Enum):
-    inpaint = "inpaint"  # RePaint over a mask, a box or outpainting's padding
-    sdedit = "sdedit"  # ddpm sample --init --strength
-    upscale = "upscale"  # ILVR from a small image
-    guide = "guide"  # ILVR from an image of the model's size (ddpm sample --guide)
-
-
 FLAG = {EditMode.sdedit: ("--init",), EditMode.guide: ("--guide",)}  # else positional
-
-
-@dataclass(frozen=True)
-class EditSpec:
-    """An edit as the command line gives it; `open_inputs` reads and checks it."""
-
-    mode: EditMode
-    command: str  # "inpaint", "upscale" or "sample": how the redraw command starts
-    image: str  # a file, a folder, or "-"
-    mask: str | None = None
-    box: tuple[int, int, int, int] | None = None
-    outpaint: tuple[int, int, int, int] | None = None
-    resize: bool = False
-    strength: float = DEFAULT_STRENGTH
-    factor: int | None = None  # None: upscale infers it from the sizes, guide uses the default
-    jump: int = DEFAULT_JUMP
-    resample: int = DEFAULT_RESAMPLE
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from ddpm_cli.device import new_seed
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.generation.editing import (
-    EditSpec,
     builder,
     check_jump,
     edit_sampler,
@@ -51,7 +50,7 @@ from ddpm_cli.generation.sampling import (
     with_model_defaults,
 )
 from ddpm_cli.model.forward import resolve_precision
-from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.sampler_config import EditSpec, SamplerConfig
 from ddpm_cli.store.files import STDIO, check_output_path, make_folder, write_atomic, write_stdout
 
 Event = Callable[[str, dict], None]

@@ -23,6 +23,7 @@ from ddpm_cli.config import TrainConfig
 from ddpm_cli.device import available_memory
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.text import bytes_text
 from ddpm_cli.training.train import mixed_precision
 
 HEADROOM = 0.85  # the share of the available memory a step may plan to use
@@ -211,8 +212,8 @@ def fit_batch(
         return config, None, None
     b, need = config.batch_size, memory.need(config.batch_size)
     k = micro_batches(memory, b)
-    have = size_text(memory.available)
-    what = f"a step on a batch of {b} needs about {size_text(need)} of the {have} available"
+    have = bytes_text(memory.available)
+    what = f"a step on a batch of {b} needs about {bytes_text(need)} of the {have} available"
     if adjustable and memory.fits(b // k):
         micro = b // k
         config = replace(config, batch_size=micro, grad_accum=config.grad_accum * k)
@@ -221,9 +222,3 @@ def fit_batch(
         return config, note, None
     return config, None, (f"{what}; the run may run out of memory: try a smaller "
                           "--batch-size, --grad-accum K or --grad-checkpoint")  # fmt: skip
-
-
-def size_text(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
