@@ -1,6 +1,8 @@
 """`python -m ddpm_cli` and the `ddpm` script: the command line, entered here so that a Ctrl-C
-while it loads (importing torch takes seconds on a laptop CPU) ends quietly with status 130, as
-one does later in a command, instead of with a traceback from inside an import."""
+while it loads ends quietly with status 130, as one does later in a command, instead of with a
+traceback from inside an import. (The CLI loads in a few tenths of a second; a command imports
+torch, which takes seconds on a laptop CPU, when it runs, and a Ctrl-C then is the app's:
+cli/common.DdpmGroup.invoke.)"""
 
 import sys
 

@@ -115,6 +115,18 @@ def _debugging() -> bool:
         return False
 
 
+PIP_NAMES = {"PIL": "pillow"}  # the dependencies whose module and package names differ
+
+
+def _missing_package(error: Exception) -> str | None:
+    """The package to install when `error` is an import of a dependency that is not there (a
+    command imports the core, torch included, only once it runs: cli/__init__)."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return None
+    top = error.name.split(".")[0]
+    return None if top == "ddpm_cli" else PIP_NAMES.get(top, top)
+
+
 class DdpmGroup(TyperGroup):
     """The app's click group: the one place where errors become a line on stderr and an exit code.
 
@@ -126,7 +138,7 @@ class DdpmGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # Ctrl-C in a command, e.g. while it imports torch: quietly
-            raise typer.Exit(130) from None  # 128 + SIGINT (older Click said "Aborted!", exit 1)
+            raise typer.Exit(130) from None  # 128 + SIGINT (older Typer said "error: aborted")
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -160,10 +172,16 @@ class DdpmGroup(TyperGroup):
             code = e.exit_code
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
             what = exhausted(e)  # not a bug when the machine ran out of memory or disk
-            if what is None and _debugging():
+            package = _missing_package(e)  # nor when an install lost a dependency
+            if what is None and package is None and _debugging():
                 raise
             if what is not None:
                 error_line(f"out of {what}: {RESOURCE_HINTS[what]}")
+            elif package is not None:
+                error_line(
+                    f"{package} is missing from this Python environment ({sys.executable}): "
+                    f"pip install {package}"
+                )
             else:
                 error_line(
                     f"internal error: {type(e).__name__}: {e} "

@@ -227,16 +227,11 @@ def draw(
     edit: EditSpec | None = None,
 ) -> None:  # fmt: skip
     """The shared body of the drawing commands: the options as the commands name them."""
-    from ddpm_cli import distributed
-    from ddpm_cli.device import resolve_device
-    from ddpm_cli.generation.job import SampleRequest
     # inpainting's default sampler is ddpm (generation/editing.edit_sampler)
     named = sampler.value if sampler else ("ddpm" if edit and edit.mode.value == "inpaint" else "")
     for name, value, applies in (("eta", eta, "ddim"), ("variance", variance, "ddpm")):
         if value is not None and named != applies:
             raise UsageError(f"--{name} applies to --sampler {applies}; add --sampler {applies}")
-    if distributed.launched() and edit and STDIO in (edit.image, edit.mask):
-        raise UsageError("under torchrun every process reads the inputs: give files, not -")
     config = SamplerConfig(
         sampler=sampler,
         steps=steps,
@@ -257,18 +252,24 @@ def draw(
     several_inputs = edit is not None and edit.image != STDIO and Path(edit.image).is_dir()
     if out == STDIO and (num > 1 or several_inputs) and grid is None:
         grid, out = STDIO, None  # several images on stdout: as one grid
-
-    if distributed.launched() and (out in (None, STDIO) or grid is not None or trajectory):
-        raise UsageError(
-            "under torchrun, ddpm writes numbered files only (-o DIR); make a grid or a "
-            "trajectory from one process"
-        )
     if guidance and not classes:
         raise UsageError("--guidance steers towards a class: add --class NAME")
     if guidance is None:
         guidance = DEFAULT_GUIDANCE if classes else 0.0
     if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
         grid, out = STDIO, None
+
+    from ddpm_cli import distributed
+    from ddpm_cli.device import resolve_device
+    from ddpm_cli.generation.job import SampleRequest
+
+    if distributed.launched() and edit and STDIO in (edit.image, edit.mask):
+        raise UsageError("under torchrun every process reads the inputs: give files, not -")
+    if distributed.launched() and (out in (None, STDIO) or grid is not None or trajectory):
+        raise UsageError(
+            "under torchrun, ddpm writes numbered files only (-o DIR); make a grid or a "
+            "trajectory from one process"
+        )
     folder = Path(out) if out not in (None, STDIO) else None
 
     quiet = quiet or not distributed.env_main()

@@ -149,6 +149,14 @@ def eval_(
 
       [bold]ddpm eval model.safetensors --data ./test --json | jq .likelihood.bits_per_dim[/bold]
     """
+    if data is None and fid_ref is None and memorization is None:
+        raise UsageError(
+            "say what to measure: --data DIR (bits/dim), --fid-ref DIR (FID) and/or "
+            "--memorization DIR (copies of training images)"
+        )
+    if full and t_samples is not None:
+        raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
+
     from ddpm_cli.device import resolve_device
     from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
     from ddpm_cli.evaluation.fid import check_weights
@@ -156,11 +164,6 @@ def eval_(
     from ddpm_cli.generation.sampling import check_model, load_for_sampling
     from ddpm_cli.model.forward import resolve_precision
 
-    if data is None and fid_ref is None and memorization is None:
-        raise UsageError(
-            "say what to measure: --data DIR (bits/dim), --fid-ref DIR (FID) and/or "
-            "--memorization DIR (copies of training images)"
-        )
     if fid_ref is not None:
         check_weights(inception_weights)
     dev = resolve_device(device)
@@ -168,8 +171,6 @@ def eval_(
     sm = load_for_sampling(checkpoint, raw=raw, device=dev)
     check_model(sm)
     T = sm.diffusion.timesteps
-    if full and t_samples is not None:
-        raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
     if t_samples is not None and t_samples > T - 1:
         raise UsageError(f"--t-samples {t_samples}: at most T - 1 = {T - 1} (drop it for all T)")
     report: dict = {"checkpoint": str(sm.path), "content_hash": sm.content_hash}

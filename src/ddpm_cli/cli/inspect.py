@@ -76,21 +76,22 @@ def inspect(
 
       [bold]ddpm inspect --schedule linear --schedule cosine --plot schedules.png[/bold]
     """
-    from ddpm_cli.data.sources import data_image_size
-    from ddpm_cli.evaluation import inspection
-    from ddpm_cli.store.models import is_run_directory
-
     if (path is None) == (not schedule):
         raise UsageError("give a PATH (checkpoint, run or image folder) or --schedule NAME"
                          + (", not both" if schedule else ""))  # fmt: skip
     if plot is not None:
         plot_format(plot)
         check_output_path(plot, overwrite=overwrite)
-        if path is not None and not (path.is_dir() and is_run_directory(path)):
-            raise UsageError(
-                f"--plot draws a run directory's loss curve or --schedule curves; {path} is not "
-                "a run directory"
-            )
+
+    from ddpm_cli.data.sources import data_image_size
+    from ddpm_cli.evaluation import inspection
+    from ddpm_cli.store.models import is_run_directory
+
+    if plot is not None and path is not None and not (path.is_dir() and is_run_directory(path)):
+        raise UsageError(
+            f"--plot draws a run directory's loss curve or --schedule curves; {path} is not a "
+            "run directory"
+        )
     if schedule:
         names = [s.value for s in schedule]
         info = inspection.schedule_info(names, timesteps)

@@ -44,11 +44,11 @@ def import_(
 
       [bold]ddpm sample cifar10.safetensors -n 64 --grid grid.png[/bold]
     """
-    from ddpm_cli.store.interop import import_folder
-
     if out.suffix != ".safetensors":
         raise UsageError(f"{out}: the checkpoint is a .safetensors file")
     check_output_path(out, overwrite=overwrite)
+    from ddpm_cli.store.interop import import_folder
+
     info = import_folder(folder, out)
     if as_json:
         print(json.dumps(info, indent=2))
@@ -79,12 +79,12 @@ def export(
 
       [bold]ddpm export runs/shapes-1 --diffusers shapes-diffusers/[/bold]
     """
-    from ddpm_cli.store.interop import export_checkpoint
-
     if diffusers.exists() and not diffusers.is_dir():
         raise UsageError(f"{diffusers}: exists and is not a directory")
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:
         raise UsageError(f"{diffusers}: is not empty; pass --overwrite to write into it")
+    from ddpm_cli.store.interop import export_checkpoint
+
     info = export_checkpoint(checkpoint, diffusers)
     if as_json:
         print(json.dumps(info, indent=2))

@@ -93,10 +93,10 @@ def noise(
 
       [bold]cat cat.png | ddpm noise - --t 250 -o - > noisy.png[/bold]
     """
-    from ddpm_cli.generation.noising import parse_timesteps, run_noise
-
     if gif and t is not None:
         raise UsageError("--gif animates every t from 0 to T-1; drop --t, or drop --gif")
+    from ddpm_cli.generation.noising import parse_timesteps, run_noise
+
     diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)
     config = NoiseConfig(
         diffusion=diffusion,

@@ -364,7 +364,7 @@ def train(
         if ctx.get_parameter_source(key).name == "COMMANDLINE":
             given[key] = locals()[key]
 
-    from ddpm_cli import distributed  # the core, once the options are checked (cli/__init__)
+    from ddpm_cli import distributed
     from ddpm_cli.training.run import train as run_training
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
