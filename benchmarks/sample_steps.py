@@ -1,0 +1,71 @@
+"""How many sampler steps a model trained for minutes on real images needs: train once per
+dataset and budget with the defaults (as benchmarks/realdata.py does), then sample the same
+seeds at each step count and measure the samples as realdata.py does.
+
+    python benchmarks/sample_steps.py --datasets faces,photos,sources --budgets 1m,5m \\
+        --steps 10,12,15,20,30
+
+Prints one JSON object a line: dataset, budget, steps, distance (Frechet distance in the
+classifier's feature space), class_share (labelled sets), sample_s (the sampling command's
+wall-clock seconds, process start included). Runs are kept under --work/steps, so a second
+call with other --steps samples the same models again; --sampler-flags adds flags to every
+`ddpm sample` (e.g. "--sampler ddim"). Needs the `bench` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realdata import HERE, Dataset, _run, read_pngs, resize  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--datasets", default="faces,photos,sources")
+    p.add_argument("--budgets", default="1m,5m", help="training budgets, as ddpm train --time")
+    p.add_argument("--steps", default="10,12,15,20")
+    p.add_argument("--sampler-flags", default="", help="more flags for every ddpm sample")
+    p.add_argument("-n", type=int, default=500, help="samples per step count")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (samples: seed 1)")
+    p.add_argument("--work", type=Path, default=HERE / ".realdata")
+    args = p.parse_args()
+    ddpm = [sys.executable, "-m", "ddpm_cli"]
+    runs = args.work / "steps"
+    runs.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets.split(","):
+        ds = Dataset(name, args.work)
+        classes = ds.set.classes
+        for budget in args.budgets.split(","):
+            run, log = runs / f"{name}-{budget}", runs / f"{name}-{budget}.log"
+            if not (run / "model.safetensors").exists():
+                shutil.rmtree(run, ignore_errors=True)
+                _run([*ddpm, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed),
+                      "--time", budget], log)  # fmt: skip
+            for steps in (int(s) for s in args.steps.split(",")):
+                out = run / f"out-{steps}"
+                shutil.rmtree(out, ignore_errors=True)
+                n = args.n // len(classes) if classes else args.n
+                cmd = [*ddpm, "sample", str(run), "-n", str(n), "-o", str(out), "--seed", "1",
+                       "--steps", str(steps), *shlex.split(args.sampler_flags)]  # fmt: skip
+                if classes:
+                    cmd += ["--class", "all"]
+                seconds = _run(cmd, log)
+                images, labels = read_pngs(out, classes)
+                if images.shape[-1] != ds.set.image_size:
+                    images = resize(images, ds.set.image_size)
+                print(json.dumps({
+                    "dataset": name, "budget": budget, "steps": steps,
+                    "distance": round(ds.distance(images), 4),
+                    "class_share": ds.class_share(images, labels), "sample_s": round(seconds, 1),
+                }), flush=True)  # fmt: skip
+                shutil.rmtree(out)
+
+
+if __name__ == "__main__":
+    main()
