@@ -5,11 +5,12 @@ seeds at each step count and measure the samples as realdata.py does.
     python benchmarks/sample_steps.py --datasets faces,photos,sources --budgets 1m,5m \\
         --steps 10,12,15,20,30
 
-Prints one JSON object a line: dataset, budget, steps, distance (Frechet distance in the
-classifier's feature space), class_share (labelled sets), sample_s (the sampling command's
-wall-clock seconds, process start included). Runs are kept under --work/steps, so a second
-call with other --steps samples the same models again; --sampler-flags adds flags to every
-`ddpm sample` (e.g. "--sampler ddim"). Needs the `bench` extra.
+Prints one JSON object a line: dataset, budget, seed, steps, sampler_flags, distance (Frechet
+distance in the classifier's feature space), class_share (labelled sets), sample_s (the
+sampling command's wall-clock seconds, process start included). Finished runs are kept under
+--work/steps, one per dataset, budget and seed, so a second call with other --steps samples
+the same models again; --sampler-flags adds flags to every `ddpm sample`
+(`--sampler-flags="--sampler ddim"`). Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def main() -> None:
         ds = Dataset(name, args.work)
         classes = ds.set.classes
         for budget in args.budgets.split(","):
-            run, log = runs / f"{name}-{budget}", runs / f"{name}-{budget}.log"
-            if not (run / "model.safetensors").exists():
+            run = runs / f"{name}-{budget}-seed{args.seed}"
+            log, done = runs / f"{run.name}.log", runs / f"{run.name}.done"
+            if not done.exists():  # (a run that was cut short is trained again)
                 shutil.rmtree(run, ignore_errors=True)
                 _run([*ddpm, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed),
                       "--time", budget], log)  # fmt: skip
+                done.touch()
             for steps in (int(s) for s in args.steps.split(",")):
                 out = run / f"out-{steps}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -59,10 +62,13 @@ def main() -> None:
                 images, labels = read_pngs(out, classes)
                 if images.shape[-1] != ds.set.image_size:
                     images = resize(images, ds.set.image_size)
+                share = ds.class_share(images, labels)
                 print(json.dumps({
-                    "dataset": name, "budget": budget, "steps": steps,
+                    "dataset": name, "budget": budget, "seed": args.seed, "steps": steps,
+                    "sampler_flags": args.sampler_flags,
                     "distance": round(ds.distance(images), 4),
-                    "class_share": ds.class_share(images, labels), "sample_s": round(seconds, 1),
+                    "class_share": None if share is None else round(share, 4),
+                    "sample_s": round(seconds, 1),
                 }), flush=True)  # fmt: skip
                 shutil.rmtree(out)
 

@@ -84,11 +84,15 @@ def test_shell_completion_completes_commands_and_choices_without_torch():
 
 
 def test_help_and_usage_errors_load_no_torch():
-    """`ddpm --help`, every command's help and an option refused while parsing answer in a
-    fraction of a second: the CLI imports the core inside each command (cli/__init__). One
-    fresh process runs them all, then lists the heavy modules it loaded."""
+    """`ddpm --help`, every command's help and options refused while parsing or by a command's
+    own checks answer in a fraction of a second: the CLI imports the core inside each command,
+    after those checks (cli/__init__). One fresh process runs them all, listing the heavy
+    modules loaded after each."""
     cases = [[], *([c, "--help"] for c in sorted(COMMANDS)), ["train", "--epochs", "0"],
-             ["sample", "run", "--steps", "0"], ["inspect", "--schedule", "nope"]]  # fmt: skip
+             ["sample", "run", "--steps", "0"], ["inspect", "--schedule", "nope"],
+             # refused in the command's body, before it loads the core
+             ["sample", "run"], ["eval", "run"], ["noise", "x.png", "--gif", "--t", "5"],
+             ["inspect"], ["import", "folder", "-o", "x.pt"]]  # fmt: skip
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
@@ -100,7 +104,7 @@ def test_help_and_usage_errors_load_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # each line: the arguments, the exit code, and the heavy modules loaded so far
-    codes = [2] + [0] * len(COMMANDS) + [2, 2, 2]
+    codes = [2] + [0] * len(COMMANDS) + [2] * 8
     assert out.stdout.splitlines() == [f"{a} {c} []" for a, c in zip(cases, codes, strict=True)]
 
 
@@ -123,6 +127,18 @@ def test_a_dependency_missing_from_the_install_is_one_line_saying_what_to_instal
     )
 
 
+def test_only_a_declared_dependency_missing_as_a_whole_reads_as_an_install_to_mend():
+    from ddpm_cli.cli.common import _missing_package
+
+    def missing(name):
+        return _missing_package(ModuleNotFoundError(f"No module named {name!r}", name=name))
+
+    assert (missing("torch"), missing("PIL"), missing("safetensors")) == (
+        "torch", "pillow", "safetensors")
+    # a broken torch, a typo in our code, a module of ours: bugs, reported as such
+    assert missing("torch._C") is missing("nunpy") is missing("ddpm_cli.cli.nope") is None
+
+
 def test_ctrl_c_inside_a_command_exits_130_quietly(runner, monkeypatch, tmp_path):
     """A KeyboardInterrupt that no command handles (a Ctrl-C while one imports the core, or
     in `ddpm noise`'s work) ends the command with 130 and nothing on stdout or stderr."""
@@ -135,8 +151,7 @@ def test_ctrl_c_inside_a_command_exits_130_quietly(runner, monkeypatch, tmp_path
     monkeypatch.setattr("ddpm_cli.generation.noising.run_noise", interrupted)
     r = runner.invoke(app, ["noise", str(tmp_path / "cat.png"), "--t", "5"])
     assert (r.exit_code, r.stdout, r.stderr) == (130, "", "")
-    assert not (tmp_path / "cat-t5.png").exists() and len(list(tmp_path.iterdir())) == 1
-    # the app's group itself turns it into Exit(130): older Typer releases would say "Aborted!"
+    # the app's group itself turns it into Exit(130): older Typer releases said "error: aborted"
     group = typer.main.get_command(app)
     with group.make_context("ddpm", ["noise", str(tmp_path / "cat.png"), "--t", "5"]) as ctx:
         try:

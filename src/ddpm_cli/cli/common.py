@@ -115,16 +115,18 @@ def _debugging() -> bool:
         return False
 
 
-PIP_NAMES = {"PIL": "pillow"}  # the dependencies whose module and package names differ
+# the dependencies a command imports when it runs (cli/__init__): module -> package to install
+DEPENDENCIES = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy",
+                "safetensors": "safetensors", "PIL": "pillow", "platformdirs": "platformdirs"}
 
 
 def _missing_package(error: Exception) -> str | None:
-    """The package to install when `error` is an import of a dependency that is not there (a
-    command imports the core, torch included, only once it runs: cli/__init__)."""
-    if not isinstance(error, ModuleNotFoundError) or not error.name:
+    """The package to install when `error` is the import of a dependency that is not there at
+    all. A missing part of one (torch._C: a broken install) or any other module stays an
+    internal error, whose traceback DDPM_DEBUG shows."""
+    if not isinstance(error, ModuleNotFoundError):
         return None
-    top = error.name.split(".")[0]
-    return None if top == "ddpm_cli" else PIP_NAMES.get(top, top)
+    return DEPENDENCIES.get(error.name or "")
 
 
 class DdpmGroup(TyperGroup):
@@ -173,7 +175,7 @@ class DdpmGroup(TyperGroup):
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
             what = exhausted(e)  # not a bug when the machine ran out of memory or disk
             package = _missing_package(e)  # nor when an install lost a dependency
-            if what is None and package is None and _debugging():
+            if _debugging() and what is None:
                 raise
             if what is not None:
                 error_line(f"out of {what}: {RESOURCE_HINTS[what]}")
