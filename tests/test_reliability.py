@@ -313,13 +313,24 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_p
     config = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=1,
                          steps=5, sample_every=0)  # fmt: skip
     ends = []
-    for out in (tmp_path / "new", mine):
+    # runs/ made for the run goes with it; so does shared/ made for it, unless another run
+    # has put something there meanwhile (here: its first event does)
+    other = tmp_path / "shared" / "other"
+    for out in (tmp_path / "runs" / "new", mine, tmp_path / "shared" / "a"):
+        def on_event(kind, info, out=out):
+            if out.parent.name == "shared" and not other.exists():
+                other.mkdir()
+            if kind == "end":
+                ends.append(info)
+
         r = train(str(pics), config, DiffusionConfig(), out=out, should_stop=lambda: True,
-                  on_event=lambda kind, info: kind == "end" and ends.append(info))  # fmt: skip
+                  on_event=on_event)  # fmt: skip
         assert (r.status, r.step) == ("stopped", 0)
-    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pics", "shared"]
     assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
-    assert [(e["unsaved"], e["created"]) for e in ends] == [(True, True), (True, False)]
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["other"]
+    assert [(e["unsaved"], e["created"]) for e in ends] == [(True, True), (True, False),
+                                                            (True, True)]  # fmt: skip
     asked = []  # stopped at its third look, after two steps: a run to keep
     stopped = train(str(pics), config, DiffusionConfig(), out=tmp_path / "one",
                     should_stop=lambda: asked.append(1) or len(asked) > 2)  # fmt: skip

@@ -78,8 +78,9 @@ class Prepared:
     loggers: list = field(default_factory=list)  # live logs (loggers.py), rank 0's
     held: quality.HeldOut | None = None  # the images set aside for the quality figure (rank 0)
     best: float | None = None  # the lowest quality figure so far (best.safetensors')
-    # a new run: whether it created its directory (run_files.discard_new_run); None: resumed
-    created: bool | None = None
+    # a new run that made its directory: the outermost folder it made (run_files.new_folder);
+    # None for an --out that existed, and on resume
+    created: Path | None = None
 
 
 class Loop:
@@ -271,6 +272,7 @@ class Loop:
             self.evaluate()
         result = RunResult(r.out, state.step, total, status, self.last_loss)
         # an unsaved run is discarded by run.train, once its loggers have closed
+        made = r.created is not None
         self.on_event("end", {"status": status, "step": state.step, "out": r.out,
-                              "unsaved": result.unsaved, "created": r.created})  # fmt: skip
+                              "unsaved": result.unsaved, "created": made})  # fmt: skip
         return result

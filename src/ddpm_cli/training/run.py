@@ -49,6 +49,7 @@ from ddpm_cli.training.run_files import (
     best_figure,
     check_run_directory,
     discard_new_run,
+    new_folder,
     prepare_directory,
 )
 from ddpm_cli.training.train import compiled, new_state, resolve, total_steps
@@ -167,7 +168,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     shared = distributed.broadcast(d, {"out": str(out), "config": config.to_dict()})
     out, config = Path(shared["out"]), from_dict(TrainConfig, shared["config"])
     ckpt = resumed.ckpt if resumed is not None else None
-    created = d.main and not Path(out).exists()
+    created = new_folder(Path(out)) if d.main else None
     warnings: list[str] = []
     if d.main:
         make_folder(out)

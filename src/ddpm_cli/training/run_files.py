@@ -109,11 +109,30 @@ def check_run_directory(out: Path, source: str | None) -> None:
         )
 
 
-def discard_new_run(out: Path, created: bool) -> None:
-    """Undo a new run that failed before its first step: the whole directory when the run
-    created it, else what it wrote there (the data cache, a fresh TensorBoard folder)."""
-    if created:
+def new_folder(out: Path) -> Path | None:
+    """The outermost folder that making `out` creates: `out` itself, or a missing parent such
+    as runs/; None when `out` exists."""
+    if out.exists():
+        return None
+    while not out.parent.exists():
+        out = out.parent
+    return out
+
+
+def discard_new_run(out: Path, created: Path | None) -> None:
+    """Undo a new run that failed before its first step. When the run made its directory
+    (`created`: new_folder's answer), the directory goes, with the parents made for it while
+    they are empty (another run may have started in runs/ meanwhile); else what the run wrote
+    there (the data cache, a fresh TensorBoard folder)."""
+    if created is not None:
         shutil.rmtree(out, ignore_errors=True)
+        for parent in out.parents:
+            if parent == created.parent:
+                break
+            try:
+                parent.rmdir()  # only an empty folder
+            except OSError:
+                break
         return
     (out / CACHE).unlink(missing_ok=True)
     shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
