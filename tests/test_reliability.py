@@ -316,7 +316,9 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_p
     # runs/ made for the run goes with it; so does shared/ made for it, unless another run
     # has put something there meanwhile (here: its first event does)
     other = tmp_path / "shared" / "other"
-    for out in (tmp_path / "runs" / "new", mine, tmp_path / "shared" / "a"):
+    (tmp_path / "empty").mkdir()  # folders that were there stay, however --out reaches them
+    for out in (tmp_path / "runs" / "new", mine, tmp_path / "shared" / "a",
+                tmp_path / "empty" / "runs" / "b", tmp_path / "no" / ".." / "empty" / "c"):
         def on_event(kind, info, out=out):
             if out.parent.name == "shared" and not other.exists():
                 other.mkdir()
@@ -326,11 +328,13 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(runner, tmp_p
         r = train(str(pics), config, DiffusionConfig(), out=out, should_stop=lambda: True,
                   on_event=on_event)  # fmt: skip
         assert (r.status, r.step) == ("stopped", 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pics", "shared"]
+    # (no/ itself, made by mkdir on the way to no/../empty/c, is left: it was never the run's)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "no", "pics", "shared"]
     assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
     assert [p.name for p in (tmp_path / "shared").iterdir()] == ["other"]
+    assert list((tmp_path / "empty").iterdir()) == []
     assert [(e["unsaved"], e["created"]) for e in ends] == [(True, True), (True, False),
-                                                            (True, True)]  # fmt: skip
+                                                            *[(True, True)] * 3]  # fmt: skip
     asked = []  # stopped at its third look, after two steps: a run to keep
     stopped = train(str(pics), config, DiffusionConfig(), out=tmp_path / "one",
                     should_stop=lambda: asked.append(1) or len(asked) > 2)  # fmt: skip

@@ -111,10 +111,12 @@ def check_run_directory(out: Path, source: str | None) -> None:
 
 def new_folder(out: Path) -> Path | None:
     """The outermost folder that making `out` creates: `out` itself, or a missing parent such
-    as runs/; None when `out` exists."""
+    as runs/; None when `out` exists. Absolute, with `..` resolved as written (`new/../runs`
+    is runs/, whether or not new/ exists)."""
+    out = Path(os.path.abspath(out))
     if out.exists():
         return None
-    while not out.parent.exists():
+    while out.parent != out and not out.parent.exists():
         out = out.parent
     return out
 
@@ -125,6 +127,7 @@ def discard_new_run(out: Path, created: Path | None) -> None:
     they are empty (another run may have started in runs/ meanwhile); else what the run wrote
     there (the data cache, a fresh TensorBoard folder)."""
     if created is not None:
+        out = Path(os.path.abspath(out))  # as new_folder saw it
         shutil.rmtree(out, ignore_errors=True)
         for parent in out.parents:
             if parent == created.parent:
