@@ -56,6 +56,7 @@ import realsets  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PEER = HERE / "diffusers_script.py"
 UNITS = {"s": 1, "m": 60, "h": 3600}
+DDPM = [sys.executable, "-m", "ddpm_cli"]
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -177,9 +178,8 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def run_ddpm(ds: Dataset, run: Path, budget: tuple[str, float], args, extra: list[str],
              sample_extra: list[str]) -> dict:  # fmt: skip
-    ddpm = [sys.executable, "-m", "ddpm_cli"]
     kind, value = budget
-    train = [*ddpm, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed)]
+    train = [*DDPM, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed)]
     stop_after = None
     if kind == "steps":
         train += ["--steps", str(int(value))]
@@ -188,20 +188,27 @@ def run_ddpm(ds: Dataset, run: Path, budget: tuple[str, float], args, extra: lis
     else:
         stop_after = value
     train_s = _run(train + extra, run.parent / f"{run.name}.log", stop_after)
-    classes = ds.set.classes
-    n = args.n // len(classes) if classes else args.n
-    sample = [*ddpm, "sample", str(run), "-n", str(n), "-o", str(run / "out"), "--seed", "1"]
-    if classes:
-        sample += ["--class", "all"]
-    sample_s = _run(sample + sample_extra, run.parent / f"{run.name}.log")
-    images, labels = read_pngs(run / "out", classes)
-    if images.shape[-1] != ds.set.image_size:  # trained at another size: measured at the data's
-        images = resize(images, ds.set.image_size)
+    sample_s, images, labels = sample_ddpm(ds, run, run / "out", args.n, sample_extra,
+                                           run.parent / f"{run.name}.log")  # fmt: skip
     from ddpm_cli.store.checkpoint import read_header
 
     meta = read_header(run / "model.safetensors")["__metadata__"]
     return {"steps": int(json.loads(meta["step"])), "train_s": train_s, "sample_s": sample_s,
             "images": images, "labels": labels}  # fmt: skip
+
+
+def sample_ddpm(ds: Dataset, run: Path, out: Path, n: int, extra: list[str],
+                log: Path) -> tuple[float, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`ddpm sample RUN` of n images (n / classes of each class of a labelled set) with seed 1
+    into `out`: (seconds, the images at the data's size, their labels)."""
+    classes = ds.set.classes
+    cmd = [*DDPM, "sample", str(run), "-n", str(n // len(classes) if classes else n), "-o",
+           str(out), "--seed", "1", *(["--class", "all"] if classes else []), *extra]  # fmt: skip
+    seconds = _run(cmd, log)
+    images, labels = read_pngs(out, classes)
+    if images.shape[-1] != ds.set.image_size:  # trained at another size: measured at the data's
+        images = resize(images, ds.set.image_size)
+    return seconds, images, labels
 
 
 def run_peer(ds: Dataset, run: Path, budget: tuple[str, float], args) -> dict:

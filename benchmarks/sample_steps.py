@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realdata import HERE, Dataset, _run, read_pngs, resize  # noqa: E402
+from realdata import DDPM, HERE, Dataset, _run, sample_ddpm  # noqa: E402
 
 
 def main() -> None:
@@ -36,32 +36,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the training seed (samples: seed 1)")
     p.add_argument("--work", type=Path, default=HERE / ".realdata")
     args = p.parse_args()
-    ddpm = [sys.executable, "-m", "ddpm_cli"]
     runs = args.work / "steps"
     runs.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):
         ds = Dataset(name, args.work)
-        classes = ds.set.classes
         for budget in args.budgets.split(","):
             run = runs / f"{name}-{budget}-seed{args.seed}"
             log, done = runs / f"{run.name}.log", runs / f"{run.name}.done"
             if not done.exists():  # (a run that was cut short is trained again)
                 shutil.rmtree(run, ignore_errors=True)
-                _run([*ddpm, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed),
+                _run([*DDPM, "train", str(ds.folder), "--out", str(run), "--seed", str(args.seed),
                       "--time", budget], log)  # fmt: skip
                 done.touch()
             for steps in (int(s) for s in args.steps.split(",")):
                 out = run / f"out-{steps}"
                 shutil.rmtree(out, ignore_errors=True)
-                n = args.n // len(classes) if classes else args.n
-                cmd = [*ddpm, "sample", str(run), "-n", str(n), "-o", str(out), "--seed", "1",
-                       "--steps", str(steps), *shlex.split(args.sampler_flags)]  # fmt: skip
-                if classes:
-                    cmd += ["--class", "all"]
-                seconds = _run(cmd, log)
-                images, labels = read_pngs(out, classes)
-                if images.shape[-1] != ds.set.image_size:
-                    images = resize(images, ds.set.image_size)
+                flags = ["--steps", str(steps), *shlex.split(args.sampler_flags)]
+                seconds, images, labels = sample_ddpm(ds, run, out, args.n, flags, log)
                 share = ds.class_share(images, labels)
                 print(json.dumps({
                     "dataset": name, "budget": budget, "seed": args.seed, "steps": steps,
