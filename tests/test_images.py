@@ -168,3 +168,22 @@ def test_labels_strips_and_gifs():
 def test_quantization_clips_values_outside_the_unit_range():
     x = torch.tensor([[[-3.0, -1.0, 0.0, 1.0, 3.0]]])
     assert np.asarray(to_pil(x, "L")).tolist() == [[0, 0, 128, 255, 255]]
+
+
+GRIDS = [(1, 1, 3), (5, 2, 1), (16, 4, 3), (7, 3, 4), (3, 8, 1)]  # images, per row, channels
+
+
+@pytest.mark.parametrize("n, nrow, channels", GRIDS)
+def test_grids_have_torchvisions_make_grid_layout(n, nrow, channels):
+    """ddpm tiles its own grids (importing torchvision costs 2-3 s of start-up)."""
+    from torchvision.utils import make_grid
+
+    from ddpm_cli.generation.output import grid_image_rows, tile
+
+    images = torch.rand(n, channels, 5, 7, generator=torch.Generator().manual_seed(n)) * 2 - 1
+    expected = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    ours = tile(images, nrow, padding=2, pad_value=1.0)
+    assert torch.equal(ours, expected[:channels])  # make_grid turns one channel into three
+    picture = grid_image_rows(images, nrow)
+    assert picture.size == (expected.shape[2], expected.shape[1])
+    assert picture.mode == {1: "L", 3: "RGB", 4: "RGBA"}[channels]

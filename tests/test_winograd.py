@@ -15,7 +15,7 @@ from ddpm_cli.model.kernels import winograd
 from ddpm_cli.model.kernels.policy import FAST
 from ddpm_cli.model.kernels.winograd import Conv3x3
 from ddpm_cli.model.unet import UNet
-from ddpm_cli.training.train import make_adam
+from ddpm_cli.training.adam import Adam
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -322,7 +322,7 @@ def test_inference_sees_every_change_of_the_weights():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 600])
     with winograd.keep_filters(), torch.no_grad():
         model(x, t)
-    opt = make_adam(model, 0.1, torch.device("cpu"))  # fused on the CPU
+    opt = Adam(model.parameters(), 0.1)  # fused on the CPU
     model(x, t).square().mean().backward()
     opt.step()
     assert agrees(model, x, t)

@@ -103,7 +103,7 @@ def _switches(recorded: str | None) -> str:
 
 
 def grid_image(images: torch.Tensor) -> Image.Image:
-    """(N, C, H, W) in [-1, 1] as one grid (torchvision's make_grid), about square."""
+    """(N, C, H, W) in [-1, 1] as one grid, about square."""
     return grid_image_rows(images, nrow=max(1, round(images.shape[0] ** 0.5)))
 
 
@@ -133,7 +133,23 @@ def render_trajectory(trajectory: Trajectory, gif: bool) -> bytes:
 
 
 def grid_image_rows(images: torch.Tensor, nrow: int) -> Image.Image:
-    from torchvision.utils import make_grid
+    """(N, C, H, W) in [-1, 1] in rows of `nrow`, 2 white pixels around each image."""
+    return to_image(tile(images.clamp(-1, 1), nrow, padding=2, pad_value=1.0))
 
-    grid = make_grid(images.clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
-    return to_image(grid[:1] if images.shape[1] == 1 else grid)  # make_grid makes gray RGB
+
+def tile(images: torch.Tensor, nrow: int, padding: int, pad_value: float) -> torch.Tensor:
+    """(N, C, H, W) -> one (C, H', W') image: rows of `nrow` images, each with `padding`
+    pixels of `pad_value` on every side, shared between neighbours (torchvision's make_grid
+    layout, written here because importing torchvision imports torch's compiler: 2-3 s).
+    One image is its own grid, unpadded, as there."""
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols = max(1, min(nrow, n))
+    rows = -(-n // cols)
+    cell_h, cell_w = h + padding, w + padding
+    grid = images.new_full((c, rows * cell_h + padding, cols * cell_w + padding), pad_value)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * cell_h + padding, (i % cols) * cell_w + padding
+        grid[:, top : top + h, left : left + w] = image
+    return grid

@@ -24,6 +24,7 @@ from ddpm_cli.device import available_memory
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.text import bytes_text
+from ddpm_cli.training.adam import Adam
 from ddpm_cli.training.train import mixed_precision
 
 HEADROOM = 0.85  # the share of the available memory a step may plan to use
@@ -53,7 +54,7 @@ class StepMemory:
 
 def measure(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Adam,
     tables: DiffusionTables,
     config: TrainConfig,
     device: torch.device,

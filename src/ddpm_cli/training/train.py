@@ -34,6 +34,7 @@ from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.model.presets import preset_for, recipe_for
 from ddpm_cli.model.unet import ResBlock, UNet
+from ddpm_cli.training.adam import Adam
 from ddpm_cli.training.quality import holdout_size
 
 WARMUP_SHARE = 0.05  # runs of known length warm up over at most 5% of their steps
@@ -188,7 +189,7 @@ class TrainState:
 
     model: UNet
     ema: UNet
-    optimizer: torch.optim.Optimizer
+    optimizer: Adam
     scaler: torch.amp.GradScaler | None
     noise_gen: torch.Generator  # draws t and eps
     step: int = 0
@@ -202,7 +203,7 @@ def new_state(model_config: ModelConfig, config: TrainConfig, device: torch.devi
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if config.grad_checkpoint:
         checkpoint_blocks(model)
-    optimizer = make_adam(model, config.lr, device)
+    optimizer = Adam(model.parameters(), config.lr)
     scaler = torch.amp.GradScaler("cuda") if config.precision is Precision.fp16 else None
     return TrainState(model, ema, optimizer, scaler, noise_generator(config.seed, device))
 
@@ -222,18 +223,6 @@ def noise_generator(seed: int, device: torch.device) -> torch.Generator:
     host took longer than the rest of the host's work for a step), on the CPU otherwise."""
     where = device if device.type == "cuda" else torch.device("cpu")
     return torch.Generator(where).manual_seed(seed + 1)
-
-
-def make_adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch has one for the device (CUDA; the CPU since
-    torch 2.4: 3x faster than the per-tensor loop for the cifar10 preset, docs/benchmarks.md),
-    otherwise the multi-tensor (foreach) implementation. Same math either way."""
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # a torch without the fused kernel for this device
-    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
 @torch.no_grad()

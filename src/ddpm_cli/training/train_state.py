@@ -17,8 +17,6 @@ from ddpm_cli.store.files import MODEL, STATE
 from ddpm_cli.store.models import RAW, strip_prefix
 from ddpm_cli.training.train import TrainState
 
-IMPLEMENTATION = ("fused", "foreach", "capturable")
-
 
 def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
@@ -75,17 +73,6 @@ def save_model(
     save_checkpoint(path, state.ema.state_dict(), "model", meta, follow=False)
 
 
-def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Adam's moments in their weights' memory layout (channels_last, device.place): they are
-    saved contiguous, and the fused kernel needs a moment laid out as its weight."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            moments = optimizer.state.get(p, {})
-            for name, v in moments.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    moments[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
-
 def restore_state(
     state: TrainState, ckpt, device: torch.device, warnings: list[str] | None = None
 ) -> float:
@@ -105,15 +92,10 @@ def restore_state(
         if k.startswith("optim."):
             _, i, name = k.split(".", 2)
             optim_state.setdefault(int(i), {})[name] = v
-    # how Adam runs (fused, foreach) belongs to this machine, not to the saved run
-    kernels = [{k: g.get(k) for k in IMPLEMENTATION} for g in state.optimizer.param_groups]
-    try:
+    try:  # how Adam runs (fused or not) stays this machine's choice
         state.optimizer.load_state_dict(
             {"state": optim_state, "param_groups": ckpt.json("optimizer_groups")}
         )
-        for group, chosen in zip(state.optimizer.param_groups, kernels, strict=True):
-            group.update(chosen)
-        _match_layouts(state.optimizer)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state does not fit the model ({e})"
