@@ -454,6 +454,31 @@ def test_a_fresh_run_replaces_leftovers_of_an_attempt_that_never_checkpointed(co
     ]
 
 
+def test_a_fresh_run_never_deletes_checkpoints_or_files_beside_the_users_own(colours, tmp_path):
+    """Leftovers are replaced only in a folder that holds nothing else; checkpoints never."""
+    for name in ("best.safetensors", "model-00001000.safetensors"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_bytes(b"weights")
+        (out / "metrics.jsonl").write_text("{}\n")
+        with pytest.raises(UsageError, match=f"holds checkpoints of an earlier run \\({name}\\)"):
+            train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=out)
+        assert sorted(p.name for p in out.iterdir()) == sorted([name, "metrics.jsonl"])
+    mine = tmp_path / "mine"
+    (mine / "tensorboard").mkdir(parents=True)
+    (mine / "tensorboard" / "events").write_text("my other project's logs")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds tensorboard beside other files, and a new run "
+                       "would replace it; move it elsewhere"):  # fmt: skip
+        train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=mine)
+    assert (mine / "tensorboard" / "events").read_text() == "my other project's logs"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "tensorboard"]
+    (mine / "tensorboard" / "events").unlink()
+    (mine / "tensorboard").rmdir()  # other files alone are no obstacle, and stay
+    train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=mine)
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
+
+
 def test_the_largest_seed_trains_and_is_figured(colours, tmp_path):
     """--seed takes up to 2**63 - 1; the epoch order and the held-out figure's noise derive
     generator seeds from it that once overflowed what a generator takes (an internal error)."""

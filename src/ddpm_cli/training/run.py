@@ -39,7 +39,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError, UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
-from ddpm_cli.store.files import MODEL, STATE, RunLock, append_line, make_folder, write_atomic
+from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, write_atomic
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
@@ -47,6 +47,7 @@ from ddpm_cli.training.run_files import (
     CACHE,
     SKIPPED,
     best_figure,
+    check_fresh_folder,
     check_run_directory,
     discard_new_run,
     new_folder,
@@ -146,11 +147,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         if out is None:
             out = next_run_dir(Path("runs"), report.name)
             check_run_directory(out, source)
-        if (out / STATE).exists() or (out / MODEL).exists():
-            raise UsageError(
-                f"{out} already holds a run; continue it with --resume {out} "
-                "or choose another --out"
-            )
+        check_fresh_folder(out)
         config = resolve(config, device, report.used, report.channels, d.world)
         if diffusion.schedule is None:  # the preset's
             diffusion = replace(diffusion, schedule=recipe_for(config.preset).schedule)

@@ -20,12 +20,26 @@ from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
 from ddpm_cli.store.checkpoint import header_value, save_checkpoint
-from ddpm_cli.store.files import BEST, FIGURE, MODEL, SNAPSHOT, make_folder, snapshots, write_atomic
+from ddpm_cli.store.files import (
+    BEST,
+    FIGURE,
+    MODEL,
+    SNAPSHOT,
+    STATE,
+    RunLock,
+    make_folder,
+    snapshots,
+    write_atomic,
+)
 from ddpm_cli.text import parse_json
-from ddpm_cli.training.loggers import TENSORBOARD_DIR
+from ddpm_cli.training.loggers import TENSORBOARD_DIR, WANDB_DIR
 from ddpm_cli.training.train import ema_decay_at
 
 METRICS, CACHE, SKIPPED = "metrics.jsonl", "data_cache.safetensors", "skipped.txt"
+SAMPLES = "samples"
+# what a fresh run replaces: the files of an earlier attempt that never checkpointed
+LEFTOVERS = (CACHE, METRICS, SKIPPED, TENSORBOARD_DIR)
+RUN_NAMES = {*LEFTOVERS, MODEL, STATE, BEST, SAMPLES, WANDB_DIR, RunLock.NAME}
 
 
 def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
@@ -88,6 +102,33 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[
         ):
             save_snapshot(out, ckpt.step, config.keep)  # a stop between the model and its copy
     return warnings
+
+
+def check_fresh_folder(out: Path) -> None:
+    """Refuse a new run's existing folder when the run would replace what it may not: a run,
+    checkpoints of one (best, snapshots), or run-named files beside other files (a folder of
+    the user's, not the leftovers of an attempt that never checkpointed, which it replaces)."""
+    if (out / STATE).exists() or (out / MODEL).exists():
+        raise UsageError(
+            f"{out} already holds a run; continue it with --resume {out} or choose another --out"
+        )
+    kept = [p.name for p in (out / BEST, *(p for _, p in snapshots(out))) if p.exists()]
+    if kept:
+        raise UsageError(
+            f"{out} holds checkpoints of an earlier run ({', '.join(kept[:3])}"
+            f"{', ...' if len(kept) > 3 else ''}) that a new run would delete; move them "
+            "elsewhere, or choose another --out"
+        )
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir() if not p.name.endswith(".tmp")}  # (interrupted writes)
+    replaced = sorted(names & set(LEFTOVERS))
+    if replaced and names - RUN_NAMES:
+        them = "them" if len(replaced) > 1 else "it"
+        raise UsageError(
+            f"{out} holds {', '.join(replaced)} beside other files, and a new run would replace "
+            f"{them}; move {them} elsewhere, or give the run a folder of its own with --out"
+        )
 
 
 def check_run_directory(out: Path, source: str | None) -> None:
