@@ -164,6 +164,59 @@ def test_ctrl_c_inside_a_command_exits_130_quietly(runner, monkeypatch, tmp_path
             pytest.fail("the interrupted command ran to its end")
 
 
+SIGINT_WHILE_IMPORTING = (
+    "import importlib.abc, os, signal, sys\n"
+    "class Interrupt(importlib.abc.MetaPathFinder):\n"  # Ctrl-C mid-way through torch's import
+    "    def find_spec(self, name, path=None, target=None):\n"  # of numpy, as a user's may come
+    "        if name == 'numpy.linalg':\n"
+    "            sys.meta_path.remove(self)\n"
+    "            os.kill(os.getpid(), signal.SIGINT)\n"
+    "sys.meta_path.insert(0, Interrupt())\n"
+    "sys.argv = ['ddpm', *sys.argv[1:]]\n"
+    "from ddpm_cli.cli import main\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("command", ["noise", "train"])
+def test_ctrl_c_while_torch_loads_stops_the_command(tmp_path, command):
+    """Raised inside torch's import of numpy, a KeyboardInterrupt was swallowed there (the
+    command ran to its end, exit 0) or broke numpy (an internal error): the commands hold a
+    Ctrl-C until the core has loaded, then stop with 130, having made nothing."""
+    from PIL import Image
+
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "pics" / f"{i}.png")
+    out = tmp_path / "made" / "here"
+    pics = tmp_path / "pics"
+    argv = {"noise": ["noise", str(pics / "0.png"), "--t", "5", "-o", f"{out}.png"],
+            "train": ["train", str(pics), "--steps", "2", "-o", str(out)]}[command]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", SIGINT_WHILE_IMPORTING, *argv],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
+    assert not (tmp_path / "made").exists()
+
+
+def test_a_ctrl_c_deferred_over_imports_keeps_an_ignored_sigint_ignored():
+    import signal
+
+    from ddpm_cli.cli.common import deferred_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)  # held until the block ends
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
+    try:
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def numeric_options():
     """(command, flag, type, min, max) for every int or float option of every command."""
     import typing

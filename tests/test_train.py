@@ -479,6 +479,28 @@ def test_a_fresh_run_never_deletes_checkpoints_or_files_beside_the_users_own(col
     assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
 
 
+def test_a_new_run_that_fails_while_being_prepared_leaves_nothing_behind(colours, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """After the run directory is claimed and before the first step (the memory probe, a
+    parent's weights, the loggers, DDP, compiling), a failure discards the new run."""
+    from ddpm_cli.training import memory
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the probe failed")
+
+    monkeypatch.setattr(memory, "plan", broken)
+    config = TrainConfig(**FAST, steps=1)
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        train(str(colours), config, DiffusionConfig(), out=tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()  # made for the run: gone, parents too
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        train(str(colours), config, DiffusionConfig(), out=mine)
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]  # (cache gone)
+
+
 def test_the_largest_seed_trains_and_is_figured(colours, tmp_path):
     """--seed takes up to 2**63 - 1; the epoch order and the held-out figure's noise derive
     generator seeds from it that once overflowed what a generator takes (an internal error)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -127,6 +129,29 @@ def _missing_package(error: Exception) -> str | None:
     if not isinstance(error, ModuleNotFoundError):
         return None
     return DEPENDENCIES.get(error.name or "")
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """A Ctrl-C inside the block waits until the block ends, then stops the command (exit 130,
+    DdpmGroup.invoke). Around a command's import of the core: raised inside torch's import of
+    numpy, a KeyboardInterrupt was swallowed there (the command ran on as if never stopped) or
+    left numpy half imported (an internal error)."""
+    caught: list[int] = []
+    installed, previous = False, None
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (ignored in a background job)
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+            installed = True
+        except ValueError:  # not the main thread: signals are not this code's to take
+            pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class DdpmGroup(TyperGroup):

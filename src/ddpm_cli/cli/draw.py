@@ -21,6 +21,7 @@ from ddpm_cli.cli.common import (
     RawOpt,
     SeedOpt,
     count,
+    deferred_interrupt,
     err_console,
     json_option,
     overwrite_option,
@@ -259,9 +260,10 @@ def draw(
     if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
         grid, out = STDIO, None
 
-    from ddpm_cli import distributed
-    from ddpm_cli.device import resolve_device
-    from ddpm_cli.generation.job import SampleRequest
+    with deferred_interrupt():
+        from ddpm_cli import distributed
+        from ddpm_cli.device import resolve_device
+        from ddpm_cli.generation.job import SampleRequest
 
     if distributed.launched() and edit and STDIO in (edit.image, edit.mask):
         raise UsageError("under torchrun every process reads the inputs: give files, not -")

@@ -15,6 +15,7 @@ from ddpm_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     RawOpt,
+    deferred_interrupt,
     note_line,
     precision_option,
     seed_option,
@@ -157,12 +158,13 @@ def eval_(
     if full and t_samples is not None:
         raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
 
-    from ddpm_cli.device import resolve_device
-    from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
-    from ddpm_cli.evaluation.fid import check_weights
-    from ddpm_cli.evaluation.memorization import memorization as copies
-    from ddpm_cli.generation.sampling import check_model, load_for_sampling
-    from ddpm_cli.model.forward import resolve_precision
+    with deferred_interrupt():
+        from ddpm_cli.device import resolve_device
+        from ddpm_cli.evaluation.evaluate import BUDGET_SECONDS, likelihood, sample_quality
+        from ddpm_cli.evaluation.fid import check_weights
+        from ddpm_cli.evaluation.memorization import memorization as copies
+        from ddpm_cli.generation.sampling import check_model, load_for_sampling
+        from ddpm_cli.model.forward import resolve_precision
 
     if fid_ref is not None:
         check_weights(inception_weights)

@@ -9,7 +9,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ddpm_cli.cli.common import JsonOpt, StreamConsole, literal, overwrite_option
+from ddpm_cli.cli.common import (
+    JsonOpt,
+    StreamConsole,
+    deferred_interrupt,
+    literal,
+    overwrite_option,
+)
 from ddpm_cli.cli.views import loss_curve, warmup_text
 from ddpm_cli.config import MAX_TIMESTEPS, Schedule, parse_size
 from ddpm_cli.errors import DataError, UsageError
@@ -83,9 +89,10 @@ def inspect(
         plot_format(plot)
         check_output_path(plot, overwrite=overwrite)
 
-    from ddpm_cli.data.sources import data_image_size
-    from ddpm_cli.evaluation import inspection
-    from ddpm_cli.store.models import is_run_directory
+    with deferred_interrupt():
+        from ddpm_cli.data.sources import data_image_size
+        from ddpm_cli.evaluation import inspection
+        from ddpm_cli.store.models import is_run_directory
 
     if plot is not None and path is not None and not (path.is_dir() and is_run_directory(path)):
         raise UsageError(

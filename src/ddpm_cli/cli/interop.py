@@ -11,6 +11,7 @@ import typer
 from ddpm_cli.cli.common import (
     JsonOpt,
     QuietOpt,
+    deferred_interrupt,
     err_console,
     overwrite_option,
     print_path,
@@ -47,7 +48,8 @@ def import_(
     if out.suffix != ".safetensors":
         raise UsageError(f"{out}: the checkpoint is a .safetensors file")
     check_output_path(out, overwrite=overwrite)
-    from ddpm_cli.store.interop import import_folder
+    with deferred_interrupt():
+        from ddpm_cli.store.interop import import_folder
 
     info = import_folder(folder, out)
     if as_json:
@@ -83,7 +85,8 @@ def export(
         raise UsageError(f"{diffusers}: exists and is not a directory")
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:
         raise UsageError(f"{diffusers}: is not empty; pass --overwrite to write into it")
-    from ddpm_cli.store.interop import export_checkpoint
+    with deferred_interrupt():
+        from ddpm_cli.store.interop import export_checkpoint
 
     info = export_checkpoint(checkpoint, diffusers)
     if as_json:

@@ -16,6 +16,7 @@ from ddpm_cli.cli.common import (
     ScheduleOpt,
     SeedOpt,
     TimestepsOpt,
+    deferred_interrupt,
     err_console,
     note_line,
     print_path,
@@ -95,7 +96,8 @@ def noise(
     """
     if gif and t is not None:
         raise UsageError("--gif animates every t from 0 to T-1; drop --t, or drop --gif")
-    from ddpm_cli.generation.noising import parse_timesteps, run_noise
+    with deferred_interrupt():
+        from ddpm_cli.generation.noising import parse_timesteps, run_noise
 
     diffusion = DiffusionConfig(schedule=Schedule(schedule), timesteps=timesteps)
     config = NoiseConfig(

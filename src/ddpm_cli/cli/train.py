@@ -13,6 +13,7 @@ from ddpm_cli.cli.common import (
     DeviceOpt,
     QuietOpt,
     TimestepsOpt,
+    deferred_interrupt,
     precision_option,
     print_path,
     seed_option,
@@ -364,24 +365,17 @@ def train(
         if ctx.get_parameter_source(key).name == "COMMANDLINE":
             given[key] = locals()[key]
 
-    from ddpm_cli import distributed
-    from ddpm_cli.training.run import train as run_training
+    with deferred_interrupt():
+        from ddpm_cli import distributed
+        from ddpm_cli.training.run import train as run_training
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
     view = ProgressView(quiet)
     stop = Stopper(view.event, resume)
     stop.install()
     try:
-        result = run_training(
-            data,
-            config,
-            diffusion,
-            out=out,
-            resume=resume,
-            given=given,
-            on_event=stop.show,
-            should_stop=stop.requested,
-        )
+        result = run_training(data, config, diffusion, out=out, resume=resume, given=given,
+                              on_event=stop.show, should_stop=stop.requested)  # fmt: skip
     except Exception as e:
         error = stop.out_of(e)  # the machine ran out: say what is saved, and what to try
         if error is None:

@@ -36,7 +36,7 @@ from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
 from ddpm_cli.device import resolve_device
 from ddpm_cli.diffusion.schedules import DiffusionTables
-from ddpm_cli.errors import DdpmError, UsageError
+from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, write_atomic
@@ -82,25 +82,33 @@ def train(
     (presets.Recipe); a resumed run keeps its own."""
     started = time.perf_counter()
     resumed = None
-    with contextlib.ExitStack() as held:  # the run directory's lock, then the process group
-        if resume is not None:
-            if distributed.env_main() and (Path(resume) / STATE).exists():
-                # before the state is read: two --resumes of one run cannot both read it
-                held.enter_context(RunLock(Path(resume)))
-            resumed = open_resume(Path(resume), source, out, given or {})
-            source, out, config, diffusion = (
-                resumed.source,
-                resumed.out,
-                resumed.config,
-                resumed.diffusion,
-            )
-        d, device = distributed.init(resolve_device(config.device))
-        held.callback(distributed.shutdown)
-        if not d.main:  # progress, files and messages are rank 0's
-            on_event = lambda kind, info: None  # noqa: E731
-        run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event, given)
-        result = Loop(run, on_event, should_stop, started).run()
-        distributed.leave_together(d)
+    claimed: dict = {}  # a new run's directory while prepare() sets it up
+    try:
+        with contextlib.ExitStack() as held:  # the run directory's lock, the process group
+            if resume is not None:
+                if distributed.env_main() and (Path(resume) / STATE).exists():
+                    # before the state is read: two --resumes of one run cannot both read it
+                    held.enter_context(RunLock(Path(resume)))
+                resumed = open_resume(Path(resume), source, out, given or {})
+                source, out, config, diffusion = (
+                    resumed.source,
+                    resumed.out,
+                    resumed.config,
+                    resumed.diffusion,
+                )
+            d, device = distributed.init(resolve_device(config.device))
+            held.callback(distributed.shutdown)
+            if not d.main:  # progress, files and messages are rank 0's
+                on_event = lambda kind, info: None  # noqa: E731
+            run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event,
+                          given, claimed)  # fmt: skip
+            claimed.clear()  # prepared: from here on the loop keeps or discards the run
+            result = Loop(run, on_event, should_stop, started).run()
+            distributed.leave_together(d)
+    except BaseException:  # a new run that failed while being prepared leaves nothing behind
+        if claimed:  # (once the loggers have closed: nothing writes there any more)
+            discard_new_run(claimed["out"], claimed["created"])
+        raise
     if result.unsaved and d.main:  # after the loggers closed: nothing writes there any more
         discard_new_run(run.out, run.created)
     return result
@@ -108,7 +116,7 @@ def train(
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             held: contextlib.ExitStack, on_event: Event, given: dict | None = None,
-            ) -> Prepared:  # fmt: skip
+            claimed: dict | None = None) -> Prepared:  # fmt: skip
     """Load the data, claim the run directory, build or restore the training state and the
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
@@ -171,6 +179,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         make_folder(out)
         if resumed is None:  # (a resumed run's was taken before its state was read)
             held.enter_context(RunLock(out))  # before anything in the directory changes
+            if claimed is not None:  # ours now: train() discards it if the rest fails
+                claimed.update(out=out, created=created)
         warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)
         if "cond_drop" in (given or {}) and not model_config.num_classes:
             warnings.append("--cond-drop has no effect on a model without classes (a folder "
@@ -221,12 +231,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
 
     parent_notes = finetune.load_parent(state, parent, model_config) if parent else []
     elapsed0 = restore_state(state, ckpt, device, warnings) if resumed is not None else 0.0
-    try:
-        live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
-    except DdpmError:  # a logger that cannot start (W&B without a login): a new run leaves
-        if resumed is None and d.main:  # nothing behind
-            discard_new_run(out, created)
-        raise
+    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
     for logger in live:
         held.callback(logger.close)
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
