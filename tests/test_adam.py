@@ -13,8 +13,9 @@ from PIL import Image
 from ddpm_cli.training.adam import Adam, fused_available
 
 LRS = [1e-3, 3e-3, 2e-2, 5e-3, 1e-4, 1e-3]  # changed every step, as warm-up and cooldown do
+NO_FUSED = not fused_available(torch.device("cpu"))
 KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not fused_available("cpu"), reason="this torch has no fused Adam for the CPU"))]  # fmt: skip
+    NO_FUSED, reason="this torch has no fused Adam for the CPU"))]  # fmt: skip
 
 
 def net() -> torch.nn.Module:
@@ -93,7 +94,9 @@ def test_state_dicts_load_both_ways_with_torch_optim_adam(fused):
     train(b, ours, range(3))
     assert torch.equal(flat(a), flat(b))
     saved_theirs, saved_ours = theirs.state_dict(), ours.state_dict()
-    assert saved_ours["param_groups"] == saved_theirs["param_groups"]  # the same metadata
+    shared = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "params")
+    ours_g, theirs_g = saved_ours["param_groups"][0], saved_theirs["param_groups"][0]
+    assert {k: ours_g[k] for k in shared} == {k: theirs_g[k] for k in shared}
     # cross over: ours continues from torch's state, torch's from ours
     ours2 = Adam(a.parameters(), 1.0, fused=fused)
     theirs2 = torch.optim.Adam(b.parameters(), 1.0, **kernel)
@@ -143,9 +146,13 @@ def test_states_that_do_not_fit_are_refused():
         Adam(model.parameters(), 1e-3).load_state_dict(no_moments)
 
 
-def test_the_grad_scaler_skips_overflowed_steps_and_unscales_the_rest():
+@pytest.mark.parametrize("fused", KERNELS)
+def test_the_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(fused):
+    """Unfused, the scaler skips step(); fused, it hands the kernel its overflow flag (no wait
+    for the device), and the kernel leaves weights, moments and the step count as they were."""
     scaled, plain = net(), net()
-    opt = Adam(scaled.parameters(), 1e-2)
+    opt = Adam(scaled.parameters(), 1e-2, fused=fused)
+    assert getattr(opt, "_step_supports_amp_scaling", False) == fused
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     before = flat(scaled).clone()
@@ -154,13 +161,14 @@ def test_the_grad_scaler_skips_overflowed_steps_and_unscales_the_rest():
     scaler.unscale_(opt)  # as the training step does, before clipping
     scaler.step(opt)
     scaler.update()
-    assert torch.equal(flat(scaled), before) and not opt.state  # skipped; the scale halved
+    assert torch.equal(flat(scaled), before)  # skipped; the scale halved
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in opt.state.values())
     assert scaler.get_scale() == 512.0
     opt.zero_grad()
     scaler.scale(scaled(x).square().mean()).backward()
     scaler.step(opt)  # unscales (by a power of 2: exactly), then steps
     scaler.update()
-    reference_opt = Adam(plain.parameters(), 1e-2)
+    reference_opt = Adam(plain.parameters(), 1e-2, fused=fused)
     plain(x).square().mean().backward()
     reference_opt.step()
     assert torch.equal(flat(scaled), flat(plain)) and not torch.equal(flat(plain), before)

@@ -147,8 +147,8 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, how, message):
     write_model(path)
     path.write_bytes(corrupt(path, how))
     if how == "kind":  # opening a model refuses a train state before reading its tensors
-        with pytest.raises(DataError, match="is a train state; sample from"):
-            load_model(path)
+        with pytest.raises(DataError, match="is a train state; add --raw for its raw weights$"):
+            load_model(path)  # (no model.safetensors beside it to suggest)
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(path, kind="model")
         return

@@ -208,6 +208,11 @@ def test_a_ctrl_c_deferred_over_imports_keeps_an_ignored_sigint_ignored():
         os.kill(os.getpid(), signal.SIGINT)  # held until the block ends
         assert signal.getsignal(signal.SIGINT) is not before
     assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():  # an import that hangs
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # asked twice: at once
+        pytest.fail("a second Ctrl-C was held too")
+    assert signal.getsignal(signal.SIGINT) is before
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
     try:
         with deferred_interrupt():

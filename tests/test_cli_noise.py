@@ -96,8 +96,16 @@ def test_default_output_names_path_on_stdout_and_table_on_stderr(
     assert r.stdout == "shapes-noise-strip.png\n"
     for t in ("0", "100", "250", "500", "750", "999"):
         assert f"│ {t:>3} │" in r.stderr
-    r = run(runner, "noise", shapes_png, "--seed", 0, "--quiet")
+    before = (tmp_path / "shapes-noise-strip.png").read_bytes()
+    r = run(runner, "noise", shapes_png, "--seed", 1, "--quiet")  # never replaced unasked
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr == (
+        "error: shapes-noise-strip.png: already exists; pass --overwrite to replace it\n"
+    )
+    assert (tmp_path / "shapes-noise-strip.png").read_bytes() == before
+    r = run(runner, "noise", shapes_png, "--seed", 1, "--quiet", "--overwrite")
     assert r.stderr == "" and r.stdout == "shapes-noise-strip.png\n"
+    assert (tmp_path / "shapes-noise-strip.png").read_bytes() != before
 
 
 def test_strip_is_labelled_and_cells_follow_the_timesteps(runner, shapes_png, tmp_path):
@@ -300,7 +308,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files.os, "replace", full_disk)
-    r = run(runner, "noise", shapes_png, "--t", 5, "-o", out)
+    r = run(runner, "noise", shapes_png, "--t", 5, "-o", out, "--overwrite")
     assert r.exit_code == 1
     assert r.stderr.strip() == f"error: {out}: cannot write: disk full"
     assert out.read_bytes() == b"previous contents"
@@ -375,7 +383,7 @@ def test_symlinked_output_replaces_the_target_and_keeps_the_link(runner, shapes_
     target = tmp_path / "target.png"
     target.write_bytes(b"old")
     (tmp_path / "link.png").symlink_to(target)
-    r = run(runner, "noise", shapes_png, "--t", 3, "-o", tmp_path / "link.png")
+    r = run(runner, "noise", shapes_png, "--t", 3, "-o", tmp_path / "link.png", "--overwrite")
     assert r.exit_code == 0
     assert (tmp_path / "link.png").is_symlink() and target.read_bytes().startswith(b"\x89PNG")
 

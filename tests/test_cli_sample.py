@@ -261,6 +261,7 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         (["{v}", "-n", "1", "-o", "x", "--eta", "0.5"], 2, "--eta applies to --sampler ddim"),
         (["{v}", "-n", "1", "-o", "x", "--spacing", "cubic"], 2, "'cubic' is not one of"),
         (["{v}", "-n", "1", "-o", "x", "--trajectory", "t.mp4"], 2, ".gif animation or a .png"),
+        (["{v}", "-n", "2", "--grid", "g.jpg"], 2, "g.jpg: --grid writes a PNG; name it .png"),
         (["{v}", "-n", "1", "-o", "x", "--precision", "fp16", "--device", "cpu"], 2, "CUDA"),
         (["{corrupt}", "-n", "1", "-o", "x"], 2, "not a safetensors file"),
         (["{v}", "-n", "1", "-o", "x/sub/out"], 2, "is a file"),
@@ -283,6 +284,23 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert message in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").is_dir() and not list(tmp_path.glob("**/*.png"))
+
+
+def test_a_train_state_of_another_name_samples_with_raw(runner, runs, tmp_path):
+    """The refusal's advice works: --raw takes the train state given, not one beside it."""
+    copy = tmp_path / "state_only.safetensors"
+    copy.write_bytes((runs["v"] / "train_state.safetensors").read_bytes())
+    r = runner.invoke(app, ["sample", str(copy), "-n", "1", "-o", str(tmp_path / "a")])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"error: {copy}: is a train state; add --raw for its raw weights"
+    r = runner.invoke(app, ["sample", str(copy), "-n", "1", "--raw", "-o", str(tmp_path / "a"),
+                            "--steps", "2", "--seed", "1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["sample", str(runs["v"]), "-n", "1", "--raw", "-o",
+                            str(tmp_path / "b"), "--steps", "2", "--seed", "1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    pixels = [Image.open(tmp_path / d / "000000.png").tobytes() for d in ("a", "b")]
+    assert pixels[0] == pixels[1]  # the same raw weights (the files' provenance differs)
 
 
 def test_plain_progress_lines_without_a_terminal_and_quiet(runner, runs, tmp_path):

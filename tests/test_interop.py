@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -139,6 +140,23 @@ def test_a_model_trained_by_ddpm_exports_with_its_schedule(tmp_path, runner):
         assert torch.allclose(ours(x, t), pipe.unet(x, t).sample, atol=1e-5, rtol=1e-5)
     again = runner.invoke(app, ["export", str(run), "--diffusers", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+    dash = runner.invoke(app, ["export", str(run), "--diffusers", "-"])  # not stdout here
+    assert dash.exit_code == 2 and "a folder of files, not a stream" in dash.stderr
+    assert not os.path.exists("-")
+    # the pipeline's unet/ folder alone: the scheduler beside it still gives the schedule
+    r = runner.invoke(app, ["import", str(out / "unet"), "-o", str(tmp_path / "u.safetensors"),
+                            "--json"])  # fmt: skip
+    info = json.loads(r.stdout)
+    assert (info["diffusion"]["schedule"], info["objective"], info["assumed"]) == (
+        "cosine", "v", False)  # fmt: skip
+    assert r.stderr == ""
+    bare = tmp_path / "bare"  # a UNet with no scheduler anywhere: assumed, and said
+    bare.mkdir()
+    for f in (out / "unet").iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
+    r = runner.invoke(app, ["import", str(bare), "-o", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "warning: " in r.stderr and "assumed the paper's linear schedule" in r.stderr
 
 
 def test_a_model_trained_with_shift_exports_without_its_map_and_computes_the_same(

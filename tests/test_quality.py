@@ -17,6 +17,7 @@ from ddpm_cli.data.batches import Batches
 from ddpm_cli.data.folders import InMemory, to_model_range
 from ddpm_cli.data.sources import load_source
 from ddpm_cli.diffusion.schedules import DiffusionTables
+from ddpm_cli.errors import UsageError
 from ddpm_cli.generation.sampling import load_for_sampling
 from ddpm_cli.store.checkpoint import config_section, load_checkpoint, save_checkpoint
 from ddpm_cli.store.files import BEST, MODEL, snapshots
@@ -173,12 +174,13 @@ def test_resume_compares_against_the_stored_best_and_pruning_keeps_it(tmp_path):
     assert [s for s, _ in snapshots(run)] == [8]  # --keep 1 pruned every older snapshot
     assert load_checkpoint(run / BEST).step == best.step  # the best is not the newest
     assert not any(r["best"] for r in run_figures(run) if r["step"] > 4)
-    # a fresh run in the same directory clears the old best
+    # a fresh run in the same directory never deletes the old best (it once did)
     (run / MODEL).unlink()
     (run / "train_state.safetensors").unlink()
-    train(str(tmp_path / "pics"), TrainConfig(preset="tiny", image_size=8, batch_size=4,
-          steps=2, sample_every=0, seed=1, holdout=0), DiffusionConfig(), run)  # fmt: skip
-    assert not (run / BEST).exists()
+    with pytest.raises(UsageError, match=r"holds checkpoints of an earlier run \(best"):
+        train(str(tmp_path / "pics"), TrainConfig(preset="tiny", image_size=8, batch_size=4,
+              steps=2, sample_every=0, seed=1, holdout=0), DiffusionConfig(), run)  # fmt: skip
+    assert load_checkpoint(run / BEST).step == best.step
 
 
 def test_without_images_set_aside_no_figure_and_no_best(tmp_path):
@@ -266,5 +268,6 @@ def test_a_non_finite_figure_is_logged_but_never_the_best(tmp_path, monkeypatch)
 
 def test_a_resume_with_no_steps_left_logs_no_second_figure(tmp_path):
     run = train_tiny(tmp_path, 30, steps=4, checkpoint_every=2, holdout=6)
-    train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
+    with pytest.raises(UsageError, match="nothing to train"):  # refused, nothing written
+        train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
     assert [r["step"] for r in run_figures(run)] == [2, 4]

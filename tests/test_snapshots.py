@@ -10,6 +10,7 @@ import pytest
 from conftest import train_tiny
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
+from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import load_checkpoint
 from ddpm_cli.store.files import MODEL, snapshots
 from ddpm_cli.training.run import train
@@ -33,12 +34,16 @@ def test_snapshots_are_kept_pruned_oldest_first_and_survive_resume(tmp_path):
     assert steps(run) == [45]
 
 
-def test_without_keep_no_snapshots_and_a_fresh_run_clears_stale_ones(tmp_path):
-    stale = tmp_path / "run" / "model-00000999.safetensors"
-    stale.parent.mkdir()
-    stale.write_bytes(b"left over")
+def test_without_keep_no_snapshots_and_a_fresh_run_refuses_a_folder_with_some(tmp_path):
     run = train_tiny(tmp_path, 6, steps=20, checkpoint_every=10)
     assert steps(run) == []
+    stale = tmp_path / "old" / "model-00000999.safetensors"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier run's")
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
+        config = TrainConfig(preset="tiny", image_size=8, batch_size=4, steps=2, device="cpu")
+        train(str(tmp_path / "pics"), config, DiffusionConfig(), tmp_path / "old")
+    assert stale.read_bytes() == b"an earlier run's"  # (before, a new run deleted it)
 
 
 def test_sample_step_draws_from_the_snapshot_and_inspect_lists_them(runner, tmp_path):

@@ -138,6 +138,40 @@ def test_resume_refuses_conflicting_options_and_missing_runs(colours, tmp_path):
         train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
 
 
+def test_resuming_a_run_its_limits_already_end_is_refused_and_changes_nothing(colours,
+                                                                            tmp_path):  # fmt: skip
+    """Resumed at or past its limit, a run used to rewrite its checkpoints and grid and say
+    "finished"; a --time kept from the run silently capped a larger --steps given now."""
+    run = tmp_path / "r"
+    train(str(colours), TrainConfig(**FAST, steps=3, keep=2, checkpoint_every=1),
+          DiffusionConfig(), out=run)  # fmt: skip
+    with open(run / "metrics.jsonl", "a") as f:  # a line past the checkpoint: a resume that
+        f.write('{"step": 7}\n')  # trains would drop it
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".lock"}
+    assert {"model-00000002.safetensors", "model-00000003.safetensors"} <= set(before)
+
+    def resume(given):
+        return train(None, TrainConfig(), DiffusionConfig(), resume=run, given=given)
+
+    for given in ({"steps": 3}, {"steps": 2, "keep": 1}, {}):
+        kept = "" if given else ", kept from the run"
+        with pytest.raises(UsageError, match=rf"{run} is at step 3, where its limit ends it "
+                           rf"\(--steps {given.get('steps', 3)}{kept}\): nothing to train; "
+                           "give a larger --steps to go on"):  # fmt: skip
+            resume(given)
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".lock"} == before
+    epochs = tmp_path / "e"  # 64 images in batches of 16: 4 steps an epoch
+    train(str(colours), TrainConfig(**FAST, epochs=1), DiffusionConfig(), out=epochs)
+    with pytest.raises(UsageError, match=r"at step 4, where its limit ends it \(--epochs 1: 4 "
+                       r"steps, kept from the run\).*give a larger --epochs"):  # fmt: skip
+        train(None, TrainConfig(), DiffusionConfig(), resume=epochs, given={})
+    timed = tmp_path / "t"
+    train(str(colours), TrainConfig(**FAST, time_limit=0.5), DiffusionConfig(), out=timed)
+    with pytest.raises(UsageError, match=r"has trained for 0\.\ds, its whole time \(--time "
+                       r"0\.5s, kept from the run\): nothing to train; give a larger --time"):
+        train(None, TrainConfig(), DiffusionConfig(), resume=timed, given={"steps": 500})
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, monkeypatch):
     poison_losses(monkeypatch, 5)
     with pytest.raises(TrainingDiverged, match="non-finite at step 5.*learning rate.*bad input"):
@@ -468,8 +502,8 @@ def test_a_fresh_run_never_deletes_checkpoints_or_files_beside_the_users_own(col
     (mine / "tensorboard").mkdir(parents=True)
     (mine / "tensorboard" / "events").write_text("my other project's logs")
     (mine / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="holds tensorboard beside other files, and a new run "
-                       "would replace it; move it elsewhere"):  # fmt: skip
+    with pytest.raises(UsageError, match=r"holds tensorboard beside other files \(notes.txt\), "
+                       "and a new run would replace it; move it elsewhere"):  # fmt: skip
         train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=mine)
     assert (mine / "tensorboard" / "events").read_text() == "my other project's logs"
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "tensorboard"]
@@ -477,6 +511,12 @@ def test_a_fresh_run_never_deletes_checkpoints_or_files_beside_the_users_own(col
     (mine / "tensorboard").rmdir()  # other files alone are no obstacle, and stay
     train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=mine)
     assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
+    hidden = tmp_path / "hidden"  # a file manager's hidden files are not the user's data
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_text("finder")
+    (hidden / "metrics.jsonl").write_text('{"step": 9}\n')
+    train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=hidden)
+    assert '"step": 9' not in (hidden / "metrics.jsonl").read_text()
 
 
 def test_a_new_run_that_fails_while_being_prepared_leaves_nothing_behind(colours, tmp_path,
@@ -644,7 +684,8 @@ def test_cli_time_option_plans_and_refuses_bad_durations(runner, colours, tmp_pa
 
 
 def test_the_progress_bar_counts_seconds_when_only_time_bounds_the_run():
-    from ddpm_cli.cli.views import ProgressView, duration_text
+    from ddpm_cli.cli.views import ProgressView
+    from ddpm_cli.text import duration_text
 
     view = ProgressView(quiet=True)
     view.limit = 60.0

@@ -122,6 +122,18 @@ def parse_duration(value) -> float:
     return seconds
 
 
+def duration_text(seconds: float) -> str:
+    """600 -> "10m", 5400 -> "1h30m", 90 -> "1m30s", 12.5 -> "12.5s"."""
+    if seconds != int(seconds) or seconds < 60:
+        return f"{seconds:g}s"
+    s, parts = int(seconds), []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size:
+            parts.append(f"{s // size}{unit}")
+            s %= size
+    return "".join(parts)
+
+
 def bytes_text(n: int | None) -> str:
     """An amount of memory as a person reads it: '512 MiB', '3.2 GiB'; '?' if unknown."""
     if n is None:

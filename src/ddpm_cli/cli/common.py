@@ -134,14 +134,21 @@ def _missing_package(error: Exception) -> str | None:
 @contextlib.contextmanager
 def deferred_interrupt():
     """A Ctrl-C inside the block waits until the block ends, then stops the command (exit 130,
-    DdpmGroup.invoke). Around a command's import of the core: raised inside torch's import of
-    numpy, a KeyboardInterrupt was swallowed there (the command ran on as if never stopped) or
-    left numpy half imported (an internal error)."""
+    DdpmGroup.invoke); a second one stops it at once. Around a command's import of the core:
+    raised inside torch's import of numpy, a KeyboardInterrupt was swallowed there (the command
+    ran on as if never stopped) or left numpy half imported (an internal error)."""
     caught: list[int] = []
-    installed, previous = False, None
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (ignored in a background job)
-        try:
-            previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = signal.getsignal(signal.SIGINT)
+
+    def hold(signum, frame):
+        if caught:  # asked twice (an import that hangs): now
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    installed = False
+    if previous is not signal.SIG_IGN and previous is not None:  # (ignored in a background
+        try:  # job; None: a handler not set from Python, left alone)
+            signal.signal(signal.SIGINT, hold)
             installed = True
         except ValueError:  # not the main thread: signals are not this code's to take
             pass

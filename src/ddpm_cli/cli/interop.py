@@ -16,9 +16,10 @@ from ddpm_cli.cli.common import (
     overwrite_option,
     print_path,
     safe,
+    warning_line,
 )
 from ddpm_cli.errors import UsageError
-from ddpm_cli.store.files import check_output_path
+from ddpm_cli.store.files import STDIO, check_output_path
 
 
 def import_(
@@ -52,6 +53,10 @@ def import_(
         from ddpm_cli.store.interop import import_folder
 
     info = import_folder(folder, out)
+    if info["assumed"] and not quiet:
+        warning_line(f"{folder}: no scheduler config (scheduler/scheduler_config.json) here or "
+                     "in a pipeline folder above; assumed the paper's linear schedule, T=1000, "
+                     "predicting eps: right only if the UNet was trained so")  # fmt: skip
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -81,6 +86,9 @@ def export(
 
       [bold]ddpm export runs/shapes-1 --diffusers shapes-diffusers/[/bold]
     """
+    if str(diffusers) == STDIO:
+        raise UsageError("--diffusers -: a diffusers model is a folder of files, not a stream; "
+                         "give a folder name")  # fmt: skip
     if diffusers.exists() and not diffusers.is_dir():
         raise UsageError(f"{diffusers}: exists and is not a directory")
     if diffusers.is_dir() and any(diffusers.iterdir()) and not overwrite:

@@ -19,6 +19,7 @@ from ddpm_cli.cli.common import (
     deferred_interrupt,
     err_console,
     note_line,
+    overwrite_option,
     print_path,
 )
 from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
@@ -74,6 +75,7 @@ def noise(
         ),
     ] = None,
     device: DeviceOpt = NoiseConfig.device,
+    overwrite: overwrite_option("Replace the output file if it exists.") = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -118,7 +120,7 @@ def noise(
                 "refusing to write image bytes to a terminal; redirect stdout or use -o"
             )
     else:
-        check_output_path(Path(out), inputs=(image,))
+        check_output_path(Path(out), overwrite=overwrite, inputs=(image,))
 
     data = read_input_bytes(image)
     result = run_noise(data, "stdin" if image == STDIO else image, config)

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpm_cli.cli.common import count_bars, err_console, literal, safe, warning_line
-from ddpm_cli.text import bytes_text
+from ddpm_cli.text import bytes_text, duration_text
 
 
 def _batch(config, world: int) -> str:
@@ -23,18 +23,6 @@ def _batch(config, world: int) -> str:
     else:
         text += " (grad accum)"
     return text
-
-
-def duration_text(seconds: float) -> str:
-    """600 -> "10m", 5400 -> "1h30m", 90 -> "1m30s", 12.5 -> "12.5s"."""
-    if seconds != int(seconds) or seconds < 60:
-        return f"{seconds:g}s"
-    s, parts = int(seconds), []
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        if s >= size:
-            parts.append(f"{s // size}{unit}")
-            s %= size
-    return "".join(parts)
 
 
 def warmup_text(steps, share, timed: bool) -> str:

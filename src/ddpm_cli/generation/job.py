@@ -261,5 +261,7 @@ def check_outputs(folder, files, grid, trajectory, overwrite, inputs=()) -> None
     for path in (grid, trajectory):
         if path is not None and str(path) != STDIO:
             check_output_path(Path(path), overwrite=overwrite, inputs=tuple(inputs))
+    if grid is not None and str(grid) != STDIO and Path(grid).suffix.lower() != ".png":
+        raise UsageError(f"{grid}: --grid writes a PNG; name it .png (or - for stdout)")
     if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
         raise UsageError(f"{trajectory}: --trajectory writes a .gif animation or a .png strip")

@@ -80,6 +80,8 @@ def locate(folder: Path) -> tuple[Path, Path | None]:
             )
         raise InteropError(f"{unet}: no {WEIGHTS}")
     scheduler = folder / "scheduler" / "scheduler_config.json"
+    if unet == folder and (folder.parent / "model_index.json").exists():  # a pipeline's unet/
+        scheduler = folder.parent / "scheduler" / "scheduler_config.json"
     return unet, scheduler if scheduler.exists() else None
 
 
@@ -289,7 +291,7 @@ def import_folder(folder: Path, out: Path) -> dict:
     config = model_config(_json(unet_dir / "config.json"))
     if scheduler_path is not None:
         diffusion, objective, defaults = scheduler_mapping(_json(scheduler_path))
-    else:  # a bare UNet: the paper's schedule and objective
+    else:  # a bare UNet: the paper's schedule and objective, said as assumed
         diffusion, objective, defaults = DiffusionConfig(), "eps", {}
     try:
         weights = load_file(str(unet_dir / WEIGHTS))
@@ -309,7 +311,8 @@ def import_folder(folder: Path, out: Path) -> dict:
     }  # fmt: skip
     save_checkpoint(out, state, "model", {"config": configs, "step": 0, "weights": "imported"})
     return {"out": str(out), "model": config.to_dict(), "diffusion": diffusion.to_dict(),
-            "objective": objective, "sampler": defaults}  # fmt: skip
+            "objective": objective, "sampler": defaults,
+            "assumed": scheduler_path is None}  # fmt: skip
 
 
 SHIFT_CONV = "the --shift map's input convolution, which adds nothing when sampling"

@@ -58,6 +58,8 @@ def model_file(path: Path, raw: bool = False, step: int | None = None) -> Path:
     if step is not None:
         return snapshot_file(folder, step, raw)
     if raw:
+        if path.is_file() and _kind(path) == "train_state":
+            return path  # a train state of another name
         file = folder / STATE
         if not file.exists():
             raise DataError(
@@ -69,6 +71,11 @@ def model_file(path: Path, raw: bool = False, step: int | None = None) -> Path:
     if not file.exists():
         raise DataError(f"{path}: no {MODEL} in this directory; is it a run directory?")
     return file
+
+
+def _kind(file: Path):
+    """The kind a ddpm safetensors file says it is (model, train_state, ...), from its header."""
+    return (read_header(file).get("__metadata__") or {}).get("kind")
 
 
 def snapshot_file(folder: Path, step: int, raw: bool) -> Path:
@@ -93,14 +100,12 @@ def open_checkpoint(
     """The checkpoint of a model a user's `path` names (model_file), read and verified.
     `raw_option`: whether the command has --raw, for the message refusing a train state."""
     file = model_file(path, raw, step)
-    kind = (read_header(file).get("__metadata__") or {}).get("kind")
-    if kind == "train_state" and not raw:
-        raise DataError(
-            f"{file}: is a train state; sample from {file.parent / MODEL} (EMA weights), or add "
-            "--raw for the raw weights"
-            if raw_option
-            else f"{file}: is a train state; use {file.parent / MODEL} (the EMA weights)"
-        )
+    if _kind(file) == "train_state" and not raw:
+        ema = file.parent / MODEL
+        use = [f"sample from {ema} (the EMA weights)"] if ema.exists() else []
+        use += ["add --raw for its raw weights"] if raw_option else []
+        use = use or ["give a model file, such as a run's model.safetensors (the EMA weights)"]
+        raise DataError(f"{file}: is a train state; " + ", or ".join(use))
     return load_checkpoint(file, kind="train_state" if raw else "model")
 
 

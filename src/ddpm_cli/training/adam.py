@@ -9,8 +9,8 @@ arithmetic: its fused kernel where this torch has one for the device (CUDA; the 
 torch's order. No weight decay, AMSGrad or maximising: the loop uses none.
 
 The state_dict has torch.optim.Adam's layout, so a train state saved by either loads into the
-other. Duck typing is enough for torch.amp.GradScaler, which unscales through `param_groups`
-and skips `step()` when the gradients overflowed.
+other. torch.amp.GradScaler unscales through `param_groups`; with the fused kernel it passes the
+overflow flag to the kernel (no wait for the device), otherwise it skips `step()` itself.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ EPS = 1e-8
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # torch.optim.Adam's group keys beside lr, betas and eps, with the values this class runs
 FIXED = {"weight_decay": 0, "amsgrad": False, "maximize": False}
-IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
 
 
 @functools.cache
-def fused_available(device_type: str) -> bool:
-    """Whether this torch has the fused Adam kernel for the device (tried once on a scalar)."""
-    if device_type not in ("cuda", "cpu"):
+def fused_available(device: torch.device) -> bool:
+    """Whether this torch has the fused Adam kernel for the device (tried once, on that device
+    itself: another GPU may be full or exclusive)."""
+    if device.type not in ("cuda", "cpu"):
         return False
     try:
-        p = torch.zeros(1, device=device_type)
-        step = torch.ones((), device=device_type)
+        p = torch.zeros(1, device=device)
+        step = torch.ones((), device=device)
         torch._fused_adam_([p], [torch.ones_like(p)], [torch.zeros_like(p)],
                            [torch.zeros_like(p)], [], [step], lr=1e-3, beta1=BETAS[0],
                            beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False,
@@ -53,13 +53,16 @@ class Adam:
         if not params:
             raise ValueError("Adam got no parameters")
         if fused is None:
-            fused = fused_available(params[0].device.type)
+            fused = fused_available(params[0].device)
         self.param_groups = [{
             "lr": lr, "betas": BETAS, "eps": EPS, **FIXED, "foreach": None if fused else True,
             "fused": True if fused else None, "capturable": False, "differentiable": False,
             "decoupled_weight_decay": False, "params": params,
         }]  # fmt: skip
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        # the fused kernel unscales and skips overflowed steps itself: torch.amp.GradScaler then
+        # hands it `grad_scale` and `found_inf` instead of reading found_inf on the host
+        self._step_supports_amp_scaling = bool(fused)
 
     def _fresh(self, p: torch.Tensor, fused: bool) -> dict[str, torch.Tensor]:
         # the step count: on the parameter's device for the fused kernel, else on the CPU
@@ -78,8 +81,12 @@ class Adam:
                 for p in params:
                     if p not in self.state:
                         self.state[p] = self._fresh(p, bool(group["fused"]))
-                update = _fused if group["fused"] else _foreach
-                update(params, [self.state[p] for p in params], group)
+                states = [self.state[p] for p in params]
+                if group["fused"]:
+                    scaled = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+                    _fused(params, states, group, *scaled)
+                else:
+                    _foreach(params, states, group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_groups[0]["params"]:
@@ -131,14 +138,23 @@ class Adam:
         self.state = state
 
 
-def _fused(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+def _fused(params: list[torch.Tensor], states: list[dict], group: dict,
+           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:  # fmt: skip
+    """torch's fused kernel; with a grad scaler's `found_inf` it leaves the weights and moments
+    of an overflowed step as they were, and the step count too."""
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, 1)
     beta1, beta2 = group["betas"]
+    device = params[0].device
+    grad_scale = grad_scale.to(device) if grad_scale is not None else None
+    found_inf = found_inf.to(device) if found_inf is not None else None
     torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                        [s["exp_avg_sq"] for s in states], [], steps, lr=group["lr"],
                        beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
-                       amsgrad=False, maximize=False)  # fmt: skip
+                       amsgrad=False, maximize=False, grad_scale=grad_scale,
+                       found_inf=found_inf)  # fmt: skip
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def _foreach(params: list[torch.Tensor], states: list[dict], group: dict) -> None:

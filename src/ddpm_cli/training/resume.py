@@ -15,6 +15,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
 from ddpm_cli.store.files import STATE
 from ddpm_cli.store.models import check_weights, network_weights
+from ddpm_cli.text import duration_text
 
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
@@ -137,3 +138,26 @@ def steps_left_by_epoch(config: TrainConfig, state, per_epoch: int, total: int) 
     left = (config.epochs - state.epoch) * per_epoch - state.batch_in_epoch
     by_epoch = state.step + max(0, math.ceil(left / config.grad_accum))
     return min(by_epoch, config.steps) if config.steps is not None else by_epoch
+
+
+def nothing_left(config: TrainConfig, step: int, total: int | None, trained: float,
+                 given: dict) -> str | None:  # fmt: skip
+    """Why a resumed run would end before its first step (its limits are reached already),
+    said for the user; None when it has training to do. A limit not given now is the run's."""
+
+    def named(key: str, text: str) -> str:
+        return text + ("" if key in given else ", kept from the run")
+
+    if total is not None and step >= total:
+        if config.steps is not None and step >= config.steps:
+            flag, limit = "--steps", named("steps", f"--steps {config.steps}")
+        else:
+            epochs = "100, the default" if config.epochs is None else config.epochs
+            flag, limit = "--epochs", named("epochs", f"--epochs {epochs}: {total} steps")
+        return (f"is at step {step}, where its limit ends it ({limit}): nothing to train; "
+                f"give a larger {flag} to go on")  # fmt: skip
+    if config.time_limit is not None and trained >= config.time_limit:
+        limit = named("time_limit", f"--time {duration_text(config.time_limit)}")
+        return (f"has trained for {duration_text(round(trained, 1))}, its whole time ({limit}): "
+                "nothing to train; give a larger --time to go on")  # fmt: skip
+    return None

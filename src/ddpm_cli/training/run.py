@@ -42,7 +42,7 @@ from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, write_atomic
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
-from ddpm_cli.training.resume import Resumed, open_resume, steps_left_by_epoch
+from ddpm_cli.training.resume import Resumed, nothing_left, open_resume, steps_left_by_epoch
 from ddpm_cli.training.run_files import (
     CACHE,
     SKIPPED,
@@ -82,41 +82,35 @@ def train(
     (presets.Recipe); a resumed run keeps its own."""
     started = time.perf_counter()
     resumed = None
-    claimed: dict = {}  # a new run's directory while prepare() sets it up
-    try:
-        with contextlib.ExitStack() as held:  # the run directory's lock, the process group
-            if resume is not None:
-                if distributed.env_main() and (Path(resume) / STATE).exists():
-                    # before the state is read: two --resumes of one run cannot both read it
-                    held.enter_context(RunLock(Path(resume)))
-                resumed = open_resume(Path(resume), source, out, given or {})
-                source, out, config, diffusion = (
-                    resumed.source,
-                    resumed.out,
-                    resumed.config,
-                    resumed.diffusion,
-                )
-            d, device = distributed.init(resolve_device(config.device))
-            held.callback(distributed.shutdown)
-            if not d.main:  # progress, files and messages are rank 0's
-                on_event = lambda kind, info: None  # noqa: E731
-            run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event,
-                          given, claimed)  # fmt: skip
-            claimed.clear()  # prepared: from here on the loop keeps or discards the run
-            result = Loop(run, on_event, should_stop, started).run()
-            distributed.leave_together(d)
-    except BaseException:  # a new run that failed while being prepared leaves nothing behind
-        if claimed:  # (once the loggers have closed: nothing writes there any more)
-            discard_new_run(claimed["out"], claimed["created"])
-        raise
-    if result.unsaved and d.main:  # after the loggers closed: nothing writes there any more
-        discard_new_run(run.out, run.created)
+    keep = {"run": False}  # whether a new run's directory stays: once a step is saved
+    with contextlib.ExitStack() as held:  # the run directory's lock, the process group
+        if resume is not None:
+            if distributed.env_main() and (Path(resume) / STATE).exists():
+                # before the state is read: two --resumes of one run cannot both read it
+                held.enter_context(RunLock(Path(resume)))
+            resumed = open_resume(Path(resume), source, out, given or {})
+            source, out, config, diffusion = (
+                resumed.source,
+                resumed.out,
+                resumed.config,
+                resumed.diffusion,
+            )
+        d, device = distributed.init(resolve_device(config.device))
+        held.callback(distributed.shutdown)
+        if not d.main:  # progress, files and messages are rank 0's
+            on_event = lambda kind, info: None  # noqa: E731
+        run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event,
+                      given, keep)  # fmt: skip
+        keep["run"] = True  # an error in the loop keeps what it saved; a stop before the first
+        result = Loop(run, on_event, should_stop, started).run()  # step saves nothing
+        keep["run"] = not result.unsaved
+        distributed.leave_together(d)
     return result
 
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             held: contextlib.ExitStack, on_event: Event, given: dict | None = None,
-            claimed: dict | None = None) -> Prepared:  # fmt: skip
+            keep: dict | None = None) -> Prepared:  # fmt: skip
     """Load the data, claim the run directory, build or restore the training state and the
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
@@ -179,9 +173,13 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         make_folder(out)
         if resumed is None:  # (a resumed run's was taken before its state was read)
             held.enter_context(RunLock(out))  # before anything in the directory changes
-            if claimed is not None:  # ours now: train() discards it if the rest fails
-                claimed.update(out=out, created=created)
-        warnings = prepare_directory(out, resumed is not None, config, images, report, ckpt)
+            check_fresh_folder(out)  # again, now that no other run can write there
+            # a new run that fails or stops before its first step leaves nothing behind: undone
+            # once the loggers have closed (they close first), before the lock is let go
+            keep = {"run": False} if keep is None else keep
+            held.callback(lambda: keep["run"] or discard_new_run(out, created))
+        if resumed is None:  # (a resumed run's, once it is known to have steps to go)
+            warnings = prepare_directory(out, False, config, images, report, ckpt)
         if "cond_drop" in (given or {}) and not model_config.num_classes:
             warnings.append("--cond-drop has no effect on a model without classes (a folder "
                             "of class subfolders trains a class-conditional one)")  # fmt: skip
@@ -231,15 +229,20 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
 
     parent_notes = finetune.load_parent(state, parent, model_config) if parent else []
     elapsed0 = restore_state(state, ckpt, device, warnings) if resumed is not None else 0.0
-    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
-    for logger in live:
-        held.callback(logger.close)
     trained0 = resumed.trained_seconds(elapsed0) if resumed is not None else 0.0
     stored_world = resumed.world if resumed is not None else d.world
     if stored_world != d.world:  # keep the data position: the same image of the epoch
         seen = state.batch_in_epoch * config.batch_size * stored_world
         state.batch_in_epoch = seen // batches.batch_size
         total = steps_left_by_epoch(config, state, batches.per_epoch, total)
+    done = resumed and nothing_left(config, state.step, total, trained0, given or {})
+    if done:  # before anything is written: the run stays as it was
+        raise UsageError(f"{out} {done}")
+    if resumed is not None and d.main:
+        warnings += prepare_directory(out, True, config, images, report, ckpt)
+    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
+    for logger in live:
+        held.callback(logger.close)
     forward = state.model
     if d.active:
         # every rank starts from the same weights (the same seed); dropout differs per rank

@@ -75,12 +75,9 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[
     make_folder(out)
     for stale in out.glob(".*.tmp"):  # temporary files of an interrupted write
         stale.unlink(missing_ok=True)
-    if not resumed:  # a fresh run owns this directory: no leftovers of an earlier attempt
-        (out / CACHE).unlink(missing_ok=True)
-        (out / BEST).unlink(missing_ok=True)
-        for _, old in snapshots(out):
-            old.unlink()
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    if not resumed:  # the leftovers of an attempt that never checkpointed (check_fresh_folder
+        (out / CACHE).unlink(missing_ok=True)  # refuses checkpoints, and such names beside
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # other files)
         if config.data_cache and isinstance(images, InMemory):
             write_cache(out, images, report)
         (out / METRICS).unlink(missing_ok=True)
@@ -116,18 +113,19 @@ def check_fresh_folder(out: Path) -> None:
     if kept:
         raise UsageError(
             f"{out} holds checkpoints of an earlier run ({', '.join(kept[:3])}"
-            f"{', ...' if len(kept) > 3 else ''}) that a new run would delete; move them "
-            "elsewhere, or choose another --out"
+            f"{', ...' if len(kept) > 3 else ''}); move them elsewhere, or choose another --out"
         )
     if not out.is_dir():
         return
-    names = {p.name for p in out.iterdir() if not p.name.endswith(".tmp")}  # (interrupted writes)
+    names = {p.name for p in out.iterdir()}
     replaced = sorted(names & set(LEFTOVERS))
-    if replaced and names - RUN_NAMES:
+    others = sorted(n for n in names - RUN_NAMES if not n.startswith("."))  # (.DS_Store, ...)
+    if replaced and others:
         them = "them" if len(replaced) > 1 else "it"
         raise UsageError(
-            f"{out} holds {', '.join(replaced)} beside other files, and a new run would replace "
-            f"{them}; move {them} elsewhere, or give the run a folder of its own with --out"
+            f"{out} holds {', '.join(replaced)} beside other files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), and a new run would replace {them}; move "
+            f"{them} elsewhere, or give the run a folder of its own with --out"
         )
 
 
@@ -244,7 +242,8 @@ def truncate_metrics(path: Path, step: int) -> int:
     if not path.exists():
         return 0
     keep, torn = [], 0
-    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+    data = path.read_bytes()
+    for line in data.decode("utf-8", "replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -256,7 +255,9 @@ def truncate_metrics(path: Path, step: int) -> int:
             torn += 1
         elif at <= step:
             keep.append(line + "\n")
-    write_atomic(path, "".join(keep).encode(), follow=False)
+    kept = "".join(keep).encode()
+    if kept != data or path.is_symlink():  # a link is replaced by a file of the run's own
+        write_atomic(path, kept, follow=False)
     return torn
 
 
