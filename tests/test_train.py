@@ -167,7 +167,7 @@ def test_resuming_a_run_its_limits_already_end_is_refused_and_changes_nothing(co
         train(None, TrainConfig(), DiffusionConfig(), resume=epochs, given={})
     timed = tmp_path / "t"
     train(str(colours), TrainConfig(**FAST, time_limit=0.5), DiffusionConfig(), out=timed)
-    with pytest.raises(UsageError, match=r"has trained for 0\.\ds, its whole time \(--time "
+    with pytest.raises(UsageError, match=r"has trained for [\d.]+s, its whole time \(--time "
                        r"0\.5s, kept from the run\): nothing to train; give a larger --time"):
         train(None, TrainConfig(), DiffusionConfig(), resume=timed, given={"steps": 500})
 
@@ -511,7 +511,12 @@ def test_a_fresh_run_never_deletes_checkpoints_or_files_beside_the_users_own(col
     (mine / "tensorboard").rmdir()  # other files alone are no obstacle, and stay
     train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=mine)
     assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").exists()
-    hidden = tmp_path / "hidden"  # a file manager's hidden files are not the user's data
+    project = tmp_path / "project"  # but other hidden files are
+    (project / ".git").mkdir(parents=True)
+    (project / "tensorboard").mkdir()
+    with pytest.raises(UsageError, match=r"beside other files \(\.git\)"):
+        train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=project)
+    hidden = tmp_path / "hidden"  # a file manager's litter is not the user's data
     hidden.mkdir()
     (hidden / ".DS_Store").write_text("finder")
     (hidden / "metrics.jsonl").write_text('{"step": 9}\n')
@@ -539,6 +544,43 @@ def test_a_new_run_that_fails_while_being_prepared_leaves_nothing_behind(colours
     with pytest.raises(RuntimeError, match="the probe failed"):
         train(str(colours), config, DiffusionConfig(), out=mine)
     assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]  # (cache gone)
+
+
+def test_a_failed_new_run_is_undone_under_its_lock_and_rechecked_once_locked(
+    colours, tmp_path, monkeypatch
+):
+    """The discard runs while the run still holds the folder (another run cannot have taken
+    it meanwhile), and the fresh-folder check repeats once the lock is held."""
+    from ddpm_cli.store.files import RunLock
+    from ddpm_cli.training import run as run_mod
+
+    seen, real = [], run_mod.discard_new_run
+
+    def discard(out, created):
+        with pytest.raises(UsageError, match="another ddpm train"):  # still locked
+            RunLock(out).acquire()
+        seen.append(out)
+        real(out, created)
+
+    def broken(*args, **kwargs):  # after the loggers have opened
+        raise RuntimeError("failed after the loggers")
+
+    monkeypatch.setattr(run_mod, "discard_new_run", discard)
+    monkeypatch.setattr(run_mod, "count_parameters", broken)
+    config = TrainConfig(**FAST, steps=1)
+    with pytest.raises(RuntimeError, match="failed after the loggers"):
+        train(str(colours), config, DiffusionConfig(), out=tmp_path / "run")
+    assert seen == [tmp_path / "run"] and not (tmp_path / "run").exists()
+
+    class Raced(RunLock):  # another run checkpoints in the folder just before the lock
+        def __enter__(self):
+            (self.path.parent / "model.safetensors").write_bytes(b"the other run's")
+            return super().__enter__()
+
+    monkeypatch.setattr(run_mod, "RunLock", Raced)
+    with pytest.raises(UsageError, match="already holds a run"):
+        train(str(colours), config, DiffusionConfig(), out=tmp_path / "raced")
+    assert (tmp_path / "raced" / "model.safetensors").read_bytes() == b"the other run's"
 
 
 def test_the_largest_seed_trains_and_is_figured(colours, tmp_path):

@@ -40,6 +40,8 @@ def fused_available(device: torch.device) -> bool:
                            [torch.zeros_like(p)], [], [step], lr=1e-3, beta1=BETAS[0],
                            beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False,
                            maximize=False)  # fmt: skip
+    except torch.cuda.OutOfMemoryError:  # a full GPU is no answer: every rank of a job must
+        raise  # run the same kernel, or their weights drift apart
     except (AttributeError, NotImplementedError, RuntimeError, TypeError):
         return False
     return True

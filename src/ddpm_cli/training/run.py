@@ -174,8 +174,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         if resumed is None:  # (a resumed run's was taken before its state was read)
             held.enter_context(RunLock(out))  # before anything in the directory changes
             check_fresh_folder(out)  # again, now that no other run can write there
-            # a new run that fails or stops before its first step leaves nothing behind: undone
-            # once the loggers have closed (they close first), before the lock is let go
+            # a new run that fails while being prepared, or stops before its first step, leaves
+            # nothing behind: undone once the loggers have closed, before the lock is let go
             keep = {"run": False} if keep is None else keep
             held.callback(lambda: keep["run"] or discard_new_run(out, created))
         if resumed is None:  # (a resumed run's, once it is known to have steps to go)

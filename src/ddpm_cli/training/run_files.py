@@ -40,6 +40,7 @@ SAMPLES = "samples"
 # what a fresh run replaces: the files of an earlier attempt that never checkpointed
 LEFTOVERS = (CACHE, METRICS, SKIPPED, TENSORBOARD_DIR)
 RUN_NAMES = {*LEFTOVERS, MODEL, STATE, BEST, SAMPLES, WANDB_DIR, RunLock.NAME}
+LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")  # what file managers leave in any folder
 
 
 def sample_grid(ema, diffusion, config: TrainConfig, model_config, device, seed: int) -> bytes:
@@ -119,7 +120,8 @@ def check_fresh_folder(out: Path) -> None:
         return
     names = {p.name for p in out.iterdir()}
     replaced = sorted(names & set(LEFTOVERS))
-    others = sorted(n for n in names - RUN_NAMES if not n.startswith("."))  # (.DS_Store, ...)
+    others = sorted(n for n in names - RUN_NAMES - set(LITTER)
+                    if not n.startswith("._") and not (n.startswith(".") and n.endswith(".tmp")))
     if replaced and others:
         them = "them" if len(replaced) > 1 else "it"
         raise UsageError(
