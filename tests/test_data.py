@@ -147,8 +147,10 @@ def test_resume_refuses_a_new_schedule_or_length_of_chain(pictures, tmp_path):
     for given, text in refused:
         with pytest.raises(UsageError, match=f"cannot change on resume: {text}"):
             train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given=given)
-    # the stored values themselves are fine
-    train(None, TrainConfig(), DiffusionConfig(), resume=run.out, given={"timesteps": 1000})
+    # the stored values themselves are fine (and one more step, for the run to have work)
+    again = train(None, TrainConfig(), DiffusionConfig(), resume=run.out,
+                  given={"timesteps": 1000, "steps": 2})  # fmt: skip
+    assert again.step == 2
 
 
 def test_the_default_training_size_is_the_datas_own(tmp_path, pictures):

@@ -178,7 +178,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             # nothing behind: undone once the loggers have closed, before the lock is let go
             keep = {"run": False} if keep is None else keep
             held.callback(lambda: keep["run"] or discard_new_run(out, created))
-        if resumed is None:  # (a resumed run's, once it is known to have steps to go)
+            # (a resumed run's directory is readied once it is known to have steps to go)
             warnings = prepare_directory(out, False, config, images, report, ckpt)
         if "cond_drop" in (given or {}) and not model_config.num_classes:
             warnings.append("--cond-drop has no effect on a model without classes (a folder "
