@@ -253,6 +253,12 @@ def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):
     assert r.exit_code == 2 and "unknown class 'cat'; the model knows: blue, red" in r.stderr
     r = runner.invoke(app, ["sample", str(model_dir), "--class", "7", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "unknown class '7'" in r.stderr
+    for twice in (["red", "red"], ["red", "1"], ["all", "blue"]):  # blue, red: 0, 1
+        args = [a for c in twice for a in ("--class", c)]
+        r = runner.invoke(app, ["sample", str(model_dir), *args, "-o", str(tmp_path)])
+        name = "red" if "red" in twice else "blue"
+        assert r.exit_code == 2, r.output
+        assert r.stderr == f"error: --class {name} is asked for twice; give each class once\n"
     r = runner.invoke(app, ["sample", str(model_dir), "--guidance", "2", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "add --class" in r.stderr
 

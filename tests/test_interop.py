@@ -157,6 +157,11 @@ def test_a_model_trained_by_ddpm_exports_with_its_schedule(tmp_path, runner):
     r = runner.invoke(app, ["import", str(bare), "-o", str(tmp_path / "b.safetensors")])
     assert r.exit_code == 0, r.output
     assert "warning: " in r.stderr and "assumed the paper's linear schedule" in r.stderr
+    for folder in (out, out / "unet", bare):  # inspect points to the import
+        r = runner.invoke(app, ["inspect", str(folder)])
+        assert r.exit_code == 2 and r.stderr == (
+            f"error: {folder}: is a diffusers model folder; convert it with ddpm import {folder} "
+            "-o MODEL.safetensors, then inspect that\n")  # fmt: skip
 
 
 def test_a_model_trained_with_shift_exports_without_its_map_and_computes_the_same(

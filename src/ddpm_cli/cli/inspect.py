@@ -92,6 +92,7 @@ def inspect(
     with deferred_interrupt():
         from ddpm_cli.data.sources import data_image_size
         from ddpm_cli.evaluation import inspection
+        from ddpm_cli.store.interop import is_diffusers_folder
         from ddpm_cli.store.models import is_run_directory
 
     if plot is not None and path is not None and not (path.is_dir() and is_run_directory(path)):
@@ -113,6 +114,9 @@ def inspect(
     if not path.exists():
         raise DataError(f"{path}: no such checkpoint file, run directory or image folder")
     if path.is_dir() and not is_run_directory(path):
+        if is_diffusers_folder(path):
+            raise UsageError(f"{path}: is a diffusers model folder; convert it with ddpm import "
+                             f"{path} -o MODEL.safetensors, then inspect that")  # fmt: skip
         size = parse_size(image_size) if image_size else data_image_size(str(path))
         report = inspection.folder_info(path, size)
         if as_json:

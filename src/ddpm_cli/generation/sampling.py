@@ -221,6 +221,9 @@ def resolve_classes(requested: list[str], sm: SamplingModel) -> list[int]:
         else:
             raise UsageError(f"unknown class {value!r}; the model knows: {', '.join(names)} "
                              f"(or their numbers, 0 to {len(names) - 1})")  # fmt: skip
+    twice = [names[i] for i in sorted(set(labels)) if labels.count(i) > 1]
+    if twice:  # (by name, by number or within "all")
+        raise UsageError(f"--class {twice[0]} is asked for twice; give each class once")
     return labels
 
 

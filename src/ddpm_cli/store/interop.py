@@ -64,6 +64,12 @@ def _json(path: Path) -> dict:
     return data
 
 
+def is_diffusers_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder, or a UNet folder with its weights."""
+    unet = (folder / WEIGHTS).exists() or (folder / PICKLE).exists()
+    return (folder / "model_index.json").exists() or ((folder / "config.json").exists() and unet)
+
+
 def locate(folder: Path) -> tuple[Path, Path | None]:
     """(the UNet folder, the scheduler config or None) of a diffusers pipeline or UNet folder."""
     folder = Path(folder)
