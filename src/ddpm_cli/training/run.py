@@ -109,8 +109,8 @@ def train(
 
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
-            held: contextlib.ExitStack, on_event: Event, given: dict | None = None,
-            keep: dict | None = None) -> Prepared:  # fmt: skip
+            held: contextlib.ExitStack, on_event: Event, given: dict | None,
+            keep: dict) -> Prepared:  # fmt: skip
     """Load the data, claim the run directory, build or restore the training state and the
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
@@ -176,7 +176,6 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             check_fresh_folder(out)  # again, now that no other run can write there
             # a new run that fails while being prepared, or stops before its first step, leaves
             # nothing behind: undone once the loggers have closed, before the lock is let go
-            keep = {"run": False} if keep is None else keep
             held.callback(lambda: keep["run"] or discard_new_run(out, created))
             # (a resumed run's directory is readied once it is known to have steps to go)
             warnings = prepare_directory(out, False, config, images, report, ckpt)

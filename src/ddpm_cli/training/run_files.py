@@ -110,12 +110,13 @@ def check_fresh_folder(out: Path) -> None:
         raise UsageError(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
     kept = [p.name for p in (out / BEST, *(p for _, p in snapshots(out))) if p.exists()]
     if kept:
-        raise UsageError(
-            f"{out} holds checkpoints of an earlier run ({', '.join(kept[:3])}"
-            f"{', ...' if len(kept) > 3 else ''}); move them elsewhere, or choose another --out"
-        )
+        raise UsageError(f"{out} holds checkpoints of an earlier run ({listed(kept)}); move them "
+                         "elsewhere, or choose another --out")  # fmt: skip
     if not out.is_dir():
         return
     names = {p.name for p in out.iterdir()}
@@ -125,9 +126,9 @@ def check_fresh_folder(out: Path) -> None:
     if replaced and others:
         them = "them" if len(replaced) > 1 else "it"
         raise UsageError(
-            f"{out} holds {', '.join(replaced)} beside other files ({', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}), and a new run would replace {them}; move "
-            f"{them} elsewhere, or give the run a folder of its own with --out"
+            f"{out} holds {', '.join(replaced)} beside other files ({listed(others)}), and a new "
+            f"run would replace {them}; move {them} elsewhere, or give the run a folder of its "
+            "own with --out"
         )
 
 
