@@ -285,6 +285,11 @@ def test_refusals_name_what_the_user_typed(runner, tmp_path):
     assert "'--channels': must be 1, 3 or 4, got 2" in error("train", str(run), "--channels", "2")
     line = error("train", str(run / "model.safetensors"), "--steps", "2")
     assert "is a model file" in line and line.endswith("add --init MODEL")
+    # a damaged model is reported as damaged, not sent to --init (which would then refuse it)
+    data = (run / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 64])
+    line = error("train", str(tmp_path / "cut.safetensors"), "--steps", "2")
+    assert "corrupt" in line and "--init" not in line
 
 
 def test_cond_drop_on_data_without_classes_is_warned_about(runner, tmp_path):

@@ -125,6 +125,32 @@ def test_bad_input_is_one_line(runner, tmp_path):
         assert message in line and r.stdout == ""
 
 
+def test_an_option_for_another_kind_of_subject_is_refused_not_ignored(runner, run, tmp_path):
+    """-T is for --schedule, --image-size for image folders, --tensors for checkpoints and runs:
+    given elsewhere, each would be silently ignored; it is refused, naming what it applies to."""
+    (tmp_path / "pics").mkdir()
+    draw_shapes((8, 8)).save(tmp_path / "pics" / "a.png")
+    cases = [
+        ([run, "-T", "50"], "--timesteps applies to --schedule, not to a checkpoint or run"),
+        ([run / "model.safetensors", "--image-size", "32"],
+         "--image-size applies to an image folder, not to a checkpoint or run"),
+        ([tmp_path / "pics", "--tensors"],
+         "--tensors applies to a checkpoint or run, not to an image folder"),
+        ([tmp_path / "pics", "--timesteps", "50"], "--timesteps applies to --schedule, not to an"),
+        (["--schedule", "linear", "--image-size", "8"],
+         "--image-size applies to an image folder, not to --schedule"),
+    ]  # fmt: skip
+    for args, message in cases:
+        r = runner.invoke(app, ["inspect", *map(str, args)])
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert message in line and r.stdout == "", (args, line)
+    # where each belongs, it is used
+    assert inspect_json(runner, "--schedule", "linear", "-T", "50")["timesteps"] == 50
+    assert inspect_json(runner, "--schedule", "linear")["timesteps"] == 1000
+    assert inspect_json(runner, tmp_path / "pics", "--image-size", "16")["image_size"] == [16, 16]
+
+
 def test_an_image_folder_gets_the_training_preflight_report(runner, tmp_path):
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)

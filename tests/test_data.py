@@ -289,6 +289,27 @@ def test_a_small_folder_warns_and_is_shifted_by_default(tmp_path):
         assert config.shift == want, (n, size, shift)
 
 
+def test_images_below_the_training_size_on_either_side_are_counted_as_upscaled(tmp_path):
+    """A 2000x2 strip is upscaled for an 8x8 run (its height is below 8): the warning says it is
+    narrow or short, not 'smaller than 8x8'; an image at the size or above on both sides is not
+    counted."""
+    from PIL import Image
+
+    from ddpm_cli.data.sources import load_source
+
+    for i, size in enumerate([(2000, 2), (8, 8), (30, 9), (4, 20)]):
+        Image.new("RGB", size, (200, 40, 40)).save(tmp_path / f"{i}.png")
+    _, report = load_source(str(tmp_path), (8, 8), 3)
+    (warning,) = [w for w in report.warnings if "upscaled" in w]
+    assert warning == "2 images narrower than 8 or shorter than 8 pixels were upscaled"
+    (tmp_path / "one").mkdir()
+    for i, size in enumerate([(20, 30), (40, 16)]):
+        Image.new("RGB", size, (40, 200, 40)).save(tmp_path / "one" / f"{i}.png")
+    _, report = load_source(str(tmp_path / "one"), (16, 40), 3)  # (height, width)
+    (warning,) = [w for w in report.warnings if "upscaled" in w]
+    assert warning == "1 image narrower than 40 or shorter than 16 pixels was upscaled"
+
+
 def test_transparency_is_drawn_on_white_unless_the_model_learns_it(tmp_path):
     """Sprites store arbitrary colour under transparent pixels (here black): training on it
     would teach the model a background nobody sees. Colour and gray+alpha files, and a

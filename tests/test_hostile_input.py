@@ -219,7 +219,8 @@ def test_a_torn_metrics_line_is_dropped_on_resume_with_a_warning(runner, tmp_pat
 # --- a run directory that cannot hold a run --------------------------------------------------
 
 
-def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_path, monkeypatch):
+def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_path, monkeypatch,
+                                                                    tiny_run):
     data = tmp_path / "pics"
     data.mkdir()
     for i in range(4):
@@ -229,7 +230,7 @@ def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_
             "--sample-every", "0", "-q"]  # fmt: skip
     cases = {
         str(tmp_path / "afile"): "is a file",
-        str(tmp_path / "afile" / "run"): "cannot write",
+        str(tmp_path / "afile" / "run"): "cannot create it",
         str(data / "run"): "inside the training data",
         str(data): "inside the training data",
     }
@@ -251,7 +252,14 @@ def test_a_run_directory_that_cannot_hold_a_run_is_refused_at_start(runner, tmp_
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode))
     r = runner.invoke(app, [*args, "--out", str(locked / "run")])
-    assert r.exit_code == 2 and f"cannot write in {locked}" in r.stderr, r.output
+    assert f"cannot write in {locked}: permission denied" in r.stderr, r.output
+    # every command ends an output it may not write with exit 1 (errors.py), train included
+    outputs = [r.exit_code]
+    for command in (["sample", str(tiny_run), "-n", "1", "--steps", "1", "-o", str(locked / "s")],
+                    ["noise", str(data / "0.png"), "--t", "5", "-o", str(locked / "n.png")]):
+        outputs.append(runner.invoke(app, command).exit_code)
+    assert outputs == [1, 1, 1]
+    assert not any(locked.iterdir())
 
 
 def test_an_unreadable_image_with_a_non_utf8_name_is_listed_by_its_bytes(runner, tmp_path):

@@ -43,6 +43,23 @@ def test_grayscale_8_and_16_bit_keep_their_depth():
     assert np.asarray(to_8bit(back)).dtype == np.uint8
 
 
+def test_a_32_bit_integer_tiff_beyond_16_bits_is_clipped_with_a_note():
+    """Pillow reads a 32-bit integer TIFF as mode "I"; ddpm holds gray at 16 bits, so values
+    outside 0-65535 are clipped, and the note says so; one within that range reads exactly."""
+    wide = np.array([[-5, 0, 1000], [65535, 70000, 200000]], dtype=np.int32)
+    loaded, _ = roundtrip(Image.fromarray(wide, "I"), "TIFF")
+    assert loaded.family == "I;16" and loaded.source_mode == "I"
+    (note,) = [n for n in loaded.notes if "32-bit" in n]
+    assert note == ("32-bit integer values -5 to 200000: clipped to 0-65535 (read as 16-bit "
+                    "grayscale)")
+    want = (np.clip(wide, 0, 65535) / 65535.0 * 2 - 1).astype(np.float32)
+    assert torch.equal(loaded.pixels[0], torch.from_numpy(want))
+    narrow = np.array([[0, 300], [65535, 7]], dtype=np.int32)
+    loaded, back = roundtrip(Image.fromarray(narrow, "I"), "TIFF")
+    assert not any("32-bit" in n for n in loaded.notes)
+    assert np.array_equal(np.asarray(back), narrow)
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_kept_unchanged(mode):
     img = draw_shapes((16, 12)).convert(mode)

@@ -70,7 +70,9 @@ class DataReport:
         th, tw = self.image_size
         small = sum(1 for w, h in self.sizes if w < tw or h < th)
         if small:
-            out.append(f"{small} images are smaller than {tw}x{th} and were upscaled")
+            few = "1 image" if small == 1 else f"{small} images"
+            out.append(f"{few} narrower than {tw} or shorter than {th} pixels "
+                       f"{'was' if small == 1 else 'were'} upscaled")
         if self.matted:
             out.append(
                 f"{self.matted} images have an alpha channel: transparent parts are drawn on "

@@ -74,6 +74,7 @@ def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
     except CheckpointError as e:
         if "expected a data_cache" not in str(e):
             raise
+        load_checkpoint(Path(path))  # a damaged file is reported as such, not sent to --init
         raise DataError(f"{e}: DATA is images (a folder, or a run's data_cache.safetensors); "
                         "to start from a model's weights, add --init MODEL") from None
     data = ckpt.tensors.get("images")

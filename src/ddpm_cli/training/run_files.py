@@ -15,7 +15,7 @@ import torch
 from ddpm_cli.config import TrainConfig
 from ddpm_cli.data.folders import BUILTIN_PREFIX, DataReport, InMemory
 from ddpm_cli.data.images import encode_png
-from ddpm_cli.errors import UsageError
+from ddpm_cli.errors import OutputError, UsageError
 from ddpm_cli.generation.output import grid_image, grid_image_rows
 from ddpm_cli.generation.sampling import SamplingModel, generate
 from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
@@ -139,8 +139,12 @@ def check_run_directory(out: Path, source: str | None) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; give a directory for the run")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot write in {existing}; choose another --out")
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: cannot create it, {existing} is a file; choose another "
+                         "--out")  # fmt: skip
+    if not os.access(existing, os.W_OK | os.X_OK):  # as every command's output: exit 1
+        raise OutputError(f"--out {out}: cannot write in {existing}: permission denied; choose "
+                          "another --out")  # fmt: skip
     if source is None or source.startswith(BUILTIN_PREFIX) or not Path(source).is_dir():
         return
     data, run = Path(source).resolve(), out.resolve()
