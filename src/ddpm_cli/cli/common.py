@@ -161,6 +161,35 @@ def deferred_interrupt():
         raise KeyboardInterrupt
 
 
+# how Typer (pydantic) and click word a number that failed its option's type or range
+_RANGE_FAILURES = ("Input should be", "is not in the range", "is not a valid")
+
+
+def _range_message(error: Exception, args: list[str]) -> str | None:
+    """"Invalid value for '--lr': must be a number from 0 to 10, got nan": a numeric option's
+    failed parse or range check in one wording, with the range and the value given. Typer says
+    "Input should be less than or equal to 10" of nan, and of 11 "... greater than or equal
+    to" only the bound that failed. None for other errors (a callback's own message)."""
+    param = getattr(error, "param", None)
+    lo, hi = getattr(param, "min", None), getattr(param, "max", None)
+    message = error.format_message()
+    if lo is None or hi is None or not any(f in message for f in _RANGE_FAILURES):
+        return None
+    opts = list(param.opts)
+    given = None
+    for i, arg in enumerate(args):
+        if arg in opts and i + 1 < len(args):
+            given = args[i + 1]
+        elif "=" in arg and arg.split("=", 1)[0] in opts:
+            given = arg.split("=", 1)[1]
+    whole = isinstance(lo, int) and isinstance(hi, int)
+    kind, low, high = ("a whole number", f"{lo:,}", f"{hi:,}") if whole else (
+        "a number", f"{lo:g}", f"{hi:g}")  # fmt: skip
+    flag = max(opts, key=len)
+    return (f"Invalid value for '{flag}': must be {kind} from {low} to {high}"
+            + (f", got {given}" if given is not None else ""))  # fmt: skip
+
+
 class DdpmGroup(TyperGroup):
     """The app's click group: the one place where errors become a line on stderr and an exit code.
 
@@ -192,7 +221,9 @@ class DdpmGroup(TyperGroup):
             if isinstance(e, ClickUsageError) and e.ctx is not None:
                 hint = f" (see '{e.ctx.command_path} -h')"
             # Typer's pydantic-based parsing prefixes messages with "Value error, "
-            message = e.format_message().replace("Value error, ", "")
+            message = _range_message(e, list(sys.argv[1:] if args is None else args)) or (
+                e.format_message().replace("Value error, ", "")
+            )
             error_line(f"{message}{hint}")
             code = e.exit_code
         except BrokenPipeError:  # `ddpm inspect ... | head`: the reader has what it wanted
