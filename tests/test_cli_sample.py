@@ -366,6 +366,36 @@ def test_compiled_sampling_matches_eager(runner, runs, tmp_path, compiles_for_re
         assert (a - b).abs().max() <= 1  # the same images, up to rounding
 
 
+def test_compiling_for_the_cpu_drops_torchs_no_cuda_runtime_line(monkeypatch):
+    """On a machine with a CUDA toolkit and no GPU, torch's C++ builder logs "No CUDA runtime is
+    found, using CUDA_HOME=..." while --compile builds for the CPU: dropped, and that logger's
+    other lines kept. The compile is replaced by one that logs as the builder's import does."""
+    import logging
+
+    from ddpm_cli.config import ModelConfig, Precision
+    from ddpm_cli.model.forward import network
+    from ddpm_cli.model.unet import UNet
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+
+    def compile(fn, mode=None):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        logger.warning("another line")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile)
+    try:
+        model = UNet(ModelConfig(channels=32, channel_mult=(1, 2)))
+        network(model, torch.device("cpu"), Precision.fp32, compile=True)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another line"]
+
+
 def test_the_default_precision_is_bf16_on_ampere_and_later_and_fp32_elsewhere(monkeypatch):
     from ddpm_cli.config import Precision
     from ddpm_cli.errors import ConfigError

@@ -9,6 +9,7 @@ call instead of one Python dispatch each, which is what bounds small batches
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
@@ -52,6 +53,22 @@ def resolve_precision(precision: Precision | None, device: torch.device) -> Prec
 _DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 
 
+class _NoCudaRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def compile_for(fn, device: torch.device, mode: str | None = None):
+    """torch.compile(fn). For the CPU on a machine with a CUDA toolkit but no GPU, torch's C++
+    builder logs "No CUDA runtime is found, using CUDA_HOME=..." as it loads: true, and of no
+    use to a run that never asked for CUDA; that one line is dropped."""
+    if device.type != "cuda":
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        if not any(isinstance(f, _NoCudaRuntime) for f in logger.filters):
+            logger.addFilter(_NoCudaRuntime())
+    return torch.compile(fn, mode=mode)
+
+
 def network(model: UNet, device: torch.device, precision: Precision, compile: bool):
     """model(x, t[, y]) as sampling runs it, returning float32: compiled or not, from CUDA
     graphs on CUDA. bf16 runs a bf16 copy of the weights on bf16 inputs; fp16 runs under
@@ -65,7 +82,7 @@ def network(model: UNet, device: torch.device, precision: Precision, compile: bo
     check_precision(precision, device)
     if precision is Precision.bf16:
         model = copy.deepcopy(model).to(torch.bfloat16)
-    net = torch.compile(model) if compile else model
+    net = compile_for(model, device) if compile else model
 
     def forward(x, *inputs):
         if precision is Precision.fp16:

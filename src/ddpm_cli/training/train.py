@@ -31,7 +31,7 @@ from ddpm_cli.device import place, to_device
 from ddpm_cli.diffusion.process import training_losses
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import DdpmError, UsageError
-from ddpm_cli.model.forward import resolve_precision
+from ddpm_cli.model.forward import compile_for, resolve_precision
 from ddpm_cli.model.presets import preset_for, recipe_for
 from ddpm_cli.model.unet import ResBlock, UNet
 from ddpm_cli.training.adam import Adam
@@ -180,7 +180,7 @@ def compiled(
     # where compiling fails (no C compiler for Triton, an unsupported GPU), run eagerly: torch
     # logs a warning, and the run goes on at eager speed
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(forward, mode=mode)
+    return compile_for(forward, device, mode)
 
 
 @dataclass
