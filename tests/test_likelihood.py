@@ -202,6 +202,29 @@ def test_the_default_budget_plan():
     assert budget_plan(10_000, 10, 1e-2, 60.0) == (None, 600)
 
 
+def test_the_budget_times_the_bounds_arithmetic_as_well_as_the_network(tmp_path, monkeypatch):
+    """For a small model the bound's float64 terms cost about as much as the network: timing the
+    network alone overran the minute about twice. Here each term's arithmetic is made to take
+    20 ms, far longer than the network: the time per evaluation must include it."""
+    import time
+
+    from conftest import train_tiny
+    from ddpm_cli.evaluation import evaluate, likelihood
+    from ddpm_cli.generation.sampling import load_for_sampling
+
+    run = train_tiny(tmp_path, 8, diffusion=DiffusionConfig(timesteps=50))
+    sm = load_for_sampling(run)
+    real = likelihood.vb_terms_bpd
+
+    def slow(*args):
+        time.sleep(0.02)
+        return real(*args)
+
+    monkeypatch.setattr(likelihood, "vb_terms_bpd", slow)
+    batch = 4
+    assert evaluate.seconds_per_evaluation(sm, batch, torch.device("cpu")) >= 0.02 / batch
+
+
 def test_eval_defaults_to_a_budget_and_full_is_one_flag_away(runner, tmp_path, monkeypatch):
     import json
 
