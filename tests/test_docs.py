@@ -40,3 +40,16 @@ def test_readme_and_ci_run_the_same_test_command():
     # a failed install must fail the run: set -e does not stop on the left of `&&`
     assert f"{TEST_COMMAND} || exit $?" in ci
     assert "ruff check" in ci
+
+
+def test_the_options_a_resume_may_change_are_the_ones_training_md_lists():
+    """docs/training.md names the options a resume may change; resume.RESUMABLE decides. Each
+    of them, under its command-line name, and no other option of `ddpm train`."""
+    from ddpm_cli.training.resume import RESUMABLE
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    paragraph = text.split("On resume, ", 1)[1].split("may change;", 1)[0]
+    listed = {word.strip("`,") for word in paragraph.split() if word.startswith("`--")}
+    train = typer.main.get_command(app).commands["train"]
+    flags = {p.name: max(p.opts, key=len) for p in train.params}
+    assert listed == {flags[name] for name in RESUMABLE}

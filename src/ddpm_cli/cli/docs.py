@@ -21,8 +21,10 @@ Generated from the commands' own help by `python -m ddpm_cli.cli.docs > docs/cli
 do not edit by hand. `tests/test_docs.py` fails when this file is out of date.
 
 Every command takes `-h`/`--help`. Data (output paths, image bytes, JSON) goes to stdout;
-tables, notes and errors go to stderr. Exit codes: 0 success, 1 runtime failure (a write
-that fails), 2 usage error (bad option or value, missing or unreadable input).
+progress, tables, notes and errors go to stderr, except the report of `ddpm inspect`, which is
+its data: its tables (or `--json`) go to stdout, its notes and errors to stderr. Exit codes: 0
+success, 1 runtime failure (a write that fails), 2 usage error (bad option or value, missing or
+unreadable input), 130 when stopped with Ctrl-C.
 """
 
 
@@ -64,7 +66,8 @@ def _command_section(path: str, command) -> list[str]:
     params = [p for p in command.params if not getattr(p, "hidden", False)]
     arguments = [p for p in params if not p.opts[0].startswith("-")]
     options = [p for p in params if p.opts[0].startswith("-")]
-    usage = " ".join([path, "[OPTIONS]"] + [p.name.upper() for p in arguments])
+    usage = " ".join([path, "[OPTIONS]"] + [  # an optional argument in brackets, as --help
+        p.name.upper() if p.required else f"[{p.name.upper()}]" for p in arguments])
     if getattr(command, "commands", None):
         usage += " COMMAND [ARGS]..."
     lines += ["```", usage, "```", ""]
