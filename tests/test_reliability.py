@@ -73,8 +73,14 @@ def test_a_second_trainer_on_the_same_run_directory_refuses(runner, tmp_path):
         (line,) = r.stderr.strip().splitlines()
         assert f"another ddpm train (pid {os.getpid()}) is using this run directory" in line
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+        # a resume of a run still before its first checkpoint is told the run is busy, not
+        # that the folder is no run
+        r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+        assert r.exit_code == 2 and f"another ddpm train (pid {os.getpid()})" in r.stderr
     finally:
         held.release()
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "no train_state.safetensors to resume from" in r.stderr
     ok = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out",
                              str(tmp_path / "run")])  # fmt: skip
     assert ok.exit_code == 0, ok.output  # released: the next one trains

@@ -194,14 +194,36 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UsageError(
-                f"{self.path.parent}: another ddpm train (pid {holder}) is using this run "
-                "directory; wait for it to finish, or choose another --out"
-            ) from None
+            raise self.busy(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
+
+    def busy(self, holder: str) -> UsageError:
+        return UsageError(
+            f"{self.path.parent}: another ddpm train (pid {holder}) is using this run "
+            "directory; wait for it to finish, or choose another --out"
+        )
+
+    def holder(self) -> str | None:
+        """The pid that the process holding this lock wrote, or None when none holds it (say, to
+        tell a run still before its first checkpoint from a folder that is no run)."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # (a shared lock taken is dropped with the descriptor)
+        return None
 
     def release(self) -> None:
         if self.fd is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
-from ddpm_cli.store.files import STATE
+from ddpm_cli.store.files import STATE, RunLock
 from ddpm_cli.store.models import check_weights, network_weights
 from ddpm_cli.text import duration_text
 
@@ -87,6 +87,10 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
         raise UsageError("--resume continues in the run's own directory; drop --out")
     out = Path(resume)
     if not (out / STATE).exists():
+        lock = RunLock(out)
+        holder = lock.holder()
+        if holder is not None:  # a run still before its first checkpoint
+            raise lock.busy(holder)
         raise UsageError(f"{out}: no {STATE} to resume from; is this a run directory?")
     ckpt = load_checkpoint(out / STATE, kind="train_state")
     stored = config_section(ckpt, "training", TrainConfig)
