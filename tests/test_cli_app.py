@@ -261,12 +261,14 @@ def test_every_numeric_option_has_a_range_checked_before_any_work(runner):
             assert r.exit_code == 2 and flag in r.stderr, (command, flag, value, r.output)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
             # the range, whole, and the value given (Typer said "less than or equal to" of nan)
-            word = "a number" if kind is float else "a whole number"
-            assert f"{word} from " in r.stderr and f", got {value} (" in r.stderr, r.stderr
+            word = "a number between " if kind is float else "a whole number from "
+            assert word in r.stderr and f", got {value} (" in r.stderr, r.stderr
     r = runner.invoke(app, ["train", "x", "--steps=0"])
     assert "'--steps': must be a whole number from 1 to 1,000,000,000, got 0 (" in r.stderr
     r = runner.invoke(app, ["train", "x", "--lr", "abc"])
-    assert "'--lr': must be a number from 0 to 10, got abc (see 'ddpm train -h')" in r.stderr
+    assert "'--lr': must be a number between 0 and 10, got abc (see 'ddpm train -h')" in r.stderr
+    r = runner.invoke(app, ["train", "x", "-b0"])  # an attached short option's value
+    assert "'--batch-size': must be a whole number from 1 to 65,536, got 0 (" in r.stderr
     r = runner.invoke(app, ["train", "x", "--channels", "2"])  # a callback's own words stay
     assert "'--channels': must be 1, 3 or 4, got 2" in r.stderr
 

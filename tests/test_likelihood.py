@@ -223,6 +223,11 @@ def test_the_budget_times_the_bounds_arithmetic_as_well_as_the_network(tmp_path,
     monkeypatch.setattr(likelihood, "vb_terms_bpd", slow)
     batch = 4
     assert evaluate.seconds_per_evaluation(sm, batch, torch.device("cpu")) >= 0.02 / batch
+    # T = 1: no KL terms to sample, the decoder term is the whole bound (and is timed)
+    (tmp_path / "one").mkdir()
+    one = train_tiny(tmp_path / "one", 8, diffusion=DiffusionConfig(timesteps=1))
+    sm = load_for_sampling(one)
+    assert evaluate.seconds_per_evaluation(sm, batch, torch.device("cpu")) >= 0.02 / batch
 
 
 def test_eval_defaults_to_a_budget_and_full_is_one_flag_away(runner, tmp_path, monkeypatch):

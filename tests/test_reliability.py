@@ -77,6 +77,7 @@ def test_a_second_trainer_on_the_same_run_directory_refuses(runner, tmp_path):
         # that the folder is no run
         r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
         assert r.exit_code == 2 and f"another ddpm train (pid {os.getpid()})" in r.stderr
+        assert "--out" not in r.stderr  # which a resume may not choose
     finally:
         held.release()
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])

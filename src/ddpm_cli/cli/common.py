@@ -166,7 +166,7 @@ _RANGE_FAILURES = ("Input should be", "is not in the range", "is not a valid")
 
 
 def _range_message(error: Exception, args: list[str]) -> str | None:
-    """"Invalid value for '--lr': must be a number from 0 to 10, got nan": a numeric option's
+    """"Invalid value for '--lr': must be a number between 0 and 10, got nan": a numeric option's
     failed parse or range check in one wording, with the range and the value given. Typer says
     "Input should be less than or equal to 10" of nan, and of 11 "... greater than or equal
     to" only the bound that failed. None for other errors (a callback's own message)."""
@@ -177,16 +177,20 @@ def _range_message(error: Exception, args: list[str]) -> str | None:
         return None
     opts = list(param.opts)
     given = None
+    short = [o for o in opts if len(o) == 2 and o[0] == "-" and o[1] != "-"]
     for i, arg in enumerate(args):
         if arg in opts and i + 1 < len(args):
             given = args[i + 1]
         elif "=" in arg and arg.split("=", 1)[0] in opts:
             given = arg.split("=", 1)[1]
-    whole = isinstance(lo, int) and isinstance(hi, int)
-    kind, low, high = ("a whole number", f"{lo:,}", f"{hi:,}") if whole else (
-        "a number", f"{lo:g}", f"{hi:g}")  # fmt: skip
+        elif any(arg.startswith(o) and len(arg) > 2 for o in short):  # -n0
+            given = arg[2:]
     flag = max(opts, key=len)
-    return (f"Invalid value for '{flag}': must be {kind} from {low} to {high}"
+    if isinstance(lo, int) and isinstance(hi, int):
+        wanted = f"a whole number from {lo:,} to {hi:,}"
+    else:  # some float options exclude a bound (--lr 0), which their own check then says
+        wanted = f"a number between {lo:g} and {hi:g}"
+    return (f"Invalid value for '{flag}': must be {wanted}"
             + (f", got {given}" if given is not None else ""))  # fmt: skip
 
 

@@ -65,7 +65,7 @@ def eval_(
             min=1,
             help="With --data: estimate the T-1 KL terms from K timesteps per image (unbiased, "
             "K+1 network evaluations per image instead of T). Default: as many as fit in about "
-            "a minute of network time (at least 16, on fewer images if need be; all T when "
+            "a minute of the bound's work (at least 16, on fewer images if need be; all T when "
             "they fit); the standard error is printed.",
             show_default=False,
         ),

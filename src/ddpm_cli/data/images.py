@@ -117,9 +117,9 @@ def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, 
         # 16-bit grayscale (PNG, TIFF) arrives as "I;16*" or as 32-bit "I" holding 0..65535
         img = img.convert("I") if mode != "I" else img
         lo, hi = img.getextrema()
-        if lo < 0 or hi > 65535:  # a 32-bit integer image: its range is more than 16 bits hold
-            notes.append(f"32-bit integer values {lo} to {hi}: clipped to 0-65535 (read as "
-                         "16-bit grayscale)")  # fmt: skip
+        if lo < 0 or hi > 65535:  # 32-bit or signed integers: more than 16 bits of gray hold
+            notes.append(f"integer values {lo} to {hi}: clipped to 0-65535 (read as 16-bit "
+                         "grayscale)")  # fmt: skip
         return img, None, GRAY16, notes
     elif mode == "F":
         raise DataError("32-bit float images are not supported; save it as 8- or 16-bit")

@@ -10,6 +10,7 @@ import errno
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ddpm_cli.errors import DataError, OutputError, UsageError
@@ -173,9 +174,10 @@ class RunLock:
 
     NAME = ".lock"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, resume: bool = False):
         self.path = Path(folder) / self.NAME
         self.fd: int | None = None
+        self.resume = resume  # a resume cannot choose another --out: not offered
 
     def acquire(self) -> RunLock:
         try:
@@ -189,22 +191,26 @@ class RunLock:
                 raise
             raise UsageError(f"{self.path}: is a symbolic link, not ddpm's lock file; remove "
                              "it") from None  # fmt: skip
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise self.busy(holder) from None
+        for attempt in range(3):  # holder() of another command holds it for a moment only
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt < 2:
+                    time.sleep(0.05)
+                    continue
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise self.busy(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
 
     def busy(self, holder: str) -> UsageError:
-        return UsageError(
-            f"{self.path.parent}: another ddpm train (pid {holder}) is using this run "
-            "directory; wait for it to finish, or choose another --out"
-        )
+        other = "" if self.resume else ", or choose another --out"
+        return UsageError(f"{self.path.parent}: another ddpm train (pid {holder}) is using this "
+                          f"run directory; wait for it to finish{other}")  # fmt: skip
 
     def holder(self) -> str | None:
         """The pid that the process holding this lock wrote, or None when none holds it (say, to

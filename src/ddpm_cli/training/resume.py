@@ -87,7 +87,7 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
         raise UsageError("--resume continues in the run's own directory; drop --out")
     out = Path(resume)
     if not (out / STATE).exists():
-        lock = RunLock(out)
+        lock = RunLock(out, resume=True)
         holder = lock.holder()
         if holder is not None:  # a run still before its first checkpoint
             raise lock.busy(holder)

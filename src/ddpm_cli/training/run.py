@@ -87,7 +87,7 @@ def train(
         if resume is not None:
             if distributed.env_main() and (Path(resume) / STATE).exists():
                 # before the state is read: two --resumes of one run cannot both read it
-                held.enter_context(RunLock(Path(resume)))
+                held.enter_context(RunLock(Path(resume), resume=True))
             resumed = open_resume(Path(resume), source, out, given or {})
             source, out, config, diffusion = (
                 resumed.source,
