@@ -149,9 +149,8 @@ class Loop:
     def log_window(self) -> None:
         r = self.job
         now = time.perf_counter()
-        record = metrics_record(
-            self.window, r.state, r.config, r.diffusion.timesteps, now - self.t_log, self.elapsed()
-        )
+        record = metrics_record(self.window, r.state, r.config, r.diffusion.timesteps,
+                                now - self.t_log, self.elapsed(), self.trained())  # fmt: skip
         self.record(record, "log")
         self.window, self.t_log = [], now
 

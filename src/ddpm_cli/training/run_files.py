@@ -222,7 +222,10 @@ def write_grid(out, state, diffusion, config, model_config, device, on_event):
     return path
 
 
-def metrics_record(window, state, config, T: int, seconds: float, elapsed: float) -> dict:
+def metrics_record(window, state, config, T: int, seconds: float, elapsed: float,
+                   trained: float) -> dict:
+    """A metrics.jsonl line: `seconds` the window's, `elapsed` the run's so far (start-ups
+    included), `trained` of them in the training loop (what --time counts)."""
     losses = torch.cat([r.losses for r in window])
     ts = torch.cat([r.t for r in window])
     quarters = []
@@ -239,6 +242,7 @@ def metrics_record(window, state, config, T: int, seconds: float, elapsed: float
         "img_per_s": losses.numel() / seconds if seconds > 0 else None,
         "ema_decay": ema_decay_at(state.step, config.ema_decay),
         "elapsed": elapsed,
+        "trained": trained,
     }
 
 
