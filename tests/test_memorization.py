@@ -66,3 +66,43 @@ def test_eval_reports_the_share_and_refuses_bad_input(runner, tmp_path):
 def test_one_training_image_is_refused():
     with pytest.raises(DataError, match="at least 2 training images"):
         copied_share(images(3, 0), images(1, 1))
+
+
+def test_the_images_a_run_set_aside_are_not_counted_as_training_images(tmp_path, monkeypatch):
+    """On the model's own data (its folder, or its data cache), the images its run set aside for
+    the quality figure, never trained on, are left out: a sample equal to one of them is not a
+    copy, a sample equal to a training image is, and the nearest indices are in the data's own
+    order. The samples are stood in for by those images themselves."""
+    from ddpm_cli.data.batches import split
+    from ddpm_cli.data.folders import to_model_range
+    from ddpm_cli.data.sources import load_source
+    from ddpm_cli.evaluation import memorization as mem
+    from ddpm_cli.generation.sampling import load_for_sampling
+    from ddpm_cli.sampler_config import SamplerConfig
+
+    run = train_tiny(tmp_path, 40, steps=2, holdout=6)
+    sm = load_for_sampling(run)
+    ds, _ = load_source(str(tmp_path / "pics"), (8, 8), 3)
+    data = ds.data  # uint8 (N, C, H, W), in the order the run read them
+    use, aside = split(40, 6, seed=1)
+    drawn = {}
+    monkeypatch.setattr(mem, "generate", lambda sm, sampler, seeds, *a: iter(
+        [(seeds, to_model_range(drawn["images"]))]))  # fmt: skip
+
+    def check(source: str, images: torch.Tensor) -> dict:
+        drawn["images"] = images
+        return mem.memorization(sm, source, n=len(images), sampler=SamplerConfig(), seed=0,
+                                batch_size=None, device=torch.device("cpu"))  # fmt: skip
+
+    for source in (str(tmp_path / "pics"), str(run / "data_cache.safetensors")):
+        copies = check(source, data[use[:6]])
+        assert copies["training_images"] == 34 and copies["set_aside"] == 6
+        assert copies["copied_share"] == 1.0 and copies["nearest"] == use[:6].tolist()
+        held = check(source, data[aside])
+        assert held["copied_share"] < 1.0 and not set(held["nearest"]) & set(aside.tolist())
+    # data that is not the model's own keeps every image
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in sorted((tmp_path / "pics").iterdir())[:20]:
+        (other / p.name).write_bytes(p.read_bytes())
+    assert check(str(other), data[:4])["set_aside"] == 0

@@ -13,7 +13,7 @@ import torch
 from conftest import train_tiny
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, TrainConfig
-from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.batches import Batches, split
 from ddpm_cli.data.folders import InMemory, to_model_range
 from ddpm_cli.data.sources import load_source
 from ddpm_cli.diffusion.schedules import DiffusionTables
@@ -106,15 +106,15 @@ def test_holdout_sizes_and_the_split():
         0, 0, 8, 50, 256,
     ]  # fmt: skip
     assert quality.holdout_size(100, 3) == 3 and quality.holdout_size(100, 0) == 0
-    use, aside = quality.split(50, 8, seed=4)
+    use, aside = split(50, 8, seed=4)
     assert sorted(use.tolist() + aside.tolist()) == list(range(50)) and len(aside) == 8
-    assert torch.equal(quality.split(50, 8, seed=4)[1], aside)  # the same images on resume
-    assert not torch.equal(quality.split(50, 8, seed=5)[1], aside)
+    assert torch.equal(split(50, 8, seed=4)[1], aside)  # the same images on resume
+    assert not torch.equal(split(50, 8, seed=5)[1], aside)
 
 
 def test_batches_never_yield_the_images_set_aside():
     data = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).clone()
-    use, aside = quality.split(30, 6, seed=0)
+    use, aside = split(30, 6, seed=0)
     batches = Batches(InMemory(data), 4, seed=1, flip=False, use=use)
     assert batches.per_epoch == 6
     feed = batches.iterate(0, 0)
@@ -135,7 +135,7 @@ def recompute(run, path) -> float:
     the loop that logged it)."""
     cfg = config_section(load_checkpoint(path), "training", TrainConfig)
     images, _ = load_source(str(run / CACHE), cfg.image_size, cfg.channels)
-    _, aside = quality.split(len(images), cfg.holdout, cfg.seed, images.labels)
+    _, aside = split(len(images), cfg.holdout, cfg.seed, images.labels)
     sm = load_for_sampling(path)
     tables = DiffusionTables.from_config(sm.diffusion).to(CPU, torch.float32)
     held = quality.HeldOut.take(images, aside, cfg.seed)
@@ -252,7 +252,7 @@ def test_eval_every_0_sets_no_images_aside_and_a_class_is_never_set_aside_whole(
     # one image of class 1 among 40: whatever the seed, it stays in training
     labels = torch.tensor([0] * 39 + [1])
     for seed in range(30):
-        use, aside = quality.split(40, 20, seed, labels)
+        use, aside = split(40, 20, seed, labels)
         assert 39 in use.tolist() and len(aside) == 20
         assert sorted(use.tolist() + aside.tolist()) == list(range(40))
 

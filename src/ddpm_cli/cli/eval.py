@@ -249,5 +249,7 @@ def summary_lines(report: dict) -> list[str]:
             f"image than 95% of the {r['training_images']} training images are to theirs "
             f"(new images: about {r['expected_share']:.2f}; median distance "
             f"{r['sample_distance_median']:.4f}, the data's {r['data_distance_median']:.4f})"
+            + (f"; the {r['set_aside']} images the run set aside, never trained on, left out"
+               if r.get("set_aside") else "")  # fmt: skip
         )
     return lines

@@ -20,6 +20,32 @@ from ddpm_cli.data.folders import InMemory, OnDisk
 from ddpm_cli.device import to_device
 from ddpm_cli.errors import DataError
 
+SPLIT_SEED = 7_777_777  # added to a run's seed: which images it sets aside (split)
+
+
+def split(
+    n_images: int, k: int, seed: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices to train on, indices set aside), each ascending: k images chosen by a
+    permutation seeded by the run's seed alone, so a resumed run sets aside the same ones.
+    With class `labels`, an image is not set aside when it is the last of its class left
+    to train on (a rare class is never taken out of training whole)."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + SPLIT_SEED))
+    if labels is None:
+        return order[k:].sort().values, order[:k].sort().values
+    left = torch.bincount(labels).tolist()
+    aside = []
+    for i in order.tolist():
+        if len(aside) == k:
+            break
+        if left[int(labels[i])] > 1:
+            left[int(labels[i])] -= 1
+            aside.append(i)
+    held = torch.tensor(sorted(aside), dtype=torch.long)
+    keep = torch.ones(n_images, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
 
 def _collate(items):
     """(images, every failure, the index of each image): OnDisk may have replaced an item that

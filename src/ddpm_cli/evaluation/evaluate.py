@@ -59,11 +59,6 @@ def _counter(progress: Progress, task: str, total: int) -> Callable[[int], None]
     return advance
 
 
-def _training_fingerprint(sm: SamplingModel) -> str | None:
-    fingerprint = sm.data.get("fingerprint")
-    return fingerprint if isinstance(fingerprint, str) else None
-
-
 # `ddpm eval --data` without --t-samples or --full: a budget of the bound's time, in which it
 # is estimated from as many timesteps per image as fit (at least MIN_T_SAMPLES; the full bound
 # when all T fit), on as many images as fit at that (at least MIN_IMAGES)
@@ -143,7 +138,7 @@ def likelihood(
         device=device,
         on_evaluations=_counter(progress, "bound", evaluations(n, T, t_samples)),
     )
-    trained_on = report.fingerprint is not None and report.fingerprint == _training_fingerprint(sm)
+    trained_on = sm.trained_on(report.fingerprint)
     return {
         **result.to_dict(),
         "data": report.source,

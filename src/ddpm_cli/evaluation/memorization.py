@@ -82,6 +82,14 @@ def memorization(
     start = time.perf_counter()
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
     train = torch.cat(list(image_batches(ds, len(ds), 256)))
+    # the model's own data: the images its run set aside (never trained on) are not compared
+    aside = sm.set_aside(len(ds), report.fingerprint, ds.labels)
+    kept = torch.arange(len(train))
+    if aside is not None:
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[aside] = False
+        kept = keep.nonzero().flatten()
+        train = train[kept]
     precision = resolve_precision(precision, device)
     batch = batch_size or default_batch_size(sm.model_config, device, n)
 
@@ -93,11 +101,14 @@ def memorization(
             yield to_uint8(x)
 
     samples = torch.cat(list(drawn()))
+    share = copied_share(samples, train, seed)
+    share["nearest"] = [int(kept[i]) for i in share["nearest"]]  # in the data's own order
     return {
-        **copied_share(samples, train, seed),
+        **share,
         "samples": n,
         "data": report.source,
         "training_images": int(train.shape[0]),
+        "set_aside": 0 if aside is None else len(aside),
         "seed": seed,
         "seconds": time.perf_counter() - start,
     }

@@ -46,6 +46,25 @@ class SamplingModel:
     # scheduler: {"variance": "small", "clip": true}); empty for models ddpm trained
     defaults: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # the training data's summary (its fingerprint)
+    training: dict = field(default_factory=dict)  # its run's training config (seed, holdout)
+
+    def trained_on(self, fingerprint: str | None) -> bool:
+        """Whether data of this fingerprint (a folder's file names and sizes, also kept in a
+        run's data cache) is what the model trained on."""
+        own = self.data.get("fingerprint")
+        return isinstance(own, str) and fingerprint == own
+
+    def set_aside(self, n: int, fingerprint: str | None, labels: torch.Tensor | None):
+        """The indices of the images its run set aside for the quality figure and never trained
+        on, when the `n` images of this fingerprint are its training data; else None."""
+        k, seed = self.training.get("holdout"), self.training.get("seed")
+        if not self.trained_on(fingerprint) or not isinstance(k, int) or not isinstance(seed, int):
+            return None
+        if not 0 < k < n:
+            return None
+        from ddpm_cli.data.batches import split  # (sampling itself never loads the data code)
+
+        return split(n, k, seed, labels if self.model_config.num_classes else None)[1]
 
 
 def load_for_sampling(
@@ -66,6 +85,7 @@ def load_for_sampling(
         step=lm.ckpt.step,
         defaults=dict(lm.ckpt.config.get("sampler") or {}),
         data=dict(lm.ckpt.config.get("data") or {}),
+        training=dict(lm.ckpt.config.get("training") or {}),
     )
 
 

@@ -28,7 +28,6 @@ from ddpm_cli.errors import DataError, UsageError
 # aside fewer than HOLDOUT_MIN sets aside none (too few for a figure worth the images)
 HOLDOUT_SHARE, HOLDOUT_MAX, HOLDOUT_MIN = 0.05, 256, 8
 EVALUATIONS = 256  # network evaluations per figure: each held-out image at several timesteps
-SPLIT_SEED = 7_777_777  # added to the run's seed: which images are set aside
 NOISE_SEED = 8_888_888  # added to the run's seed: the figure's timesteps and noise
 
 
@@ -43,30 +42,6 @@ def holdout_size(n_images: int, holdout: int | None) -> int:
         return holdout
     k = min(HOLDOUT_MAX, int(HOLDOUT_SHARE * n_images))
     return k if k >= HOLDOUT_MIN else 0
-
-
-def split(
-    n_images: int, k: int, seed: int, labels: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices to train on, indices set aside), each ascending: k images chosen by a
-    permutation seeded by the run's seed alone, so a resumed run sets aside the same ones.
-    With class `labels`, an image is not set aside when it is the last of its class left
-    to train on (a rare class is never taken out of training whole)."""
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + SPLIT_SEED))
-    if labels is None:
-        return order[k:].sort().values, order[:k].sort().values
-    left = torch.bincount(labels).tolist()
-    aside = []
-    for i in order.tolist():
-        if len(aside) == k:
-            break
-        if left[int(labels[i])] > 1:
-            left[int(labels[i])] -= 1
-            aside.append(i)
-    held = torch.tensor(sorted(aside), dtype=torch.long)
-    keep = torch.ones(n_images, dtype=torch.bool)
-    keep[held] = False
-    return keep.nonzero().flatten(), held
 
 
 @dataclass(frozen=True)

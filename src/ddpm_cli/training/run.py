@@ -31,7 +31,7 @@ import torch
 
 from ddpm_cli import distributed
 from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, TrainConfig, from_dict
-from ddpm_cli.data.batches import Batches
+from ddpm_cli.data.batches import Batches, split
 from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
 from ddpm_cli.device import resolve_device
@@ -209,7 +209,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
 
     use, heldout = None, None
     if config.holdout:  # the images the quality figure is computed on, never trained on
-        use, aside = quality.split(len(images), config.holdout, config.seed, images.labels)
+        use, aside = split(len(images), config.holdout, config.seed, images.labels)
         heldout = quality.HeldOut.take(images, aside, config.seed) if d.main else None
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
