@@ -4,6 +4,7 @@ new images from the same distribution are counted about as often as the threshol
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,3 +107,30 @@ def test_the_images_a_run_set_aside_are_not_counted_as_training_images(tmp_path,
     for p in sorted((tmp_path / "pics").iterdir())[:20]:
         (other / p.name).write_bytes(p.read_bytes())
     assert check(str(other), data[:4])["set_aside"] == 0
+    # nor does the model's own folder once an image no longer decodes (the same names and
+    # sizes, one image fewer: the run's split cannot be redone on it)
+    broken = sorted((tmp_path / "pics").iterdir())[0]
+    broken.write_bytes(b"\0" * broken.stat().st_size)
+    assert check(str(tmp_path / "pics"), data[:4])["set_aside"] == 0
+    # a fine-tuned model: its parent may have trained on them
+    assert replace(sm, fine_tuned=True).set_aside(40, load_source(
+        str(run / "data_cache.safetensors"), (8, 8), 3)[1], None) is None  # fmt: skip
+
+
+def test_a_builtin_set_is_the_models_own_data_when_it_trained_on_it(tmp_path):
+    """Built-in sets have no fingerprint, but are drawn from a fixed seed: the same name and
+    count are the model's data, and its held-out images are known."""
+    from ddpm_cli.config import DiffusionConfig, TrainConfig
+    from ddpm_cli.data.batches import split
+    from ddpm_cli.data.sources import load_source
+    from ddpm_cli.generation.sampling import load_for_sampling
+    from ddpm_cli.training.run import train
+
+    config = TrainConfig(preset="tiny", image_size=8, batch_size=4, device="cpu", seed=5,
+                         steps=1, sample_every=0, data_cache=False)  # fmt: skip
+    run = train("builtin:shapes", config, DiffusionConfig(), tmp_path / "run").out
+    sm = load_for_sampling(run)
+    ds, report = load_source("builtin:shapes", (8, 8), 3)
+    assert sm.trained_on(report) and sm.training["holdout"] == 204
+    expected = split(len(ds), 204, 5, ds.labels)[1]  # a conditional model: by class
+    assert torch.equal(sm.set_aside(len(ds), report, ds.labels), expected)

@@ -138,7 +138,7 @@ def likelihood(
         device=device,
         on_evaluations=_counter(progress, "bound", evaluations(n, T, t_samples)),
     )
-    trained_on = sm.trained_on(report.fingerprint)
+    trained_on = sm.trained_on(report)
     return {
         **result.to_dict(),
         "data": report.source,

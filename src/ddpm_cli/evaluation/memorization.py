@@ -83,7 +83,7 @@ def memorization(
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
     train = torch.cat(list(image_batches(ds, len(ds), 256)))
     # the model's own data: the images its run set aside (never trained on) are not compared
-    aside = sm.set_aside(len(ds), report.fingerprint, ds.labels)
+    aside = sm.set_aside(len(ds), report, ds.labels)
     kept = torch.arange(len(train))
     if aside is not None:
         keep = torch.ones(len(train), dtype=torch.bool)

@@ -47,20 +47,26 @@ class SamplingModel:
     defaults: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # the training data's summary (its fingerprint)
     training: dict = field(default_factory=dict)  # its run's training config (seed, holdout)
+    fine_tuned: bool = False  # started from another model's weights (ddpm train --init)
 
-    def trained_on(self, fingerprint: str | None) -> bool:
-        """Whether data of this fingerprint (a folder's file names and sizes, also kept in a
-        run's data cache) is what the model trained on."""
-        own = self.data.get("fingerprint")
-        return isinstance(own, str) and fingerprint == own
+    def trained_on(self, report) -> bool:
+        """Whether the data of `report` (a data.folders.DataReport) is what the model trained
+        on: a folder or data cache of the same file names and sizes, or the same built-in set
+        (drawn from a fixed seed)."""
+        fingerprint, source = self.data.get("fingerprint"), self.data.get("source")
+        if isinstance(fingerprint, str):
+            return report.fingerprint == fingerprint
+        return isinstance(source, str) and source.startswith("builtin:") and report.source == source
 
-    def set_aside(self, n: int, fingerprint: str | None, labels: torch.Tensor | None):
+    def set_aside(self, n: int, report, labels: torch.Tensor | None):
         """The indices of the images its run set aside for the quality figure and never trained
-        on, when the `n` images of this fingerprint are its training data; else None."""
+        on, when the `n` images of `report` are its training data as the run read them (as many
+        as it used); else None. None for a fine-tuned model too: its parent may have trained
+        on them."""
         k, seed = self.training.get("holdout"), self.training.get("seed")
-        if not self.trained_on(fingerprint) or not isinstance(k, int) or not isinstance(seed, int):
+        if self.fine_tuned or not self.trained_on(report) or n != self.data.get("used"):
             return None
-        if not 0 < k < n:
+        if not isinstance(k, int) or not isinstance(seed, int) or not 0 < k < n:
             return None
         from ddpm_cli.data.batches import split  # (sampling itself never loads the data code)
 
@@ -86,6 +92,7 @@ def load_for_sampling(
         defaults=dict(lm.ckpt.config.get("sampler") or {}),
         data=dict(lm.ckpt.config.get("data") or {}),
         training=dict(lm.ckpt.config.get("training") or {}),
+        fine_tuned=bool(lm.ckpt.config.get("parent")),
     )
 
 
