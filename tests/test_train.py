@@ -684,14 +684,16 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
     config = TrainConfig(**FAST, time_limit=2.0)  # the preset's warm-up: 100 steps or 5%
     result = train(str(colours), config, DiffusionConfig(), out)
     wall = time.perf_counter() - t0
-    assert result.status == "done" and result.total is None and result.step > 5
+    assert result.status == "done" and result.total is None and result.step >= 3
     first = load_checkpoint(out / "train_state.safetensors")
     trained = first.json("train_seconds")
-    assert 2.0 <= trained < 2.5 and trained <= first.json("elapsed") < wall
+    assert trained <= first.json("elapsed") < wall
     assert wall < 2.0 + 15  # start-up, the data and the final checkpoint
     assert load_checkpoint(out / "model.safetensors").step == result.step
     # the cooldown was planned for the time: the last steps ran at a small share of the rate
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the last step began before the budget ran out, and the loop stopped once it had
+    assert records[-2]["trained"] < 2.0 <= trained and records[-1]["step"] == result.step
     peak = max(r["lr"] for r in records)
     assert peak == pytest.approx(1e-3)
     # each step's rate is the schedule's at the share of the time spent when it began: after
@@ -709,9 +711,9 @@ def test_time_limit_stops_within_a_step_of_its_budget_and_resume_extends_it(colo
     again = train(None, TrainConfig(**FAST, time_limit=3.5), DiffusionConfig(), resume=out,
                   given={"time_limit": 3.5})  # fmt: skip
     second = load_checkpoint(out / "train_state.safetensors")
-    assert again.step > result.step and 3.5 <= second.json("train_seconds") < 4.0
     # resumed, the schedule is replanned for 3.5 s from the seconds already trained
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again.step > result.step and resumed[-2]["trained"] < 3.5 <= second.json("train_seconds")
     assert resumed[: len(records)] == records and resumed[len(records)]["step"] == result.step + 1
     follows_the_clock(resumed[len(records):], 3.5, trained)
     # a step limit that comes first still ends the run
