@@ -147,6 +147,10 @@ def test_a_run_logs_the_figure_and_keeps_the_best_weights(tmp_path):
                      eval_every=2)  # fmt: skip
     figures = run_figures(run)
     assert [r["step"] for r in figures] == [2, 4, 6, 8, 9]  # and the finished run's own
+    # like a step's line, a figure's has the run's seconds and the loop's, in order
+    lines = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    assert all(0 < r["trained"] <= r["elapsed"] for r in lines)
+    assert [r["trained"] for r in lines] == sorted(r["trained"] for r in lines)
     best = min(figures, key=lambda r: r["heldout_loss"])
     ckpt = load_checkpoint(run / BEST)
     assert ckpt.step == best["step"] and ckpt.json("heldout_loss") == best["heldout_loss"]

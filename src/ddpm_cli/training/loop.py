@@ -177,7 +177,8 @@ class Loop:
             decay = ema_decay_at(state.step, r.config.ema_decay)
             save_model(r.out / BEST, state, r.configs, self.elapsed(), decay, **{FIGURE: value})
             r.best = value
-        record = {"step": state.step, FIGURE: value, "best": best, "elapsed": self.elapsed()}
+        record = {"step": state.step, FIGURE: value, "best": best, "elapsed": self.elapsed(),
+                  "trained": self.trained()}  # fmt: skip
         self.record(record, "eval")
 
     def checkpoint(self) -> None:
