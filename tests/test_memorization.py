@@ -113,7 +113,7 @@ def test_the_images_a_run_set_aside_are_not_counted_as_training_images(tmp_path,
     broken.write_bytes(b"\0" * broken.stat().st_size)
     assert check(str(tmp_path / "pics"), data[:4])["set_aside"] == 0
     # a fine-tuned model: its parent may have trained on them
-    assert replace(sm, fine_tuned=True).set_aside(40, load_source(
+    assert replace(sm, fine_tuned=True).held_out_split(40, load_source(
         str(run / "data_cache.safetensors"), (8, 8), 3)[1], None) is None  # fmt: skip
 
 
@@ -133,4 +133,5 @@ def test_a_builtin_set_is_the_models_own_data_when_it_trained_on_it(tmp_path):
     ds, report = load_source("builtin:shapes", (8, 8), 3)
     assert sm.trained_on(report) and sm.training["holdout"] == 204
     expected = split(len(ds), 204, 5, ds.labels)[1]  # a conditional model: by class
-    assert torch.equal(sm.set_aside(len(ds), report, ds.labels), expected)
+    use, aside = sm.held_out_split(len(ds), report, ds.labels)
+    assert torch.equal(aside, expected) and len(use) + len(aside) == len(ds)

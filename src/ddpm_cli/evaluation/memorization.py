@@ -83,13 +83,9 @@ def memorization(
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
     train = torch.cat(list(image_batches(ds, len(ds), 256)))
     # the model's own data: the images its run set aside (never trained on) are not compared
-    aside = sm.set_aside(len(ds), report, ds.labels)
-    kept = torch.arange(len(train))
-    if aside is not None:
-        keep = torch.ones(len(train), dtype=torch.bool)
-        keep[aside] = False
-        kept = keep.nonzero().flatten()
-        train = train[kept]
+    parts = sm.held_out_split(len(ds), report, ds.labels)
+    kept = parts[0] if parts is not None else torch.arange(len(train))
+    train = train[kept]
     precision = resolve_precision(precision, device)
     batch = batch_size or default_batch_size(sm.model_config, device, n)
 
@@ -108,7 +104,7 @@ def memorization(
         "samples": n,
         "data": report.source,
         "training_images": int(train.shape[0]),
-        "set_aside": 0 if aside is None else len(aside),
+        "set_aside": 0 if parts is None else len(parts[1]),
         "seed": seed,
         "seconds": time.perf_counter() - start,
     }

@@ -58,11 +58,11 @@ class SamplingModel:
             return report.fingerprint == fingerprint
         return isinstance(source, str) and source.startswith("builtin:") and report.source == source
 
-    def set_aside(self, n: int, report, labels: torch.Tensor | None):
-        """The indices of the images its run set aside for the quality figure and never trained
-        on, when the `n` images of `report` are its training data as the run read them (as many
+    def held_out_split(self, n: int, report, labels: torch.Tensor | None):
+        """(indices trained on, indices set aside for the quality figure) as its run split the
+        `n` images of `report`, when they are its training data as the run read them (as many
         as it used); else None. None for a fine-tuned model too: its parent may have trained
-        on them."""
+        on the images set aside."""
         k, seed = self.training.get("holdout"), self.training.get("seed")
         if self.fine_tuned or not self.trained_on(report) or n != self.data.get("used"):
             return None
@@ -70,8 +70,7 @@ class SamplingModel:
             return None
         from ddpm_cli.data.batches import split  # (sampling itself never loads the data code)
 
-        return split(n, k, seed, labels if self.model_config.num_classes else None)[1]
-
+        return split(n, k, seed, labels if self.model_config.num_classes else None)
 
 def load_for_sampling(
     path: Path, raw: bool = False, device: torch.device | str = "cpu", step: int | None = None
