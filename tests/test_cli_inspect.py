@@ -131,9 +131,12 @@ def test_an_option_for_another_kind_of_subject_is_refused_not_ignored(runner, ru
     (tmp_path / "pics").mkdir()
     draw_shapes((8, 8)).save(tmp_path / "pics" / "a.png")
     cases = [
-        ([run, "-T", "50"], "--timesteps applies to --schedule, not to a checkpoint or run"),
+        ([run, "-T", "50"], "--timesteps applies to --schedule, not to a run directory"),
         ([run / "model.safetensors", "--image-size", "32"],
-         "--image-size applies to an image folder, not to a checkpoint or run"),
+         "--image-size applies to an image folder, not to a checkpoint; drop it"),
+        # an image given for its folder: the option is refused for what the path is
+        ([tmp_path / "pics" / "a.png", "--image-size", "32"],
+         "--image-size applies to an image folder, not to a file; drop it"),
         ([tmp_path / "pics", "--tensors"],
          "--tensors applies to a checkpoint or run, not to an image folder"),
         ([tmp_path / "pics", "--timesteps", "50"], "--timesteps applies to --schedule, not to an"),
@@ -149,6 +152,8 @@ def test_an_option_for_another_kind_of_subject_is_refused_not_ignored(runner, ru
     assert inspect_json(runner, "--schedule", "linear", "-T", "50")["timesteps"] == 50
     assert inspect_json(runner, "--schedule", "linear")["timesteps"] == 1000
     assert inspect_json(runner, tmp_path / "pics", "--image-size", "16")["image_size"] == [16, 16]
+    r = runner.invoke(app, ["inspect", str(tmp_path / "pics" / "a.png"), "--tensors"])
+    assert r.exit_code == 2 and "is an image, not a checkpoint" in r.stderr  # --tensors may pass
 
 
 def test_an_image_folder_gets_the_training_preflight_report(runner, tmp_path):

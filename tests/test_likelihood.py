@@ -249,3 +249,86 @@ def test_eval_defaults_to_a_budget_and_full_is_one_flag_away(runner, tmp_path, m
     assert abs(lik["bits_per_dim"] - full["bits_per_dim"]) < 5 * lik["stderr"] + 1e-3
     r = runner.invoke(app, [*args, "--full", "--t-samples", "5"])
     assert r.exit_code == 2 and "--full" in r.stderr
+
+
+def test_held_out_measures_exactly_the_images_the_run_set_aside(runner, tmp_path, monkeypatch):
+    """`--held-out` bounds the images the run set aside for its quality figure (never trained
+    on), in the data's order, and nothing else: a test-set figure from the model's own data.
+    Without it, the report says how many there are; where they cannot be known, it is refused
+    with the reason."""
+    import json
+
+    from conftest import train_tiny
+    from ddpm_cli.cli import app
+    from ddpm_cli.data.batches import split
+    from ddpm_cli.data.sources import load_source
+    from ddpm_cli.evaluation import evaluate
+
+    run = train_tiny(tmp_path, 40, steps=2, holdout=6, diffusion=DiffusionConfig(timesteps=20))
+    pics = tmp_path / "pics"
+    data = load_source(str(pics), (8, 8), 3)[0].data  # in the order the run read them
+    aside = split(40, 6, seed=1)[1].sort().values
+    seen = []
+    real = evaluate.bound
+
+    def recording(network, objective, tables, batches, **kw):
+        batches = list(batches)
+        seen.append(torch.cat(batches))
+        return real(network, objective, tables, iter(batches), **kw)
+
+    monkeypatch.setattr(evaluate, "bound", recording)
+
+    def measure(*args: str) -> dict:
+        r = runner.invoke(app, ["eval", str(run), "--full", "--json", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["likelihood"]
+
+    for source in (pics, run / "data_cache.safetensors"):
+        held = measure("--data", str(source), "--held-out")
+        assert torch.equal(seen[-1], data[aside]) and held["images"] == 6
+        assert held["held_out"] and not held["training_images"] and held["set_aside"] == 6
+    assert measure("--data", str(pics), "--held-out", "--limit", "2")["images"] == 2
+    assert torch.equal(seen[-1], data[aside[:2]])
+    whole = measure("--data", str(pics))
+    assert torch.equal(seen[-1], data) and whole["training_images"] and whole["set_aside"] == 6
+    r = runner.invoke(app, ["eval", str(run), "--data", str(pics), "--full"])
+    assert "a training-set bound; --held-out measures the 6 its run set aside" in r.stderr
+    assert "(6 held-out images of" in runner.invoke(
+        app, ["eval", str(run), "--data", str(pics), "--full", "--held-out"]).stdout  # fmt: skip
+    # other data: refused with the reason, in one line
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in sorted(pics.iterdir())[:20]:
+        (other / p.name).write_bytes(p.read_bytes())
+    r = runner.invoke(app, ["eval", str(run), "--data", str(other), "--held-out"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--held-out: " in r.stderr and "is not the data" in r.stderr, r.stderr
+    assert measure("--data", str(other))["set_aside"] == 0
+
+
+def test_an_option_for_a_measurement_not_asked_for_is_refused(runner, tmp_path):
+    """eval's options each belong to one measurement; given without it, each would be silently
+    ignored: it is refused, naming what it applies to."""
+    from conftest import train_tiny
+    from ddpm_cli.cli import app
+
+    run = train_tiny(tmp_path, 4)
+    data = ["--data", str(tmp_path / "pics")]
+    cases = [
+        (["--memorization", str(tmp_path / "pics"), "--held-out"], "--held-out applies to --data"),
+        (["--fid-ref", "x", "--limit", "2"], "--limit applies to --data"),
+        (["--fid-ref", "x", "--full"], "--full applies to --data"),
+        (["--fid-ref", "x", "--t-samples", "3"], "--t-samples applies to --data"),
+        (["--fid-ref", "x", "--variance", "large"], "--variance applies to --data"),
+        ([*data, "-n", "9"], "--num applies to --fid-ref or --memorization"),
+        ([*data, "--steps", "9"], "--steps applies to --fid-ref or --memorization"),
+        ([*data, "--sampler", "ddim"], "--sampler applies to --fid-ref or --memorization"),
+        ([*data, "--precision", "fp32"], "--precision applies to --fid-ref or --memorization"),
+        ([*data, "--no-ref-cache"], "--ref-cache/--no-ref-cache applies to --fid-ref"),
+        ([*data, "--inception-weights", "w"], "--inception-weights applies to --fid-ref"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, ["eval", str(run), *args])
+        assert r.exit_code == 2, (args, r.output)
+        (line,) = r.stderr.strip().splitlines()
+        assert message in line and line.endswith("not given here; drop it"), (args, line)

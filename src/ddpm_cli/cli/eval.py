@@ -26,8 +26,19 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
 from ddpm_cli.text import shown
 
+# options that only one measurement reads: given without it, each would be silently ignored
+_DATA, _SAMPLES = ("--data",), ("--fid-ref", "--memorization")
+_SCOPES = [("held_out", "--held-out", _DATA), ("limit", "--limit", _DATA),
+           ("t_samples", "--t-samples", _DATA), ("full", "--full", _DATA),
+           ("variance", "--variance", _DATA), ("num", "--num", _SAMPLES),
+           ("sampler", "--sampler", _SAMPLES), ("steps", "--steps", _SAMPLES),
+           ("precision", "--precision", _SAMPLES),
+           ("inception_weights", "--inception-weights", ("--fid-ref",)),
+           ("ref_cache", "--ref-cache/--no-ref-cache", ("--fid-ref",))]  # fmt: skip
+
 
 def eval_(
+    ctx: typer.Context,
     checkpoint: Annotated[
         Path,
         typer.Argument(help="A model.safetensors written by ddpm train, or its run directory."),
@@ -51,10 +62,23 @@ def eval_(
             show_default=False,
         ),
     ] = None,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--held-out",
+            help="With --data: measure only the images the model's run set aside for its "
+            "quality figure, never trained on (a test-set bound; --data is then the run's own "
+            "image folder, data cache or built-in set).",
+        ),
+    ] = False,
     limit: Annotated[
         int | None,
         typer.Option(
-            "--limit", max=MAX_COUNT, min=1, help="With --data: only the first N images (sorted)."
+            "--limit",
+            max=MAX_COUNT,
+            min=1,
+            help="With --data: only the first N images (sorted; of the set-aside ones with "
+            "--held-out).",
         ),
     ] = None,
     t_samples: Annotated[
@@ -131,7 +155,9 @@ def eval_(
     seed: seed_option("Seed of the noise and samples.") = 0,
     raw: RawOpt = False,
     batch_size: BatchSizeOpt = None,
-    precision: precision_option("Sampling precision for --fid-ref (the bound is fp32).") = None,
+    precision: precision_option(
+        "With --fid-ref or --memorization: sampling precision (the bound is fp32)."
+    ) = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -157,6 +183,12 @@ def eval_(
         )
     if full and t_samples is not None:
         raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
+    measured = {"--data": data is not None, "--fid-ref": fid_ref is not None,
+                "--memorization": memorization is not None}  # fmt: skip
+    for name, flag, needs in _SCOPES:
+        given = ctx.get_parameter_source(name).name == "COMMANDLINE"
+        if given and not any(measured[m] for m in needs):
+            raise UsageError(f"{flag} applies to {' or '.join(needs)}, not given here; drop it")
 
     with deferred_interrupt():
         from ddpm_cli.device import resolve_device
@@ -185,9 +217,13 @@ def eval_(
                 sm, data, limit=limit, t_samples=t_samples, variance=variance.value,
                 batch_size=batch_size, seed=seed, device=dev, progress=view.update,
                 budget=None if full or t_samples is not None else BUDGET_SECONDS,
+                held_out=held_out,
             )  # fmt: skip
-            if report["likelihood"]["training_images"] and not quiet:
-                note_line("these are the model's training images: a training-set bound")
+            r = report["likelihood"]
+            if r["training_images"] and not quiet:
+                note_line("these are the model's training images: a training-set bound"
+                          + (f"; --held-out measures the {r['set_aside']} its run set aside"
+                             if r["set_aside"] else ""))  # fmt: skip
         if fid_ref is not None:
             config = SamplerConfig(sampler=sampler, steps=steps)
             report["fid"] = sample_quality(
@@ -221,8 +257,9 @@ def summary_lines(report: dict) -> list[str]:
             if r["t_samples"] is None
             else (f"estimate from {r['t_samples']} t/image; --full for the whole bound")
         )
+        which = "held-out images" if r.get("held_out") else "images"
         lines.append(
-            f"bits/dim  {r['bits_per_dim']:.4f} ± {r['stderr']:.4f}  ({r['images']} images of "
+            f"bits/dim  {r['bits_per_dim']:.4f} ± {r['stderr']:.4f}  ({r['images']} {which} of "
             f"{shown(str(r['data']))}, {how}, variance {r['variance']})"
         )
         t = r["terms"]

@@ -102,11 +102,16 @@ def inspect(
     if folder and is_diffusers_folder(path):
         raise UsageError(f"{path}: is a diffusers model folder; convert it with ddpm import "
                          f"{path} -o MODEL.safetensors, then inspect that")  # fmt: skip
-    subject = "--schedule" if schedule else "an image folder" if folder else "a checkpoint or run"
-    for flag, given, applies in [("--timesteps", timesteps is not None, "--schedule"),
-                                 ("--image-size", image_size is not None, "an image folder"),
-                                 ("--tensors", tensors, "a checkpoint or run")]:  # fmt: skip
-        if given and subject != applies:
+    subject = ("--schedule" if schedule else "an image folder" if folder
+               else "a run directory" if path.is_dir()
+               else "a checkpoint" if path.suffix == ".safetensors" else "a file")  # fmt: skip
+    stored = ("a run directory", "a checkpoint", "a file")  # a file is refused when loaded
+    for flag, given, applies, subjects in [
+        ("--timesteps", timesteps is not None, "--schedule", ("--schedule",)),
+        ("--image-size", image_size is not None, "an image folder", ("an image folder",)),
+        ("--tensors", tensors, "a checkpoint or run", stored),
+    ]:
+        if given and subject not in subjects:
             raise UsageError(f"{flag} applies to {applies}, not to {subject}; drop it")
     if schedule:
         names, timesteps = [s.value for s in schedule], timesteps or 1000

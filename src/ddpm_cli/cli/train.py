@@ -38,7 +38,7 @@ AUTO = PresetName(D.preset)
 
 
 def _channels(value: int | None) -> int | None:
-    if value not in (None, 1, 3, 4):  # 2 passes the range: gray+alpha is not a model kind
+    if value not in (None, 1, 3, 4):  # no range: 2 (gray+alpha) is refused in the same words
         raise typer.BadParameter(f"must be 1, 3 or 4, got {value}")
     return value
 
@@ -81,7 +81,7 @@ def train(
     ] = None,
     channels: Annotated[
         int | None,
-        typer.Option("--channels", min=1, max=4, callback=_channels,
+        typer.Option("--channels", callback=_channels,
                      help="1, 3 or 4. Default: follows the data."),
     ] = D.channels,
     flip: Annotated[

@@ -42,6 +42,7 @@ from ddpm_cli.generation.sampling import (
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.model.kernels import winograd
 from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.text import shown
 
 Progress = Callable[[str, int, int], None]
 FEATURE_BATCH = 50  # images per Inception forward pass (299x299 activations are large)
@@ -116,13 +117,23 @@ def likelihood(
     device: torch.device,
     progress: Progress = lambda task, done, total: None,
     budget: float | None = None,
+    held_out: bool = False,
 ) -> dict:
     """The variational bound in bits/dim on the first `limit` images of `data` (a folder,
     builtin:NAME or a data cache), decoded at the model's size and channels. With `budget`
     (seconds) and no `t_samples`, the timesteps per image (and if need be the images) are
-    chosen to fit it (budget_plan)."""
+    chosen to fit it (budget_plan). With `held_out`, only the images the model's run set aside
+    (never trained on) are measured, in their order in `data`: a test-set bound from the
+    model's own training data (a DataError if `data` is not that, or nothing was set aside)."""
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    parts = sm.held_out_split(len(ds), report, ds.labels)
+    order = None
+    if held_out:
+        if parts is None:
+            raise DataError(f"--held-out: {no_split_reason(sm, report, len(ds))}")
+        order = parts[1].sort().values
+    available = len(ds) if order is None else len(order)
+    n = available if limit is None else min(limit, available)
     T = sm.diffusion.timesteps
     batch = batch_size or default_batch_size(sm.model_config, device, n)
     if t_samples is None and budget is not None:
@@ -131,21 +142,40 @@ def likelihood(
         sm.model,
         sm.objective,
         DiffusionTables.from_config(sm.diffusion),
-        image_batches(ds, n, batch),
+        image_batches(ds, n, batch, order),
         t_samples=t_samples,
         variance=variance,
         generator=torch.Generator().manual_seed(seed),
         device=device,
         on_evaluations=_counter(progress, "bound", evaluations(n, T, t_samples)),
     )
-    trained_on = sm.trained_on(report)
     return {
         **result.to_dict(),
         "data": report.source,
         "found": report.found,
-        "training_images": trained_on,
+        "training_images": sm.trained_on(report) and not held_out,
+        "held_out": held_out,
+        # how many images of `data` the run set aside (0: none, or not the model's own data)
+        "set_aside": 0 if parts is None else len(parts[1]),
         "seed": seed,
     }
+
+
+def no_split_reason(sm: SamplingModel, report, n: int) -> str:
+    """Why the images a model's run set aside cannot be found in the data of `report` (n
+    images): what SamplingModel.held_out_split returned None for, in the user's terms."""
+    source, model = shown(str(report.source)), shown(str(sm.path))
+    if sm.fine_tuned:
+        return (f"{model} is fine-tuned: its parent run may have trained on the images its "
+                "own run set aside")  # fmt: skip
+    if not sm.trained_on(report):
+        return (f"{source} is not the data {model} trained on; give its run's image folder, "
+                "data cache or built-in set")  # fmt: skip
+    used = sm.data.get("used")
+    if isinstance(used, int) and n != used:
+        return (f"{source} has {n} images where the run used {used}: which were set aside "
+                "cannot be told")  # fmt: skip
+    return f"the run of {model} set no images aside for its quality figure"
 
 
 def reference_id(source: str) -> str:

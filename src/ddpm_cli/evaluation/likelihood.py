@@ -72,14 +72,18 @@ class BoundResult:
         }
 
 
-def image_batches(dataset: InMemory | OnDisk, n: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """The first n images of a dataset, in order, as uint8 batches (B, C, H, W)."""
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
+def image_batches(
+    dataset: InMemory | OnDisk, n: int, batch_size: int, order: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """The first n images of a dataset, in order (or the first n of the indices `order`), as
+    uint8 batches (B, C, H, W)."""
+    indices = torch.arange(n) if order is None else order[:n]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
         if isinstance(dataset, InMemory):
-            yield dataset.data[start:stop]
+            yield dataset.data[chunk]
         else:
-            yield torch.stack([dataset[i][0] for i in range(start, stop)])
+            yield torch.stack([dataset[int(i)][0] for i in chunk])
 
 
 def strata(timesteps: int, k: int) -> list[tuple[int, int]]:
