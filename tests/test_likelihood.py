@@ -292,7 +292,7 @@ def test_held_out_measures_exactly_the_images_the_run_set_aside(runner, tmp_path
     whole = measure("--data", str(pics))
     assert torch.equal(seen[-1], data) and whole["training_images"] and whole["set_aside"] == 6
     r = runner.invoke(app, ["eval", str(run), "--data", str(pics), "--full"])
-    assert "a training-set bound; --held-out measures the 6 its run set aside" in r.stderr
+    assert "a training-set bound; --held-out measures the 6 images its run set aside" in r.stderr
     assert "(6 held-out images of" in runner.invoke(
         app, ["eval", str(run), "--data", str(pics), "--full", "--held-out"]).stdout  # fmt: skip
     # other data: refused with the reason, in one line

@@ -221,9 +221,9 @@ def eval_(
             )  # fmt: skip
             r = report["likelihood"]
             if r["training_images"] and not quiet:
+                aside = f"; --held-out measures the {r['set_aside']} images its run set aside"
                 note_line("these are the model's training images: a training-set bound"
-                          + (f"; --held-out measures the {r['set_aside']} its run set aside"
-                             if r["set_aside"] else ""))  # fmt: skip
+                          + (aside if r["set_aside"] else ""))  # fmt: skip
         if fid_ref is not None:
             config = SamplerConfig(sampler=sampler, steps=steps)
             report["fid"] = sample_quality(
