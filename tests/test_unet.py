@@ -141,6 +141,30 @@ def test_bad_configs_are_refused():
         ModelConfig(in_channels=2)
     with pytest.raises(ConfigError, match="norm groups"):
         ModelConfig(channels=48)
+    # every level's width splits, but a skip connection's concatenation (16 + 32) does not
+    with pytest.raises(ConfigError, match="48 channels cannot be split into 32 norm groups"):
+        ModelConfig(channels=16, channel_mult=(1, 2), attention_resolutions=())
+
+
+@pytest.mark.parametrize("channels, mult, n", [
+    (32, (1, 2, 2, 2), 2), (8, (1, 2), 2), (32, (1, 1, 2, 2), 3), (4, (1, 3, 2), 2),
+    (64, (1, 2, 3), 1), (32, (4, 1), 1),
+])  # fmt: skip
+def test_the_config_checks_every_width_the_network_normalizes(channels, mult, n):
+    """ModelConfig.norm_widths mirrors the U-Net's skip stack: it must name exactly the channel
+    counts of the GroupNorm layers the network builds, or a config it accepts could fail to
+    build (an internal error instead of a clear refusal of a bad checkpoint)."""
+    config = ModelConfig(image_size=(16, 16), channels=channels, channel_mult=mult,
+                         num_res_blocks=n, attention_resolutions=())  # fmt: skip
+    built = {m.num_channels for m in UNet(config).modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert config.norm_widths() == built
+
+
+def test_a_config_refused_for_a_skip_width_would_not_build():
+    config = ModelConfig(channels=32, channel_mult=(1, 2), attention_resolutions=())
+    object.__setattr__(config, "channels", 16)  # past the check: 16 + 32 at a skip
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        UNet(config)
 
 
 def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():

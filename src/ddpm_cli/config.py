@@ -105,6 +105,21 @@ class ModelConfig:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def norm_widths(self) -> set[int]:
+        """The channel counts the network group-normalizes: each level's width, and what the
+        up path's blocks take in, a width concatenated with a skip connection's (the U-Net's
+        skip stack in order; tests/test_unet.py checks it against the network built)."""
+        ch, n = self.channels, self.num_res_blocks
+        skips = [ch]
+        for level, m in enumerate(self.channel_mult):
+            skips += [ch * m] * (n + (level != len(self.channel_mult) - 1))
+        widths, cur = {ch}, skips[-1]
+        for m in reversed(self.channel_mult):
+            for _ in range(n + 1):
+                widths |= {cur + skips.pop(), ch * m}
+                cur = ch * m
+        return widths
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(self.classes) > MAX_CLASSES:
@@ -148,7 +163,7 @@ class ModelConfig:
                 f"image size {h}x{w} must be divisible by {factor} for "
                 f"{len(self.channel_mult)} resolution levels"
             )
-        for c in {self.channels * m for m in self.channel_mult} | {self.channels}:
+        for c in sorted(self.norm_widths()):
             if c % min(32, c):
                 raise ConfigError(f"{c} channels cannot be split into {min(32, c)} norm groups")
         if self.downsample_padding not in ("symmetric", "bottom_right"):
