@@ -204,6 +204,7 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
     quiet = runner.invoke(app, ["export", str(run), "--diffusers", str(tmp_path / "b"), "-q"])
     assert quiet.exit_code == 0 and quiet.stdout == f"{tmp_path / 'b'}\n"
     assert quiet.stderr == "" and "left out" not in said.stderr  # nothing left out here
+    assert "class-conditional" not in said.stderr
 
 
 def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
@@ -278,6 +279,9 @@ def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_p
     out = tmp_path / "exported"
     r = runner.invoke(app, ["export", str(tmp_path / "c.safetensors"), "--diffusers", str(out)])
     assert r.exit_code == 0, r.output
+    # DDPMPipeline passes no class_labels: the user is told what to pass instead
+    assert ("class-conditional: call the UNet with class_labels, 0 to 2 for cat, dog, owl "
+            "(ddpm_classes in unet/config.json) and 3 for no class") in r.stderr  # fmt: skip
     theirs = UNet2DModel.from_pretrained(out / "unet").eval()
     assert theirs.config.num_class_embeds == 4
     x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 300, 600, 999]), torch.arange(4)

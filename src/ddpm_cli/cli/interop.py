@@ -111,4 +111,12 @@ def export(
         )
         for name, why in info["left_out"].items():
             err_console.print(f"left out {name}: {why}")
+        if u.get("num_class_embeds"):  # DDPMPipeline gives the UNet no class_labels
+            names = u["ddpm_classes"]
+            listed = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            err_console.print(
+                f"class-conditional: call the UNet with class_labels, 0 to {len(names) - 1} "
+                f"for {safe(listed)} (ddpm_classes in unet/config.json) and {len(names)} for "
+                "no class; DDPMPipeline passes none and cannot sample it (docs/interop.md)"
+            )
     print_path(diffusers)
