@@ -160,6 +160,26 @@ def test_folders_pair_by_name_grid_stdout_and_json(runner, runs, tmp_path):
         assert np.array_equal(out[~LOWER], originals[n][~LOWER])
 
 
+def test_transparent_inputs_are_drawn_on_white_as_training_draws_them(runner, runs, tmp_path):
+    """A model of 1 or 3 channels trained on transparent images drawn over white: an edit's
+    input is drawn the same way, not with the colour hidden under its transparent pixels (black
+    here). The kept pixels of an inpainting show it bit for bit: white, a half-transparent red
+    blended half-way to white, the opaque ones unchanged."""
+    arr = np.zeros((8, 8, 4), np.uint8)  # transparent black
+    arr[:, 4:] = (200, 30, 30, 255)
+    arr[0, 0:4] = (200, 0, 0, 128)
+    Image.fromarray(arr, "RGBA").save(tmp_path / "logo.png")
+    keep_all = np.zeros((8, 8), bool)
+    keep_all[7, 7] = True  # one pixel drawn, the rest kept
+    mask_png(tmp_path / "m.png", keep_all)
+    r = ddpm(runner, runs, tmp_path, "inpaint {v} {tmp}/logo.png --mask {tmp}/m.png -o {tmp}/o")
+    assert r.exit_code == 0, r.output
+    out = pixels(r.stdout.strip())
+    assert out.shape == (8, 8, 3)
+    assert (out[1:, :4] == 255).all() and (out[:7, 4:] == (200, 30, 30)).all()
+    assert (out[0, :4] == (227, 127, 127)).all(), out[0, :4]  # 200a + 255(1 - a), a = 128/255
+
+
 def test_outpainting_keeps_the_image_inside_the_canvas(runner, runs, tmp_path):
     inner = rgb(tmp_path / "narrow.png", size=(4, 8))
     r = ddpm(runner, runs, tmp_path, "inpaint {v} {tmp}/narrow.png --outpaint 2,0,2,0 -o {tmp}/o")

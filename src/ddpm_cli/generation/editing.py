@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.data.folders import EXTENSIONS
+from ddpm_cli.data.folders import EXTENSIONS, mattes
 from ddpm_cli.data.images import decode_image
 from ddpm_cli.diffusion import editing
 from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs, evaluations
@@ -99,11 +99,13 @@ def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def _decode(path: str, name: str, size: tuple[int, int] | None, read: dict) -> tuple:
-    """(the decoded image, its bytes); `read` keeps each path's bytes, as stdin reads once."""
+def _decode(path: str, name: str, size: tuple[int, int] | None, read: dict,
+            matte: bool = False) -> tuple:  # fmt: skip
+    """(the decoded image, its bytes); `read` keeps each path's bytes, as stdin reads once.
+    `matte`: transparency drawn over white, as training draws it."""
     if path not in read:
         read[path] = read_input_bytes(path)
-    return decode_image(read[path], name, size), read[path]
+    return decode_image(read[path], name, size, matte=matte), read[path]
 
 
 def _channels(img, name: str, channels: int) -> torch.Tensor:
@@ -170,7 +172,8 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
     inputs, stems, read = [], {}, {}
     for name, path in sources:
         shown = _shown(name, path)
-        img, data = _decode(path, shown, target if spec.resize else None, read)
+        # a model of 1 or 3 channels learnt transparent parts as white: they are drawn so
+        img, data = _decode(path, shown, target if spec.resize else None, read, mattes(channels))
         pixels = _channels(img, shown, channels)
         size = img.size
         factor = _factor(spec, size, (mw, mh))
