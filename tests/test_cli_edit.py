@@ -142,6 +142,11 @@ def test_folders_pair_by_name_grid_stdout_and_json(runner, runs, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["edit"]["inputs"] == ["a.png", "b.png"] and len(summary["files"]) == 6
+    # each input's own arguments, as its PNGs record them (its mask here)
+    edit = json.loads(Image.open(tmp_path / "out" / "b-000002.png").text["ddpm:edit"])
+    assert edit["args"] == summary["edit"]["input_args"][1] + summary["edit"]["args"]
+    assert summary["edit"]["input_args"][1] == [f"{tmp_path}/imgs/b.png", "--mask",
+                                                f"{tmp_path}/masks/b.png"]  # fmt: skip
     assert np.array_equal(pixels(tmp_path / "out" / "b-000002.png")[LOWER], originals["b"][LOWER])
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 + 4 * 10, 2 + 2 * 10)  # a row per input: the input, then 3 fills

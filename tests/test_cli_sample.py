@@ -243,6 +243,8 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         10,
     )
     assert r.exit_code == 0, r.output
+    # stdout lists every file written: the images (none here: no -o), the grid, the trajectory
+    assert r.stdout.split("\n")[-3:] == [str(tmp_path / "g.png"), str(path), ""], r.stdout
     img = Image.open(path)
     if suffix == ".gif":
         assert img.n_frames == 11  # every step of a short run, and the sample

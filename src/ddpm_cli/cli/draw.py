@@ -302,7 +302,8 @@ def draw(
     if as_json:
         print(json.dumps(result.summary))
     elif not to_stdout:
-        for path in [*result.written, *([result.grid] if result.grid else [])]:
+        extras = [result.grid, result.summary["trajectory"]]
+        for path in [*result.written, *(p for p in extras if p)]:
             print_path(path)
 
 

@@ -224,6 +224,9 @@ def sample_images(
         "edit": {
             "mode": q.edit.mode.value,
             "inputs": [e.name for e in inputs],
+            # each input's own arguments (its path; --mask, --box, --outpaint, --factor), then
+            # the ones all share: the ddpm:edit of its PNGs is the two together
+            "input_args": [list(e.args) for e in inputs],
             "args": spec_args(q.edit),
         }
         if inputs
