@@ -263,12 +263,31 @@ def test_every_numeric_option_has_a_range_checked_before_any_work(runner):
             assert r.exit_code == 2 and flag in r.stderr, (command, flag, value, r.output)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
             # the range, whole, and the value given (Typer said "less than or equal to" of nan)
-            word = "a number between " if kind is float else "a whole number from "
+            word = "a number " if kind is float else "a whole number from "
             assert word in r.stderr and f", got {value} (" in r.stderr, r.stderr
     r = runner.invoke(app, ["train", "x", "--steps=0"])
     assert "'--steps': must be a whole number from 1 to 1,000,000,000, got 0 (" in r.stderr
     r = runner.invoke(app, ["train", "x", "--lr", "abc"])
-    assert "'--lr': must be a number between 0 and 10, got abc (see 'ddpm train -h')" in r.stderr
+    assert "'--lr': must be a number above 0 and at most 10, got abc (see 'ddpm train -h')" in (
+        r.stderr)  # fmt: skip
+    r = runner.invoke(app, ["train", "x", "--cond-drop", "2"])
+    assert "'--cond-drop': must be a number from 0 to 1, got 2 (" in r.stderr
+    # an end a range excludes is refused while parsing, in the same words as any other value
+    for command, flag, value, wanted in [
+        ("train", "--lr", "0", "above 0 and at most 10"),
+        ("train", "--min-snr-gamma", "0", "above 0 and at most 1000"),
+        ("train", "--ema-decay", "1", "at least 0 and below 1"),
+        ("train", "--ema-decay", "1.5", "at least 0 and below 1"),
+        ("sample", "--strength", "0", "above 0 and at most 1"),
+        ("sample", "--strength", "2", "above 0 and at most 1"),
+    ]:
+        r = runner.invoke(app, [command, "x", flag, value])
+        assert r.exit_code == 2 and f"'{flag}': must be a number {wanted}, got {value} (" in (
+            r.stderr), r.stderr  # fmt: skip
+    for command, flag, value in [("train", "--ema-decay", "0"), ("sample", "--strength", "1"),
+                                 ("train", "--lr", "10")]:  # fmt: skip
+        r = runner.invoke(app, [command, "x", flag, value])  # the ends kept pass the parse
+        assert r.stderr.startswith("error: ") and "Invalid value" not in r.stderr, r.stderr
     r = runner.invoke(app, ["train", "x", "-b0"])  # an attached short option's value
     assert "'--batch-size': must be a whole number from 1 to 65,536, got 0 (" in r.stderr
     for value in ("2", "5", "0", "-1"):  # a callback's own words, the same in and out of range

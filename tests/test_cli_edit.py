@@ -257,7 +257,7 @@ def test_guided_variations_keep_the_references_block_means(runner, runs, tmp_pat
         (["inpaint", "{v}", "{img}", "--outpaint", "2,0,2,0"], "canvas"),
         (["inpaint", "{v}", "{gray}", "--box", "0,0,1,1"], "is grayscale; the model draws RGB"),
         (["inpaint", "{v}", "{imgs}", "--mask", "{masks}"], "no mask for b.png"),
-        (["sample", "{v}", "--init", "{img}", "--strength", "0"], "--strength must be in (0, 1]"),
+        (["sample", "{v}", "--init", "{img}", "--strength", "0"], "above 0 and at most 1"),
         (["sample", "{v}", "--init", "{img}", "--strength", "1.5"], "value for '--strength'"),
         (["sample", "{v}", "--strength", "0.5"], "add --init"),
         (["sample", "{v}", "--init", "{grays}"], "is grayscale; the model draws RGB"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,9 @@ def test_tables_on_the_terminal(runner, run):
                  f"torch {torch.__version__}",
                  "tensors", "conv_in.weight"):  # fmt: skip
         assert text in r.stdout, text
+    # what ends the run, in words: no Python None for the length it was not given
+    assert re.search(r"│ steps +│ 3 ", r.stdout) and "None" not in r.stdout
+    assert not re.search(r"│ epochs ", r.stdout)
 
 
 def test_bad_input_is_one_line(runner, tmp_path):

@@ -108,6 +108,25 @@ def test_ctrl_c_lists_what_was_written_and_the_hint_draws_the_rest(runner, runs,
                    for n in names)  # fmt: skip
 
 
+def test_an_interrupted_job_leaves_no_empty_folder_it_made(runner, runs, tmp_path, monkeypatch):
+    """Ctrl-C before the first image: the -o folder the job created is removed again (with its
+    parents kept); one that was there before is kept, and so is one with images in it."""
+    from ddpm_cli.generation import job
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "encode_png", interrupted)
+    model = runs["v"] / "model.safetensors"
+    args = ["sample", str(model), "-n", "2", "--steps", "2"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "new" / "out")])
+    assert r.exit_code == 130 and "0 images written" in r.stderr
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "out").exists()
+    (tmp_path / "old").mkdir()
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "old")])
+    assert r.exit_code == 130 and (tmp_path / "old").is_dir()
+
+
 def test_image_k_does_not_depend_on_n_batch_size_or_run(runner, runs, tmp_path):
     model = runs["v"] / "model.safetensors"
     a = sample(runner, model, "-n", 5, "-b", 2, "-o", tmp_path / "a", "--seed", 9)

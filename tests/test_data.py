@@ -143,6 +143,9 @@ def test_resume_refuses_a_new_schedule_or_length_of_chain(pictures, tmp_path):
     refused = (
         ({"schedule": "cosine"}, r"--schedule cosine \(the run has linear\)"),
         ({"timesteps": 10}, r"--timesteps 10 \(the run has 1000\)"),
+        # as the option is typed (WIDTHxHEIGHT), not as a Python list
+        ({"image_size": "16x8"}, r"--image-size 16x8 \(the run has 8x8\)"),
+        ({"image_size": (8, 16)}, r"--image-size 16x8 \(the run has 8x8\)"),
     )
     for given, text in refused:
         with pytest.raises(UsageError, match=f"cannot change on resume: {text}"):

@@ -118,6 +118,8 @@ def test_export_loads_in_diffusers_and_round_trips(small, runner, tmp_path):
     back = tmp_path / "back.safetensors"
     r = runner.invoke(app, ["import", str(out), "-o", str(back)])
     assert r.exit_code == 0, r.output
+    # the scheduler's settings as the options of ddpm sample they become
+    assert "sampler defaults --variance small --clip\n" in r.stderr, r.stderr
     a, b = load_file(str(root / "m.safetensors")), load_file(str(back))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -247,7 +249,14 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     r = runner.invoke(
         app, ["import", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.safetensors")]
     )
-    assert r.exit_code == 2 and "not a directory" in r.stderr
+    assert r.exit_code == 2 and "nothing: no such directory" in r.stderr
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "y.safetensors")
+    r = runner.invoke(app, ["import", str(tmp_path / "afile"), "-o", out])
+    assert r.exit_code == 2 and "afile: not a directory" in r.stderr
+    r = runner.invoke(app, ["import", str(tmp_path / "afile"), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "import writes one .safetensors file; name it m.safetensors" in (
+        r.stderr)  # fmt: skip
 
 
 def test_model_config_round_trip_keeps_the_padding():

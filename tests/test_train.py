@@ -132,8 +132,11 @@ def test_resume_refuses_conflicting_options_and_missing_runs(colours, tmp_path):
             resume=tmp_path / "r",
             given={"batch_size": 8, "steps": 4},
         )
-    with pytest.raises(UsageError, match="no train_state.safetensors to resume from"):
+    with pytest.raises(UsageError, match="nothing: no such run directory"):
         train(None, TrainConfig(), DiffusionConfig(), resume=tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no train_state.safetensors to resume from"):
+        train(None, TrainConfig(), DiffusionConfig(), resume=tmp_path / "empty")
     with pytest.raises(UsageError, match="already holds a run"):
         train(str(colours), TrainConfig(**FAST, steps=1), DiffusionConfig(), out=tmp_path / "r")
 

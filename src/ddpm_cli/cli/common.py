@@ -163,6 +163,19 @@ def deferred_interrupt():
 
 # how Typer (pydantic) and click word a number that failed its option's type or range
 _RANGE_FAILURES = ("Input should be", "is not in the range", "is not a valid")
+# number options whose range excludes an end (Typer's min and max are inclusive): --lr 0 is no
+# learning rate, --ema-decay 1 never moves; (lower end open, upper end open)
+OPEN_ENDS = {"--lr": (True, False), "--min-snr-gamma": (True, False),
+             "--strength": (True, False), "--ema-decay": (False, True)}  # fmt: skip
+
+
+def open_range(ctx: typer.Context, param: typer.CallbackParam, value):
+    """The callback of an OPEN_ENDS option: its excluded end is refused while the command
+    line is parsed, in the words of any value out of range (_range_message)."""
+    low, high = OPEN_ENDS[max(param.opts, key=len)]
+    if value is not None and ((low and value == param.min) or (high and value == param.max)):
+        raise typer.BadParameter("Input should be inside the range")
+    return value
 
 
 def _range_message(error: Exception, args: list[str]) -> str | None:
@@ -186,10 +199,14 @@ def _range_message(error: Exception, args: list[str]) -> str | None:
         elif any(arg.startswith(o) and len(arg) > 2 for o in short):  # -n0
             given = arg[2:]
     flag = max(opts, key=len)
+    low, high = OPEN_ENDS.get(flag, (False, False))
     if isinstance(lo, int) and isinstance(hi, int):
         wanted = f"a whole number from {lo:,} to {hi:,}"
-    else:  # some float options exclude a bound (--lr 0), which their own check then says
-        wanted = f"a number between {lo:g} and {hi:g}"
+    elif low or high:
+        wanted = (f"a number {'above' if low else 'at least'} {lo:g} and "
+                  f"{'below' if high else 'at most'} {hi:g}")  # fmt: skip
+    else:
+        wanted = f"a number from {lo:g} to {hi:g}"
     return (f"Invalid value for '{flag}': must be {wanted}"
             + (f", got {given}" if given is not None else ""))  # fmt: skip
 

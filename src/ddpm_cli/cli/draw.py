@@ -371,7 +371,7 @@ def _header(info: dict) -> str:
 
 def _evaluations(info: dict) -> str:
     n = info["evaluations"]
-    return "" if n == info["sampler"].steps else f", {n} network evaluations an image"
+    return "" if n == info["sampler"].steps else f", {count(n, 'network evaluation')} an image"
 
 
 def _edit_text(e: EditSpec, factor: int | None) -> str:

@@ -47,7 +47,8 @@ def import_(
       [bold]ddpm sample cifar10.safetensors -n 64 --grid grid.png[/bold]
     """
     if out.suffix != ".safetensors":
-        raise UsageError(f"{out}: the checkpoint is a .safetensors file")
+        raise UsageError(f"-o {out}: import writes one .safetensors file; name it "
+                         f"{out.with_suffix('.safetensors').name}")  # fmt: skip
     check_output_path(out, overwrite=overwrite)
     with deferred_interrupt():
         from ddpm_cli.store.interop import import_folder
@@ -65,9 +66,16 @@ def import_(
         err_console.print(
             f"imported {safe(folder)}: {m['channels']} x {','.join(map(str, m['channel_mult']))} "
             f"at {m['image_size'][1]}x{m['image_size'][0]}, {d['schedule']} T={d['timesteps']}, "
-            f"predicting {info['objective']}, sampler defaults {info['sampler'] or 'none'}"
+            f"predicting {info['objective']}, sampler defaults {_flags(info['sampler'])}"
         )
     print_path(out)
+
+
+def _flags(defaults: dict) -> str:
+    """Sampling defaults as the options of ddpm sample they stand for: --variance small --clip."""
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+             for k, v in defaults.items()]  # fmt: skip
+    return " ".join(flags) or "none"
 
 
 def export(

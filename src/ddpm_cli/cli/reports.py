@@ -87,7 +87,10 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             _table(
                 "training",
                 [
-                    ("steps / epochs", f"{tr.get('steps')} / {tr.get('epochs')}"),
+                    # whichever of these comes first ends the run (100 epochs with none)
+                    ("steps", tr.get("steps")),
+                    ("epochs", tr.get("epochs") if tr.get("epochs") is not None else
+                     100 if tr.get("steps") is None and not tr.get("time_limit") else None),
                     ("time limit", _duration(tr["time_limit"]) if tr.get("time_limit") else None),
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
                     (

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ddpm_cli.cli.common import open_range
 from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
 from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import (
@@ -46,6 +47,7 @@ def sample(
         typer.Option(
             "--strength",
             min=0.0,
+            callback=open_range,
             max=1.0,
             help=f"With --init, in (0, 1]: how much of the image is redrawn; near 0 keeps it, 1 "
             f"is ordinary sampling. Default: {DEFAULT_STRENGTH:g}.",
@@ -106,9 +108,7 @@ def sample_edit(init, strength, guide, factor, resize) -> EditSpec | None:
     if resize and init is None and guide is None:
         raise UsageError("--resize applies to --init or --guide images")
     if init is not None:
-        strength = DEFAULT_STRENGTH if strength is None else strength
-        if not 0 < strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], got {strength:g}")
+        strength = DEFAULT_STRENGTH if strength is None else strength  # (0, 1]: open_range
         return EditSpec(EditMode.sdedit, "sample", init, resize=resize, strength=strength)
     if guide is not None:
         if factor is not None and factor not in FACTORS:

@@ -14,6 +14,7 @@ from ddpm_cli.cli.common import (
     QuietOpt,
     TimestepsOpt,
     deferred_interrupt,
+    open_range,
     precision_option,
     print_path,
     seed_option,
@@ -135,7 +136,8 @@ def train(
     min_snr_gamma: Annotated[
         float | None,
         typer.Option(
-            "--min-snr-gamma", min=0.0, max=1000.0, help="Min-SNR-gamma loss weighting (e.g. 5)."
+            "--min-snr-gamma", min=0.0, max=1000.0, callback=open_range,
+            help="Min-SNR-gamma loss weighting (e.g. 5).",  # fmt: skip
         ),
     ] = D.min_snr_gamma,
     unconditional: Annotated[
@@ -161,6 +163,7 @@ def train(
         typer.Option(
             "--lr",
             min=0.0,
+            callback=open_range,
             max=10.0,
             help="Adam learning rate. Default: 1e-3 for the CPU presets (small, tiny, medium), "
             "the paper's 2e-4 for cifar10, celebahq256 and lsun256.",
@@ -196,6 +199,7 @@ def train(
         typer.Option(
             "--ema-decay",
             min=0.0,
+            callback=open_range,
             max=1.0,
             help="The EMA's largest decay; before it, a power-function EMA over the last 6% "
             "of the run.",

@@ -75,7 +75,8 @@ class DataReport:
                        f"{'was' if small == 1 else 'were'} upscaled")
         if self.matted:
             out.append(
-                f"{self.matted} images have an alpha channel: transparent parts are drawn on "
+                f"{self.matted} image{'s have' if self.matted > 1 else ' has'} an alpha "
+                "channel: transparent parts are drawn on "
                 "white (--channels 4 learns the transparency instead)"
             )
         if self.class_counts and max(self.class_counts) >= IMBALANCE * min(self.class_counts):

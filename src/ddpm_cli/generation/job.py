@@ -51,7 +51,13 @@ from ddpm_cli.generation.sampling import (
 )
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.sampler_config import EditSpec, SamplerConfig
-from ddpm_cli.store.files import STDIO, check_output_path, make_folder, write_atomic, write_stdout
+from ddpm_cli.store.files import (
+    STDIO,
+    check_output_path,
+    output_folder,
+    write_atomic,
+    write_stdout,
+)
 
 Event = Callable[[str, dict], None]
 
@@ -150,40 +156,40 @@ def sample_images(
         "precision": precision, "edit": q.edit, "inputs": len(inputs or ()),
         "factor": inputs[0].factor if inputs else None, "evaluations": evals,
     })  # fmt: skip
-    if q.folder:
-        make_folder(q.folder)
 
     traj = Trajectory() if q.trajectory else None
     written: list[str] = []
     images, done = [], 0
     t0 = time.perf_counter()
-    for chunk, x in generate(
-        sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
-        q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),
-        [c for _, _, c in jobs] if labels else None, q.guidance, edit,
-    ):  # fmt: skip
-        for (i, k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
-            meta = {**text, "ddpm:index": str(k)}
-            if c is not None:
-                meta["ddpm:class"] = names[c]
-            if inputs:
-                e = inputs[i]
-                meta["ddpm:edit"] = json.dumps(
-                    {"command": q.edit.command, "args": [*e.args, *spec_args(q.edit)]}
-                )
-                meta.update({"ddpm:input": e.name, "ddpm:input_hash": e.digest})
-            png = encode_png(to_image(img), {**meta, "ddpm:command": regenerate_command(meta, k)})
-            if q.folder:
-                path = q.folder / name_of(i, k, c)
-                write_atomic(path, png)
-                written.append(str(path))
-                on_event("written", {"path": str(path)})  # (a Ctrl-C may come mid-batch)
-            elif q.stdout:
-                write_stdout(png)
-        if q.grid is not None:
-            images.append(x)
-        done += len(chunk)
-        on_event("batch", {"images": len(chunk), "written": len(written)})
+    with output_folder(q.folder):  # an interrupted job leaves no empty folder it made
+        for chunk, x in generate(
+            sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
+            q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),
+            [c for _, _, c in jobs] if labels else None, q.guidance, edit,
+        ):  # fmt: skip
+            for (i, k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
+                meta = {**text, "ddpm:index": str(k)}
+                if c is not None:
+                    meta["ddpm:class"] = names[c]
+                if inputs:
+                    e = inputs[i]
+                    meta["ddpm:edit"] = json.dumps(
+                        {"command": q.edit.command, "args": [*e.args, *spec_args(q.edit)]}
+                    )
+                    meta.update({"ddpm:input": e.name, "ddpm:input_hash": e.digest})
+                meta["ddpm:command"] = regenerate_command(meta, k)
+                png = encode_png(to_image(img), meta)
+                if q.folder:
+                    path = q.folder / name_of(i, k, c)
+                    write_atomic(path, png)
+                    written.append(str(path))
+                    on_event("written", {"path": str(path)})  # (a Ctrl-C may come mid-batch)
+                elif q.stdout:
+                    write_stdout(png)
+            if q.grid is not None:
+                images.append(x)
+            done += len(chunk)
+            on_event("batch", {"images": len(chunk), "written": len(written)})
     seconds = time.perf_counter() - t0
     if d.active:  # rank 0 lists every process's files, in index order
         written = sorted(p for part in distributed.gather(d, written) for p in part)

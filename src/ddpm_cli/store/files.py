@@ -11,6 +11,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ddpm_cli.errors import DataError, OutputError, UsageError
@@ -69,6 +71,22 @@ def check_output_path(path: Path, overwrite: bool = True, inputs: tuple = ()) ->
         raise UsageError(f"{path}: already exists; pass --overwrite to replace it")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{path}: cannot write to directory {parent}: permission denied")
+
+
+@contextmanager
+def output_folder(path: Path | None) -> Iterator[None]:
+    """make_folder for the block's outputs (None: none): a folder it made is removed again if
+    the block fails or is interrupted before writing anything into it."""
+    made = path is not None and not Path(path).exists()
+    if path is not None:
+        make_folder(path)
+    try:
+        yield
+    except BaseException:
+        if made:
+            with suppress(OSError):  # not empty (or gone): keep what is there
+                Path(path).rmdir()
+        raise
 
 
 def make_folder(path: Path) -> Path:

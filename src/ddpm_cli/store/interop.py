@@ -74,7 +74,8 @@ def locate(folder: Path) -> tuple[Path, Path | None]:
     """(the UNet folder, the scheduler config or None) of a diffusers pipeline or UNet folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InteropError(f"{folder}: not a directory; give a diffusers pipeline or UNet folder")
+        what = "not a directory" if folder.exists() else "no such directory"
+        raise InteropError(f"{folder}: {what}; give a diffusers pipeline or UNet folder")
     unet = folder / "unet" if (folder / "model_index.json").exists() else folder
     if not (unet / "config.json").exists():
         raise InteropError(f"{folder}: no model_index.json or config.json; not a diffusers folder")

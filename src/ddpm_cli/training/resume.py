@@ -86,6 +86,8 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     if out is not None and Path(out).resolve() != Path(resume).resolve():
         raise UsageError("--resume continues in the run's own directory; drop --out")
     out = Path(resume)
+    if not out.exists():
+        raise UsageError(f"{out}: no such run directory")
     if not (out / STATE).exists():
         lock = RunLock(out, resume=True)
         holder = lock.holder()
@@ -106,6 +108,19 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     return Resumed(out, ckpt, config, diffusion, model, ckpt.config.get("data", {}))
 
 
+def _as_typed(key: str, value) -> str:
+    """A config value as the option is typed: 32x16 for an image size (stored height, width),
+    none for None, a tuple's values with commas."""
+    value = jsonable(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if key == "image_size" and isinstance(value, list) and len(value) == 2:
+        return f"{value[1]}x{value[0]}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
 def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -> TrainConfig:
     """The stored config with the safe options the user gave; refuse conflicting ones."""
     values = stored.to_dict()
@@ -115,7 +130,8 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
             have = diffusion.to_dict()[key]
             mine = replace(diffusion, **{key: given[key]}).to_dict()
             if mine[key] != have:
-                conflicts.append(f"--{key} {jsonable(given[key])} (the run has {have})")
+                conflicts.append(f"--{key} {_as_typed(key, given[key])} (the run has "
+                                 f"{_as_typed(key, have)})")  # fmt: skip
     for key, value in given.items():
         if key in DIFFUSION_OPTIONS:
             continue
@@ -124,9 +140,8 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
         if key in RESUMABLE:
             values[key] = normalized
         elif normalized != values.get(key):
-            had = values.get(key)
-            conflicts.append(f"--{key.replace('_', '-')} {jsonable(value)} (the run has "
-                             f"{'none' if had is None else had})")  # fmt: skip
+            conflicts.append(f"--{key.replace('_', '-')} {_as_typed(key, value)} (the run has "
+                             f"{_as_typed(key, values.get(key))})")  # fmt: skip
     if conflicts:
         raise UsageError(
             "cannot change on resume: " + "; ".join(conflicts) + ". Start a new run with --out"
