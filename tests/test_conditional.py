@@ -258,7 +258,11 @@ def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):
         r = runner.invoke(app, ["sample", str(model_dir), *args, "-o", str(tmp_path)])
         name = "red" if "red" in twice else "blue"
         assert r.exit_code == 2, r.output
-        assert r.stderr == f"error: --class {name} is asked for twice; give each class once\n"
+        assert r.stderr == (
+            "error: --class all includes blue; give all, or the classes one by one\n"
+            if "all" in twice
+            else f"error: --class {name} is asked for twice; give each class once\n"
+        )
     r = runner.invoke(app, ["sample", str(model_dir), "--guidance", "2", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "add --class" in r.stderr
 

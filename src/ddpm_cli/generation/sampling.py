@@ -249,6 +249,9 @@ def resolve_classes(requested: list[str], sm: SamplingModel) -> list[int]:
                              f"(or their numbers, 0 to {len(names) - 1})")  # fmt: skip
     twice = [names[i] for i in sorted(set(labels)) if labels.count(i) > 1]
     if twice:  # (by name, by number or within "all")
+        if "all" in requested:
+            raise UsageError(f"--class all includes {twice[0]}; give all, or the classes "
+                             "one by one")  # fmt: skip
         raise UsageError(f"--class {twice[0]} is asked for twice; give each class once")
     return labels
 
