@@ -62,6 +62,16 @@ def test_eval_reports_the_share_and_refuses_bad_input(runner, tmp_path):
     assert text.stdout.startswith("copied ")
     bad = runner.invoke(app, ["eval", str(run), "--memorization", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "warning" not in text.stderr
+    # a folder of exact duplicates: the threshold is 0, no sample can count as a copy: said
+    (tmp_path / "twins").mkdir()
+    for i, p in enumerate(sorted((tmp_path / "pics").iterdir())[:3]):
+        for k in range(2):
+            (tmp_path / "twins" / f"{i}-{k}.png").write_bytes(p.read_bytes())
+    r = runner.invoke(app, ["eval", str(run), "--memorization", str(tmp_path / "twins"), "-n",
+                            "4", "--steps", "2"])  # fmt: skip
+    assert r.exit_code == 0 and "copied    0.000" in r.stdout
+    assert "warning: over 5% of the training images have an exact duplicate" in r.stderr
 
 
 def test_one_training_image_is_refused():

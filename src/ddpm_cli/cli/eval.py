@@ -19,6 +19,7 @@ from ddpm_cli.cli.common import (
     note_line,
     precision_option,
     seed_option,
+    warning_line,
 )
 from ddpm_cli.cli.views import EvalProgress
 from ddpm_cli.config import INCEPTION_WEIGHTS, MAX_TIMESTEPS
@@ -237,6 +238,10 @@ def eval_(
                 sm, memorization, n=num, sampler=config, seed=seed, batch_size=batch_size,
                 device=dev, precision=precision, progress=view.update,
             )  # fmt: skip
+            if report["memorization"]["threshold"] == 0 and not quiet:
+                warning_line("over 5% of the training images have an exact duplicate among "
+                             "them, so the threshold is 0 and only exact copies count; remove "
+                             "the duplicates for a meaningful share")  # fmt: skip
     finally:
         view.close()
     if as_json:
