@@ -253,6 +253,9 @@ def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):
     assert r.exit_code == 2 and "unknown class 'cat'; the model knows: blue, red" in r.stderr
     r = runner.invoke(app, ["sample", str(model_dir), "--class", "7", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "unknown class '7'" in r.stderr
+    r = runner.invoke(app, ["sample", str(model_dir), "--class", "all", "--class", "all", "-o",
+                            str(tmp_path)])  # fmt: skip
+    assert r.stderr == "error: --class all is given twice; give it once\n"
     for twice in (["red", "red"], ["red", "1"], ["all", "blue"]):  # blue, red: 0, 1
         args = [a for c in twice for a in ("--class", c)]
         r = runner.invoke(app, ["sample", str(model_dir), *args, "-o", str(tmp_path)])

@@ -146,6 +146,7 @@ def test_resume_refuses_a_new_schedule_or_length_of_chain(pictures, tmp_path):
         # as the option is typed (WIDTHxHEIGHT), not as a Python list
         ({"image_size": "16x8"}, r"--image-size 16x8 \(the run has 8x8\)"),
         ({"image_size": (8, 16)}, r"--image-size 16x8 \(the run has 8x8\)"),
+        ({"flip": False}, r"--no-flip \(the run has it on\)"),
     )
     for given, text in refused:
         with pytest.raises(UsageError, match=f"cannot change on resume: {text}"):

@@ -120,6 +120,9 @@ def test_export_loads_in_diffusers_and_round_trips(small, runner, tmp_path):
     assert r.exit_code == 0, r.output
     # the scheduler's settings as the options of ddpm sample they become
     assert "sampler defaults --variance small --clip\n" in r.stderr, r.stderr
+    shown = runner.invoke(app, ["inspect", str(back)]).stdout  # never trained by ddpm: no length
+    assert "none: imported weights, not a ddpm run" in shown and "None" not in shown
+    assert "│ epochs" not in shown and "│ batch" not in shown
     a, b = load_file(str(root / "m.safetensors")), load_file(str(back))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -304,6 +304,36 @@ def test_held_out_measures_exactly_the_images_the_run_set_aside(runner, tmp_path
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--held-out: " in r.stderr and "is not the data" in r.stderr, r.stderr
     assert measure("--data", str(other))["set_aside"] == 0
+    # streamed from disk, a set-aside image that stops decoding between the scan and its read
+    # is stood in for by another set-aside image, never by a training image
+    real_load = evaluate.load_source
+
+    def load_then_break(*args, **kwargs):
+        loaded = real_load(*args, stream=True)
+        victim = loaded[0].paths[int(aside[0])]
+        victim.write_bytes(b"\0" * victim.stat().st_size)
+        return loaded
+
+    monkeypatch.setattr(evaluate, "load_source", load_then_break)
+    assert measure("--data", str(pics), "--held-out")["images"] == 6
+    rows = seen[-1].flatten(1)
+    kept = data[aside].flatten(1)
+    assert all((kept == row).all(1).any() for row in rows)
+    assert not (rows == data[aside[0]].flatten()).all(1).any()  # the broken one is not there
+    # the other reasons, as the refusal words them
+    from dataclasses import replace
+
+    from ddpm_cli.generation.sampling import load_for_sampling
+
+    sm = load_for_sampling(run)
+    report = load_source(str(pics), (8, 8), 3)[1]
+    assert "is fine-tuned" in evaluate.no_split_reason(replace(sm, fine_tuned=True), report, 40)
+    assert "has 39 images where the run used 40" in evaluate.no_split_reason(sm, report, 39)
+    (tmp_path / "none").mkdir()
+    whole = train_tiny(tmp_path / "none", 10, steps=1, holdout=0)
+    r = runner.invoke(app, ["eval", str(whole), "--data", str(tmp_path / "none" / "pics"),
+                            "--held-out"])  # fmt: skip
+    assert r.exit_code == 2 and "set no images aside for its quality figure" in r.stderr
 
 
 def test_an_option_for_a_measurement_not_asked_for_is_refused(runner, tmp_path):
@@ -320,7 +350,7 @@ def test_an_option_for_a_measurement_not_asked_for_is_refused(runner, tmp_path):
         (["--fid-ref", "x", "--full"], "--full applies to --data"),
         (["--fid-ref", "x", "--t-samples", "3"], "--t-samples applies to --data"),
         (["--fid-ref", "x", "--variance", "large"], "--variance applies to --data"),
-        ([*data, "-n", "9"], "--num applies to --fid-ref or --memorization"),
+        ([*data, "-n", "9"], "-n/--num applies to --fid-ref or --memorization"),
         ([*data, "--steps", "9"], "--steps applies to --fid-ref or --memorization"),
         ([*data, "--sampler", "ddim"], "--sampler applies to --fid-ref or --memorization"),
         ([*data, "--precision", "fp32"], "--precision applies to --fid-ref or --memorization"),

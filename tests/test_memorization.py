@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import draw_shapes, train_tiny
 from ddpm_cli.cli import app
 from ddpm_cli.errors import DataError
 from ddpm_cli.evaluation.memorization import QUANTILE, copied_share, nearest
@@ -50,6 +50,19 @@ def test_copies_are_found_and_new_images_are_not():
     assert fresh["sample_distance_median"] > fresh["threshold"]
 
 
+def test_with_many_exact_duplicates_exact_copies_still_count():
+    """Half the training images twice over: the threshold is 0 (over 5% have a twin), exact
+    copies count and all else does not. 600 rows take torch.cdist's matrix-product path, whose
+    rounding leaves identical images about 1e-8 apart, not 0."""
+    distinct = images(300, 0)
+    train = torch.cat([distinct, distinct[:150]])
+    samples = torch.cat([distinct[:20], images(20, 1)])
+    samples[20:25] = distinct[30:35]
+    samples[25, 0, 0, 0] ^= 1  # one level off: no exact copy
+    share = copied_share(samples, train)
+    assert share["threshold"] == 0.0 and share["copied_share"] == 25 / 40
+
+
 def test_eval_reports_the_share_and_refuses_bad_input(runner, tmp_path):
     run = train_tiny(tmp_path, 6, steps=2)
     r = runner.invoke(app, ["eval", str(run), "--memorization", str(tmp_path / "pics"), "-n", "8",
@@ -63,11 +76,12 @@ def test_eval_reports_the_share_and_refuses_bad_input(runner, tmp_path):
     bad = runner.invoke(app, ["eval", str(run), "--memorization", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "warning" not in text.stderr
-    # a folder of exact duplicates: the threshold is 0, no sample can count as a copy: said
+    # a folder of exact duplicates (over 25 images: the fast distance path): the threshold is 0,
+    # only exact copies count, and the user is told
     (tmp_path / "twins").mkdir()
-    for i, p in enumerate(sorted((tmp_path / "pics").iterdir())[:3]):
+    for i in range(20):
         for k in range(2):
-            (tmp_path / "twins" / f"{i}-{k}.png").write_bytes(p.read_bytes())
+            draw_shapes((12 + i, 12)).save(tmp_path / "twins" / f"{i}-{k}.png")
     r = runner.invoke(app, ["eval", str(run), "--memorization", str(tmp_path / "twins"), "-n",
                             "4", "--steps", "2"])  # fmt: skip
     assert r.exit_code == 0 and "copied    0.000" in r.stdout

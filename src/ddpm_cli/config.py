@@ -24,6 +24,7 @@ MAX_WIDTH = 16_384  # channels at any level: channels x the largest multiplier
 MAX_LEVELS = 10
 MAX_RES_BLOCKS = 32
 MAX_CLASSES = 100_000
+DEFAULT_EPOCHS = 100  # a run's length when no --steps, --epochs or --time bounds it
 AUGMENT_MAPS = 1  # ModelConfig.augment of a run with --shift: where its border was reflected
 
 # names that the command line's help shows, here so that the help loads no torch
@@ -268,12 +269,11 @@ class TrainConfig:
     ema_decay: float = 0.9999  # the paper's, as an upper bound; see train.ema_decay_at
     batch_size: int | None = None  # None: 128 (paper) on CUDA, 32 elsewhere
     grad_accum: int = 1
-    # recompute each residual block's activations in the backward pass instead of keeping
-    # them: 0.26-0.32x the bytes kept for backward at 1.13-1.15x the step time on the CPU
-    # (benchmarks/grad_checkpoint.py, docs/benchmarks.md)
+    # recompute each residual block's activations in the backward pass instead of keeping them:
+    # 0.26-0.32x the bytes kept at 1.13-1.15x the step time on the CPU (docs/benchmarks.md)
     grad_checkpoint: bool = False
     epochs: int | None = None  # training ends at whichever of epochs, steps and time comes
-    steps: int | None = None  # first; with none of them, 100 epochs
+    steps: int | None = None  # first; with none of them, DEFAULT_EPOCHS
     time_limit: float | None = None  # seconds of training (the loop, summed over resumes)
     seed: int | None = None
     precision: Precision | None = None  # None: forward.default_precision (bf16 on Ampere+, AMX)

@@ -31,7 +31,7 @@ from ddpm_cli.text import shown
 _DATA, _SAMPLES = ("--data",), ("--fid-ref", "--memorization")
 _SCOPES = [("held_out", "--held-out", _DATA), ("limit", "--limit", _DATA),
            ("t_samples", "--t-samples", _DATA), ("full", "--full", _DATA),
-           ("variance", "--variance", _DATA), ("num", "--num", _SAMPLES),
+           ("variance", "--variance", _DATA), ("num", "-n/--num", _SAMPLES),
            ("sampler", "--sampler", _SAMPLES), ("steps", "--steps", _SAMPLES),
            ("precision", "--precision", _SAMPLES),
            ("inception_weights", "--inception-weights", ("--fid-ref",)),
@@ -48,8 +48,9 @@ def eval_(
         str | None,
         typer.Option(
             "--data",
-            help="Held-out images (a folder, builtin:NAME or a data cache): report the "
-            "negative log-likelihood bound in bits/dim.",
+            help="Images the model did not train on (a folder, builtin:NAME or a data cache), "
+            "or its own training data with --held-out: report the negative log-likelihood "
+            "bound in bits/dim.",
             show_default=False,
         ),
     ] = None,
@@ -241,7 +242,7 @@ def eval_(
             if report["memorization"]["threshold"] == 0 and not quiet:
                 warning_line("over 5% of the training images have an exact duplicate among "
                              "them, so the threshold is 0 and only exact copies count; remove "
-                             "the duplicates for a meaningful share")  # fmt: skip
+                             "the duplicates for a share that finds near-copies")  # fmt: skip
     finally:
         view.close()
     if as_json:

@@ -47,8 +47,9 @@ def import_(
       [bold]ddpm sample cifar10.safetensors -n 64 --grid grid.png[/bold]
     """
     if out.suffix != ".safetensors":
+        name = Path(out.name).stem if out.name not in ("", ".", "..", "-") else "model"
         raise UsageError(f"-o {out}: import writes one .safetensors file; name it "
-                         f"{out.with_suffix('.safetensors').name}")  # fmt: skip
+                         f"{name}.safetensors")  # fmt: skip
     check_output_path(out, overwrite=overwrite)
     with deferred_interrupt():
         from ddpm_cli.store.interop import import_folder

@@ -7,6 +7,7 @@ from rich.table import Table
 
 from ddpm_cli.cli.common import literal
 from ddpm_cli.cli.views import warmup_text
+from ddpm_cli.config import DEFAULT_EPOCHS
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -79,7 +80,9 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             ],
         )
     )
-    if tr:
+    if tr and tr.get("lr") is None:  # a run resolves its rate: these weights were imported
+        out.append(_table("training", [("settings", "none: imported weights, not a ddpm run")]))
+    elif tr:
         share = tr.get("warmup_share")  # metadata may hold anything: only a number counts
         share = share if type(share) in (int, float) else 0
         warmup = warmup_text(tr.get("warmup_steps"), share, bool(tr.get("time_limit")))
@@ -87,10 +90,10 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             _table(
                 "training",
                 [
-                    # whichever of these comes first ends the run (100 epochs with none)
+                    # whichever of these comes first ends a run; with none, DEFAULT_EPOCHS
                     ("steps", tr.get("steps")),
                     ("epochs", tr.get("epochs") if tr.get("epochs") is not None else
-                     100 if tr.get("steps") is None and not tr.get("time_limit") else None),
+                     None if tr.get("steps") or tr.get("time_limit") else DEFAULT_EPOCHS),
                     ("time limit", _duration(tr["time_limit"]) if tr.get("time_limit") else None),
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
                     (
@@ -146,11 +149,12 @@ def data_table(data: dict) -> Table:
     size = _size(size) if isinstance(size, list) and len(size) == 2 else None
     return _table("data", [
         ("source", data.get("source")),
-        ("images", f"{data.get('used')} used of {data.get('found')} found"),
+        ("images", f"{data['used']} used of {data.get('found')} found"
+                   if data.get("used") is not None else None),
         ("size", size and f"{size}, {data.get('channels')} channels"),
         ("classes", ", ".join(f"{c} {n}" for c, n in zip(names, counts, strict=False)) or None),
         ("skipped", data.get("skipped")),
-        ("modes", ", ".join(f"{k} {v}" for k, v in data.get("modes", {}).items())),
+        ("modes", ", ".join(f"{k} {v}" for k, v in data.get("modes", {}).items()) or None),
         ("streamed", data.get("streamed")),
     ])  # fmt: skip
 

@@ -38,10 +38,11 @@ PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, typ
 AUTO = PresetName(D.preset)
 
 
-def _channels(value: int | None) -> int | None:
-    if value not in (None, 1, 3, 4):  # no range: 2 (gray+alpha) is refused in the same words
+def _channels(value: str | None) -> int | None:
+    """--channels: 1, 3 or 4 (2, gray+alpha, is no model kind); one message for any other."""
+    if value not in (None, "1", "3", "4"):
         raise typer.BadParameter(f"must be 1, 3 or 4, got {value}")
-    return value
+    return None if value is None else int(value)
 
 
 def train(
@@ -81,8 +82,8 @@ def train(
         ),
     ] = None,
     channels: Annotated[
-        int | None,
-        typer.Option("--channels", callback=_channels,
+        str | None,
+        typer.Option("--channels", callback=_channels, metavar="1|3|4",
                      help="1, 3 or 4. Default: follows the data."),
     ] = D.channels,
     flip: Annotated[

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import Precision
-from ddpm_cli.data.folders import BUILTIN_PREFIX, scan, to_uint8
+from ddpm_cli.data.folders import BUILTIN_PREFIX, OnDisk, scan, to_uint8
 from ddpm_cli.data.sources import is_cache_file, load_source
 from ddpm_cli.device import sync
 from ddpm_cli.diffusion.schedules import DiffusionTables
@@ -132,6 +132,8 @@ def likelihood(
         if parts is None:
             raise DataError(f"--held-out: {no_split_reason(sm, report, len(ds))}")
         order = parts[1].sort().values
+        if isinstance(ds, OnDisk):  # a file that no longer decodes: another set-aside stands in
+            ds = ds.limited_to(order.tolist())
     available = len(ds) if order is None else len(order)
     n = available if limit is None else min(limit, available)
     T = sm.diffusion.timesteps

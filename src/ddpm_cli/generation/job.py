@@ -161,7 +161,7 @@ def sample_images(
     written: list[str] = []
     images, done = [], 0
     t0 = time.perf_counter()
-    with output_folder(q.folder):  # an interrupted job leaves no empty folder it made
+    with output_folder(q.folder, tidy=not d.active):  # an interrupted job leaves no empty one
         for chunk, x in generate(
             sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
             q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),

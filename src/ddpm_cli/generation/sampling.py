@@ -249,6 +249,8 @@ def resolve_classes(requested: list[str], sm: SamplingModel) -> list[int]:
                              f"(or their numbers, 0 to {len(names) - 1})")  # fmt: skip
     twice = [names[i] for i in sorted(set(labels)) if labels.count(i) > 1]
     if twice:  # (by name, by number or within "all")
+        if requested.count("all") > 1:
+            raise UsageError("--class all is given twice; give it once")
         if "all" in requested:
             raise UsageError(f"--class all includes {twice[0]}; give all, or the classes "
                              "one by one")  # fmt: skip

@@ -74,10 +74,11 @@ def check_output_path(path: Path, overwrite: bool = True, inputs: tuple = ()) ->
 
 
 @contextmanager
-def output_folder(path: Path | None) -> Iterator[None]:
-    """make_folder for the block's outputs (None: none): a folder it made is removed again if
-    the block fails or is interrupted before writing anything into it."""
-    made = path is not None and not Path(path).exists()
+def output_folder(path: Path | None, tidy: bool = True) -> Iterator[None]:
+    """make_folder for the block's outputs (None: none): with `tidy`, a folder it made is
+    removed again if the block fails or is interrupted before anything is written into it
+    (not where other processes share the folder: one's failure would hide in another's)."""
+    made = tidy and path is not None and not Path(path).exists()
     if path is not None:
         make_folder(path)
     try:

@@ -108,12 +108,20 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     return Resumed(out, ckpt, config, diffusion, model, ckpt.config.get("data", {}))
 
 
+def _option(key: str, value) -> str:
+    """An option as typed: --image-size 32x16, --flip, --no-flip."""
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {_as_typed(key, value)}"
+
+
 def _as_typed(key: str, value) -> str:
     """A config value as the option is typed: 32x16 for an image size (stored height, width),
-    none for None, a tuple's values with commas."""
+    none for None, a tuple's values with commas; a switch "it on" or "it off"."""
     value = jsonable(value)
     if isinstance(value, bool):
-        return "on" if value else "off"
+        return "it on" if value else "it off"
     if key == "image_size" and isinstance(value, list) and len(value) == 2:
         return f"{value[1]}x{value[0]}"
     if isinstance(value, list):
@@ -130,7 +138,7 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
             have = diffusion.to_dict()[key]
             mine = replace(diffusion, **{key: given[key]}).to_dict()
             if mine[key] != have:
-                conflicts.append(f"--{key} {_as_typed(key, given[key])} (the run has "
+                conflicts.append(f"{_option(key, given[key])} (the run has "
                                  f"{_as_typed(key, have)})")  # fmt: skip
     for key, value in given.items():
         if key in DIFFUSION_OPTIONS:
@@ -140,7 +148,7 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
         if key in RESUMABLE:
             values[key] = normalized
         elif normalized != values.get(key):
-            conflicts.append(f"--{key.replace('_', '-')} {_as_typed(key, value)} (the run has "
+            conflicts.append(f"{_option(key, value)} (the run has "
                              f"{_as_typed(key, values.get(key))})")  # fmt: skip
     if conflicts:
         raise UsageError(

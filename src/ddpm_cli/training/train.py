@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ddpm_cli.config import ModelConfig, Precision, TrainConfig
+from ddpm_cli.config import DEFAULT_EPOCHS, ModelConfig, Precision, TrainConfig
 from ddpm_cli.data.batches import reflected
 from ddpm_cli.data.folders import to_model_range
 from ddpm_cli.device import place, to_device
@@ -101,7 +101,7 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
         candidates.append(config.steps)
     # an optimizer step consumes grad_accum batches
     bounded = candidates or config.time_limit is not None
-    epochs = config.epochs if config.epochs is not None else (None if bounded else 100)
+    epochs = config.epochs if config.epochs is not None else (None if bounded else DEFAULT_EPOCHS)
     if epochs is not None:
         candidates.append(math.ceil(epochs * per_epoch / config.grad_accum))
     return min(candidates) if candidates else None
