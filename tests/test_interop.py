@@ -260,6 +260,9 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     r = runner.invoke(app, ["import", str(tmp_path / "afile"), "-o", str(tmp_path / "m")])
     assert r.exit_code == 2 and "import writes one .safetensors file; name it m.safetensors" in (
         r.stderr)  # fmt: skip
+    for out in (".", "-", ".."):  # no file name to build on (this was an internal error)
+        r = runner.invoke(app, ["import", str(tmp_path / "afile"), "-o", out])
+        assert r.exit_code == 2 and "name it model.safetensors" in r.stderr, r.stderr
 
 
 def test_model_config_round_trip_keeps_the_padding():
