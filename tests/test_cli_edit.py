@@ -264,7 +264,11 @@ def test_guided_variations_keep_the_references_block_means(runner, runs, tmp_pat
         (["sample", "{eps}", "--init", "{imgs}"], "is RGB; the model draws grayscale"),
         (["sample", "{v}", "--init", "{img}", "--guide", "{img}"], "use one"),
         (["sample", "{v}", "--guide", "{img}", "--factor", "3"], "--factor must be 2, 4 or 8"),
-        (["upscale", "{v}", "{img}"], "divided by 2, 4 or 8"),
+        (["upscale", "{v}", "{img}"], "img.png is 8x8 and the model draws 8x8: upscale needs"),
+        (["inpaint", "{v}", "{imgs}", "--mask", "{dupmasks}"],
+         "masks a.bmp and a.jpg both pair with a.png; keep one in the mask folder"),
+        (["sample", "{v}", "--init", "{twins}", "-n", "1"],
+         "would write the same output files (a-000000.png, ...); rename one, or edit them apart"),
         (["upscale", "{v}", "{small3}", "--factor", "2"], "add --resize"),
         (["upscale", "{v}", "{missing}"], "no such file"),
         (["upscale", "{v}", "{mixed}"], "one command upscales by one factor"),
@@ -300,8 +304,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path,
     mask_png(tmp_path / "black.png", np.zeros((8, 8), bool))
     mask_png(tmp_path / "big_mask.png", np.ones((9, 9), bool))
     Image.new("RGBA", (8, 8), (255, 255, 255, 0)).save(tmp_path / "alpha_mask.png")
-    for folder in ("imgs", "masks", "grays", "mixed"):
+    for folder in ("imgs", "masks", "grays", "mixed", "dupmasks", "twins"):
         (tmp_path / folder).mkdir()
+    for name in ("a.bmp", "a.jpg", "b.png"):
+        Image.fromarray(np.where(LOWER, 255, 0).astype(np.uint8), "L").save(
+            tmp_path / "dupmasks" / name)  # fmt: skip
+    rgb(tmp_path / "twins" / "a.png")
+    Image.open(tmp_path / "twins" / "a.png").save(tmp_path / "twins" / "a.bmp")
     rgb(tmp_path / "mixed" / "four.png", size=(4, 4))
     rgb(tmp_path / "mixed" / "two.png", size=(2, 2))
     rgb(tmp_path / "imgs" / "a.png")
@@ -313,7 +322,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runner, runs, tmp_path,
         for name in ("img", "big", "small3", "gray", "black", "big_mask", "missing", "alpha_mask")
     }
     paths.update(
-        {f: tmp_path / f for f in ("imgs", "masks", "grays", "mixed")}, v=runs["v"], eps=runs["eps"]
+        {f: tmp_path / f for f in ("imgs", "masks", "grays", "mixed", "dupmasks", "twins")},
+        v=runs["v"], eps=runs["eps"],
     )
     before = sorted(tmp_path.rglob("*"))
     r = invoke(runner, *[a.format(**paths) for a in args], "-o", tmp_path / "out", "-q")

@@ -362,3 +362,8 @@ def test_an_option_for_a_measurement_not_asked_for_is_refused(runner, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         (line,) = r.stderr.strip().splitlines()
         assert message in line and line.endswith("not given here; drop it"), (args, line)
+    # with no measurement at all, the option says which one it was for
+    for args, end in [(["--held-out"], "--held-out applies to --data, not given here; add it"),
+                      (["-n", "5"], "--fid-ref or --memorization, not given here; add one")]:
+        r = runner.invoke(app, ["eval", str(run), *args])
+        assert r.exit_code == 2 and r.stderr.strip().endswith(end), r.stderr

@@ -178,19 +178,21 @@ def eval_(
 
       [bold]ddpm eval model.safetensors --data ./test --json | jq .likelihood.bits_per_dim[/bold]
     """
-    if data is None and fid_ref is None and memorization is None:
+    measured = {"--data": data is not None, "--fid-ref": fid_ref is not None,
+                "--memorization": memorization is not None}  # fmt: skip
+    for name, flag, needs in _SCOPES:
+        given = ctx.get_parameter_source(name).name == "COMMANDLINE"
+        if given and not any(measured[m] for m in needs):
+            way_out = ("drop it" if any(measured.values())  # else it is what was asked for
+                       else "add it" if len(needs) == 1 else "add one")  # fmt: skip
+            raise UsageError(f"{flag} applies to {' or '.join(needs)}, not given here; {way_out}")
+    if not any(measured.values()):
         raise UsageError(
             "say what to measure: --data DIR (bits/dim), --fid-ref DIR (FID) and/or "
             "--memorization DIR (copies of training images)"
         )
     if full and t_samples is not None:
         raise UsageError("--full computes every timestep; drop --t-samples, or drop --full")
-    measured = {"--data": data is not None, "--fid-ref": fid_ref is not None,
-                "--memorization": memorization is not None}  # fmt: skip
-    for name, flag, needs in _SCOPES:
-        given = ctx.get_parameter_source(name).name == "COMMANDLINE"
-        if given and not any(measured[m] for m in needs):
-            raise UsageError(f"{flag} applies to {' or '.join(needs)}, not given here; drop it")
 
     with deferred_interrupt():
         from ddpm_cli.device import resolve_device

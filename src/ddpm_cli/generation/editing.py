@@ -84,9 +84,12 @@ def _pair_mask(name: str, masks: list[tuple[str, str]], folder: bool) -> tuple[s
     by_name = dict(masks)
     if name in by_name:
         return name, by_name[name]
-    stems = {Path(n).stem: (n, p) for n, p in masks}
-    if Path(name).stem in stems:
-        return stems[Path(name).stem]
+    same = [(n, p) for n, p in masks if Path(n).stem == Path(name).stem]
+    if len(same) > 1:
+        raise DataError(f"masks {' and '.join(n for n, _ in same)} both pair with {name}; "
+                        "keep one in the mask folder")  # fmt: skip
+    if same:
+        return same[0]
     raise DataError(f"no mask for {name} in the mask folder (masks pair with images by file name)")
 
 
@@ -123,7 +126,7 @@ def _channels(img, name: str, channels: int) -> torch.Tensor:
     return pixels
 
 
-def _factor(spec: EditSpec, size: tuple[int, int], model: tuple[int, int]) -> int:
+def _factor(spec: EditSpec, size: tuple[int, int], model: tuple[int, int], name: str) -> int:
     """ILVR's factor: --factor, the guide's default, or for upscaling the model's size over
     the image's; 1 for the other edits."""
     (w, h), (mw, mh) = size, model
@@ -134,7 +137,7 @@ def _factor(spec: EditSpec, size: tuple[int, int], model: tuple[int, int]) -> in
         if mw % w == 0 and mh % h == 0 and mw // w == mh // h and mw // w in FACTORS:
             return mw // w
         raise UsageError(
-            f"the image is {w}x{h} and the model draws {mw}x{mh}: upscale needs a size that is "
+            f"{name} is {w}x{h} and the model draws {mw}x{mh}: upscale needs a size that is "
             "the model's divided by 2, 4 or 8; give --factor N with --resize to resize it"
         )
     if mh % factor or mw % factor:
@@ -176,7 +179,7 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
         img, data = _decode(path, shown, target if spec.resize else None, read, mattes(channels))
         pixels = _channels(img, shown, channels)
         size = img.size
-        factor = _factor(spec, size, (mw, mh))
+        factor = _factor(spec, size, (mw, mh), shown)
         want = (mw // factor, mh // factor) if spec.mode is EditMode.upscale else target[::-1]
         if size != want:
             raise UsageError(_size_problem(spec, shown, size, want, (mw, mh), factor))
@@ -200,7 +203,10 @@ def open_inputs(spec: EditSpec, image_size: tuple[int, int], channels: int) -> l
                 digest.update(read[mask])
         stem = Path(name).stem
         if stem in stems:
-            raise UsageError(f"{name} and {stems[stem]} would write the same output files")
+            raise UsageError(
+                f"{name} and {stems[stem]} would write the same output files "
+                f"({stem}-000000.png, ...); rename one, or edit them apart"
+            )
         stems[stem] = name
         inputs.append(EditInput(name, pixels, keep, digest.hexdigest(), tuple(args),
                                 tuple(files), factor))  # fmt: skip
