@@ -22,8 +22,9 @@ from ddpm_cli.cli.common import (
     overwrite_option,
     print_path,
 )
-from ddpm_cli.config import DiffusionConfig, NoiseConfig, Schedule
+from ddpm_cli.config import DiffusionConfig, Schedule
 from ddpm_cli.errors import UsageError
+from ddpm_cli.noise_config import NoiseConfig
 from ddpm_cli.store.files import (
     STDIO,
     check_output_path,

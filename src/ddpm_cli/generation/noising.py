@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ddpm_cli.config import NoiseConfig
 from ddpm_cli.data.images import (
     decode_image,
     encode_gif,
@@ -26,6 +25,7 @@ from ddpm_cli.device import available_memory, make_generator, new_seed, randn, r
 from ddpm_cli.diffusion.preview import chain, frame_times, noised, step_stats
 from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import ConfigError, DataError
+from ddpm_cli.noise_config import NoiseConfig
 
 REPORT_POINTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # default strip: fractions of T
 
