@@ -327,8 +327,9 @@ def test_held_out_measures_exactly_the_images_the_run_set_aside(runner, tmp_path
 
     sm = load_for_sampling(run)
     report = load_source(str(pics), (8, 8), 3)[1]
-    assert "is fine-tuned" in evaluate.no_split_reason(replace(sm, fine_tuned=True), report, 40)
-    assert "has 39 images where the run used 40" in evaluate.no_split_reason(sm, report, 39)
+    assert "is fine-tuned" in replace(sm, fine_tuned=True).held_out_reason(40, report)
+    assert "has 39 images where the run used 40" in sm.held_out_reason(39, report)
+    assert sm.held_out_reason(40, report) is None
     (tmp_path / "none").mkdir()
     whole = train_tiny(tmp_path / "none", 10, steps=1, holdout=0)
     r = runner.invoke(app, ["eval", str(whole), "--data", str(tmp_path / "none" / "pics"),

@@ -42,7 +42,6 @@ from ddpm_cli.generation.sampling import (
 from ddpm_cli.model.forward import resolve_precision
 from ddpm_cli.model.kernels import winograd
 from ddpm_cli.sampler_config import SamplerConfig
-from ddpm_cli.text import shown
 
 Progress = Callable[[str, int, int], None]
 FEATURE_BATCH = 50  # images per Inception forward pass (299x299 activations are large)
@@ -130,7 +129,7 @@ def likelihood(
     order = None
     if held_out:
         if parts is None:
-            raise DataError(f"--held-out: {no_split_reason(sm, report, len(ds))}")
+            raise DataError(f"--held-out: {sm.held_out_reason(len(ds), report)}")
         order = parts[1].sort().values
         if isinstance(ds, OnDisk):  # a file that no longer decodes: another set-aside stands in
             ds = ds.limited_to(order.tolist())
@@ -161,23 +160,6 @@ def likelihood(
         "set_aside": 0 if parts is None else len(parts[1]),
         "seed": seed,
     }
-
-
-def no_split_reason(sm: SamplingModel, report, n: int) -> str:
-    """Why the images a model's run set aside cannot be found in the data of `report` (n
-    images): what SamplingModel.held_out_split returned None for, in the user's terms."""
-    source, model = shown(str(report.source)), shown(str(sm.path))
-    if sm.fine_tuned:
-        return (f"{model} is fine-tuned: its parent run may have trained on the images its "
-                "own run set aside")  # fmt: skip
-    if not sm.trained_on(report):
-        return (f"{source} is not the data {model} trained on; give its run's image folder, "
-                "data cache or built-in set")  # fmt: skip
-    used = sm.data.get("used")
-    if isinstance(used, int) and n != used:
-        return (f"{source} has {n} images where the run used {used}: which were set aside "
-                "cannot be told")  # fmt: skip
-    return f"the run of {model} set no images aside for its quality figure"
 
 
 def reference_id(source: str) -> str:

@@ -68,9 +68,8 @@ def copied_share(samples: torch.Tensor, train: torch.Tensor, seed: int = 0) -> d
     dist, index = nearest(samples.flatten(1).double() / 255, data)
     dist = torch.where(dist < same, 0.0, dist)
     return {
-        # at a threshold of 0, exact copies still count
-        "copied_share": float((dist < threshold).double().mean() if threshold > 0
-                              else (dist == 0).double().mean()),  # fmt: skip
+        # an exact copy counts even at a threshold of 0
+        "copied_share": float(((dist < threshold) | (dist == 0)).double().mean()),
         "expected_share": QUANTILE,
         "threshold": threshold,
         "sample_distance_median": float(dist.median()),
@@ -88,11 +87,10 @@ def memorization(
     training images `data` (a folder, builtin:NAME or a run's data cache) at the model's size."""
     start = time.perf_counter()
     ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
-    train = torch.cat(list(image_batches(ds, len(ds), 256)))
     # the model's own data: the images its run set aside (never trained on) are not compared
     parts = sm.held_out_split(len(ds), report, ds.labels)
-    kept = parts[0] if parts is not None else torch.arange(len(train))
-    train = train[kept]
+    kept = parts[0] if parts is not None else torch.arange(len(ds))
+    train = torch.cat(list(image_batches(ds, len(kept), 256, kept)))
     precision = resolve_precision(precision, device)
     batch = batch_size or default_batch_size(sm.model_config, device, n)
 

@@ -27,6 +27,7 @@ from ddpm_cli.model.unet import UNet
 from ddpm_cli.sampler_config import SamplerConfig
 from ddpm_cli.store.checkpoint import CheckpointError
 from ddpm_cli.store.models import load_model
+from ddpm_cli.text import shown
 
 MAX_BATCH = 256
 TRAJECTORY_FRAMES = 60  # steps kept for a trajectory (a GIF frame each; strips pick fewer)
@@ -61,16 +62,34 @@ class SamplingModel:
     def held_out_split(self, n: int, report, labels: torch.Tensor | None):
         """(indices trained on, indices set aside for the quality figure) as its run split the
         `n` images of `report`, when they are its training data as the run read them (as many
-        as it used); else None. None for a fine-tuned model too: its parent may have trained
-        on the images set aside."""
-        k, seed = self.training.get("holdout"), self.training.get("seed")
-        if self.fine_tuned or not self.trained_on(report) or n != self.data.get("used"):
-            return None
-        if not isinstance(k, int) or not isinstance(seed, int) or not 0 < k < n:
+        as it used); else None (held_out_reason says why)."""
+        if self.held_out_reason(n, report) is not None:
             return None
         from ddpm_cli.data.batches import split  # (sampling itself never loads the data code)
 
+        k, seed = self.training["holdout"], self.training["seed"]
         return split(n, k, seed, labels if self.model_config.num_classes else None)
+
+    def held_out_reason(self, n: int, report) -> str | None:
+        """Why the images its run set aside cannot be found among the `n` images of `report`,
+        in the user's terms; None when they can."""
+        source, model = shown(str(report.source)), shown(str(self.path))
+        k, seed, used = (self.training.get("holdout"), self.training.get("seed"),
+                         self.data.get("used"))  # fmt: skip
+        if self.fine_tuned:
+            return (f"{model} is fine-tuned: its parent run may have trained on the images its "
+                    "own run set aside")  # fmt: skip
+        if not self.trained_on(report):
+            return (f"{source} is not the data {model} trained on; give its run's image "
+                    "folder, data cache or built-in set")  # fmt: skip
+        if not isinstance(used, int):
+            return f"{model} does not record how many images its run used"
+        if n != used:
+            return (f"{source} has {n} images where the run used {used}: which were set aside "
+                    "cannot be told")  # fmt: skip
+        if not isinstance(k, int) or not isinstance(seed, int) or not 0 < k < n:
+            return f"the run of {model} set no images aside for its quality figure"
+        return None
 
 def load_for_sampling(
     path: Path, raw: bool = False, device: torch.device | str = "cpu", step: int | None = None
