@@ -266,3 +266,26 @@ def test_plot_errors(runner, run, tmp_path, monkeypatch):
     r = runner.invoke(app, ["inspect", str(run), "--plot", str(tmp_path / "a.png")])
     assert r.exit_code == 2 and 'pip install "ddpm-cli[plot]"' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()
+
+
+def test_what_ends_a_run_reads_as_its_options(runner, run):
+    """A --time run shows its limit as it is typed (1h30m), no default epochs beside it; a
+    run given nothing shows the default 100 epochs; a limit that is not a number is left out."""
+    from rich.console import Console
+
+    from ddpm_cli.cli.reports import tables
+
+    info = inspect_json(runner, run / "model.safetensors")
+
+    def rows(**training):
+        console = Console(width=200, record=True, file=open("/dev/null", "w"))
+        for table in tables({**info, "training": {**info["training"], **training}}, False):
+            console.print(table)
+        return console.export_text()
+
+    timed = rows(steps=None, epochs=None, time_limit=5400.0)
+    assert re.search(r"│ time limit +│ 1h30m ", timed) and not re.search(r"│ epochs ", timed)
+    plain = rows(steps=None, epochs=None, time_limit=None)
+    assert re.search(r"│ epochs +│ 100 ", plain) and "time limit" not in plain
+    hostile = rows(steps=None, epochs=None, time_limit="soon")
+    assert "time limit" not in hostile and "soon" not in hostile

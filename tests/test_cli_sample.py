@@ -109,8 +109,8 @@ def test_ctrl_c_lists_what_was_written_and_the_hint_draws_the_rest(runner, runs,
 
 
 def test_an_interrupted_job_leaves_no_empty_folder_it_made(runner, runs, tmp_path, monkeypatch):
-    """Ctrl-C before the first image: the -o folder the job created is removed again (with its
-    parents kept); one that was there before is kept, and so is one with images in it."""
+    """Ctrl-C before the first image: the -o folder the job created is removed again, with the
+    parents it created for it; a folder that was there before is kept."""
     from ddpm_cli.generation import job
 
     def interrupted(*args, **kwargs):
@@ -121,10 +121,12 @@ def test_an_interrupted_job_leaves_no_empty_folder_it_made(runner, runs, tmp_pat
     args = ["sample", str(model), "-n", "2", "--steps", "2"]
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "new" / "out")])
     assert r.exit_code == 130 and "0 images written" in r.stderr
-    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "out").exists()
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
     (tmp_path / "old").mkdir()
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "old")])
     assert r.exit_code == 130 and (tmp_path / "old").is_dir()
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "old" / "a" / "b")])
+    assert r.exit_code == 130 and os.listdir(tmp_path / "old") == []
 
 
 def test_image_k_does_not_depend_on_n_batch_size_or_run(runner, runs, tmp_path):

@@ -327,6 +327,14 @@ class TrainConfig:
         return self.checkpoint_every if self.eval_every is None else self.eval_every
 
 
+def epoch_limit(epochs, steps, time_limit) -> int | None:
+    """The passes over the data that end a run: --epochs, else DEFAULT_EPOCHS when neither
+    --steps nor --time bounds it, else none."""
+    if epochs is not None:
+        return epochs
+    return None if steps is not None or time_limit is not None else DEFAULT_EPOCHS
+
+
 def parse_size(value) -> tuple[int, int]:
     """32, "32", "64x32" (width x height), (h, w) or [h, w] -> (height, width), each >= 8."""
     usage = f"image size {value!r}: use N or WIDTHxHEIGHT, e.g. 32 or 64x32"

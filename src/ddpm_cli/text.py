@@ -134,6 +134,24 @@ def duration_text(seconds: float) -> str:
     return "".join(parts)
 
 
+def option_text(key: str, value) -> str:
+    """An option as it is typed: --flip, --no-flip, --variance small, --t 100,500."""
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value_text(value)}"
+
+
+def value_text(value) -> str:
+    """An option's value as it is typed: none for None, an enum's value, a sequence's values
+    with commas."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(value_text, value))
+    return "none" if value is None else str(value)
+
+
 def bytes_text(n: int | None) -> str:
     """An amount of memory as a person reads it: '512 MiB', '3.2 GiB'; '?' if unknown."""
     if n is None:

@@ -20,6 +20,7 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.files import STDIO, check_output_path
+from ddpm_cli.text import option_text
 
 
 def import_(
@@ -64,19 +65,13 @@ def import_(
         return
     if not quiet:
         m, d = info["model"], info["diffusion"]
+        flags = " ".join(option_text(k, v) for k, v in info["sampler"].items()) or "none"
         err_console.print(
             f"imported {safe(folder)}: {m['channels']} x {','.join(map(str, m['channel_mult']))} "
             f"at {m['image_size'][1]}x{m['image_size'][0]}, {d['schedule']} T={d['timesteps']}, "
-            f"predicting {info['objective']}, sampler defaults {_flags(info['sampler'])}"
+            f"predicting {info['objective']}, sampler defaults {flags}"
         )
     print_path(out)
-
-
-def _flags(defaults: dict) -> str:
-    """Sampling defaults as the options of ddpm sample they stand for: --variance small --clip."""
-    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
-             for k, v in defaults.items()]  # fmt: skip
-    return " ".join(flags) or "none"
 
 
 def export(

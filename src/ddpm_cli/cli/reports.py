@@ -7,7 +7,8 @@ from rich.table import Table
 
 from ddpm_cli.cli.common import literal
 from ddpm_cli.cli.views import warmup_text
-from ddpm_cli.config import DEFAULT_EPOCHS
+from ddpm_cli.config import epoch_limit
+from ddpm_cli.text import duration_text
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -90,11 +91,11 @@ def tables(info: dict, tensors: bool) -> list[Table]:
             _table(
                 "training",
                 [
-                    # whichever of these comes first ends a run; with none, DEFAULT_EPOCHS
+                    # whichever of these comes first ends a run
                     ("steps", tr.get("steps")),
-                    ("epochs", tr.get("epochs") if tr.get("epochs") is not None else
-                     None if tr.get("steps") or tr.get("time_limit") else DEFAULT_EPOCHS),
-                    ("time limit", _duration(tr["time_limit"]) if tr.get("time_limit") else None),
+                    ("epochs", epoch_limit(tr.get("epochs"), tr.get("steps"),
+                                           tr.get("time_limit"))),  # fmt: skip
+                    ("time limit", _limit(tr.get("time_limit"))),
                     ("batch", f"{tr.get('batch_size')} x {tr.get('grad_accum')} (grad accum)"),
                     (
                         "lr",
@@ -239,6 +240,12 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _limit(seconds) -> str | None:
+    """A --time limit as it is typed (10m, 1h30m); metadata may hold anything."""
+    ok = type(seconds) in (int, float) and 0 < seconds < float("inf")
+    return duration_text(seconds) if ok else None
 
 
 def _figures(r: dict) -> str | None:

@@ -78,15 +78,22 @@ def output_folder(path: Path | None, tidy: bool = True) -> Iterator[None]:
     """make_folder for the block's outputs (None: none): with `tidy`, a folder it made is
     removed again if the block fails or is interrupted before anything is written into it
     (not where other processes share the folder: one's failure would hide in another's)."""
-    made = tidy and path is not None and not Path(path).exists()
+    made = []  # the folders it creates, innermost first: -o a/b/c may make all three
+    if tidy and path is not None:
+        folder = Path(os.path.abspath(path))
+        while not folder.exists() and folder != folder.parent:
+            made.append(folder)
+            folder = folder.parent
     if path is not None:
         make_folder(path)
     try:
         yield
     except BaseException:
-        if made:
-            with suppress(OSError):  # not empty (or gone): keep what is there
-                Path(path).rmdir()
+        for folder in made:
+            try:  # not empty (or gone): keep it, and the folders above it
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 

@@ -15,7 +15,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
 from ddpm_cli.store.files import STATE, RunLock
 from ddpm_cli.store.models import check_weights, network_weights
-from ddpm_cli.text import duration_text
+from ddpm_cli.text import duration_text, option_text, value_text
 
 # options a resumed run may change; everything else must match the stored run
 RESUMABLE = {
@@ -108,25 +108,20 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     return Resumed(out, ckpt, config, diffusion, model, ckpt.config.get("data", {}))
 
 
-def _option(key: str, value) -> str:
-    """An option as typed: --image-size 32x16, --flip, --no-flip."""
-    flag = f"--{key.replace('_', '-')}"
-    if isinstance(value, bool):
-        return flag if value else f"--no-{flag[2:]}"
-    return f"{flag} {_as_typed(key, value)}"
-
-
 def _as_typed(key: str, value) -> str:
-    """A config value as the option is typed: 32x16 for an image size (stored height, width),
-    none for None, a tuple's values with commas; a switch "it on" or "it off"."""
+    """A config value as the option is typed: 32x16 for an image size (stored height, width);
+    a switch "it on" or "it off"."""
     value = jsonable(value)
     if isinstance(value, bool):
         return "it on" if value else "it off"
     if key == "image_size" and isinstance(value, list) and len(value) == 2:
         return f"{value[1]}x{value[0]}"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return "none" if value is None else str(value)
+    return value_text(value)
+
+
+def _option(key: str, value) -> str:
+    """An option as typed: --image-size 32x16, --flip, --no-flip."""
+    return option_text(key, value if isinstance(value, bool) else _as_typed(key, value))
 
 
 def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -> TrainConfig:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ddpm_cli.config import DEFAULT_EPOCHS, ModelConfig, Precision, TrainConfig
+from ddpm_cli.config import ModelConfig, Precision, TrainConfig, epoch_limit
 from ddpm_cli.data.batches import reflected
 from ddpm_cli.data.folders import to_model_range
 from ddpm_cli.device import place, to_device
@@ -96,13 +96,9 @@ def lr_at(step: int, lr: float, warmup: int, progress: float = 0.0, cooldown: fl
 def total_steps(config: TrainConfig, per_epoch: int) -> int | None:
     """Whichever of --steps and --epochs ends training first; 100 epochs when neither is given,
     and None (no step limit) when only --time bounds the run."""
-    candidates = []
-    if config.steps is not None:
-        candidates.append(config.steps)
-    # an optimizer step consumes grad_accum batches
-    bounded = candidates or config.time_limit is not None
-    epochs = config.epochs if config.epochs is not None else (None if bounded else DEFAULT_EPOCHS)
-    if epochs is not None:
+    candidates = [] if config.steps is None else [config.steps]
+    epochs = epoch_limit(config.epochs, config.steps, config.time_limit)
+    if epochs is not None:  # an optimizer step consumes grad_accum batches
         candidates.append(math.ceil(epochs * per_epoch / config.grad_accum))
     return min(candidates) if candidates else None
 
