@@ -20,6 +20,18 @@ from ddpm_cli.cli.common import (
     seed_option,
 )
 from ddpm_cli.cli.stopping import Stopper
+from ddpm_cli.cli.train_data import (
+    ChannelsOpt,
+    CondDropOpt,
+    DataCacheOpt,
+    FlipOpt,
+    HoldoutOpt,
+    ImageSizeOpt,
+    ShiftOpt,
+    StreamOpt,
+    UnconditionalOpt,
+    WorkersOpt,
+)
 from ddpm_cli.cli.views import ProgressView
 from ddpm_cli.config import (
     DiffusionConfig,
@@ -36,13 +48,6 @@ D = TrainConfig()  # the one source of defaults
 # the model presets as a closed set of choices, so that --help and completion list them
 PresetName = Enum("PresetName", {name: name for name in ("auto", *PRESETS)}, type=str)
 AUTO = PresetName(D.preset)
-
-
-def _channels(value: str | None) -> int | None:
-    """--channels: 1, 3 or 4 (2, gray+alpha, is no model kind); one message for any other."""
-    if value not in (None, "1", "3", "4"):
-        raise typer.BadParameter(f"must be 1, 3 or 4, got {value}")
-    return None if value is None else int(value)
 
 
 def train(
@@ -71,61 +76,13 @@ def train(
             "CPU (tiny at 16 px and below).",
         ),
     ] = AUTO,
-    image_size: Annotated[
-        str | None,
-        typer.Option(
-            "--image-size",
-            help="Train at N x N, or WIDTHxHEIGHT (e.g. 64x32): images are resized to cover it "
-            "and center-cropped. Default: the images' own size (their median shorter side, "
-            "rounded down to a multiple of 4), at most 32.",
-            show_default=False,
-        ),
-    ] = None,
-    channels: Annotated[
-        str | None,
-        typer.Option("--channels", callback=_channels, metavar="1|3|4",
-                     help="1, 3 or 4. Default: follows the data."),
-    ] = D.channels,
-    flip: Annotated[
-        bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (the paper).")
-    ] = D.flip,
-    shift: Annotated[
-        int | None,
-        typer.Option(
-            "--shift",
-            max=1024,
-            min=0,
-            help="Random translations by up to N pixels each way, the border reflected; the "
-            "network is told where, and samples show no reflected border (0: none). Default: "
-            "1/16 of the side (2 at 32x32, none below 16) below 2000 images, else none.",
-        ),
-    ] = D.shift,
-    stream: Annotated[
-        bool | None,
-        typer.Option(
-            "--stream/--no-stream",
-            help="Decode batches from disk with worker processes instead of holding the decoded "
-            "images in memory. Default: stream only when they would not fit.",
-            show_default=False,
-        ),
-    ] = D.stream,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            max=256,
-            min=0,
-            help="Decoding processes when streaming. Default: CPUs - 1, max 4.",
-        ),
-    ] = D.workers,
-    data_cache: Annotated[
-        bool,
-        typer.Option(
-            "--data-cache/--no-data-cache",
-            help="Keep the decoded images in the run directory (data_cache.safetensors): resume "
-            "uses them, and a new run can take the file as its DATA.",
-        ),
-    ] = D.data_cache,
+    image_size: ImageSizeOpt = None,
+    channels: ChannelsOpt = D.channels,
+    flip: FlipOpt = D.flip,
+    shift: ShiftOpt = D.shift,
+    stream: StreamOpt = D.stream,
+    workers: WorkersOpt = D.workers,
+    data_cache: DataCacheOpt = D.data_cache,
     objective: Annotated[
         Objective,
         typer.Option(
@@ -141,24 +98,8 @@ def train(
             help="Min-SNR-gamma loss weighting (e.g. 5).",  # fmt: skip
         ),
     ] = D.min_snr_gamma,
-    unconditional: Annotated[
-        bool,
-        typer.Option(
-            "--unconditional",
-            help="Ignore the class subfolders of DATA (a folder of subfolders, one per class, "
-            "trains a class-conditional model).",
-        ),
-    ] = D.unconditional,
-    cond_drop: Annotated[
-        float,
-        typer.Option(
-            "--cond-drop",
-            min=0.0,
-            max=1.0,
-            help="Class-conditional: the share of images trained with no class, so that "
-            "one network also learns unconditional samples for --guidance.",
-        ),
-    ] = D.cond_drop,
+    unconditional: UnconditionalOpt = D.unconditional,
+    cond_drop: CondDropOpt = D.cond_drop,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -312,17 +253,7 @@ def train(
             show_default=False,
         ),
     ] = D.eval_every,
-    holdout: Annotated[
-        int | None,
-        typer.Option(
-            "--holdout",
-            max=MAX_COUNT,
-            min=0,
-            help="Images set aside from training for the quality figure. Default: 5% of them, "
-            "at most 256 (none under 160 images); 0: train on all, no figure.",
-            show_default=False,
-        ),
-    ] = D.holdout,
+    holdout: HoldoutOpt = D.holdout,
     log: Annotated[
         list[LogTo] | None,
         typer.Option(
