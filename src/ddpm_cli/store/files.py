@@ -78,23 +78,32 @@ def output_folder(path: Path | None, tidy: bool = True) -> Iterator[None]:
     """make_folder for the block's outputs (None: none): with `tidy`, a folder it made is
     removed again if the block fails or is interrupted before anything is written into it
     (not where other processes share the folder: one's failure would hide in another's)."""
-    made = []  # the folders it creates, innermost first: -o a/b/c may make all three
-    if tidy and path is not None:
-        folder = Path(os.path.abspath(path))
-        while not folder.exists() and folder != folder.parent:
-            made.append(folder)
-            folder = folder.parent
+    created = new_folder(path) if tidy and path is not None else None
     if path is not None:
         make_folder(path)
     try:
         yield
     except BaseException:
-        for folder in made:
+        folder = Path(os.path.abspath(path)) if created else None
+        while folder is not None:  # innermost first: -o a/b/c may have made all three
             try:  # not empty (or gone): keep it, and the folders above it
                 folder.rmdir()
             except OSError:
                 break
+            folder = None if folder == created else folder.parent
         raise
+
+
+def new_folder(out: Path) -> Path | None:
+    """The outermost folder that making `out` creates: `out` itself, or a missing parent such
+    as runs/; None when `out` exists. Absolute, with `..` resolved as written (`new/../runs`
+    is runs/, whether or not new/ exists)."""
+    out = Path(os.path.abspath(out))
+    if out.exists():
+        return None
+    while out.parent != out and not out.parent.exists():
+        out = out.parent
+    return out
 
 
 def make_folder(path: Path) -> Path:

@@ -78,7 +78,7 @@ class Prepared:
     loggers: list = field(default_factory=list)  # live logs (loggers.py), rank 0's
     held: quality.HeldOut | None = None  # the images set aside for the quality figure (rank 0)
     best: float | None = None  # the lowest quality figure so far (best.safetensors')
-    # a new run that made its directory: the outermost folder it made (run_files.new_folder);
+    # a new run that made its directory: the outermost folder it made (store.files.new_folder);
     # None for an --out that existed, and on resume
     created: Path | None = None
 

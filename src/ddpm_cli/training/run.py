@@ -39,7 +39,7 @@ from ddpm_cli.diffusion.schedules import DiffusionTables
 from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
-from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, write_atomic
+from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, new_folder, write_atomic
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, nothing_left, open_resume, steps_left_by_epoch
@@ -50,7 +50,6 @@ from ddpm_cli.training.run_files import (
     check_fresh_folder,
     check_run_directory,
     discard_new_run,
-    new_folder,
     prepare_directory,
 )
 from ddpm_cli.training.train import compiled, new_state, resolve, total_steps

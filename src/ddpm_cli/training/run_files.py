@@ -155,18 +155,6 @@ def check_run_directory(out: Path, source: str | None) -> None:
         )
 
 
-def new_folder(out: Path) -> Path | None:
-    """The outermost folder that making `out` creates: `out` itself, or a missing parent such
-    as runs/; None when `out` exists. Absolute, with `..` resolved as written (`new/../runs`
-    is runs/, whether or not new/ exists)."""
-    out = Path(os.path.abspath(out))
-    if out.exists():
-        return None
-    while out.parent != out and not out.parent.exists():
-        out = out.parent
-    return out
-
-
 def discard_new_run(out: Path, created: Path | None) -> None:
     """Undo a new run that failed before its first step. When the run made its directory
     (`created`: new_folder's answer), the directory goes, with the parents made for it while
