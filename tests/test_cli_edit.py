@@ -137,6 +137,8 @@ def test_folders_pair_by_name_grid_stdout_and_json(runner, runs, tmp_path):
     originals = {n: rgb(tmp_path / "imgs" / f"{n}.png", seed=i) for i, n in enumerate("ab")}
     mask_png(tmp_path / "masks" / "a.png", LOWER)
     mask_png(tmp_path / "masks" / "b.png", ~LOWER)
+    for folder in ("imgs", "masks"):  # what a Mac leaves beside each file: skipped, as in training
+        (tmp_path / folder / "._a.png").write_bytes(b"Mac OS X")
     r = ddpm(runner, runs, tmp_path, "inpaint {v} {tmp}/imgs --mask {tmp}/masks -n 3 "
              "-o {tmp}/out --grid {tmp}/grid.png --json")  # fmt: skip
     assert r.exit_code == 0, r.output

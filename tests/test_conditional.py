@@ -12,8 +12,10 @@ from conftest import draw_shapes, pixels
 from ddpm_cli.cli import app
 from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_cli.data.batches import Batches
-from ddpm_cli.data.folders import class_labels, folder_report, load_folder, scan
+from ddpm_cli.data.folders import folder_report, load_folder
+from ddpm_cli.data.search import class_labels, scan
 from ddpm_cli.data.sources import load_source
+from ddpm_cli.errors import DataError
 from ddpm_cli.generation.sampling import generate, load_for_sampling
 from ddpm_cli.model.forward import guided
 from ddpm_cli.model.presets import build_model_config
@@ -145,6 +147,10 @@ def test_class_folders_are_labelled_and_flat_or_mixed_folders_are_not(tmp_path):
     assert folder_report(data, (8, 8)).summary()["class_counts"] == [3, 5]
     Image.new("RGB", (8, 8)).save(data / "loose.png")  # an image outside the class folders
     assert class_labels(data, scan(data)) is None
+    assert load_folder(data, (8, 8))[1].warnings[-1] == (  # said, not silent
+        "1 image beside the class subfolders (loose.png): trained without classes; move it "
+        "into a subfolder for a class-conditional model")
+    assert not load_folder(data, (8, 8), classes=False)[1].loose
     single = solid_folder(tmp_path / "s", {"only": [(RED, 2)]})
     assert class_labels(single, scan(single)) is None
 
@@ -347,3 +353,63 @@ def test_class_conditional_inpainting_fills_to_agree_with_the_kept_half(
             assert torch.equal(x[:4], pixels(img)[:4].float())
             bottom = x[4:].mean(dim=(0, 1))
             assert (bottom - torch.tensor(colour).float()).norm() < 40, (extra, bottom)
+
+
+def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(tmp_path,
+                                                                               monkeypatch):
+    """A class folder that is a link counts (Path.rglob would not follow it, and the run would
+    lose the class); hidden files do not; a link loop, a link to nothing and a folder that
+    cannot be listed are each reported, never silently dropped."""
+    import os
+
+    data = solid_folder(tmp_path / "d", {"cat": [(RED, 3)]})
+    dog = solid_folder(tmp_path / "elsewhere", {"dog": [(BLUE, 2)]}) / "dog"
+    (data / "dog").symlink_to(dog, target_is_directory=True)
+    Image.new("RGB", (8, 8)).save(data / "cat" / ".hidden.png")
+    (data / ".git").mkdir()
+    Image.new("RGB", (8, 8)).save(data / ".git" / "x.png")
+    (data / "cat" / "loop").symlink_to(data, target_is_directory=True)
+    (data / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    solid_folder(data / "locked", {"inner": [(RED, 1)]})
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == os.fspath(data / "locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    skipped = []
+    found = scan(data, skipped)
+    assert [p.relative_to(data).as_posix() for p in found] == [
+        "cat/000.png", "cat/001.png", "cat/002.png", "dog/000.png", "dog/001.png"]
+    reasons = dict(skipped)
+    assert reasons[str(data / "cat" / "loop")].endswith("a link back to a folder above it, "
+                                                        "not followed")  # fmt: skip
+    assert reasons[str(data / "cat" / "gone.png")].endswith("a link to a file that is not there")
+    assert reasons[str(data / "locked")].endswith(
+        "cannot list this folder (Permission denied): any images in it are left out")
+    assert len(skipped) == 3
+    images, report = load_folder(data, (8, 8))
+    assert report.classes == ["cat", "dog"] and images.labels.tolist() == [0, 0, 0, 1, 1]
+    assert len(report.skipped) == 3 and report.found == 5
+    with pytest.raises(DataError, match="cannot list this folder"):
+        monkeypatch.setattr(os, "scandir", lambda path=".": refusing(data / "locked"))
+        scan(data)
+
+
+def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):
+    """It could not be learned, yet `ddpm sample --class` would draw it: training refuses it,
+    naming the folder and why its images failed; inspect warns."""
+    data = solid_folder(tmp_path / "d", {"cat": [(RED, 3)], "dog": [(BLUE, 2)]})
+    (data / "broken").mkdir()
+    (data / "broken" / "a.png").write_text("not an image")
+    for stream in (False, True):
+        with pytest.raises(DataError, match=r"no readable images in class folder broken "
+                           r"\(e\.g\. .*broken/a\.png: .*\); fix it, move it out, or train "
+                           r"with --unconditional"):  # fmt: skip
+            load_folder(data, (8, 8), stream=stream)
+    warnings = folder_report(data, (8, 8)).warnings
+    assert "no readable images in class broken: it cannot be learned" in warnings
+    assert not any("imbalanced" in w for w in warnings)
+    assert load_folder(data, (8, 8), classes=False)[1].used == 5

@@ -508,6 +508,32 @@ def test_a_resume_takes_the_run_lock_before_it_reads_the_state(runner, tmp_path,
     assert r.exit_code == 0 and seen, r.output
 
 
+def test_a_run_directory_it_cannot_write_in_is_one_line_and_left_as_it_was(runner, tmp_path,
+                                                                            monkeypatch):
+    """A resume in a read-only copy of a run (another user's, a mounted archive) says so, as a
+    new run's --out does: no internal error from the lock file (tests run as root, where
+    permissions do not bite: the lock's open is refused instead)."""
+    from ddpm_cli.store import files
+
+    pics, out = _pics(tmp_path), tmp_path / "run"
+    r = runner.invoke(app, ["train", str(pics), *TRAIN, "--steps", "2", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).endswith(RunLock.NAME):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", read_only)
+    r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3"])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {out}: cannot write in this run directory (Permission denied); copy it "
+        "somewhere writable and resume the copy"), r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_links_planted_in_a_run_directory_are_never_followed(runner, tmp_path):
     """A run's bookkeeping files are replaced, never written through a symlink: the file a
     link points to is left as it was (before, a `.lock` link truncated its target)."""

@@ -14,8 +14,6 @@ sorted name order. Both kinds of data then carry `labels`.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +22,10 @@ import torch
 from PIL import Image
 
 from ddpm_cli.data.images import decode_image, has_alpha
+from ddpm_cli.data.search import class_labels, fingerprint, loose_beside_classes, scan
 from ddpm_cli.device import available_memory
 from ddpm_cli.errors import DataError
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TINY_DATASET = 100  # below this many images a model mostly memorises its data
 IMBALANCE = 10  # warn when the largest class has this many times the images of the smallest
 BUILTIN_PREFIX = "builtin:"
@@ -52,6 +50,7 @@ class DataReport:
     classes: list[str] = field(default_factory=list)  # class names, in label order
     class_counts: list[int] = field(default_factory=list)  # images per class, as used
     matted: int = 0  # images with an alpha channel, drawn over white (images.matted)
+    loose: list[str] = field(default_factory=list)  # images beside class subfolders
 
     @property
     def name(self) -> str:
@@ -79,14 +78,45 @@ class DataReport:
                 "channel: transparent parts are drawn on "
                 "white (--channels 4 learns the transparency instead)"
             )
-        if self.class_counts and max(self.class_counts) >= IMBALANCE * min(self.class_counts):
-            most, least = (self.class_counts.index(f(self.class_counts)) for f in (max, min))
+        if self.loose:
+            few = f"{len(self.loose)} image{'s' if len(self.loose) > 1 else ''}"
+            names = ", ".join(self.loose[:2]) + (", ..." if len(self.loose) > 2 else "")
+            out.append(f"{few} beside the class subfolders ({names}): trained without "
+                       f"classes; move {'them' if len(self.loose) > 1 else 'it'} into a "
+                       "subfolder for a class-conditional "
+                       "model")  # fmt: skip
+        if self.empty_classes:
+            out.append(f"no readable images in class {', '.join(self.empty_classes)}: "
+                       "it cannot be learned")  # fmt: skip
+        counts = [c for c in self.class_counts if c]
+        if counts and max(counts) >= IMBALANCE * min(counts):
+            most, least = (self.class_counts.index(f(counts)) for f in (max, min))
             out.append(
                 f"classes are imbalanced: {self.classes[most]} has "
                 f"{self.class_counts[most]} images, {self.classes[least]} "
                 f"{self.class_counts[least]}; the small classes will be learned poorly"
             )
         return out
+
+    @property
+    def empty_classes(self) -> list[str]:
+        """The classes none of whose images could be read."""
+        return [n for n, c in zip(self.classes, self.class_counts, strict=True) if not c]
+
+    def check_classes(self) -> None:
+        """Refuse to train a class that has no readable images: it could not be learned, yet
+        `ddpm sample --class` would draw it."""
+        names = self.empty_classes
+        if not names:
+            return
+        folder = Path(self.source) / names[0]
+        why = next((r for p, r in self.skipped if Path(p).is_relative_to(folder)), None)
+        them = "it" if len(names) == 1 else "them"
+        raise DataError(
+            f"{self.source}: no readable images in class folder{'s' if len(names) > 1 else ''} "
+            f"{', '.join(names)}{f' (e.g. {why})' if why else ''}; fix {them}, move {them} "
+            "out, or train with --unconditional"
+        )
 
     def summary(self) -> dict:
         if self.stored is not None:
@@ -121,38 +151,6 @@ class DataReport:
 MEMORY_SHARE = 0.5  # decoded training data may take at most this share of available memory
 
 
-def scan(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in a stable order; hidden files are skipped."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: no such directory")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a directory; give a folder of images")
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in EXTENSIONS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-
-
-def class_labels(folder: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
-    """Each image's class (the index of its first-level subfolder among the sorted names) and
-    the class names; None unless every image sits in one of two or more subfolders."""
-    firsts = []
-    for p in paths:
-        parts = p.relative_to(folder).parts
-        if len(parts) < 2:
-            return None
-        firsts.append(parts[0])
-    names = sorted(set(firsts))
-    if len(names) < 2:
-        return None
-    index = {n: i for i, n in enumerate(names)}
-    return [index[f] for f in firsts], names
-
-
 def to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int) -> torch.Tensor:
     """(C, H, W) in [-1, 1] with C = 1 or 3 -> `channels` channels (alpha appended for 4)."""
     if channels in (3, 4) and pixels.shape[0] == 1:
@@ -164,16 +162,6 @@ def to_channels(pixels: torch.Tensor, alpha: torch.Tensor | None, channels: int)
         a = torch.ones_like(pixels[:1]) if alpha is None else alpha[None].float() / 127.5 - 1
         pixels = torch.cat([pixels, a])
     return pixels
-
-
-def fingerprint(folder: Path, paths: list[Path]) -> str:
-    """A hash of the relative names and sizes of `paths`: it changes when files are added,
-    removed, renamed or rewritten with another size. Names are hashed as the file system's bytes
-    (os.fsencode), so a name that is not valid UTF-8 hashes too, and a UTF-8 one as before."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(os.fsencode(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\n"))
-    return h.hexdigest()[:16]
 
 
 GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
@@ -200,10 +188,12 @@ def load_folder(
     images would take more than MEMORY_SHARE of the available memory) left on disk. With
     `classes`, a folder of class subfolders gives labelled images."""
     folder = Path(folder)
-    paths = scan(folder)
-    report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report = DataReport(source=str(folder), image_size=image_size)
+    paths = scan(folder, report.skipped)
+    report.found = len(paths)
     report.fingerprint = fingerprint(folder, paths)
     labelled = class_labels(folder, paths) if classes else None
+    report.loose = [p.name for p in loose_beside_classes(folder, paths)] if classes else []
     label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else None
     need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
     if stream is None:
@@ -222,6 +212,7 @@ def load_folder(
     labels = None
     if labelled:
         labels = report.set_labels([label_of[p] for p, _ in decoded], labelled[1])
+        report.check_classes()
     return InMemory(data, labels), report
 
 
@@ -252,10 +243,12 @@ def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
     """The pre-flight report of a folder, every image decoded once and dropped: what `ddpm
     train` would find, without training (or holding the images)."""
     folder = Path(folder)
-    paths = scan(folder)
-    report = DataReport(source=str(folder), found=len(paths), image_size=image_size)
+    report = DataReport(source=str(folder), image_size=image_size)
+    paths = scan(folder, report.skipped)
+    report.found = len(paths)
     report.fingerprint = fingerprint(folder, paths)
     labelled = class_labels(folder, paths)
+    report.loose = [p.name for p in loose_beside_classes(folder, paths)]
     label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else {}
     gray, used = True, []
     for p, img in decode_all(paths, image_size, report):
@@ -294,6 +287,7 @@ def _on_disk(
     report.channels, report.used, report.streamed = channels, len(kept), True
     report.bytes = len(kept) * channels * h * w
     labels = report.set_labels([label_of[p] for p in kept], labelled[1]) if labelled else None
+    report.check_classes()
     return OnDisk(kept, report.image_size, channels, labels), report
 
 

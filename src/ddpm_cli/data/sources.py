@@ -38,7 +38,8 @@ def data_image_size(source: str | None) -> tuple[int, int]:
     the built-in datasets, and for a folder its images' size (auto_image_size) from the file
     headers of up to HEADERS_READ files spread over it; unreadable files are left to the
     loader to report."""
-    from ddpm_cli.data.folders import _header, scan
+    from ddpm_cli.data.folders import _header
+    from ddpm_cli.data.search import scan
 
     if is_cache_file(source):
         from ddpm_cli.store.checkpoint import read_header

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import Precision
-from ddpm_cli.data.folders import BUILTIN_PREFIX, OnDisk, scan, to_uint8
+from ddpm_cli.data.folders import BUILTIN_PREFIX, OnDisk, to_uint8
+from ddpm_cli.data.search import scan
 from ddpm_cli.data.sources import is_cache_file, load_source
 from ddpm_cli.device import sync
 from ddpm_cli.diffusion.schedules import DiffusionTables

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.data.folders import EXTENSIONS, mattes
+from ddpm_cli.data.folders import mattes
 from ddpm_cli.data.images import decode_image
+from ddpm_cli.data.search import EXTENSIONS
 from ddpm_cli.diffusion import editing
 from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs, evaluations
 from ddpm_cli.diffusion.schedules import DiffusionTables
@@ -69,7 +70,10 @@ def _sources(spec: str, what: str) -> list[tuple[str, str]]:
         return [("stdin", STDIO)]
     path = Path(spec)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        found = sorted(  # hidden files (._a.png, a Mac's) are skipped, as in training
+            p for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
+        )
         if not found:
             raise DataError(f"{path}: no images in this folder ({what})")
         return [(p.name, str(p)) for p in found]

@@ -222,10 +222,13 @@ class RunLock:
         try:  # never through a link planted in its place: that would truncate its target
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise UsageError(f"{self.path}: is a symbolic link, not ddpm's lock file; remove "
-                             "it") from None  # fmt: skip
+            if e.errno == errno.ELOOP:
+                raise UsageError(f"{self.path}: is a symbolic link, not ddpm's lock file; "
+                                 "remove it") from None  # fmt: skip
+            fix = "copy it somewhere writable and resume the copy" if self.resume else \
+                "choose another --out"  # fmt: skip
+            raise OutputError(f"{self.path.parent}: cannot write in this run directory "
+                              f"({e.strerror or e}); {fix}") from None  # fmt: skip
         for attempt in range(3):  # holder() of another command holds it for a moment only
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
