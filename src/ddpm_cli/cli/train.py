@@ -325,5 +325,5 @@ def train(
         stop.restore()
     if (result.out / "model.safetensors").exists() and distributed.env_main():
         print_path(result.out / "model.safetensors")
-    if result.status == "stopped":
-        raise typer.Exit(stop.exit_code())
+    if result.status == "stopped" or stop.requested():  # a stop asked during the last step
+        raise typer.Exit(stop.exit_code())  # still stops `ddpm train ... && ddpm sample ...`

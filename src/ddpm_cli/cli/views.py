@@ -169,6 +169,10 @@ class ProgressView(LiveView):
             err_console.print(f"stopped before the first step: nothing saved, "
                               f"{safe(info['out'])} {undone}")  # fmt: skip
             return
+        if info.get("untouched") and info["status"] == "stopped":
+            err_console.print(f"stopped before the first step: {safe(info['out'])} is as it "
+                              f"was, at step {info['step']}")  # fmt: skip
+            return
         verb = "finished" if info["status"] == "done" else "stopped"
         err_console.print(f"{verb} at step {info['step']}: {safe(info['out'])}")
 

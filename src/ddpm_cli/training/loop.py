@@ -204,7 +204,7 @@ class Loop:
 
     def run(self) -> RunResult:
         r, d, state, config = self.job, self.job.d, self.job.state, self.job.config
-        status, total = "done", r.total
+        status, total, start = "done", r.total, state.step
         feed = r.batches.iterate(state.epoch, state.batch_in_epoch)
         time_spent = 0.0  # the share of --time used, as the ranks agree on it
         while total is None or state.step < total:
@@ -261,7 +261,9 @@ class Loop:
             self.flush()
         if d.main and self.window:  # a stop between log steps: log the partial window too
             self.log_window()
-        if state.step and (state.step % config.checkpoint_every or status == "stopped"):
+        # (a resume stopped before its first step leaves the run as it was, its options too)
+        moved = state.step != start
+        if moved and (state.step % config.checkpoint_every or status == "stopped"):
             self.checkpoint()
         done_off_grid = config.sample_every and state.step % config.sample_every
         if status == "done" and done_off_grid and d.main:
@@ -274,5 +276,6 @@ class Loop:
         # an unsaved run is discarded by run.train, once its loggers have closed
         made = r.created is not None
         self.on_event("end", {"status": status, "step": state.step, "out": r.out,
-                              "unsaved": result.unsaved, "created": made})  # fmt: skip
+                              "unsaved": result.unsaved, "created": made,
+                              "untouched": bool(start) and not moved})  # fmt: skip
         return result
