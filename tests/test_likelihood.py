@@ -368,3 +368,23 @@ def test_an_option_for_a_measurement_not_asked_for_is_refused(runner, tmp_path):
                       (["-n", "5"], "--fid-ref or --memorization, not given here; add one")]:
         r = runner.invoke(app, ["eval", str(run), *args])
         assert r.exit_code == 2 and r.stderr.strip().endswith(end), r.stderr
+
+
+def test_files_of_the_data_that_cannot_be_read_are_said_not_dropped_silently(runner, tmp_path):
+    import json
+
+    from conftest import train_tiny
+    from ddpm_cli.cli import app
+
+    run = train_tiny(tmp_path, 8, diffusion=DiffusionConfig(timesteps=50))
+    (tmp_path / "pics" / "notes.png").write_text("not an image")
+    for option in ("--data", "--memorization"):
+        rest = ["--t-samples", "2"] if option == "--data" else ["-n", "4", "--steps", "2"]
+        args = ["eval", str(run), option, str(tmp_path / "pics"), *rest]
+        r = runner.invoke(app, [*args, "--json"])
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.stdout)["likelihood" if option == "--data" else option[2:]]
+        [skipped] = result["skipped_files"]
+        assert skipped["path"] == str(tmp_path / "pics" / "notes.png")
+        assert (f"warning: 1 file of {tmp_path / 'pics'} could not be read and is left out; "
+                f"e.g. {skipped['reason']}") in " ".join(r.stderr.split()), r.stderr

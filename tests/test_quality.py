@@ -275,3 +275,26 @@ def test_a_resume_with_no_steps_left_logs_no_second_figure(tmp_path):
     with pytest.raises(UsageError, match="nothing to train"):  # refused, nothing written
         train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
     assert [r["step"] for r in run_figures(run)] == [2, 4]
+
+
+def test_a_holdout_the_classes_cannot_spare_is_said_and_recorded_as_set_aside(tmp_path):
+    """--holdout 9 of two classes of 5: each keeps one image to train on, so 8 are set aside;
+    the run says so and records 8, what the pre-flight table, the figure and `ddpm eval
+    --held-out` then count (before, the table said 9)."""
+    from PIL import Image
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (colour[0], i * 40, colour[2])).save(
+                tmp_path / "d" / name / f"{i}.png")
+    starts = []
+    config = TrainConfig(preset="tiny", image_size=8, batch_size=2, device="cpu", seed=1,
+                         steps=1, sample_every=0, holdout=9)  # fmt: skip
+    out = train(str(tmp_path / "d"), config, DiffusionConfig(), out=tmp_path / "run",
+                given={"holdout": 9},
+                on_event=lambda kind, info: kind == "start" and starts.append(info)).out
+    assert starts[0]["config"].holdout == 8
+    assert "--holdout 9: 8 images set aside, so that each class keeps one to train on" in (
+        starts[0]["warnings"])
+    assert config_section(load_checkpoint(out / MODEL), "training", TrainConfig).holdout == 8

@@ -224,6 +224,7 @@ def eval_(
                 held_out=held_out,
             )  # fmt: skip
             r = report["likelihood"]
+            _warn_skipped(r, data, quiet)
             if r["training_images"] and not quiet:
                 aside = f"; --held-out measures the {r['set_aside']} images its run set aside"
                 note_line("these are the model's training images: a training-set bound"
@@ -235,12 +236,14 @@ def eval_(
                 device=dev, precision=precision, weights=inception_weights,
                 use_cache=ref_cache, progress=view.update,
             )  # fmt: skip
+            _warn_skipped(report["fid"], fid_ref, quiet)
         if memorization is not None:
             config = SamplerConfig(sampler=sampler, steps=steps)
             report["memorization"] = copies(
                 sm, memorization, n=num, sampler=config, seed=seed, batch_size=batch_size,
                 device=dev, precision=precision, progress=view.update,
             )  # fmt: skip
+            _warn_skipped(report["memorization"], memorization, quiet)
             if report["memorization"]["threshold"] == 0 and not quiet:
                 warning_line("over 5% of the training images have an exact duplicate among "
                              "them, so the threshold is 0 and only exact copies count; remove "
@@ -252,6 +255,15 @@ def eval_(
         return
     for line in summary_lines(report):
         print(line)
+
+
+def _warn_skipped(result: dict, data: str, quiet: bool) -> None:
+    """The files of `data` that could not be read: left out of the measurement, and said."""
+    files = result.get("skipped_files") or []
+    if files and not quiet:
+        n = len(files)
+        warning_line(f"{n} file{'s' if n > 1 else ''} of {data} could not be read and "
+                     f"{'are' if n > 1 else 'is'} left out; e.g. {files[0]['reason']}")  # fmt: skip
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -118,6 +118,10 @@ class DataReport:
             "out, or train with --unconditional"
         )
 
+    def skipped_files(self) -> list[dict]:
+        """What could not be read, for JSON: [{"path": ..., "reason": ...}]."""
+        return [{"path": p, "reason": r} for p, r in self.skipped]
+
     def summary(self) -> dict:
         if self.stored is not None:
             return dict(self.stored)

@@ -155,6 +155,7 @@ def likelihood(
         **result.to_dict(),
         "data": report.source,
         "found": report.found,
+        "skipped_files": report.skipped_files(),
         "training_images": sm.trained_on(report) and not held_out,
         "held_out": held_out,
         # how many images of `data` the run set aside (0: none, or not the model's own data)
@@ -210,9 +211,10 @@ def sample_quality(
     size, channels = sm.model_config.image_size, sm.model_config.in_channels
     key = stats_key(f"{reference_id(reference)}:{channels}", size, digest)
     ref = cached_features(key) if use_cache else None
-    cached = ref is not None
+    cached, skipped = ref is not None, []  # (a cached reference was read before)
     if ref is None:
         ds, report = load_source(reference, size, channels)
+        skipped = report.skipped_files()
         _check_reference(reference, len(ds), n)
         ref = extract(
             lambda b: features(as_rgb(b)),
@@ -245,6 +247,7 @@ def sample_quality(
         "reference": reference,
         "reference_images": ref.shape[0],
         "reference_cached": cached,
+        "skipped_files": skipped,
         "sampler": resolved.to_dict(),
         "seed": seed,
         "precision": precision.value,

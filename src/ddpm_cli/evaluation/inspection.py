@@ -186,7 +186,7 @@ def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
     report = folder_report(folder, image_size)
     return {
         **report.summary(),
-        "skipped_files": [{"path": p, "reason": r} for p, r in report.skipped],
+        "skipped_files": report.skipped_files(),
         "warnings": report.warnings,
     }
 

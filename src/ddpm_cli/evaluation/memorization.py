@@ -108,6 +108,7 @@ def memorization(
         **share,
         "samples": n,
         "data": report.source,
+        "skipped_files": report.skipped_files(),
         "training_images": int(train.shape[0]),
         "set_aside": 0 if parts is None else len(parts[1]),
         "seed": seed,

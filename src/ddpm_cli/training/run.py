@@ -209,7 +209,13 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     use, heldout = None, None
     if config.holdout:  # the images the quality figure is computed on, never trained on
         use, aside = split(len(images), config.holdout, config.seed, images.labels)
-        heldout = quality.HeldOut.take(images, aside, config.seed) if d.main else None
+        if len(aside) < config.holdout:  # each class keeps an image to train on: say so, and
+            if "holdout" in (given or {}):  # record what was set aside (split takes the same)
+                warnings.append(f"--holdout {config.holdout}: {len(aside)} images set aside, "
+                                "so that each class keeps one to train on")  # fmt: skip
+            config = replace(config, holdout=len(aside))
+        if config.holdout and d.main:
+            heldout = quality.HeldOut.take(images, aside, config.seed)
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
         shard=(d.rank, d.world), device=device, use=use, shift=config.shift,
