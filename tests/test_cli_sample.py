@@ -290,6 +290,9 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         (["{v}", "-n", "1", "-o", "x/sub/out"], 2, "is a file"),
         (["{v}", "-n", "1", "--grid", "x/g.png"], 2, "does not exist"),
         (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; sample from"),
+        (["{v}", "-n", "1", "-o", "one.png"], 2,
+         "-o one.png: names a folder for the images (one.png/000000.png, ...); for one file, "
+         "use --grid one.png, or -o - > one.png"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -307,6 +310,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert message in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").is_dir() and not list(tmp_path.glob("**/*.png"))
+    assert not (tmp_path / "one.png").exists()
 
 
 def test_a_train_state_of_another_name_samples_with_raw(runner, runs, tmp_path):

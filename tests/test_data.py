@@ -352,3 +352,46 @@ def test_transparency_is_drawn_on_white_unless_the_model_learns_it(tmp_path):
     rgba = four.data[names.index("rgba.png")]
     assert report4.matted == 0 and not any("alpha" in w for w in report4.warnings)
     assert rgba[:, 0, 15].tolist() == [0, 0, 0, 0] and rgba[:, 8, 8].tolist() == [255, 0, 0, 255]
+
+
+def test_every_skipped_file_is_named_in_its_reason(tmp_path, monkeypatch):
+    """A skipped file's reason starts with its path, whatever went wrong: a float TIFF, a file
+    that cannot be read (before, the bare "32-bit float ..." or Python's "[Errno 13] ...")."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    draw_shapes((8, 8)).save(tmp_path / "ok.png")
+    Image.new("F", (8, 8)).save(tmp_path / "float.tif")
+    draw_shapes((8, 8)).save(tmp_path / "locked.png")
+    read = Path.read_bytes
+
+    def refusing(path):
+        if path.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    report = data.folder_report(tmp_path, (8, 8))
+    assert dict(report.skipped) == {
+        str(tmp_path / "float.tif"): f"{tmp_path / 'float.tif'}: 32-bit float images are not "
+                                     "supported; save it as 8- or 16-bit",
+        str(tmp_path / "locked.png"): f"{tmp_path / 'locked.png'}: cannot read (Permission "
+                                      "denied)",
+    }
+
+
+def test_the_size_rows_give_sizes_that_images_have_and_small_amounts_read_right(tmp_path):
+    """min, median and max are images' own sizes, by area (before: the median width beside the
+    median height, 30x30 for images of 30x10 and 10x30); a small decoded set is not 0.0 MiB."""
+    from PIL import Image
+
+    from ddpm_cli.text import bytes_text
+
+    for i, size in enumerate([(30, 10), (10, 30), (20, 20), (40, 40), (12, 12)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+    summary = data.folder_report(tmp_path, (8, 8)).summary()
+    assert (summary["min_size"], summary["median_size"], summary["max_size"]) == (
+        [12, 12], [30, 10], [40, 40])
+    assert [bytes_text(n) for n in (5 * 3 * 8 * 8, 3 * 2**20 // 2, 300 * 2**20, 5 * 2**30)] == [
+        "960 bytes", "1.5 MiB", "300 MiB", "5.0 GiB"]

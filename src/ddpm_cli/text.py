@@ -153,7 +153,14 @@ def value_text(value) -> str:
 
 
 def bytes_text(n: int | None) -> str:
-    """An amount of memory as a person reads it: '512 MiB', '3.2 GiB'; '?' if unknown."""
+    """An amount of memory as a person reads it: '3.2 GiB', '512 MiB', '1.5 MiB', '48 KiB',
+    '12 bytes'; '?' if unknown."""
     if n is None:
         return "?"
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 10 * 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.0f} KiB" if n >= 2**10 else f"{n} bytes"

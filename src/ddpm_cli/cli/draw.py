@@ -31,6 +31,7 @@ from ddpm_cli.cli.common import (
 )
 from ddpm_cli.cli.views import SampleProgress
 from ddpm_cli.config import MAX_TIMESTEPS
+from ddpm_cli.data.search import EXTENSIONS
 from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import (
     DEFAULT_GUIDANCE,
@@ -250,6 +251,10 @@ def draw(
         raise UsageError("PNG bytes and --json both go to stdout; choose one")
     if to_stdout and stdout_is_terminal():
         raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
+    looks_like_a_file = out not in (None, STDIO) and Path(out).suffix.lower() in EXTENSIONS
+    if looks_like_a_file and not Path(out).is_dir():  # -o names a folder: say so, not make one
+        raise UsageError(f"-o {out}: names a folder for the images ({Path(out).name}/000000.png, "
+                         f"...); for one file, use --grid {out}, or -o - > {out}")  # fmt: skip
     several_inputs = edit is not None and edit.image != STDIO and Path(edit.image).is_dir()
     if out == STDIO and (num > 1 or several_inputs) and grid is None:
         grid, out = STDIO, None  # several images on stdout: as one grid

@@ -6,9 +6,9 @@ from __future__ import annotations
 from rich.table import Table
 
 from ddpm_cli.cli.common import literal
-from ddpm_cli.cli.views import warmup_text
+from ddpm_cli.cli.views import sizes_text, warmup_text
 from ddpm_cli.config import epoch_limit
-from ddpm_cli.text import duration_text
+from ddpm_cli.text import bytes_text, duration_text
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -202,14 +202,10 @@ def folder_table(r: dict) -> Table:
             )
             or "none: trains unconditionally",
         ),  # fmt: skip
-        (
-            "sizes",
-            f"min {r['min_size'][0]}x{r['min_size'][1]}, median {r['median_size'][0]}x"
-            f"{r['median_size'][1]}, max {r['max_size'][0]}x{r['max_size'][1]}",
-        ),
+        ("sizes", sizes_text(r)),
         (
             "decoded",
-            f"{r['bytes'] / 2**20:.1f} MiB as {r['channels']}x{r['image_size'][0]}x"
+            f"{bytes_text(r['bytes'])} as {r['channels']}x{r['image_size'][0]}x"
             f"{r['image_size'][1]} uint8",
         ),
     ]

@@ -177,6 +177,12 @@ class ProgressView(LiveView):
         err_console.print(f"{verb} at step {info['step']}: {safe(info['out'])}")
 
 
+def sizes_text(summary: dict) -> str:
+    """The smallest, median and largest image of a data summary, each by its area."""
+    return ", ".join(f"{k} {summary[f'{k}_size'][0]}x{summary[f'{k}_size'][1]}"
+                     for k in ("min", "median", "max"))  # fmt: skip
+
+
 def preflight_table(info: dict) -> Table:
     report, config, model = info["report"], info["config"], info["model"]
     s = info["data"]
@@ -202,15 +208,10 @@ def preflight_table(info: dict) -> Table:
             if model.classes
             else "none (unconditional)",
         ),
-        (
-            "sizes",
-            f"min {s['min_size'][0]}x{s['min_size'][1]}, median "
-            f"{s['median_size'][0]}x{s['median_size'][1]}, max "
-            f"{s['max_size'][0]}x{s['max_size'][1]}",
-        ),
+        ("sizes", sizes_text(s)),
         (
             "decoded",
-            f"{s['bytes'] / 2**20:.1f} MiB as {report.channels}x{report.image_size[0]}x"
+            f"{bytes_text(s['bytes'])} as {report.channels}x{report.image_size[0]}x"
             f"{report.image_size[1]} uint8 (channels x height x width)"
             + (
                 f"; streamed from disk, {config.workers} decoding processes"

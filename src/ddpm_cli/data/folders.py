@@ -61,10 +61,11 @@ class DataReport:
     def warnings(self) -> list[str]:
         out = []
         if self.used < TINY_DATASET:
+            one = self.used == 1
             out.append(
-                f"only {self.used} images: the model will mostly memorise them; "
-                f"hundreds or thousands of images give more varied samples "
-                f"(docs/training.md#small-datasets)"
+                f"only {self.used} image{'' if one else 's'}: the model will mostly memorise "
+                f"{'it' if one else 'them'}; hundreds or thousands of images give more varied "
+                "samples (docs/training.md#small-datasets)"
             )
         th, tw = self.image_size
         small = sum(1 for w, h in self.sizes if w < tw or h < th)
@@ -125,17 +126,17 @@ class DataReport:
     def summary(self) -> dict:
         if self.stored is not None:
             return dict(self.stored)
-        ws = sorted(w for w, _ in self.sizes) or [0]
-        hs = sorted(h for _, h in self.sizes) or [0]
+        # sizes that images have, by area: not a width of one beside a height of another
+        sizes = sorted(self.sizes, key=lambda s: (s[0] * s[1], s)) or [(0, 0)]
         return {
             "source": self.source,
             "found": self.found,
             "used": self.used,
             "skipped": len(self.skipped),
             "modes": dict(self.modes),
-            "min_size": [ws[0], hs[0]],
-            "median_size": [ws[len(ws) // 2], hs[len(hs) // 2]],
-            "max_size": [ws[-1], hs[-1]],
+            "min_size": list(sizes[0]),
+            "median_size": list(sizes[len(sizes) // 2]),
+            "max_size": list(sizes[-1]),
             "channels": self.channels,
             "image_size": list(self.image_size),
             "bytes": self.bytes,
@@ -234,8 +235,11 @@ def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataRepor
     for p in paths:
         try:
             img = decode_image(p.read_bytes(), str(p), size=image_size, matte=matte)
-        except (DataError, OSError) as e:
+        except DataError as e:
             report.skipped.append((str(p), str(e)))
+            continue
+        except OSError as e:  # the file went, or is not ours to read
+            report.skipped.append((str(p), f"{p}: cannot read ({e.strerror or e})"))
             continue
         report.modes[img.source_mode] += 1
         report.sizes.append(img.source_size)

@@ -99,8 +99,9 @@ def has_alpha(img: Image.Image) -> bool:
     return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
 
 
-def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, list[str]]:
-    """Split an image into (colour image, alpha or None, family, notes)."""
+def _normalise(img: Image.Image, name: str) -> tuple[Image.Image, Image.Image | None, str,
+                                                      list[str]]:  # fmt: skip
+    """Split an image (`name` in messages) into (colour image, alpha or None, family, notes)."""
     mode, notes = img.mode, []
     if mode == "P" or mode == "PA":
         img = img.convert("RGBA" if has_alpha(img) else "RGB")
@@ -122,7 +123,8 @@ def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, 
                          "grayscale)")  # fmt: skip
         return img, None, GRAY16, notes
     elif mode == "F":
-        raise DataError("32-bit float images are not supported; save it as 8- or 16-bit")
+        raise DataError(f"{name}: 32-bit float images are not supported; save it as 8- or "
+                        "16-bit")  # fmt: skip
 
     alpha = None
     if img.mode in ("LA", "RGBA"):
@@ -130,7 +132,7 @@ def _normalise(img: Image.Image) -> tuple[Image.Image, Image.Image | None, str, 
         img = img.convert(img.mode[:-1])
         notes.append("alpha channel kept unchanged; noise is added to the colour channels only")
     if img.mode not in (GRAY8, RGB):
-        raise DataError(f"unsupported image mode {mode!r}")
+        raise DataError(f"{name}: unsupported image mode {mode!r}")
     return img, alpha, img.mode, notes
 
 
@@ -164,7 +166,7 @@ def decode_image(
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not make a readable image unusable
         pass
-    colour, alpha, family, notes = _normalise(img)
+    colour, alpha, family, notes = _normalise(img, name)
     notes = open_notes + notes
     source_size = colour.size
     had_alpha = matte and alpha is not None
