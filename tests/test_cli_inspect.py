@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -278,7 +279,7 @@ def test_what_ends_a_run_reads_as_its_options(runner, run):
     info = inspect_json(runner, run / "model.safetensors")
 
     def rows(**training):
-        console = Console(width=200, record=True, file=open("/dev/null", "w"))
+        console = Console(width=200, record=True, file=io.StringIO())
         for table in tables({**info, "training": {**info["training"], **training}}, False):
             console.print(table)
         return console.export_text()

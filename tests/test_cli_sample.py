@@ -291,8 +291,9 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         (["{v}", "-n", "1", "--grid", "x/g.png"], 2, "does not exist"),
         (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; sample from"),
         (["{v}", "-n", "1", "-o", "one.png"], 2,
-         "-o one.png: names a folder for the images (one.png/000000.png, ...); for one file, "
-         "use --grid one.png, or -o - > one.png"),
+         "-o one.png: -o names a folder for the images, and this looks like a file name; for "
+         "one file, use --grid one.png, or -o - > one.png (end it with / for a folder of that "
+         "name)"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(

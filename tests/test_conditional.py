@@ -358,18 +358,23 @@ def test_class_conditional_inpainting_fills_to_agree_with_the_kept_half(
 def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(tmp_path,
                                                                                monkeypatch):
     """A class folder that is a link counts (Path.rglob would not follow it, and the run would
-    lose the class); hidden files do not; a link loop, a link to nothing and a folder that
-    cannot be listed are each reported, never silently dropped."""
+    lose the class), each folder once, by its own name: a link to a folder already searched (a
+    loop, another class, a second name for one) adds nothing, so no image is trained twice or
+    under another class. Hidden files do not count. What the search could not enter is
+    reported: a link to nothing (an unmounted drive), a folder it cannot list."""
     import os
 
     data = solid_folder(tmp_path / "d", {"cat": [(RED, 3)]})
     dog = solid_folder(tmp_path / "elsewhere", {"dog": [(BLUE, 2)]}) / "dog"
     (data / "dog").symlink_to(dog, target_is_directory=True)
+    (data / "cat" / "dogs").symlink_to(data / "dog", target_is_directory=True)  # another class
+    (data / "latest").symlink_to(data / "cat", target_is_directory=True)  # a second name
     Image.new("RGB", (8, 8)).save(data / "cat" / ".hidden.png")
     (data / ".git").mkdir()
     Image.new("RGB", (8, 8)).save(data / ".git" / "x.png")
     (data / "cat" / "loop").symlink_to(data, target_is_directory=True)
     (data / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    (data / "bird").symlink_to(tmp_path / "unmounted" / "bird")
     solid_folder(data / "locked", {"inner": [(RED, 1)]})
     scandir = os.scandir
 
@@ -379,20 +384,31 @@ def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(t
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refusing)
-    skipped = []
-    found = scan(data, skipped)
+    unsearched = []
+    found = scan(data, unsearched)
     assert [p.relative_to(data).as_posix() for p in found] == [
         "cat/000.png", "cat/001.png", "cat/002.png", "dog/000.png", "dog/001.png"]
-    reasons = dict(skipped)
-    assert reasons[str(data / "cat" / "loop")].endswith("a link back to a folder above it, "
-                                                        "not followed")  # fmt: skip
-    assert reasons[str(data / "cat" / "gone.png")].endswith("a link to a file that is not there")
-    assert reasons[str(data / "locked")].endswith(
-        "cannot list this folder (Permission denied): any images in it are left out")
-    assert len(skipped) == 3
+    reasons = dict(unsearched)
+    assert reasons == {
+        str(data / "cat" / "loop"): f"{data / 'cat' / 'loop'}: a link to {data}, which is "
+                                    "searched as itself",
+        str(data / "cat" / "dogs"): f"{data / 'cat' / 'dogs'}: a link to {data / 'dog'}, "
+                                    "which is searched as itself",
+        str(data / "latest"): f"{data / 'latest'}: a link to {data / 'cat'}, which is searched "
+                              "as itself",
+        str(data / "cat" / "gone.png"): f"{data / 'cat' / 'gone.png'}: a link to nothing (is a "
+                                        "drive or a folder missing?)",
+        str(data / "bird"): f"{data / 'bird'}: a link to nothing (is a drive or a folder "
+                            "missing?)",
+        str(data / "locked"): f"{data / 'locked'}: cannot list this folder (Permission "
+                              "denied): any images in it are left out",
+    }
     images, report = load_folder(data, (8, 8))
     assert report.classes == ["cat", "dog"] and images.labels.tolist() == [0, 0, 0, 1, 1]
-    assert len(report.skipped) == 3 and report.found == 5
+    assert report.unsearched == sorted(reasons.items()) and report.found == 5
+    assert report.summary()["unsearched"] == 6 and report.summary()["skipped"] == 0
+    assert any(w.startswith("the search left out what it could not enter: ")
+               and w.endswith("(and 5 more)") for w in report.warnings)  # fmt: skip
     with pytest.raises(DataError, match="cannot list this folder"):
         monkeypatch.setattr(os, "scandir", lambda path=".": refusing(data / "locked"))
         scan(data)
@@ -410,6 +426,7 @@ def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):
                            r"with --unconditional"):  # fmt: skip
             load_folder(data, (8, 8), stream=stream)
     warnings = folder_report(data, (8, 8)).warnings
-    assert "no readable images in class broken: it cannot be learned" in warnings
+    assert "no readable images in class broken: ddpm train refuses a class it cannot learn" in (
+        warnings)
     assert not any("imbalanced" in w for w in warnings)
     assert load_folder(data, (8, 8), classes=False)[1].used == 5

@@ -182,6 +182,10 @@ def test_an_epoch_limit_survives_a_change_in_the_number_of_processes():
     capped = TrainConfig(epochs=100, steps=21_000, batch_size=128)
     assert steps_left_by_epoch(capped, state, per_epoch, 9_800) == 21_000
     assert steps_left_by_epoch(TrainConfig(steps=30_000), state, per_epoch, 30_000) == 30_000
+    # no limit given: the default 100 epochs, counted the same way (before, 9,800 steps in
+    # today's batches, which the run had passed: "nothing to train")
+    default = TrainConfig(batch_size=128)
+    assert steps_left_by_epoch(default, state, per_epoch, 9_800) == 20_000 + 49 * 98 - 10
 
 
 def test_a_class_conditional_job_trains_and_samples_as_one_process(tmp_path):

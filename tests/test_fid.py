@@ -208,8 +208,13 @@ def test_reference_features_are_cached_and_refreshed_when_the_folder_changes(
     assert second["fid"] == first["fid"] and second["kid"] == first["kid"]
     assert first["estimate"] and first["reference_images"] == 6 and first["samples"] == 4
     draw_shapes((20, 20)).save(ref / "new.png")
+    (ref / "notes.png").write_text("not an image")  # left out, and said, cached or not
     third = measure()
     assert not third["reference_cached"] and third["reference_images"] == 7
+    again = measure()
+    assert again["reference_cached"]
+    for r in (third, again):
+        assert [f["path"] for f in r["skipped_files"]] == [str(ref / "notes.png")]
     with pytest.raises(DataError, match="7 reference images, fewer than the 8 samples"):
         measure(8)
     assert "samples" not in events  # refused before drawing anything

@@ -386,5 +386,6 @@ def test_files_of_the_data_that_cannot_be_read_are_said_not_dropped_silently(run
         result = json.loads(r.stdout)["likelihood" if option == "--data" else option[2:]]
         [skipped] = result["skipped_files"]
         assert skipped["path"] == str(tmp_path / "pics" / "notes.png")
-        assert (f"warning: 1 file of {tmp_path / 'pics'} could not be read and is left out; "
-                f"e.g. {skipped['reason']}") in " ".join(r.stderr.split()), r.stderr
+        assert (f"warning: left out of {tmp_path / 'pics'}: 1 unreadable file; e.g. "
+                f"{skipped['reason']}") in " ".join(r.stderr.split()), r.stderr
+        assert result["unsearched"] == []

@@ -277,11 +277,13 @@ def test_a_resume_with_no_steps_left_logs_no_second_figure(tmp_path):
     assert [r["step"] for r in run_figures(run)] == [2, 4]
 
 
-def test_a_holdout_the_classes_cannot_spare_is_said_and_recorded_as_set_aside(tmp_path):
+def test_a_holdout_the_classes_cannot_spare_is_said_and_counted_as_set_aside(tmp_path):
     """--holdout 9 of two classes of 5: each keeps one image to train on, so 8 are set aside;
-    the run says so and records 8, what the pre-flight table, the figure and `ddpm eval
-    --held-out` then count (before, the table said 9)."""
+    the run says so, and its table counts 8 (before: 9), as the figure and `ddpm eval
+    --held-out` do. The option stays as typed, so a resume that repeats it is no change."""
     from PIL import Image
+
+    from ddpm_cli.cli.views import preflight_table
 
     for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
         (tmp_path / "d" / name).mkdir(parents=True)
@@ -294,7 +296,16 @@ def test_a_holdout_the_classes_cannot_spare_is_said_and_recorded_as_set_aside(tm
     out = train(str(tmp_path / "d"), config, DiffusionConfig(), out=tmp_path / "run",
                 given={"holdout": 9},
                 on_event=lambda kind, info: kind == "start" and starts.append(info)).out
-    assert starts[0]["config"].holdout == 8
+    assert starts[0]["set_aside"] == 8
     assert "--holdout 9: 8 images set aside, so that each class keeps one to train on" in (
         starts[0]["warnings"])
-    assert config_section(load_checkpoint(out / MODEL), "training", TrainConfig).holdout == 8
+    rows = {c.plain if hasattr(c, "plain") else str(c) for c in
+            preflight_table(starts[0]).columns[1].cells}  # fmt: skip
+    assert any(r.startswith("held-out loss on 8 images set aside") for r in rows), rows
+    from ddpm_cli.data.folders import load_folder
+
+    images, report = load_folder(tmp_path / "d", (8, 8))
+    assert len(load_for_sampling(out).held_out_split(10, report, images.labels)[1]) == 8
+    train(None, TrainConfig(), DiffusionConfig(), resume=out, given={"holdout": 9, "steps": 2},
+          on_event=lambda kind, info: kind == "start" and starts.append(info))
+    assert starts[1]["set_aside"] == 8 and not any("--holdout" in w for w in starts[1]["warnings"])

@@ -134,6 +134,11 @@ def duration_text(seconds: float) -> str:
     return "".join(parts)
 
 
+def count(n: int, noun: str) -> str:
+    """'1 image', '3 images': a number with its noun (regular plurals)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def option_text(key: str, value) -> str:
     """An option as it is typed: --flip, --no-flip, --variance small, --t 100,500."""
     flag = f"--{key.replace('_', '-')}"
@@ -157,10 +162,9 @@ def bytes_text(n: int | None) -> str:
     '12 bytes'; '?' if unknown."""
     if n is None:
         return "?"
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    if n >= 10 * 2**20:
-        return f"{n / 2**20:.0f} MiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.0f} KiB" if n >= 2**10 else f"{n} bytes"
+    # the largest unit whose rounded amount is at least 1 (whole MiB from 10 MiB up)
+    for unit, size, digits in (("GiB", 2**30, 1), ("MiB", 2**20, 0), ("MiB", 2**20, 1),
+                               ("KiB", 2**10, 0)):  # fmt: skip
+        if round(n / size, digits) >= (10 if digits == 0 and unit == "MiB" else 1):
+            return f"{n / size:.{digits}f} {unit}"
+    return count(n, "byte")

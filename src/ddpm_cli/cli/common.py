@@ -42,11 +42,6 @@ class StreamConsole(Console):
 err_console = StreamConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
-def count(n: int, noun: str) -> str:
-    """'1 image', '3 images': a number with its noun (regular plurals)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def safe(value: object) -> str:
     """Text from files or file names, ready to go inside Rich markup: brackets escaped (a class
     named `[bold]` shows as itself) and control characters, terminal escape sequences and

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,7 +21,6 @@ from ddpm_cli.cli.common import (
     QuietOpt,
     RawOpt,
     SeedOpt,
-    count,
     deferred_interrupt,
     err_console,
     json_option,
@@ -42,6 +42,7 @@ from ddpm_cli.sampler_config import (
     Variance,
 )
 from ddpm_cli.store.files import STDIO, stdout_is_terminal
+from ddpm_cli.text import count
 
 if TYPE_CHECKING:
     from ddpm_cli.generation.job import SampleRequest, SampleResult
@@ -252,9 +253,10 @@ def draw(
     if to_stdout and stdout_is_terminal():
         raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
     looks_like_a_file = out not in (None, STDIO) and Path(out).suffix.lower() in EXTENSIONS
-    if looks_like_a_file and not Path(out).is_dir():  # -o names a folder: say so, not make one
-        raise UsageError(f"-o {out}: names a folder for the images ({Path(out).name}/000000.png, "
-                         f"...); for one file, use --grid {out}, or -o - > {out}")  # fmt: skip
+    if looks_like_a_file and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
+        raise UsageError(f"-o {out}: -o names a folder for the images, and this looks like a "
+                         f"file name; for one file, use --grid {out}, or -o - > {out} (end it "
+                         "with / for a folder of that name)")  # fmt: skip
     several_inputs = edit is not None and edit.image != STDIO and Path(edit.image).is_dir()
     if out == STDIO and (num > 1 or several_inputs) and grid is None:
         grid, out = STDIO, None  # several images on stdout: as one grid

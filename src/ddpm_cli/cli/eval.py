@@ -25,7 +25,7 @@ from ddpm_cli.cli.views import EvalProgress
 from ddpm_cli.config import INCEPTION_WEIGHTS, MAX_TIMESTEPS
 from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import SamplerConfig, SamplerName, Variance
-from ddpm_cli.text import shown
+from ddpm_cli.text import count, shown
 
 # options that only one measurement reads: given without it, each would be silently ignored
 _DATA, _SAMPLES = ("--data",), ("--fid-ref", "--memorization")
@@ -258,12 +258,14 @@ def eval_(
 
 
 def _warn_skipped(result: dict, data: str, quiet: bool) -> None:
-    """The files of `data` that could not be read: left out of the measurement, and said."""
-    files = result.get("skipped_files") or []
-    if files and not quiet:
-        n = len(files)
-        warning_line(f"{n} file{'s' if n > 1 else ''} of {data} could not be read and "
-                     f"{'are' if n > 1 else 'is'} left out; e.g. {files[0]['reason']}")  # fmt: skip
+    """What of `data` could not be read: left out of the measurement, and said."""
+    files, places = (result.get(k) or [] for k in ("skipped_files", "unsearched"))
+    if (files or places) and not quiet:
+        n = len(places)
+        parts = [count(len(files), "unreadable file")] if files else []
+        parts += [f"{n} folder{'s' * (n > 1)} or link{'s' * (n > 1)} it could not search"] * (n > 0)
+        warning_line(f"left out of {data}: {' and '.join(parts)}; e.g. "
+                     f"{(files or places)[0]['reason']}")  # fmt: skip
 
 
 def summary_lines(report: dict) -> list[str]:

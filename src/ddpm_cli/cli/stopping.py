@@ -44,6 +44,10 @@ class Stopper:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def signalled(self) -> bool:
+        """Whether a signal (not a lost stderr) asked for the stop."""
+        return self.signal in EXIT_SIGNAL
+
     def lost_output(self) -> None:
         """stderr's reader has gone: go on silently to a checkpoint after this step."""
         self.lost = True

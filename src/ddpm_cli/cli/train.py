@@ -34,6 +34,7 @@ from ddpm_cli.cli.train_data import (
 )
 from ddpm_cli.cli.views import ProgressView
 from ddpm_cli.config import (
+    DEFAULT_EPOCHS,
     DiffusionConfig,
     LogTo,
     Objective,
@@ -171,7 +172,8 @@ def train(
     ] = D.grad_checkpoint,
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", max=MAX_COUNT, min=1, help="Passes over the data (default 100)."),
+        typer.Option("--epochs", max=MAX_COUNT, min=1,
+                     help=f"Passes over the data (default {DEFAULT_EPOCHS})."),
     ] = D.epochs,
     steps: Annotated[
         int | None,
@@ -325,5 +327,5 @@ def train(
         stop.restore()
     if (result.out / "model.safetensors").exists() and distributed.env_main():
         print_path(result.out / "model.safetensors")
-    if result.status == "stopped" or stop.requested():  # a stop asked during the last step
+    if result.status == "stopped" or stop.signalled():  # a Ctrl-C during the last step
         raise typer.Exit(stop.exit_code())  # still stops `ddpm train ... && ddpm sample ...`

@@ -240,7 +240,7 @@ def preflight_table(info: dict) -> Table:
             + f"), EMA up to {config.ema_decay}, "
             f"seed {config.seed}",
         ),
-        ("quality", _quality(config)),
+        ("quality", _quality(config, info["set_aside"])),
         (
             "device",
             f"{info['device']}, {config.precision.value}"
@@ -286,12 +286,12 @@ def _augment(config, model) -> str:
     return f"{flips}; shifts of up to {n} pixel{'s' * (n != 1)} each way ({told})"
 
 
-def _quality(config) -> str:
-    if not config.evaluates_every:
-        aside = "no images set aside (--holdout N)" if not config.holdout else "--eval-every 0"
+def _quality(config, set_aside: int) -> str:
+    if not config.evaluates_every or not set_aside:
+        aside = "no images set aside (--holdout N)" if not set_aside else "--eval-every 0"
         return f"none: {aside}"
     return (
-        f"held-out loss on {config.holdout} images set aside, every {config.evaluates_every} "
+        f"held-out loss on {set_aside} images set aside, every {config.evaluates_every} "
         "steps and at the end; the lowest is kept as best.safetensors"
     )
 

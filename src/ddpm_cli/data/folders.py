@@ -25,6 +25,7 @@ from ddpm_cli.data.images import decode_image, has_alpha
 from ddpm_cli.data.search import class_labels, fingerprint, loose_beside_classes, scan
 from ddpm_cli.device import available_memory
 from ddpm_cli.errors import DataError
+from ddpm_cli.text import count
 
 TINY_DATASET = 100  # below this many images a model mostly memorises its data
 IMBALANCE = 10  # warn when the largest class has this many times the images of the smallest
@@ -39,6 +40,8 @@ class DataReport:
     found: int = 0
     used: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # what the search of a folder could not enter, or entered elsewhere (search.scan)
+    unsearched: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     modes: Counter = field(default_factory=Counter)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) as found
     channels: int = 3
@@ -61,11 +64,10 @@ class DataReport:
     def warnings(self) -> list[str]:
         out = []
         if self.used < TINY_DATASET:
-            one = self.used == 1
             out.append(
-                f"only {self.used} image{'' if one else 's'}: the model will mostly memorise "
-                f"{'it' if one else 'them'}; hundreds or thousands of images give more varied "
-                "samples (docs/training.md#small-datasets)"
+                f"only {count(self.used, 'image')}: the model will mostly memorise "
+                f"{'it' if self.used == 1 else 'them'}; hundreds or thousands of images give "
+                "more varied samples (docs/training.md#small-datasets)"
             )
         th, tw = self.image_size
         small = sum(1 for w, h in self.sizes if w < tw or h < th)
@@ -79,8 +81,12 @@ class DataReport:
                 "channel: transparent parts are drawn on "
                 "white (--channels 4 learns the transparency instead)"
             )
+        if self.unsearched:
+            n, (_, first) = len(self.unsearched), self.unsearched[0]
+            more = f" (and {n - 1} more)" if n > 1 else ""
+            out.append(f"the search left out what it could not enter: {first}{more}")
         if self.loose:
-            few = f"{len(self.loose)} image{'s' if len(self.loose) > 1 else ''}"
+            few = count(len(self.loose), "image")
             names = ", ".join(self.loose[:2]) + (", ..." if len(self.loose) > 2 else "")
             out.append(f"{few} beside the class subfolders ({names}): trained without "
                        f"classes; move {'them' if len(self.loose) > 1 else 'it'} into a "
@@ -88,7 +94,7 @@ class DataReport:
                        "model")  # fmt: skip
         if self.empty_classes:
             out.append(f"no readable images in class {', '.join(self.empty_classes)}: "
-                       "it cannot be learned")  # fmt: skip
+                       "ddpm train refuses a class it cannot learn")  # fmt: skip
         counts = [c for c in self.class_counts if c]
         if counts and max(counts) >= IMBALANCE * min(counts):
             most, least = (self.class_counts.index(f(counts)) for f in (max, min))
@@ -119,9 +125,11 @@ class DataReport:
             "out, or train with --unconditional"
         )
 
-    def skipped_files(self) -> list[dict]:
-        """What could not be read, for JSON: [{"path": ..., "reason": ...}]."""
-        return [{"path": p, "reason": r} for p, r in self.skipped]
+    def skipped_files(self, unsearched: bool = False) -> list[dict]:
+        """The files that could not be read (with `unsearched`: what the search could not
+        enter), for JSON: [{"path": ..., "reason": ...}]."""
+        return [{"path": p, "reason": r} for p, r in (self.unsearched if unsearched else
+                                                       self.skipped)]  # fmt: skip
 
     def summary(self) -> dict:
         if self.stored is not None:
@@ -133,6 +141,7 @@ class DataReport:
             "found": self.found,
             "used": self.used,
             "skipped": len(self.skipped),
+            "unsearched": len(self.unsearched),
             "modes": dict(self.modes),
             "min_size": list(sizes[0]),
             "median_size": list(sizes[len(sizes) // 2]),
@@ -178,6 +187,8 @@ def _header(path: Path) -> tuple[str, tuple[int, int], bool]:
     try:
         with Image.open(path) as img:
             return img.mode, img.size, has_alpha(img)
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
+        raise DataError(unreadable(path, e)) from None
     except Exception as e:  # Pillow raises many kinds for files it cannot read
         raise DataError(f"{path}: not an image Pillow can read ({type(e).__name__})") from None
 
@@ -193,12 +204,7 @@ def load_folder(
     images would take more than MEMORY_SHARE of the available memory) left on disk. With
     `classes`, a folder of class subfolders gives labelled images."""
     folder = Path(folder)
-    report = DataReport(source=str(folder), image_size=image_size)
-    paths = scan(folder, report.skipped)
-    report.found = len(paths)
-    report.fingerprint = fingerprint(folder, paths)
-    labelled = class_labels(folder, paths) if classes else None
-    report.loose = [p.name for p in loose_beside_classes(folder, paths)] if classes else []
+    report, paths, labelled = _search(folder, image_size, classes)
     label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else None
     need = len(paths) * (channels or 3) * image_size[0] * image_size[1]
     if stream is None:
@@ -221,6 +227,22 @@ def load_folder(
     return InMemory(data, labels), report
 
 
+def _search(folder: Path, image_size: tuple[int, int], classes: bool):
+    """(the report so far, the image files, their classes or None) of a folder."""
+    report = DataReport(source=str(folder), image_size=image_size)
+    paths = scan(folder, report.unsearched)
+    report.found = len(paths)
+    report.fingerprint = fingerprint(folder, paths)
+    labelled = class_labels(folder, paths) if classes else None
+    report.loose = [p.name for p in loose_beside_classes(folder, paths)] if classes else []
+    return report, paths, labelled
+
+
+def unreadable(path: Path, error: OSError) -> str:
+    """The reason a file that is there could not be read (gone since, or not ours to read)."""
+    return f"{path}: cannot read ({error.strerror or error})"
+
+
 def mattes(channels: int | None) -> bool:
     """Whether training draws an alpha channel over white and drops it: unless the model learns
     the alpha as a fourth channel (`--channels 4`); `None`, channels still to be chosen, mattes."""
@@ -238,8 +260,8 @@ def decode_all(paths: list[Path], image_size: tuple[int, int], report: DataRepor
         except DataError as e:
             report.skipped.append((str(p), str(e)))
             continue
-        except OSError as e:  # the file went, or is not ours to read
-            report.skipped.append((str(p), f"{p}: cannot read ({e.strerror or e})"))
+        except OSError as e:
+            report.skipped.append((str(p), unreadable(p, e)))
             continue
         report.modes[img.source_mode] += 1
         report.sizes.append(img.source_size)
@@ -251,12 +273,7 @@ def folder_report(folder: Path, image_size: tuple[int, int]) -> DataReport:
     """The pre-flight report of a folder, every image decoded once and dropped: what `ddpm
     train` would find, without training (or holding the images)."""
     folder = Path(folder)
-    report = DataReport(source=str(folder), image_size=image_size)
-    paths = scan(folder, report.skipped)
-    report.found = len(paths)
-    report.fingerprint = fingerprint(folder, paths)
-    labelled = class_labels(folder, paths)
-    report.loose = [p.name for p in loose_beside_classes(folder, paths)]
+    report, paths, labelled = _search(folder, image_size, True)
     label_of = dict(zip(paths, labelled[0], strict=True)) if labelled else {}
     gray, used = True, []
     for p, img in decode_all(paths, image_size, report):

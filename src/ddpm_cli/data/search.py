@@ -1,5 +1,5 @@
 """Which files under a data folder are images, and their classes: a recursive search that
-follows links (not in loops), skips hidden files and says what it could not search; the class
+follows links (each folder once), skips hidden files and says what it could not enter; the class
 of each image (its first-level subfolder); a fingerprint of the folder's names and sizes."""
 
 from __future__ import annotations
@@ -13,23 +13,39 @@ from ddpm_cli.errors import DataError
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
-def scan(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
-    """Image files under `folder`, recursively, in a stable order. Hidden files and folders
-    are skipped; links to files and folders are followed, except a link back to a folder above
-    it. What could not be searched (a folder that cannot be listed, a link to nothing, a loop)
-    is added to `skipped` as (path, reason), beside the files that fail to decode."""
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def scan(folder: Path, unsearched: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Image files under `folder`, recursively, in a stable order. Hidden files and folders are
+    skipped. Links to files are followed; so are links to folders, after every real folder and
+    each folder once: a link to a folder already searched (a loop, a second name for a class)
+    adds nothing. What the search could not enter, or entered elsewhere (a folder it cannot
+    list, a link to nothing, a link to a folder already searched), is added to `unsearched` as
+    (path, reason)."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: no such directory")
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; give a folder of images")
     found, problems = [], []
-    top = folder.stat()
-    stack = [(folder, frozenset({(top.st_dev, top.st_ino)}))]  # each folder with those above it
-    while stack:
-        here, above = stack.pop()
+    seen = {_identity(folder.stat()): folder}  # each folder searched, by the name it was found
+    real, links = [folder], []  # folders to search; links to folders, searched after them
+    while real or links:
+        if real:
+            here = real.pop()
+        else:
+            # the shallowest name wins, then the first in sorted order: a class folder's own
+            links.sort(key=lambda link: (len(link[0].parts), str(link[0])), reverse=True)
+            here, key = links.pop()
+            if key in seen:
+                problems.append((str(here), f"{here}: a link to {seen[key]}, which is searched "
+                                 "as itself"))  # fmt: skip
+                continue
+            seen[key] = here
         try:
-            entries = list(os.scandir(here))
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
         except OSError as e:
             why = e.strerror or str(e)
             if here == folder:
@@ -41,24 +57,32 @@ def scan(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[Pat
             if entry.name.startswith("."):
                 continue
             path = here / entry.name
+            image = path.suffix.lower() in EXTENSIONS
             try:
-                if entry.is_dir():
-                    st = entry.stat()
-                    if (st.st_dev, st.st_ino) in above:
-                        problems.append((str(path), f"{path}: a link back to a folder above it, "
-                                         "not followed"))  # fmt: skip
-                    else:
-                        stack.append((path, above | {(st.st_dev, st.st_ino)}))
-                elif path.suffix.lower() in EXTENSIONS:
-                    if entry.is_file():
-                        found.append(path)
-                    elif entry.is_symlink() and not path.exists():
-                        problems.append((str(path), f"{path}: a link to a file that is not there"))
+                if entry.is_dir(follow_symlinks=False):
+                    key = _identity(entry.stat(follow_symlinks=False))
+                    if key not in seen:  # (a bind mount can show a folder twice)
+                        seen[key] = path
+                        real.append(path)
+                elif entry.is_symlink() and entry.is_dir():
+                    links.append((path, _identity(entry.stat())))
+                elif image and entry.is_file():
+                    found.append(path)
+                elif entry.is_symlink() and not os.path.exists(path) and (image or not path.suffix):
+                    problems.append((str(path), f"{path}: a link to nothing (is a drive or a "
+                                     "folder missing?)"))  # fmt: skip
             except OSError as e:
                 problems.append((str(path), f"{path}: cannot read ({e.strerror or e})"))
-    if skipped is not None:
-        skipped.extend(sorted(problems))
+    if unsearched is not None:
+        unsearched.extend(sorted(problems))
     return sorted(found)
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (not below it), hidden ones (a Mac's ._photo.png)
+    skipped as the search skips them, in sorted order."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
 def class_labels(folder: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:

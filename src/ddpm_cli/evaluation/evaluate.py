@@ -156,6 +156,7 @@ def likelihood(
         "data": report.source,
         "found": report.found,
         "skipped_files": report.skipped_files(),
+        "unsearched": report.skipped_files(unsearched=True),
         "training_images": sm.trained_on(report) and not held_out,
         "held_out": held_out,
         # how many images of `data` the run set aside (0: none, or not the model's own data)
@@ -210,11 +211,13 @@ def sample_quality(
     features, digest = load_inception(weights, device)
     size, channels = sm.model_config.image_size, sm.model_config.in_channels
     key = stats_key(f"{reference_id(reference)}:{channels}", size, digest)
-    ref = cached_features(key) if use_cache else None
-    cached, skipped = ref is not None, []  # (a cached reference was read before)
+    found = cached_features(key) if use_cache else None
+    cached = found is not None
+    ref, notes = found if cached else (None, {})  # notes: what reading the reference skipped
     if ref is None:
         ds, report = load_source(reference, size, channels)
-        skipped = report.skipped_files()
+        notes = {"skipped_files": report.skipped_files(),
+                 "unsearched": report.skipped_files(unsearched=True)}  # fmt: skip
         _check_reference(reference, len(ds), n)
         ref = extract(
             lambda b: features(as_rgb(b)),
@@ -222,7 +225,7 @@ def sample_quality(
             _counter(progress, "reference", len(ds)),
         )
         if use_cache:
-            store_features(key, ref)
+            store_features(key, ref, notes)
     _check_reference(reference, ref.shape[0], n)
     sampler = with_model_defaults(sampler, sm, clip_given=False)
     resolved = sampler.resolved(sm.diffusion.timesteps, sm.objective)
@@ -247,7 +250,8 @@ def sample_quality(
         "reference": reference,
         "reference_images": ref.shape[0],
         "reference_cached": cached,
-        "skipped_files": skipped,
+        "skipped_files": notes.get("skipped_files", []),
+        "unsearched": notes.get("unsearched", []),
         "sampler": resolved.to_dict(),
         "seed": seed,
         "precision": precision.value,

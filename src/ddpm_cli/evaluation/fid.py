@@ -19,7 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ddpm_cli.config import INCEPTION_WEIGHTS
@@ -174,18 +174,24 @@ def stats_key(source_id: str, image_size: tuple[int, int], weights_digest: str) 
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_features(key: str, folder: Path | None = None) -> torch.Tensor | None:
-    """Reference features stored under `key`, or None (absent or unreadable: recompute)."""
+def cached_features(key: str, folder: Path | None = None) -> tuple[torch.Tensor, dict] | None:
+    """(reference features stored under `key`, the notes stored with them), or None (absent
+    or unreadable: recompute)."""
     path = (folder or cache_dir() / "fid-stats") / f"{key}.safetensors"
     try:
-        return load_file(str(path))["features"]
+        with safe_open(str(path), "pt") as f:
+            notes = json.loads((f.metadata() or {}).get("notes", "{}"))
+            return f.get_tensor("features"), notes if isinstance(notes, dict) else {}
     except (SafetensorError, OSError, KeyError, ValueError):
         return None
 
 
-def store_features(key: str, features: torch.Tensor, folder: Path | None = None) -> Path:
+def store_features(key: str, features: torch.Tensor, notes: dict | None = None,
+                   folder: Path | None = None) -> Path:  # fmt: skip
+    """Keep reference features under `key`, with `notes` (JSON: what reading them skipped)."""
     folder = folder or cache_dir() / "fid-stats"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.safetensors"
-    write_atomic(path, save({"features": features.contiguous()}))
+    write_atomic(path, save({"features": features.contiguous()},
+                            metadata={"notes": json.dumps(notes or {})}))  # fmt: skip
     return path

@@ -187,6 +187,7 @@ def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
     return {
         **report.summary(),
         "skipped_files": report.skipped_files(),
+        "unsearched": report.skipped_files(unsearched=True),
         "warnings": report.warnings,
     }
 

@@ -109,6 +109,7 @@ def memorization(
         "samples": n,
         "data": report.source,
         "skipped_files": report.skipped_files(),
+        "unsearched": report.skipped_files(unsearched=True),
         "training_images": int(train.shape[0]),
         "set_aside": 0 if parts is None else len(parts[1]),
         "seed": seed,

@@ -18,7 +18,7 @@ import torch
 
 from ddpm_cli.data.folders import mattes
 from ddpm_cli.data.images import decode_image
-from ddpm_cli.data.search import EXTENSIONS
+from ddpm_cli.data.search import images_in
 from ddpm_cli.diffusion import editing
 from ddpm_cli.diffusion.samplers import Edit, NoiseFn, config_pairs, evaluations
 from ddpm_cli.diffusion.schedules import DiffusionTables
@@ -70,10 +70,7 @@ def _sources(spec: str, what: str) -> list[tuple[str, str]]:
         return [("stdin", STDIO)]
     path = Path(spec)
     if path.is_dir():
-        found = sorted(  # hidden files (._a.png, a Mac's) are skipped, as in training
-            p for p in path.iterdir()
-            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
-        )
+        found = images_in(path)
         if not found:
             raise DataError(f"{path}: no images in this folder ({what})")
         return [(p.name, str(p)) for p in found]

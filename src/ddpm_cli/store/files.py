@@ -225,6 +225,9 @@ class RunLock:
             if e.errno == errno.ELOOP:
                 raise UsageError(f"{self.path}: is a symbolic link, not ddpm's lock file; "
                                  "remove it") from None  # fmt: skip
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise OutputError(f"{self.path}: cannot open the run's lock file "
+                                  f"({e.strerror or e})") from None  # fmt: skip
             fix = "copy it somewhere writable and resume the copy" if self.resume else \
                 "choose another --out"  # fmt: skip
             raise OutputError(f"{self.path.parent}: cannot write in this run directory "

@@ -10,7 +10,15 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict, jsonable
+from ddpm_cli.config import (
+    DEFAULT_EPOCHS,
+    DiffusionConfig,
+    ModelConfig,
+    TrainConfig,
+    epoch_limit,
+    from_dict,
+    jsonable,
+)
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
 from ddpm_cli.store.files import STATE, RunLock
@@ -155,9 +163,10 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
 def steps_left_by_epoch(config: TrainConfig, state, per_epoch: int, total: int) -> int:
     """After resuming with another number of processes, steps counted so far were of another
     global batch: an epoch limit becomes the steps left to its end, in today's batches."""
-    if config.epochs is None:
+    epochs = epoch_limit(config.epochs, config.steps, config.time_limit)
+    if epochs is None:
         return total
-    left = (config.epochs - state.epoch) * per_epoch - state.batch_in_epoch
+    left = (epochs - state.epoch) * per_epoch - state.batch_in_epoch
     by_epoch = state.step + max(0, math.ceil(left / config.grad_accum))
     return min(by_epoch, config.steps) if config.steps is not None else by_epoch
 
@@ -174,7 +183,7 @@ def nothing_left(config: TrainConfig, step: int, total: int | None, trained: flo
         if config.steps is not None and step >= config.steps:
             flag, limit = "--steps", named("steps", f"--steps {config.steps}")
         else:
-            epochs = "100, the default" if config.epochs is None else config.epochs
+            epochs = f"{DEFAULT_EPOCHS}, the default" if config.epochs is None else config.epochs
             flag, limit = "--epochs", named("epochs", f"--epochs {epochs}: {total} steps")
         return (f"is at step {step}, where its limit ends it ({limit}): nothing to train; "
                 f"give a larger {flag} to go on")  # fmt: skip

@@ -40,6 +40,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.model.presets import build_model_config, recipe_for
 from ddpm_cli.model.unet import count_parameters
 from ddpm_cli.store.files import STATE, RunLock, append_line, make_folder, new_folder, write_atomic
+from ddpm_cli.text import count
 from ddpm_cli.training import finetune, loggers, memory, quality
 from ddpm_cli.training.loop import Event, Loop, Prepared, RunResult
 from ddpm_cli.training.resume import Resumed, nothing_left, open_resume, steps_left_by_epoch
@@ -209,12 +210,10 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     use, heldout = None, None
     if config.holdout:  # the images the quality figure is computed on, never trained on
         use, aside = split(len(images), config.holdout, config.seed, images.labels)
-        if len(aside) < config.holdout:  # each class keeps an image to train on: say so, and
-            if "holdout" in (given or {}):  # record what was set aside (split takes the same)
-                warnings.append(f"--holdout {config.holdout}: {len(aside)} images set aside, "
-                                "so that each class keeps one to train on")  # fmt: skip
-            config = replace(config, holdout=len(aside))
-        if config.holdout and d.main:
+        if len(aside) < config.holdout and "holdout" in (given or {}) and resumed is None:
+            warnings.append(f"--holdout {config.holdout}: {count(len(aside), 'image')} set "
+                            "aside, so that each class keeps one to train on")  # fmt: skip
+        if len(aside) and d.main:
             heldout = quality.HeldOut.take(images, aside, config.seed)
     batches = Batches(
         images, config.batch_size, config.seed, config.flip, config.workers, on_skip=on_skip,
@@ -273,14 +272,15 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             "resumed": resumed is not None,
             "world": d.world,
             "stored_world": stored_world,
+            "set_aside": 0 if use is None else len(images) - len(use),
             "parent": configs.get("parent"),
             "parent_notes": parent_notes,
             "warnings": warnings,
             "memory": memory_plan,
         },
     )
-    if report.skipped and d.main:
-        lines = "".join(f"{p}\t{r}\n" for p, r in report.skipped)
+    if (report.skipped or report.unsearched) and d.main:
+        lines = "".join(f"{p}\t{r}\n" for p, r in report.unsearched + report.skipped)
         write_atomic(out / SKIPPED, os.fsencode(lines), follow=False)  # names as their bytes
     return Prepared(
         out=out, config=config, diffusion=diffusion, model=model_config, configs=configs,
