@@ -414,6 +414,19 @@ def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(t
         scan(data)
 
 
+def test_a_link_above_the_data_searches_the_data_folder_once(tmp_path):
+    """data/up -> its parent: the parent's other folders are searched (the link asks for
+    them), the data folder itself is not searched again through it, and that is said."""
+    data = solid_folder(tmp_path / "data", {"cat": [(RED, 1)]})
+    solid_folder(tmp_path / "other", {"b": [(BLUE, 1)]})
+    (data / "up").symlink_to(tmp_path, target_is_directory=True)
+    unsearched = []
+    assert [p.relative_to(data).as_posix() for p in scan(data, unsearched)] == [
+        "cat/000.png", "up/other/b/000.png"]
+    assert unsearched == [(str(data / "up" / "data"), f"{data / 'up' / 'data'}: the folder "
+                           f"{data}, which is searched as itself")]  # fmt: skip
+
+
 def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):
     """It could not be learned, yet `ddpm sample --class` would draw it: training refuses it,
     naming the folder and why its images failed; inspect warns."""

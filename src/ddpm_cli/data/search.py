@@ -61,7 +61,10 @@ def scan(folder: Path, unsearched: list[tuple[str, str]] | None = None) -> list[
             try:
                 if entry.is_dir(follow_symlinks=False):
                     key = _identity(entry.stat(follow_symlinks=False))
-                    if key not in seen:  # (a bind mount can show a folder twice)
+                    if key in seen:  # reached again through a link above it, or a bind mount
+                        problems.append((str(path), f"{path}: the folder {seen[key]}, which "
+                                         "is searched as itself"))  # fmt: skip
+                    else:
                         seen[key] = path
                         real.append(path)
                 elif entry.is_symlink() and entry.is_dir():
