@@ -309,3 +309,28 @@ def test_a_holdout_the_classes_cannot_spare_is_said_and_counted_as_set_aside(tmp
     train(None, TrainConfig(), DiffusionConfig(), resume=out, given={"holdout": 9, "steps": 2},
           on_event=lambda kind, info: kind == "start" and starts.append(info))
     assert starts[1]["set_aside"] == 8 and not any("--holdout" in w for w in starts[1]["warnings"])
+
+
+def test_a_best_from_training_a_resume_goes_back_over_is_kept_and_said(tmp_path, monkeypatch):
+    """Killed after the figure of step 20 saved best.safetensors but before the checkpoint of
+    step 20, a run resumes at step 10: that best is a model that was measured, so it stays
+    (only a lower figure replaces it), and the resume says where it came from, since the
+    metrics of its step are gone."""
+    # the figures of steps 5, 10 (kept); 5, 10, 15, 20 (ahead); 12 (the resume: worse)
+    values = iter([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 5.0])
+    for name in ("kept", "ahead"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(quality, "heldout_loss", lambda *a, **k: next(values))
+    kept = train_tiny(tmp_path / "kept", 30, steps=10, checkpoint_every=10, holdout=6,
+                      eval_every=5)  # fmt: skip
+    ahead = train_tiny(tmp_path / "ahead", 30, steps=20, checkpoint_every=10, holdout=6,
+                       eval_every=5)  # fmt: skip
+    assert load_checkpoint(ahead / BEST).step == 20
+    (kept / BEST).write_bytes((ahead / BEST).read_bytes())  # what the kill left
+    starts = []
+    train(None, TrainConfig(), DiffusionConfig(), resume=kept, given={"steps": 12},
+          on_event=lambda kind, info: kind == "start" and starts.append(info))
+    assert f"{kept / BEST} is from step 20, after the checkpoint this resume continues from " \
+        "(step 10): kept, as a model that was measured; only a lower figure replaces it" in (
+            starts[0]["warnings"])  # fmt: skip
+    assert load_checkpoint(kept / BEST).step == 20
