@@ -215,6 +215,11 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
 def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     cases = {
         "multihead": ({**SMALL, "attention_head_dim": 8}, SCHEDULER, "attention_head_dim=8"),
+        # no attention level, yet the middle block's attention has 8 heads (imported as one
+        # before, silently computing something else)
+        "midheads": ({**SMALL, "down_block_types": ["DownBlock2D"] * 2,
+                      "up_block_types": ["UpBlock2D"] * 2, "attention_head_dim": 8}, SCHEDULER,
+                     "attention_head_dim=8 (one head of 64 channels)"),
         "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
                   "resnet_time_scale_shift"),
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
