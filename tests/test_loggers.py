@@ -144,6 +144,19 @@ def test_wandb_gets_the_metrics_the_figure_and_the_grids_and_resume_continues_it
     second = fake.runs[1]
     assert second.settings["id"] == first.id and second.settings["resume"] == "allow"
     assert min(s for s, _ in second.logged) > 4
+    # --log on resume adds a logger: W&B goes on beside TensorBoard (before, it stopped)
+    pytest.importorskip("tensorboard")
+    starts = []
+    train(None, TrainConfig(), DiffusionConfig(), resume=run,
+          given={"steps": 8, "log": ("tensorboard",)},
+          on_event=lambda kind, info: kind == "start" and starts.append(info))  # fmt: skip
+    from ddpm_cli.cli.views import preflight_table
+
+    logs = [c for c in preflight_table(starts[0]).columns[1].cells][-1]
+    assert str(logs) == "metrics.jsonl, wandb (live), tensorboard (live)"
+    third = fake.runs[2]
+    assert third.settings["id"] == first.id and min(s for s, _ in third.logged) == 8
+    assert [e.step for e in read_events(run).Scalars("train/loss")] == [8]
 
 
 def test_a_wandb_that_cannot_start_is_one_line_exit_2(runner, tmp_path, monkeypatch):

@@ -269,4 +269,5 @@ def _steps(steps: list[int]) -> str:
 def _parent_text(parent: dict | None) -> str | None:
     if not parent:
         return None
-    return f"{parent.get('file')} (step {parent.get('step')}, sha256 {parent.get('content_hash')})"
+    return (f"{parent.get('file')} (step {parent.get('step')}, content hash "
+            f"{parent.get('content_hash')})")  # fmt: skip

@@ -250,11 +250,13 @@ def preflight_table(info: dict) -> Table:
             "run",
             f"{info['out']}" + (f" (resuming at step {info['step']})" if info["resumed"] else ""),
         ),
+        ("logs", ", ".join(["metrics.jsonl", *(f"{x.value} (live)" for x in config.log)])),
     ]
     parent = info.get("parent")
     if parent:
         sha = str(parent["content_hash"])[:12]
-        what = f"{parent['file']} (step {parent['step']}, sha256 {sha}): fine-tuning its weights"
+        what = (f"{parent['file']} (step {parent['step']}, content hash {sha}): fine-tuning "
+                "its weights")  # fmt: skip
         rows.insert(5, ("from", what))
     rows += [("note", note) for note in info.get("parent_notes", [])]
     plan = info.get("memory")

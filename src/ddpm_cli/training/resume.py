@@ -148,7 +148,9 @@ def merge_resume(stored: TrainConfig, diffusion: DiffusionConfig, given: dict) -
             continue
         # normalise through the dataclass, so "32" and (32, 32) compare equal to the stored [32, 32]
         normalized = replace(stored, **{key: value}).to_dict()[key]
-        if key in RESUMABLE:
+        if key == "log":  # loggers are added on resume, never taken away
+            values[key] = list(dict.fromkeys([*(values.get(key) or []), *normalized]))
+        elif key in RESUMABLE:
             values[key] = normalized
         elif normalized != values.get(key):
             conflicts.append(f"{_option(key, value)} (the run has "
