@@ -28,7 +28,7 @@ TRAIN = ["train", "pics", "--preset", "tiny", "--image-size", "8", "--seed", "3"
 
 def torchrun(cwd: Path, *args: str, procs: int = 2, wait: bool = True, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={procs}", "-m", "ddpm_cli", *args]  # fmt: skip
+           f"--nproc-per-node={procs}", "-m", "ddpm_cli", "--", *args]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=environment, stdout=subprocess.DEVNULL,
@@ -97,7 +97,8 @@ def test_resume_with_another_world_size(jobs):
 
 def test_distributed_sampling_writes_the_images_of_one_process(jobs):
     root, _, _ = jobs
-    args = ["sample", "one", "-n", "5", "--seed", "4", "--steps", "4"]
+    # --num: torchrun would read it as its own --numa-binding without the -- (docs)
+    args = ["sample", "one", "--num", "5", "--seed", "4", "--steps", "4"]
     two = torchrun(root, *args, "-o", "s2")
     one = ddpm(root, *args, "-o", "s1")
     assert two.returncode == 0 and one.exit_code == 0, two.stderr + one.output
@@ -115,6 +116,30 @@ def test_distributed_sampling_refuses_a_grid(jobs, monkeypatch):
     grid = ddpm(root, "sample", "one", "-n", "2", "--grid", "g.png")
     assert grid.exit_code == 2 and "writes numbered files only" in grid.stderr
     assert len(grid.stderr.strip().splitlines()) == 1 and not (root / "g.png").exists()
+
+
+def test_a_job_says_a_usage_error_once_and_names_the_rank_of_other_errors(jobs, monkeypatch):
+    """Every process of a job finds the same usage error: rank 0 says it, the others keep
+    quiet (before, the job printed it once per process). An error of one process's own is
+    said by that process, with its rank."""
+    root, _, _ = jobs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        r = ddpm(root, "sample", "one", "-n", "2", "--grid", "g.png")
+        assert r.exit_code == 2 and ("writes numbered files only" in r.stderr) == said
+        r = ddpm(root, "train", "--bogus")
+        assert r.exit_code == 2 and ("No such option: --bogus" in r.stderr) == said
+
+
+
+def test_a_process_names_its_rank_in_an_error_of_its_own(monkeypatch, capsys):
+    from ddpm_cli.cli.common import error_line
+
+    monkeypatch.setenv("RANK", "1")
+    error_line("out of memory: try a smaller --batch-size")
+    error_line("the same usage error on every process", usage=True)
+    assert capsys.readouterr().err == "rank 1: error: out of memory: try a smaller --batch-size\n"
 
 
 def _rank_pids(parent: int) -> dict[int, int]:

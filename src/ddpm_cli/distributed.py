@@ -61,7 +61,7 @@ def local_processes() -> int:
 
 def env_main() -> bool:
     """True unless this is a torchrun process other than rank 0 (known before init)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return runtime.torchrun_rank() == 0
 
 
 def init(device: torch.device) -> tuple[Dist, torch.device]:

@@ -135,8 +135,10 @@ def duration_text(seconds: float) -> str:
 
 
 def count(n: int, noun: str) -> str:
-    """'1 image', '3 images': a number with its noun (regular plurals)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """'1 image', '3 images', '2 processes': a number with its noun (regular plurals)."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def option_text(key: str, value) -> str:

@@ -54,11 +54,17 @@ def literal(value: object) -> Text:
     return Text(shown(str(value)))
 
 
-def error_line(message: str) -> None:
+def error_line(message: str, usage: bool = False) -> None:
     """One red line on stderr (line breaks inside the message, say from a damaged file's
-    metadata quoted in it, are shown escaped); nothing when stderr's reader has gone."""
+    metadata quoted in it, are shown escaped); nothing when stderr's reader has gone. In a
+    torchrun job, rank 0 says a `usage` error (every process finds the same one), and the
+    others name themselves in the errors they say."""
+    rank = runtime.torchrun_rank()
+    if rank and usage:
+        return
     try:
-        err_console.print(f"[bold red]error:[/] {safe(message)}")
+        err_console.print(f"[bold red]{f'rank {rank}: ' if rank else ''}error:[/] "
+                          f"{safe(message)}")  # fmt: skip
     except OSError:
         discard(sys.stderr)
 
@@ -240,7 +246,7 @@ class DdpmGroup(TyperGroup):
             message = _range_message(e, list(sys.argv[1:] if args is None else args)) or (
                 e.format_message().replace("Value error, ", "")
             )
-            error_line(f"{message}{hint}")
+            error_line(f"{message}{hint}", usage=True)
             code = e.exit_code
         except BrokenPipeError:  # `ddpm inspect ... | head`: the reader has what it wanted
             discard(sys.stdout)
@@ -249,7 +255,7 @@ class DdpmGroup(TyperGroup):
             error_line("aborted")
             code = 1
         except DdpmError as e:
-            error_line(str(e))
+            error_line(str(e), usage=e.exit_code == 2)
             code = e.exit_code
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
             what = exhausted(e)  # not a bug when the machine ran out of memory or disk

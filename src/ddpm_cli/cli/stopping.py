@@ -35,8 +35,9 @@ class Stopper:
     """The stop requests of one training run: install() the signal handlers, pass show() as
     the run's event callback (it wraps `view`), ask requested() between steps."""
 
-    def __init__(self, view: Callable[[str, dict], None], out: Path | None):
+    def __init__(self, view: Callable[[str, dict], None], out: Path | None, speaks: bool = True):
         self.view, self.out = view, out  # out: the run directory, once known
+        self.speaks = speaks  # False in a torchrun job's processes but rank 0
         self.signal: int | str | None = None
         self.lost = False
         self.previous: dict = {}
@@ -61,6 +62,8 @@ class Stopper:
                 return  # a hang-up said again (terminal, then shell): the checkpoint still comes
             os._exit(EXIT_SIGNAL.get(signum, 1))  # second signal: leave now; writes are atomic
         self.signal = signum
+        if not self.speaks:
+            return
         try:
             err_console.print(
                 "[yellow]stopping: saving a checkpoint after this step "

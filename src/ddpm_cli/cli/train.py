@@ -309,7 +309,7 @@ def train(
 
     quiet = quiet or not distributed.env_main()  # in a torchrun job, rank 0 speaks
     view = ProgressView(quiet)
-    stop = Stopper(view.event, resume)
+    stop = Stopper(view.event, resume, speaks=distributed.env_main())
     stop.install()
     try:
         result = run_training(data, config, diffusion, out=out, resume=resume, given=given,

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpm_cli.cli.common import count_bars, err_console, literal, safe, warning_line
-from ddpm_cli.text import bytes_text, duration_text
+from ddpm_cli.text import bytes_text, count, duration_text
 
 
 def _batch(config, world: int) -> str:
@@ -269,7 +269,8 @@ def preflight_table(info: dict) -> Table:
     world, stored = info.get("world", 1), info.get("stored_world", 1)
     if info["resumed"] and world != stored:
         now = config.batch_size * config.grad_accum * world
-        note = f"saved by {stored} processes, resumed by {world}: the global batch is now {now}"
+        note = (f"saved by {count(stored, 'process')}, resumed by {world}: the global batch "
+                f"is now {now}")  # fmt: skip
         rows.append(("note", note + " (docs/distributed.md)"))
     for k, v in rows:
         table.add_row(k, literal(v))
