@@ -90,7 +90,9 @@ def test_a_run_directory_adds_progress_and_resumability(runner, run, tmp_path):
     assert r["resumable"] and r["resume"] == "at step 3"
     assert r["logged_steps"] == 3 and r["last"]["step"] == 3
     assert r["newest_grid"].endswith("step-0000003.png") and r["grids"] == 2
-    assert "train_state.safetensors" in r["files"]
+    assert "train_state.safetensors" in r["files"] and "samples/" in r["files"]  # folders too
+    assert r["processes"] == 1  # one process: no "trained by" row
+    assert "trained by" not in runner.invoke(app, ["inspect", str(run)]).stdout
     state = inspect_json(runner, run / "train_state.safetensors")
     assert state["kind"] == "train_state"
     assert state["model"]["parameters"] == info["model"]["parameters"]
@@ -237,6 +239,21 @@ def test_loss_curve_in_the_terminal_and_as_a_plot(runner, run, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
+def test_a_plot_of_one_logged_step_shows_its_points(tmp_path):
+    """One point makes no line: the loss and the learning rate are drawn as markers then
+    (before, the plot of a run that had logged one step showed neither)."""
+    from PIL import Image
+
+    from ddpm_cli.evaluation.plots import loss_plot
+
+    def grey(metrics) -> int:  # pixels of the learning rate's colour (tab:gray)
+        img = Image.open(io.BytesIO(loss_plot(metrics))).convert("RGB")
+        return sum(n for n, c in img.getcolors(1 << 24) if all(abs(v - 127) <= 3 for v in c))
+
+    # against the same plot without a learning rate: the point adds a marker's pixels
+    assert grey([{"step": 1, "loss": 0.5, "lr": 1e-3}]) > grey([{"step": 1, "loss": 0.5}]) + 20
+
+
 def test_schedule_plot_draws_one_line_per_schedule(runner, tmp_path):
     from PIL import Image
 
@@ -265,7 +282,7 @@ def test_plot_errors(runner, run, tmp_path, monkeypatch):
         assert r.exit_code == 2 and message in r.stderr, r.output
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
     r = runner.invoke(app, ["inspect", str(run), "--plot", str(tmp_path / "a.png")])
-    assert r.exit_code == 2 and 'pip install "ddpm-cli[plot]"' in r.stderr
+    assert r.exit_code == 2 and "pip install 'ddpm-cli[plot]'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.png").exists()
 
 

@@ -84,6 +84,9 @@ def test_only_rank_0_writes_and_reports(jobs):
     assert two.stdout.strip().splitlines() == [str(Path("two") / "model.safetensors")]
     assert two.stderr.count("finished at step 4") == 1 and two.stderr.count("step 1 ") == 1
     assert load_checkpoint(root / "two" / "train_state.safetensors").json("world_size") == 2
+    shown = ddpm(root, "inspect", "two")
+    assert shown.exit_code == 0 and "trained by" in shown.stdout
+    assert "2 processes (torchrun)" in shown.stdout
 
 
 def test_resume_with_another_world_size(jobs):

@@ -164,6 +164,7 @@ def test_fine_tuning_keeps_the_parents_architecture_schedule_and_objective(runne
         (["--channels", "1"], "fine-tuning keeps its channels"),
         (["--objective", "eps"], "keeps its objective"),
         (["--timesteps", "500"], "keeps it: drop --timesteps"),
+        (["--schedule", "sigmoid"], "trained with schedule linear; a fine-tuned network keeps"),
         (["--preset", "small"], "fine-tuning keeps it: drop --preset"),
         (["--init", "{tmp}/run/train_state.safetensors"], "is a train state; give the run"),
         (["--init", "{tmp}/nothing"], "no such checkpoint"),

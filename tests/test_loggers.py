@@ -165,8 +165,21 @@ def test_a_wandb_that_cannot_start_is_one_line_exit_2(runner, tmp_path, monkeypa
                             "--out", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 2, r.output
     assert "api_key not configured" in r.stderr and "WANDB_MODE=offline" in r.stderr
+    assert r.stderr.count("wandb login") == 1  # wandb's own line says it, or ddpm's: once
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # the new run leaves nothing behind
+    told = FakeWandb()  # a message that says how to log in already: said once, not twice
+
+    def refuse(**settings):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    told.init = refuse
+    monkeypatch.setitem(sys.modules, "wandb", told)
+    r = runner.invoke(app, ["train", "builtin:shapes", "--log", "wandb", "--steps", "1",
+                            "--out", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 2 and " ".join(r.stderr.split()) == (
+        "error: --log wandb could not start a W&B run: No API key configured. Use `wandb login` "
+        "to log in; set WANDB_MODE=offline to keep the logs local")
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

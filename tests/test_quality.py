@@ -334,3 +334,14 @@ def test_a_best_from_training_a_resume_goes_back_over_is_kept_and_said(tmp_path,
         "(step 10): kept, as a model that was measured; only a lower figure replaces it" in (
             starts[0]["warnings"])  # fmt: skip
     assert load_checkpoint(kept / BEST).step == 20
+
+
+def test_the_figure_after_the_last_step_adds_no_training_seconds(tmp_path):
+    """The checkpoint, grid and figure after the last step are not training: the last record's
+    `trained` is what the checkpoint saved and a resume starts from (before, the figure's was
+    later, and a resumed run's seconds went backwards)."""
+    run = train_tiny(tmp_path, 30, steps=3, checkpoint_every=10, holdout=6, eval_every=10)
+    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    saved = load_checkpoint(run / "train_state.safetensors").json("train_seconds")
+    assert "heldout_loss" in records[-1] and records[-1]["trained"] == saved
+    assert all(r["trained"] <= saved for r in records)

@@ -74,6 +74,8 @@ def test_sample_step_draws_from_the_snapshot_and_inspect_lists_them(runner, tmp_
         (["sample", "{run}", "--step", "5"], "no snapshot of step 5; it keeps steps 10, 20"),
         (["sample", "{run}", "--step", "10", "--raw"], "--raw and --step"),
         (["sample", "{bare}", "--step", "10"], "keeps no step-numbered snapshots"),
+        (["sample", "{run}/model.safetensors", "--step", "10"],
+         "model.safetensors: --step picks a snapshot of a run directory; give the directory"),
         (["train", "{pics}", "--keep", "0", "--steps", "1"], "--keep"),
     ],
 )

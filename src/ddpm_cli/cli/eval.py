@@ -168,7 +168,7 @@ def eval_(
 
     The bound is the paper's (eq. 5): the prior term, the KL terms and the discretized decoder,
     on images resized as for training. FID uses the standard Inception-v3 features through
-    torch-fidelity (pip install "ddpm-cli\\[fid]") and weights from a local file.
+    torch-fidelity (pip install 'ddpm-cli\\[fid]') and weights from a local file.
 
     [dim]Examples:[/dim]
 

@@ -124,6 +124,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                         "resumable",
                         f"yes, {r['resume']}" if r["resumable"] else f"no: {r['resume']}",
                     ),
+                    ("trained by", _processes(r.get("processes"))),
                     (
                         "sample grids",
                         f"{r['grids']}, newest {r['newest_grid']}" if r["grids"] else "none",
@@ -236,6 +237,11 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _processes(world) -> str | None:
+    """The processes of the torchrun job that last trained a run; None for one process."""
+    return f"{world} processes (torchrun)" if world and world > 1 else None
 
 
 def _limit(seconds) -> str | None:

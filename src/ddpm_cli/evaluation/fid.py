@@ -70,7 +70,7 @@ def check_weights(path: Path | None) -> Path:
         import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401
     except ImportError:
         raise MissingExtra(
-            'FID needs torch-fidelity, which is not installed; run: pip install "ddpm-cli[fid]"'
+            "FID needs torch-fidelity, which is not installed; run: pip install 'ddpm-cli[fid]'"
         ) from None
     return path
 

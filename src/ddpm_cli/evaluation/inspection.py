@@ -112,22 +112,26 @@ def run_info(folder: Path) -> dict:
     if not is_run_directory(folder):
         raise DataError(f"{folder}: no {MODEL} or {STATE}; is this a run directory?")
     info = checkpoint_info(folder / MODEL if (folder / MODEL).exists() else folder / STATE)
-    resumable, why = False, f"no {STATE}"
+    resumable, why, world = False, f"no {STATE}", None
     if (folder / STATE).exists():
         try:
             state = load_checkpoint(folder / STATE, kind="train_state")
             resumable, why = True, f"at step {state.step}"
+            world = state.json("world_size")  # the processes that trained it (torchrun)
         except CheckpointError as e:
-            why = str(e)
+            why = why if resumable else str(e)
+    world = world if type(world) is int and world > 0 else None
     grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
     metrics = read_metrics(folder / METRICS)
     logged = [m for m in metrics if "loss" in m]
     figures = [m for m in metrics if FIGURE in m]
     info["run"] = {
         "folder": str(folder),
-        "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[0] != "."),
+        # its files, and its folders with a slash (samples/, tensorboard/, wandb/)
+        "files": sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if p.name[0] != "."),
         "resumable": resumable,
         "resume": why,
+        "processes": world,
         "newest_grid": str(grids[-1]) if grids else None,
         "grids": len(grids),
         "snapshots": [step for step, _ in snapshots(folder)],

@@ -13,7 +13,7 @@ from ddpm_cli.errors import ConfigError, MissingExtra
 from ddpm_cli.store.files import FIGURE
 
 FORMATS = (".png", ".svg", ".pdf")
-INSTALL_HINT = 'pip install "ddpm-cli[plot]"'
+INSTALL_HINT = "pip install 'ddpm-cli[plot]'"
 
 
 def plot_format(path: Path) -> str:
@@ -49,7 +49,8 @@ def loss_plot(metrics: list[dict], fmt: str = "png", title: str = "") -> bytes:
     fig = _figure(2)
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     steps = [m["step"] for m in records]
-    ax.plot(steps, [m["loss"] for m in records], color="black", lw=1.6, label="loss")
+    few = {"marker": "o", "ms": 4} if len(records) < 3 else {}  # a line needs two points
+    ax.plot(steps, [m["loss"] for m in records], color="black", lw=1.6, label="loss", **few)
     names = ("t < T/4 (least noise)", "T/4 - T/2", "T/2 - 3T/4", "t >= 3T/4 (most noise)")
     for q, name in enumerate(names):
         # a quarter that no item of the logged steps fell into is a gap in its line
@@ -66,7 +67,7 @@ def loss_plot(metrics: list[dict], fmt: str = "png", title: str = "") -> bytes:
     ax.legend(fontsize=7, ncols=2)
     ax.set_title(title, fontsize=9)
     if all("lr" in m for m in records):
-        ax_lr.plot(steps, [m["lr"] for m in records], color="tab:gray")
+        ax_lr.plot(steps, [m["lr"] for m in records], color="tab:gray", **few)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(True, alpha=0.3)

@@ -56,6 +56,9 @@ def model_file(path: Path, raw: bool = False, step: int | None = None) -> Path:
         raise DataError(f"{path}: no such checkpoint file or run directory")
     folder = path if path.is_dir() else path.parent
     if step is not None:
+        if not path.is_dir():  # not a file's neighbour picked in its place
+            raise DataError(f"{path}: --step picks a snapshot of a run directory; give the "
+                            f"directory ({folder}) instead of a file")  # fmt: skip
         return snapshot_file(folder, step, raw)
     if raw:
         if path.is_file() and _kind(path) == "train_state":

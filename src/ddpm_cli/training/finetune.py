@@ -24,6 +24,7 @@ from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, ModelConfig, TrainCon
 from ddpm_cli.errors import UsageError
 from ddpm_cli.store.checkpoint import read_header
 from ddpm_cli.store.models import load_model, model_file
+from ddpm_cli.text import value_text
 
 CLASS_EMB, TEMB_BIAS = "class_emb.weight", "temb.2.bias"  # unet.UNet's names
 AUGMENT_IN = "augment_in.weight"
@@ -98,7 +99,8 @@ def fit(
         if key in given and getattr(diffusion, key) != getattr(parent.diffusion, key):
             raise UsageError(
                 f"--init {parent.summary['file']} was trained with {key} "
-                f"{getattr(parent.diffusion, key)}; a fine-tuned network keeps it: drop --{key}"
+                f"{value_text(getattr(parent.diffusion, key))}; a fine-tuned network keeps it: "
+                f"drop --{key}"
             )
     # the parent's network, shift map included or not: its shift unless --shift is given
     shift = config.shift

@@ -79,8 +79,9 @@ class WandB:
             )
         except Exception as e:  # wandb's own errors: no login, no network, a bad setting
             raise LoggerError(
-                f"--log wandb could not start a W&B run: {first_line(e)}; log in with "
-                "`wandb login`, or set WANDB_MODE=offline to keep the logs local"
+                f"--log wandb could not start a W&B run: {first_line(e).rstrip('. ')}; "
+                + ("" if "wandb login" in first_line(e) else "log in with `wandb login`, or ")
+                + "set WANDB_MODE=offline to keep the logs local"
             ) from None
         id_file.write_text(self.run.id)
 

@@ -100,10 +100,13 @@ class Loop:
         # nothing; every SYNC_EVERY steps on an accelerator, and always before anything is written
         self.sync_every = 1 if job.device.type == "cpu" else SYNC_EVERY
         self.t_log = self.loop_start = time.perf_counter()
+        self.loop_end: float | None = None  # when the last step was done
 
     def trained(self) -> float:
-        """Seconds of training loop so far, over every resumed part of the run (--time)."""
-        return self.job.trained0 + time.perf_counter() - self.loop_start
+        """Seconds of training loop so far, over every resumed part of the run (--time): the
+        checkpoint, grid and figure after the last step add nothing, so that what the last
+        checkpoint saves is what a resume starts from, and the figure logged after it too."""
+        return self.job.trained0 + (self.loop_end or time.perf_counter()) - self.loop_start
 
     def flush(self) -> None:
         """Bring the pending results to the host, check them (TrainingDiverged at the first
@@ -259,6 +262,7 @@ class Loop:
         feed.close()  # stops the DataLoader workers, if any
         with distributed.collective("a training step"):
             self.flush()
+        self.loop_end = time.perf_counter()
         if d.main and self.window:  # a stop between log steps: log the partial window too
             self.log_window()
         # (a resume stopped before its first step leaves the run as it was, its options too)
