@@ -90,9 +90,10 @@ def test_a_run_directory_adds_progress_and_resumability(runner, run, tmp_path):
     assert r["resumable"] and r["resume"] == "at step 3"
     assert r["logged_steps"] == 3 and r["last"]["step"] == 3
     assert r["newest_grid"].endswith("step-0000003.png") and r["grids"] == 2
-    assert "train_state.safetensors" in r["files"] and "samples/" in r["files"]  # folders too
+    assert "train_state.safetensors" in r["files"] and r["folders"] == ["samples"]
     assert r["processes"] == 1  # one process: no "trained by" row
-    assert "trained by" not in runner.invoke(app, ["inspect", str(run)]).stdout
+    shown = runner.invoke(app, ["inspect", str(run)]).stdout
+    assert "trained by" not in shown and "samples/" in shown
     state = inspect_json(runner, run / "train_state.safetensors")
     assert state["kind"] == "train_state"
     assert state["model"]["parameters"] == info["model"]["parameters"]

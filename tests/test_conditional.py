@@ -390,12 +390,12 @@ def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(t
         "cat/000.png", "cat/001.png", "cat/002.png", "dog/000.png", "dog/001.png"]
     reasons = dict(unsearched)
     assert reasons == {
-        str(data / "cat" / "loop"): f"{data / 'cat' / 'loop'}: a link to {data}, which is "
-                                    "searched as itself",
+        str(data / "cat" / "loop"): f"{data / 'cat' / 'loop'}: a link to {data}, searched "
+                                    "once, as that",
         str(data / "cat" / "dogs"): f"{data / 'cat' / 'dogs'}: a link to {data / 'dog'}, "
-                                    "which is searched as itself",
-        str(data / "latest"): f"{data / 'latest'}: a link to {data / 'cat'}, which is searched "
-                              "as itself",
+                                    "searched once, as that",
+        str(data / "latest"): f"{data / 'latest'}: a link to {data / 'cat'}, searched once, as "
+                              "that",
         str(data / "cat" / "gone.png"): f"{data / 'cat' / 'gone.png'}: a link to nothing (is a "
                                         "drive or a folder missing?)",
         str(data / "bird"): f"{data / 'bird'}: a link to nothing (is a drive or a folder "
@@ -407,7 +407,7 @@ def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(t
     assert report.classes == ["cat", "dog"] and images.labels.tolist() == [0, 0, 0, 1, 1]
     assert report.unsearched == sorted(reasons.items()) and report.found == 5
     assert report.summary()["unsearched"] == 6 and report.summary()["skipped"] == 0
-    assert any(w.startswith("the search left out what it could not enter: ")
+    assert any(w.startswith("searching the folder: ")
                and w.endswith("(and 5 more)") for w in report.warnings)  # fmt: skip
     with pytest.raises(DataError, match="cannot list this folder"):
         monkeypatch.setattr(os, "scandir", lambda path=".": refusing(data / "locked"))
@@ -423,8 +423,9 @@ def test_a_link_above_the_data_searches_the_data_folder_once(tmp_path):
     unsearched = []
     assert [p.relative_to(data).as_posix() for p in scan(data, unsearched)] == [
         "cat/000.png", "up/other/b/000.png"]
-    assert unsearched == [(str(data / "up" / "data"), f"{data / 'up' / 'data'}: the folder "
-                           f"{data}, which is searched as itself")]  # fmt: skip
+    assert unsearched == [(str(data / "up" / "data"), f"{data / 'up' / 'data'}: the same folder "
+                           f"as {data} (reached again through a link or a mount), searched "
+                           "once, as that")]  # fmt: skip
 
 
 def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):

@@ -393,5 +393,6 @@ def test_the_size_rows_give_sizes_that_images_have_and_small_amounts_read_right(
     summary = data.folder_report(tmp_path, (8, 8)).summary()
     assert (summary["min_size"], summary["median_size"], summary["max_size"]) == (
         [12, 12], [30, 10], [40, 40])
-    assert [bytes_text(n) for n in (5 * 3 * 8 * 8, 3 * 2**20 // 2, 300 * 2**20, 5 * 2**30)] == [
-        "960 bytes", "1.5 MiB", "300 MiB", "5.0 GiB"]
+    amounts = (1, 5 * 3 * 8 * 8, 2**20 - 1, 3 * 2**20 // 2, 10 * 2**20 - 1, 300 * 2**20, 5 * 2**30)
+    assert [bytes_text(n) for n in amounts] == [
+        "1 byte", "960 bytes", "1.0 MiB", "1.5 MiB", "10 MiB", "300 MiB", "5.0 GiB"]

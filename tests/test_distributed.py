@@ -133,13 +133,24 @@ def test_a_job_says_a_usage_error_once_and_names_the_rank_of_other_errors(jobs, 
         assert r.exit_code == 2 and ("writes numbered files only" in r.stderr) == said
         r = ddpm(root, "train", "--bogus")
         assert r.exit_code == 2 and ("No such option: --bogus" in r.stderr) == said
+        # a file one machine lacks is that process's own error: said, with its rank
+        r = ddpm(root, "inspect", "not-here")
+        prefix = "rank 1: " if rank == "1" else ""
+        assert r.exit_code == 2 and r.stderr.startswith(f"{prefix}error: not-here"), r.stderr
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK without a job (another launcher's): all said
+    monkeypatch.setenv("RANK", "3")
+    r = ddpm(root, "train", "--bogus")
+    assert r.exit_code == 2 and r.stderr.startswith("error: No such option: --bogus")
 
 
 
 def test_a_process_names_its_rank_in_an_error_of_its_own(monkeypatch, capsys):
     from ddpm_cli.cli.common import error_line
 
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", "1")  # a RANK alone (another launcher's) makes no job
+    error_line("the same usage error on every process", usage=True)
+    assert capsys.readouterr().err == "error: the same usage error on every process\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     error_line("out of memory: try a smaller --batch-size")
     error_line("the same usage error on every process", usage=True)
     assert capsys.readouterr().err == "rank 1: error: out of memory: try a smaller --batch-size\n"
@@ -308,3 +319,16 @@ def test_a_torchrun_process_ends_without_the_interpreter_teardown(monkeypatch, c
     with pytest.raises(SystemExit) as done:
         cli.main()
     assert done.value.code == code and calls == ["atexit", code]
+
+
+def test_only_rank_0_says_it_is_stopping(capsys):
+    """Ctrl-C reaches every process of a job; each stops after the step, rank 0 says so."""
+    import signal as signals
+
+    from ddpm_cli.cli.stopping import Stopper
+
+    for speaks in (True, False):
+        stop = Stopper(lambda kind, info: None, None, speaks=speaks)
+        stop.handler(signals.SIGINT, None)
+        assert stop.requested() and stop.signalled() and stop.exit_code() == 130
+        assert ("stopping: saving a checkpoint" in capsys.readouterr().err) == speaks

@@ -214,12 +214,18 @@ def test_export_says_what_it_wrote_on_stderr_and_quiet_silences_it(tmp_path, run
 
 def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     cases = {
-        "multihead": ({**SMALL, "attention_head_dim": 8}, SCHEDULER, "attention_head_dim=8"),
+        "multihead": ({**SMALL, "attention_head_dim": 8}, SCHEDULER,
+                      "attention_head_dim=8: level 1's 64 channels would be 8 heads"),
+        # one head at the attention level, two in a wider middle block
+        "midwider": ({**SMALL, "block_out_channels": [32, 64, 128], "attention_head_dim": 64,
+                      "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                      "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}, SCHEDULER,
+                     "the middle block's 128 channels would be 2 heads"),
         # no attention level, yet the middle block's attention has 8 heads (imported as one
         # before, silently computing something else)
         "midheads": ({**SMALL, "down_block_types": ["DownBlock2D"] * 2,
                       "up_block_types": ["UpBlock2D"] * 2, "attention_head_dim": 8}, SCHEDULER,
-                     "attention_head_dim=8 (one head of 64 channels)"),
+                     "attention_head_dim=8: the middle block's 64 channels would be 8 heads"),
         "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
                   "resnet_time_scale_shift"),
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},

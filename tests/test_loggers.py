@@ -55,6 +55,14 @@ def test_a_missing_tensorboard_is_one_line_before_any_work(runner, tmp_path, mon
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
     r = runner.invoke(app, ["train", "--log", "wandb", "--steps", "1"])
     assert r.exit_code == 2 and "wandb" in r.stderr
+    # a resumed run keeps its loggers: one that cannot start says where it comes from
+    monkeypatch.delitem(sys.modules, "tensorboard")
+    run = train_tiny(tmp_path / "pics", 6, steps=1, log=("tensorboard",))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    r = runner.invoke(app, ["train", "--resume", str(run), "--steps", "2"])
+    assert r.exit_code == 2 and r.stderr.startswith(
+        "error: the run logs to tensorboard (--log is kept on resume), which needs the "
+        "tensorboard package, not installed here; run: pip install"), r.stderr
 
 
 def test_a_resume_from_an_older_checkpoint_drops_what_was_logged_after_it(tmp_path):

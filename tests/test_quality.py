@@ -331,17 +331,26 @@ def test_a_best_from_training_a_resume_goes_back_over_is_kept_and_said(tmp_path,
     train(None, TrainConfig(), DiffusionConfig(), resume=kept, given={"steps": 12},
           on_event=lambda kind, info: kind == "start" and starts.append(info))
     assert f"{kept / BEST} is from step 20, after the checkpoint this resume continues from " \
-        "(step 10): kept, as a model that was measured; only a lower figure replaces it" in (
-            starts[0]["warnings"])  # fmt: skip
+        "(step 10), whose metrics are dropped: kept, as a model that was measured; only a " \
+        "lower figure replaces it" in starts[0]["warnings"]  # fmt: skip
     assert load_checkpoint(kept / BEST).step == 20
 
 
-def test_the_figure_after_the_last_step_adds_no_training_seconds(tmp_path):
-    """The checkpoint, grid and figure after the last step are not training: the last record's
-    `trained` is what the checkpoint saved and a resume starts from (before, the figure's was
-    later, and a resumed run's seconds went backwards)."""
-    run = train_tiny(tmp_path, 30, steps=3, checkpoint_every=10, holdout=6, eval_every=10)
-    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
-    saved = load_checkpoint(run / "train_state.safetensors").json("train_seconds")
-    assert "heldout_loss" in records[-1] and records[-1]["trained"] == saved
-    assert all(r["trained"] <= saved for r in records)
+def test_a_steps_records_and_checkpoint_give_one_training_time(tmp_path):
+    """The metrics line, checkpoint and figure of a step record the training seconds up to the
+    end of that step, so a resume from its checkpoint goes on from what they say (before, the
+    figure after a checkpoint was later, and a resumed run's `trained` went backwards). Runs
+    that end on a checkpoint step and between them."""
+    for steps, name in ((10, "on"), (7, "between")):
+        (tmp_path / name).mkdir()
+        run = train_tiny(tmp_path / name, 30, steps=steps, checkpoint_every=5, holdout=6,
+                         eval_every=5, log_every=1)  # fmt: skip
+        records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+        by_step: dict[int, set] = {}
+        for r in records:
+            by_step.setdefault(r["step"], set()).add(r["trained"])
+        assert all(len(times) == 1 for times in by_step.values()), by_step
+        saved = load_checkpoint(run / "train_state.safetensors").json("train_seconds")
+        assert by_step[steps] == {saved} and "heldout_loss" in records[-1]
+        times = [next(iter(by_step[k])) for k in sorted(by_step)]
+        assert times == sorted(times)

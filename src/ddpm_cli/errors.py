@@ -14,12 +14,17 @@ class DdpmError(Exception):
     """Base of every error ddpm reports to a user; the message is one line saying what to do."""
 
     exit_code = 1
+    # whether every process of a torchrun job meets it alike (it follows from the options and
+    # the shared run directory), so that rank 0 alone says it; else each process that meets
+    # it does, naming its rank (files, devices and packages differ between machines)
+    job_wide = False
 
 
 class UsageError(DdpmError):
     """The user asked for something that cannot work as given (bad option value, bad input)."""
 
     exit_code = 2
+    job_wide = True
 
 
 class ConfigError(UsageError):
@@ -29,9 +34,13 @@ class ConfigError(UsageError):
 class DataError(UsageError):
     """An input file is missing, unreadable, or not an image."""
 
+    job_wide = False
+
 
 class DeviceError(UsageError):
     """The requested device does not exist on this machine."""
+
+    job_wide = False
 
 
 class OutputError(DdpmError):
@@ -41,9 +50,13 @@ class OutputError(DdpmError):
 class MissingExtra(UsageError):
     """An optional dependency (an extra such as ddpm-cli[plot]) is not installed."""
 
+    job_wide = False
+
 
 class LoggerError(UsageError):
     """A live logger (--log) could not start: not logged in, a bad setting."""
+
+    job_wide = False
 
 
 class ResourceError(DdpmError):

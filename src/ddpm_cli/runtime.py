@@ -8,8 +8,9 @@ block with `use(replace(current(), winograd=False))`.
 Switches that can change a result's bits (`RECORDED`) are written into every checkpoint's
 metadata and every sampled PNG's text chunks; docs/cli.md lists them all (test_docs checks it).
 torchrun's own variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) are its protocol, not
-switches: distributed.py reads them, except the rank, which `torchrun_rank()` reads here for
-the command line, which must say things once per job without loading torch.
+switches: distributed.py reads them, except the rank (and whether there is a job), which
+`torchrun_rank()` reads here for the command line, which must say things once per job without
+loading torch.
 """
 
 from __future__ import annotations
@@ -110,8 +111,11 @@ _current: Runtime | None = None
 
 
 def torchrun_rank() -> int:
-    """This process's rank in a torchrun job (its RANK), 0 outside one."""
+    """This process's rank in a torchrun job (its RANK), 0 outside one: a RANK without a
+    WORLD_SIZE above 1 (set by some other launcher) makes no job."""
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0

@@ -134,11 +134,12 @@ def duration_text(seconds: float) -> str:
     return "".join(parts)
 
 
-def count(n: int, noun: str) -> str:
-    """'1 image', '3 images', '2 processes': a number with its noun (regular plurals)."""
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '3 images', '2 processes': a number with its noun, its `plural` if given, else
+    the noun with -s (-es after s, x or sh)."""
     if n == 1:
         return f"{n} {noun}"
-    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+    return f"{n} {plural or noun + ('es' if noun.endswith(('s', 'x', 'sh')) else 's')}"
 
 
 def option_text(key: str, value) -> str:
@@ -164,9 +165,10 @@ def bytes_text(n: int | None) -> str:
     '12 bytes'; '?' if unknown."""
     if n is None:
         return "?"
-    # the largest unit whose rounded amount is at least 1 (whole MiB from 10 MiB up)
-    for unit, size, digits in (("GiB", 2**30, 1), ("MiB", 2**20, 0), ("MiB", 2**20, 1),
-                               ("KiB", 2**10, 0)):  # fmt: skip
-        if round(n / size, digits) >= (10 if digits == 0 and unit == "MiB" else 1):
-            return f"{n / size:.{digits}f} {unit}"
-    return count(n, "byte")
+    if round(n / 2**30, 1) >= 1:
+        return f"{n / 2**30:.1f} GiB"
+    if round(n / 2**20) >= 10:
+        return f"{n / 2**20:.0f} MiB"
+    if round(n / 2**20, 1) >= 1:  # (not "1024 KiB")
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.0f} KiB" if n >= 2**10 else count(n, "byte")

@@ -57,8 +57,8 @@ def literal(value: object) -> Text:
 def error_line(message: str, usage: bool = False) -> None:
     """One red line on stderr (line breaks inside the message, say from a damaged file's
     metadata quoted in it, are shown escaped); nothing when stderr's reader has gone. In a
-    torchrun job, rank 0 says a `usage` error (every process finds the same one), and the
-    others name themselves in the errors they say."""
+    torchrun job, rank 0 alone says a `usage` error (one every process meets alike: a bad
+    option; DdpmError.job_wide), and the others name themselves in the errors they say."""
     rank = runtime.torchrun_rank()
     if rank and usage:
         return
@@ -255,7 +255,7 @@ class DdpmGroup(TyperGroup):
             error_line("aborted")
             code = 1
         except DdpmError as e:
-            error_line(str(e), usage=e.exit_code == 2)
+            error_line(str(e), usage=e.job_wide)
             code = e.exit_code
         except Exception as e:  # a bug: say so in one line, keep the traceback on request
             what = exhausted(e)  # not a bug when the machine ran out of memory or disk

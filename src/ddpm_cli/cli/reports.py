@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ddpm_cli.cli.common import literal
-from ddpm_cli.cli.views import sizes_text, warmup_text
+from ddpm_cli.cli.views import parent_text, sizes_text, warmup_text
 from ddpm_cli.config import epoch_limit
 from ddpm_cli.text import bytes_text, duration_text
 
@@ -105,7 +105,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                     ("EMA", tr.get("ema_decay")),
                     ("precision", tr.get("precision")),
                     ("seed", tr.get("seed")),
-                    ("fine-tuned from", _parent_text(info.get("parent"))),
+                    ("fine-tuned from", parent_text(info.get("parent"))),
                 ],
             )
         )
@@ -119,7 +119,7 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 "run",
                 [
                     ("folder", r["folder"]),
-                    ("files", ", ".join(r["files"])),
+                    ("files", ", ".join([*r["files"], *(f"{d}/" for d in r["folders"])])),
                     (
                         "resumable",
                         f"yes, {r['resume']}" if r["resumable"] else f"no: {r['resume']}",
@@ -272,8 +272,3 @@ def _steps(steps: list[int]) -> str:
     return f"steps {', '.join(map(str, steps))} (ddpm sample RUN --step K)"
 
 
-def _parent_text(parent: dict | None) -> str | None:
-    if not parent:
-        return None
-    return (f"{parent.get('file')} (step {parent.get('step')}, content hash "
-            f"{parent.get('content_hash')})")  # fmt: skip

@@ -177,6 +177,16 @@ class ProgressView(LiveView):
         err_console.print(f"{verb} at step {info['step']}: {safe(info['out'])}")
 
 
+def parent_text(parent: dict | None, short: bool = False) -> str | None:
+    """A fine-tuned model's parent: its file, step and content hash (the first 12 digits when
+    `short`); None for a model that has none."""
+    if not parent:
+        return None
+    digest = str(parent.get("content_hash"))
+    return (f"{parent.get('file')} (step {parent.get('step')}, content hash "
+            f"{digest[:12] if short else digest})")  # fmt: skip
+
+
 def sizes_text(summary: dict) -> str:
     """The smallest, median and largest image of a data summary, each by its area."""
     return ", ".join(f"{k} {summary[f'{k}_size'][0]}x{summary[f'{k}_size'][1]}"
@@ -254,16 +264,15 @@ def preflight_table(info: dict) -> Table:
     ]
     parent = info.get("parent")
     if parent:
-        sha = str(parent["content_hash"])[:12]
-        what = (f"{parent['file']} (step {parent['step']}, content hash {sha}): fine-tuning "
-                "its weights")  # fmt: skip
+        what = f"{parent_text(parent, short=True)}: fine-tuning its weights"
         rows.insert(5, ("from", what))
     rows += [("note", note) for note in info.get("parent_notes", [])]
     plan = info.get("memory")
     if plan is not None and plan.step is not None:
         need = bytes_text(plan.step.need(config.batch_size))
         have = bytes_text(plan.step.available)
-        rows.insert(-1, ("memory", f"a step needs about {need} (measured), {have} available"))
+        run = [name for name, _ in rows].index("run")
+        rows.insert(run, ("memory", f"a step needs about {need} (measured), {have} available"))
     if plan is not None and plan.note:
         rows.append(("note", plan.note))
     world, stored = info.get("world", 1), info.get("stored_world", 1)

@@ -84,7 +84,7 @@ class DataReport:
         if self.unsearched:
             n, (_, first) = len(self.unsearched), self.unsearched[0]
             more = f" (and {n - 1} more)" if n > 1 else ""
-            out.append(f"the search left out what it could not enter: {first}{more}")
+            out.append(f"searching the folder: {first}{more}")
         if self.loose:
             few = count(len(self.loose), "image")
             names = ", ".join(self.loose[:2]) + (", ..." if len(self.loose) > 2 else "")

@@ -117,18 +117,17 @@ def run_info(folder: Path) -> dict:
         try:
             state = load_checkpoint(folder / STATE, kind="train_state")
             resumable, why = True, f"at step {state.step}"
-            world = state.json("world_size")  # the processes that trained it (torchrun)
+            world = state.world  # the processes that last trained it (torchrun)
         except CheckpointError as e:
-            why = why if resumable else str(e)
-    world = world if type(world) is int and world > 0 else None
+            why = str(e)
     grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
     metrics = read_metrics(folder / METRICS)
     logged = [m for m in metrics if "loss" in m]
     figures = [m for m in metrics if FIGURE in m]
     info["run"] = {
         "folder": str(folder),
-        # its files, and its folders with a slash (samples/, tensorboard/, wandb/)
-        "files": sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if p.name[0] != "."),
+        "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name[0] != "."),
+        "folders": sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != "."),
         "resumable": resumable,
         "resume": why,
         "processes": world,

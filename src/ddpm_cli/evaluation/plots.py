@@ -49,7 +49,7 @@ def loss_plot(metrics: list[dict], fmt: str = "png", title: str = "") -> bytes:
     fig = _figure(2)
     ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     steps = [m["step"] for m in records]
-    few = {"marker": "o", "ms": 4} if len(records) < 3 else {}  # a line needs two points
+    few = {"marker": "o", "ms": 4} if len(records) < 3 else {}  # one or two: no line to see
     ax.plot(steps, [m["loss"] for m in records], color="black", lw=1.6, label="loss", **few)
     names = ("t < T/4 (least noise)", "T/4 - T/2", "T/2 - 3T/4", "t >= 3T/4 (most noise)")
     for q, name in enumerate(names):

@@ -142,6 +142,14 @@ class Checkpoint:
         return value
 
     @property
+    def world(self) -> int:
+        """The processes of the torchrun job that saved it (1 for runs saved before
+        distributed training, which had no such key)."""
+        if "world_size" not in self.meta:
+            return 1
+        return self.number("world_size") or 1
+
+    @property
     def step(self) -> int:
         step = self.json("step")
         if not isinstance(step, int) or step < 0:

@@ -124,11 +124,14 @@ def _model_config(cfg: dict) -> ModelConfig:
         raise InteropError("the UNet2DModel config has no attention_head_dim (diffusers then "
                            "uses heads of 8 channels); ddpm's attention has one head")  # fmt: skip
     heads = cfg["attention_head_dim"]
-    # the levels with attention, and the middle block's, which always has it (add_attention)
-    attended = [w for a, w in zip(attn, widths, strict=True) if a] + widths[-1:]
-    if heads is not None and any(heads != w for w in attended):
-        raise InteropError(f"unsupported UNet2DModel option attention_head_dim={heads} (one head "
-                           f"of {attended[0]} channels)")  # fmt: skip
+    # the levels with attention, and the middle block, which always has it (add_attention)
+    attended = [(f"level {i}", w) for i, (a, w) in enumerate(zip(attn, widths, strict=True))
+                if a] + [("the middle block", widths[-1])]  # fmt: skip
+    where, width = next(((n, w) for n, w in attended if heads not in (None, w)), (None, None))
+    if where is not None:
+        raise InteropError(f"unsupported UNet2DModel option attention_head_dim={heads}: "
+                           f"{where}'s {width} channels would be {width / heads:g} heads; ddpm's "
+                           "attention has one")  # fmt: skip
     size = cfg.get("sample_size", 32)
     h, w = (size, size) if isinstance(size, int) else size
     padding = {0: "bottom_right", 1: "symmetric"}.get(cfg.get("downsample_padding", 1))

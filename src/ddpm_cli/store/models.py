@@ -58,7 +58,7 @@ def model_file(path: Path, raw: bool = False, step: int | None = None) -> Path:
     if step is not None:
         if not path.is_dir():  # not a file's neighbour picked in its place
             raise DataError(f"{path}: --step picks a snapshot of a run directory; give the "
-                            f"directory ({folder}) instead of a file")  # fmt: skip
+                            f"directory ({path.resolve().parent}) instead of a file")  # fmt: skip
         return snapshot_file(folder, step, raw)
     if raw:
         if path.is_file() and _kind(path) == "train_state":

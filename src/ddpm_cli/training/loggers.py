@@ -78,9 +78,10 @@ class WandB:
                 resume="allow" if run_id else None,
             )
         except Exception as e:  # wandb's own errors: no login, no network, a bad setting
+            why = first_line(e)
             raise LoggerError(
-                f"--log wandb could not start a W&B run: {first_line(e).rstrip('. ')}; "
-                + ("" if "wandb login" in first_line(e) else "log in with `wandb login`, or ")
+                f"--log wandb could not start a W&B run: {why.rstrip('. ')}; "
+                + ("" if "wandb login" in why else "log in with `wandb login`, or ")
                 + "set WANDB_MODE=offline to keep the logs local"
             ) from None
         id_file.write_text(self.run.id)
@@ -116,15 +117,17 @@ def first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def check(names: tuple[LogTo, ...]) -> None:
-    """Refuse, before any work, a logger whose package is missing."""
+def check(names: tuple[LogTo, ...], kept: tuple[LogTo, ...] = ()) -> None:
+    """Refuse, before any work, a logger whose package is missing; `kept`: those a resumed
+    run logs to because it did before (not typed again)."""
     for name in names:
         try:
             __import__(name.value)
         except ImportError:
+            what = (f"the run logs to {name.value} (--log is kept on resume), which needs"
+                    if name in kept else f"--log {name.value} needs")  # fmt: skip
             raise MissingExtra(
-                f"--log {name.value} needs the {name.value} package, which is not installed; "
-                f"run: {INSTALL[name]}"
+                f"{what} the {name.value} package, not installed here; run: {INSTALL[name]}"
             ) from None
 
 

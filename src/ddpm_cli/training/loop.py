@@ -99,14 +99,15 @@ class Loop:
         # how often the host waits for the device: every step on the CPU, where it costs
         # nothing; every SYNC_EVERY steps on an accelerator, and always before anything is written
         self.sync_every = 1 if job.device.type == "cpu" else SYNC_EVERY
-        self.t_log = self.loop_start = time.perf_counter()
-        self.loop_end: float | None = None  # when the last step was done
+        self.t_log = self.loop_start = self.stamp = time.perf_counter()
 
-    def trained(self) -> float:
-        """Seconds of training loop so far, over every resumed part of the run (--time): the
-        checkpoint, grid and figure after the last step add nothing, so that what the last
-        checkpoint saves is what a resume starts from, and the figure logged after it too."""
-        return self.job.trained0 + (self.loop_end or time.perf_counter()) - self.loop_start
+    def trained(self, live: bool = False) -> float:
+        """Seconds of training loop so far, over every resumed part of the run (--time): up to
+        the end of the last step (its `stamp`), which its metrics line, checkpoint and figure
+        all record, so that a resume from that checkpoint goes on from what they say; `live`,
+        up to now, for the time limit (the writes after a step count against it)."""
+        end = time.perf_counter() if live else self.stamp
+        return self.job.trained0 + end - self.loop_start
 
     def flush(self) -> None:
         """Bring the pending results to the host, check them (TrainingDiverged at the first
@@ -136,7 +137,7 @@ class Loop:
             {
                 "step": r.state.step,
                 "total": r.total,
-                "trained": self.trained(),
+                "trained": self.trained(live=True),
                 "epoch": r.state.epoch,
                 "loss": losses.mean().item(),
                 "steps": len(results),  # the steps this report covers
@@ -218,8 +219,10 @@ class Loop:
                     status = "stopped"
                     break
                 if config.time_limit is not None:
-                    time_spent = distributed.most(d, self.trained() / config.time_limit, r.device)
-                    if time_spent >= 1.0:
+                    spent = self.trained(live=True) / config.time_limit
+                    time_spent = distributed.most(d, spent, r.device)
+                    if time_spent >= 1.0:  # the budget is spent: the checkpoint says so
+                        self.stamp = time.perf_counter()
                         break
             # the share of the run done, for the learning rate's cooldown: of its steps, or of
             # its time, whichever limit is nearer
@@ -247,6 +250,7 @@ class Loop:
             if log or grid or save or figure or step % self.sync_every == 0:
                 with distributed.collective("a training step"):
                     self.flush()
+            self.stamp = time.perf_counter()  # (the step is done wherever anything records it)
             if not d.main:
                 if save:  # only the weight check runs here, so that the ranks stop together
                     self.checkpoint()
@@ -260,9 +264,11 @@ class Loop:
             if figure:
                 self.evaluate()
         feed.close()  # stops the DataLoader workers, if any
+        finishing = bool(self.pending)  # steps not yet brought back (on an accelerator)
         with distributed.collective("a training step"):
             self.flush()
-        self.loop_end = time.perf_counter()
+        if finishing:
+            self.stamp = time.perf_counter()
         if d.main and self.window:  # a stop between log steps: log the partial window too
             self.log_window()
         # (a resume stopped before its first step leaves the run as it was, its options too)

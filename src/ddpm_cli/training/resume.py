@@ -79,11 +79,8 @@ class Resumed:
 
     @property
     def world(self) -> int:
-        """The number of processes that trained it (runs saved before distributed training
-        had one)."""
-        if "world_size" not in self.ckpt.meta:
-            return 1
-        return self.ckpt.number("world_size") or 1
+        """The number of processes that trained it."""
+        return self.ckpt.world
 
 
 def open_resume(resume: Path, source: str | None, out: Path | None, given: dict) -> Resumed:

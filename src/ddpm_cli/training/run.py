@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli import distributed
-from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, TrainConfig, from_dict
+from ddpm_cli.config import AUGMENT_MAPS, DiffusionConfig, LogTo, TrainConfig, from_dict
 from ddpm_cli.data.batches import Batches, split
 from ddpm_cli.data.folders import BUILTIN_PREFIX
 from ddpm_cli.data.sources import data_image_size, load_source
@@ -115,7 +115,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
     labelled = not config.unconditional
-    loggers.check(config.log)
+    typed = {LogTo(x) for x in (given or {}).get("log", ())}
+    loggers.check(config.log, kept=() if resumed is None else tuple(set(config.log) - typed))
     if resumed is None and out is not None and d.main:
         check_run_directory(Path(out), source)
     parent = None

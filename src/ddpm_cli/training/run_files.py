@@ -96,8 +96,9 @@ def prepare_directory(out, resumed: bool, config, images, report, ckpt) -> list[
         best = _step_of(out / BEST) if (out / BEST).exists() else None
         if best is not None and best > ckpt.step:  # from training this resume goes back over
             warnings.append(f"{out / BEST} is from step {best}, after the checkpoint this "
-                            f"resume continues from (step {ckpt.step}): kept, as a model that "
-                            "was measured; only a lower figure replaces it")  # fmt: skip
+                            f"resume continues from (step {ckpt.step}), whose metrics are "
+                            "dropped: kept, as a model that was measured; only a lower figure "
+                            "replaces it")  # fmt: skip
         if (
             config.keep
             and ckpt.step not in dict(snapshots(out))
