@@ -391,11 +391,11 @@ def test_the_search_follows_links_skips_hidden_files_and_says_what_it_left_out(t
     reasons = dict(unsearched)
     assert reasons == {
         str(data / "cat" / "loop"): f"{data / 'cat' / 'loop'}: a link to {data}, searched "
-                                    "once, as that",
+                                    "once, under that name",
         str(data / "cat" / "dogs"): f"{data / 'cat' / 'dogs'}: a link to {data / 'dog'}, "
-                                    "searched once, as that",
-        str(data / "latest"): f"{data / 'latest'}: a link to {data / 'cat'}, searched once, as "
-                              "that",
+                                    "searched once, under that name",
+        str(data / "latest"): f"{data / 'latest'}: a link to {data / 'cat'}, searched once, "
+                              "under that name",
         str(data / "cat" / "gone.png"): f"{data / 'cat' / 'gone.png'}: a link to nothing (is a "
                                         "drive or a folder missing?)",
         str(data / "bird"): f"{data / 'bird'}: a link to nothing (is a drive or a folder "
@@ -425,7 +425,7 @@ def test_a_link_above_the_data_searches_the_data_folder_once(tmp_path):
         "cat/000.png", "up/other/b/000.png"]
     assert unsearched == [(str(data / "up" / "data"), f"{data / 'up' / 'data'}: the same folder "
                            f"as {data} (reached again through a link or a mount), searched "
-                           "once, as that")]  # fmt: skip
+                           "once, under that name")]  # fmt: skip
 
 
 def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):

@@ -40,8 +40,8 @@ def scan(folder: Path, unsearched: list[tuple[str, str]] | None = None) -> list[
             links.sort(key=lambda link: (len(link[0].parts), str(link[0])), reverse=True)
             here, key = links.pop()
             if key in seen:
-                problems.append((str(here), f"{here}: a link to {seen[key]}, searched once, as "
-                                 "that"))  # fmt: skip
+                problems.append((str(here), f"{here}: a link to {seen[key]}, searched once, "
+                                 "under that name"))  # fmt: skip
                 continue
             seen[key] = here
         try:
@@ -64,7 +64,7 @@ def scan(folder: Path, unsearched: list[tuple[str, str]] | None = None) -> list[
                     if key in seen:  # reached again through a link above it, or a bind mount
                         problems.append((str(path), f"{path}: the same folder as {seen[key]} "
                                          "(reached again through a link or a mount), searched "
-                                         "once, as that"))  # fmt: skip
+                                         "once, under that name"))  # fmt: skip
                     else:
                         seen[key] = path
                         real.append(path)
