@@ -183,6 +183,19 @@ def test_a_hostile_train_state_is_refused_on_resume(runner, tmp_path):
     assert r.exit_code == 2 and "do not fit" in r.stderr, r.output
 
 
+def test_a_damaged_world_size_is_not_resumable_in_inspect_or_train(runner, tmp_path):
+    """What `ddpm inspect` says of a run agrees with what `--resume` does with it."""
+    run = train_tiny(tmp_path, 4)
+    header, body = split((run / "train_state.safetensors").read_bytes())
+    header["__metadata__"]["world_size"] = '"two"'
+    (run / "train_state.safetensors").write_bytes(join(header, body))
+    r = runner.invoke(app, ["inspect", str(run), "--json"])
+    shown = json.loads(r.stdout)["run"]
+    assert not shown["resumable"] and "'world_size' is not a count" in shown["resume"]
+    r = runner.invoke(app, ["train", "--resume", str(run), "--steps", "3"])
+    assert r.exit_code == 2 and "'world_size' is not a count" in r.stderr, r.output
+
+
 def test_config_types_are_checked_against_the_annotations():
     from ddpm_cli.config import DiffusionConfig, ModelConfig, TrainConfig, from_dict
     from ddpm_cli.errors import ConfigError

@@ -245,7 +245,9 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
         assert not (tmp_path / "x.safetensors").exists()
     # a config without attention_head_dim (diffusers then uses 8-channel heads), and nonsense
     for name, unet in (("nokey", {k: v for k, v in SMALL.items() if k != "attention_head_dim"}),
-                       ("zero", {**SMALL, "block_out_channels": [0, 64]})):  # fmt: skip
+                       ("zero", {**SMALL, "block_out_channels": [0, 64]}),
+                       ("headslist", {**SMALL, "attention_head_dim": [32, 64]}),
+                       ("headszero", {**SMALL, "attention_head_dim": 0})):  # fmt: skip
         folder = tmp_path / name / "unet"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(unet))
@@ -253,6 +255,8 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
         r = runner.invoke(app, ["import", str(folder), "-o", str(tmp_path / "x.safetensors")])
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
         assert "internal error" not in r.stderr
+        if name.startswith("heads"):  # refused by name, not by the arithmetic it breaks
+            assert "attention_head_dim=" in r.stderr and "one head" in r.stderr, r.stderr
     # a folder with only a pickle
     pickled = tmp_path / "pickled" / "unet"
     pickled.mkdir(parents=True)

@@ -45,6 +45,13 @@ def test_event_files_hold_the_metrics_and_the_grids_and_resume_appends(tmp_path)
     assert [e.step for e in read_events(run).Scalars("train/loss")] == [2, 4, 6]
 
 
+def test_a_logger_given_twice_is_one_logger():
+    from ddpm_cli.config import LogTo
+
+    log = TrainConfig(log=("wandb", "tensorboard", "wandb")).log
+    assert log == (LogTo.wandb, LogTo.tensorboard)
+
+
 def test_a_missing_tensorboard_is_one_line_before_any_work(runner, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
     (tmp_path / "pics").mkdir()

@@ -354,3 +354,27 @@ def test_a_steps_records_and_checkpoint_give_one_training_time(tmp_path):
         assert by_step[steps] == {saved} and "heldout_loss" in records[-1]
         times = [next(iter(by_step[k])) for k in sorted(by_step)]
         assert times == sorted(times)
+
+
+def test_a_time_stop_just_after_a_checkpoint_step_saves_the_time_it_ended(tmp_path, monkeypatch):
+    """--time runs out during a checkpoint step's own writes: the run saves again, with the
+    time it stopped (at least the limit), so a resume says there is nothing left to train
+    (before, the checkpoint of that step kept an earlier time, and a resume trained on)."""
+    from ddpm_cli.training import loop as loop_mod
+
+    real = loop_mod.Loop.trained
+
+    def trained(self, live=False):  # the budget runs out once step 3 (a checkpoint) is done
+        spent = real(self, live)
+        return spent + 10_000 if live and self.job.state.step >= 3 else spent
+
+    monkeypatch.setattr(loop_mod.Loop, "trained", trained)
+    run = train_tiny(tmp_path, 30, steps=None, time_limit=1000.0, checkpoint_every=3,
+                     holdout=6, eval_every=3, log_every=1)  # fmt: skip
+    state = load_checkpoint(run / "train_state.safetensors")
+    assert state.step == 3 and state.json("train_seconds") >= 1000.0
+    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    assert all(r["trained"] <= state.json("train_seconds") for r in records)
+    monkeypatch.setattr(loop_mod.Loop, "trained", real)
+    with pytest.raises(UsageError, match="nothing to train"):
+        train(None, TrainConfig(), DiffusionConfig(), resume=run, given={})

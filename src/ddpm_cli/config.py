@@ -274,7 +274,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", Objective(self.objective))
         try:
-            object.__setattr__(self, "log", tuple(LogTo(v) for v in self.log))
+            # each logger once (--log wandb --log wandb), in the order given
+            object.__setattr__(self, "log", tuple(dict.fromkeys(LogTo(v) for v in self.log)))
         except ValueError:
             names = ", ".join(v.value for v in LogTo)
             raise ConfigError(f"unknown --log {list(self.log)}; choose from: {names}") from None

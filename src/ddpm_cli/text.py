@@ -167,7 +167,7 @@ def bytes_text(n: int | None) -> str:
         return "?"
     if round(n / 2**30, 1) >= 1:
         return f"{n / 2**30:.1f} GiB"
-    if round(n / 2**20) >= 10:
+    if round(n / 2**20, 1) >= 9.95:
         return f"{n / 2**20:.0f} MiB"
     if round(n / 2**20, 1) >= 1:  # (not "1024 KiB")
         return f"{n / 2**20:.1f} MiB"

@@ -293,7 +293,7 @@ def train(
     names = [p.name for p in ctx.command.params if p.name in TrainConfig.__dataclass_fields__]
     values = {k: v for k, v in locals().items() if k in names}
     values["preset"] = preset.value
-    values["log"] = tuple(dict.fromkeys(log or ()))  # --log wandb --log wandb: one logger
+    values["log"] = tuple(log or ())
     if time_limit is not None:
         values["time_limit"] = parse_duration(time_limit)
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}

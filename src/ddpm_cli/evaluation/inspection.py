@@ -116,8 +116,8 @@ def run_info(folder: Path) -> dict:
     if (folder / STATE).exists():
         try:
             state = load_checkpoint(folder / STATE, kind="train_state")
-            resumable, why = True, f"at step {state.step}"
             world = state.world  # the processes that last trained it (torchrun)
+            resumable, why = True, f"at step {state.step}"
         except CheckpointError as e:
             why = str(e)
     grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []

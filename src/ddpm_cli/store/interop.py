@@ -124,6 +124,9 @@ def _model_config(cfg: dict) -> ModelConfig:
         raise InteropError("the UNet2DModel config has no attention_head_dim (diffusers then "
                            "uses heads of 8 channels); ddpm's attention has one head")  # fmt: skip
     heads = cfg["attention_head_dim"]
+    if heads is not None and (type(heads) is not int or heads < 1):
+        raise InteropError(f"unsupported UNet2DModel option attention_head_dim={heads!r} (ddpm's "
+                           "attention has one head: none, or the width of each attention level)")
     # the levels with attention, and the middle block, which always has it (add_attention)
     attended = [(f"level {i}", w) for i, (a, w) in enumerate(zip(attn, widths, strict=True))
                 if a] + [("the middle block", widths[-1])]  # fmt: skip

@@ -208,7 +208,7 @@ class Loop:
 
     def run(self) -> RunResult:
         r, d, state, config = self.job, self.job.d, self.job.state, self.job.config
-        status, total, start = "done", r.total, state.step
+        status, total, start, timed_out = "done", r.total, state.step, False
         feed = r.batches.iterate(state.epoch, state.batch_in_epoch)
         time_spent = 0.0  # the share of --time used, as the ranks agree on it
         while total is None or state.step < total:
@@ -221,8 +221,11 @@ class Loop:
                 if config.time_limit is not None:
                     spent = self.trained(live=True) / config.time_limit
                     time_spent = distributed.most(d, spent, r.device)
-                    if time_spent >= 1.0:  # the budget is spent: the checkpoint says so
-                        self.stamp = time.perf_counter()
+                    if time_spent >= 1.0:  # the budget is spent: the checkpoint says so (at
+                        # least the limit: the ranks stopped by the slowest one's clock)
+                        spent_s = time_spent * config.time_limit - self.job.trained0
+                        self.stamp = max(time.perf_counter(), self.loop_start + spent_s)
+                        timed_out = True
                         break
             # the share of the run done, for the learning rate's cooldown: of its steps, or of
             # its time, whichever limit is nearer
@@ -273,7 +276,7 @@ class Loop:
             self.log_window()
         # (a resume stopped before its first step leaves the run as it was, its options too)
         moved = state.step != start
-        if moved and (state.step % config.checkpoint_every or status == "stopped"):
+        if moved and (state.step % config.checkpoint_every or status == "stopped" or timed_out):
             self.checkpoint()
         done_off_grid = config.sample_every and state.step % config.sample_every
         if status == "done" and done_off_grid and d.main:

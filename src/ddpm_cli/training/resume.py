@@ -19,7 +19,7 @@ from ddpm_cli.config import (
     from_dict,
     jsonable,
 )
-from ddpm_cli.errors import UsageError
+from ddpm_cli.errors import DataError, UsageError
 from ddpm_cli.store.checkpoint import Checkpoint, config_section, load_checkpoint
 from ddpm_cli.store.files import STATE, RunLock
 from ddpm_cli.store.models import check_weights, network_weights
@@ -91,8 +91,8 @@ def open_resume(resume: Path, source: str | None, out: Path | None, given: dict)
     if out is not None and Path(out).resolve() != Path(resume).resolve():
         raise UsageError("--resume continues in the run's own directory; drop --out")
     out = Path(resume)
-    if not out.exists():
-        raise UsageError(f"{out}: no such run directory")
+    if not out.exists():  # (a DataError: one machine of a job may lack what others see)
+        raise DataError(f"{out}: no such run directory")
     if not (out / STATE).exists():
         lock = RunLock(out, resume=True)
         holder = lock.holder()

@@ -116,7 +116,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     release when it ends goes on `held`."""
     labelled = not config.unconditional
     typed = {LogTo(x) for x in (given or {}).get("log", ())}
-    loggers.check(config.log, kept=() if resumed is None else tuple(set(config.log) - typed))
+    if d.main:  # (rank 0 alone logs)
+        loggers.check(config.log, kept=() if resumed is None else tuple(set(config.log) - typed))
     if resumed is None and out is not None and d.main:
         check_run_directory(Path(out), source)
     parent = None

@@ -61,6 +61,8 @@ def default_shift(n_images: int, image_size: tuple[int, int]) -> int:
 class TrainingDiverged(DdpmError):
     """The loss or gradients became non-finite; the last good checkpoint is kept."""
 
+    job_wide = True  # every process of a job checks the same gathered losses and weights
+
 
 def ema_decay_at(step: int, max_decay: float) -> float:
     """EMA decay after `step` optimizer steps (the update that follows step n uses n):
