@@ -120,10 +120,7 @@ def _model_config(cfg: dict) -> ModelConfig:
     ch = widths[0]
     if any(w % ch for w in widths):
         raise InteropError(f"block_out_channels {widths} are not multiples of the first")
-    if "attention_head_dim" not in cfg:  # diffusers then uses 8 channels per head
-        raise InteropError("the UNet2DModel config has no attention_head_dim (diffusers then "
-                           "uses heads of 8 channels); ddpm's attention has one head")  # fmt: skip
-    heads = cfg["attention_head_dim"]
+    heads = cfg.get("attention_head_dim", 8)  # absent: diffusers uses heads of 8 channels
     if heads is not None and (type(heads) is not int or heads < 1):
         raise InteropError(f"unsupported UNet2DModel option attention_head_dim={heads!r} (ddpm's "
                            "attention has one head: none, or the width of each attention level)")
