@@ -127,7 +127,11 @@ class FakeWandb(types.ModuleType):
             def __init__(self, path: str):
                 self.path = path
 
-        self.Image = Image
+        class Settings:
+            def __init__(self, silent: bool = False):
+                self.silent = silent
+
+        self.Image, self.Settings = Image, Settings
 
     def init(self, **settings) -> FakeRun:
         if self.fail:
@@ -172,6 +176,20 @@ def test_wandb_gets_the_metrics_the_figure_and_the_grids_and_resume_continues_it
     third = fake.runs[2]
     assert third.settings["id"] == first.id and min(s for s, _ in third.logged) == 8
     assert [e.step for e in read_events(run).Scalars("train/loss")] == [8]
+
+
+def test_quiet_silences_wandb_too(runner, tmp_path, monkeypatch):
+    """-q: wandb's own lines on stderr (about 30 a run) are silenced with ddpm's."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = ["train", "builtin:shapes", "--log", "wandb", "--steps", "1", "--preset", "tiny",
+            "--image-size", "8", "--sample-every", "0", "--device", "cpu"]  # fmt: skip
+    for quiet in (True, False):
+        out = tmp_path / f"run-{quiet}"
+        r = runner.invoke(app, [*args, "--out", str(out), *(["-q"] if quiet else [])])
+        assert r.exit_code == 0, r.output
+        settings = fake.runs[-1].settings.get("settings")
+        assert (settings is not None and settings.silent) == quiet
 
 
 def test_a_wandb_that_cannot_start_is_one_line_exit_2(runner, tmp_path, monkeypatch):

@@ -313,7 +313,8 @@ def train(
     stop.install()
     try:
         result = run_training(data, config, diffusion, out=out, resume=resume, given=given,
-                              on_event=stop.show, should_stop=stop.requested)  # fmt: skip
+                              on_event=stop.show, should_stop=stop.requested,
+                              quiet=quiet)  # fmt: skip
     except Exception as e:
         error = stop.out_of(e)  # the machine ran out: say what is saved, and what to try
         if error is None:

@@ -63,7 +63,9 @@ class WandB:
     ignores steps it has already seen). wandb's own settings apply: WANDB_MODE=offline (or
     `wandb offline`) keeps everything local, WANDB_PROJECT names the project."""
 
-    def __init__(self, out: Path, step: int = 0, config: dict | None = None):
+    def __init__(self, out: Path, step: int = 0, config: dict | None = None,
+                 quiet: bool = False):  # fmt: skip
+        """`quiet` (ddpm's -q): wandb's own lines on stderr are silenced too."""
         check((LogTo.wandb,))
         import wandb
 
@@ -76,6 +78,7 @@ class WandB:
             self.run = wandb.init(
                 dir=str(out), name=Path(out).name, id=run_id, config=config or {},
                 resume="allow" if run_id else None,
+                **({"settings": wandb.Settings(silent=True)} if quiet else {}),
             )
         except Exception as e:  # wandb's own errors: no login, no network, a bad setting
             why = first_line(e)
@@ -131,14 +134,15 @@ def check(names: tuple[LogTo, ...], kept: tuple[LogTo, ...] = ()) -> None:
             ) from None
 
 
-def open_loggers(names: tuple[LogTo, ...], out: Path, step: int, config: dict | None = None):
+def open_loggers(names: tuple[LogTo, ...], out: Path, step: int, config: dict | None = None,
+                 quiet: bool = False):  # fmt: skip
     """The loggers `names` ask for, writing under the run directory `out` from `step` on;
-    `config`: the run's configs, for loggers that record them (W&B)."""
+    `config`: the run's configs, for loggers that record them (W&B); `quiet`: say nothing."""
     made = []
     try:
         for name in names:
             made.append(TensorBoard(out, step) if name is LogTo.tensorboard
-                        else WandB(out, step, config))  # fmt: skip
+                        else WandB(out, step, config, quiet))  # fmt: skip
     except Exception:
         for logger in made:  # the ones that did start
             logger.close()

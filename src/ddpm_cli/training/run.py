@@ -75,6 +75,7 @@ def train(
     given: dict | None = None,
     on_event: Event = lambda kind, info: None,
     should_stop: Callable[[], bool] = lambda: False,
+    quiet: bool = False,
 ) -> RunResult:
     """Train from `source` (a folder, "builtin:NAME" or None for the default built-in dataset)
     into `out`, or continue the run in `resume`. `given`: the options the user set explicitly,
@@ -100,7 +101,7 @@ def train(
         if not d.main:  # progress, files and messages are rank 0's
             on_event = lambda kind, info: None  # noqa: E731
         run = prepare(source, config, diffusion, out, resumed, d, device, held, on_event,
-                      given, keep)  # fmt: skip
+                      given, keep, quiet)  # fmt: skip
         keep["run"] = True  # an error in the loop keeps what it saved; a stop before the first
         result = Loop(run, on_event, should_stop, started).run()  # step saves nothing
         keep["run"] = not result.unsaved
@@ -110,7 +111,7 @@ def train(
 
 def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
             held: contextlib.ExitStack, on_event: Event, given: dict | None,
-            keep: dict) -> Prepared:  # fmt: skip
+            keep: dict, quiet: bool = False) -> Prepared:  # fmt: skip
     """Load the data, claim the run directory, build or restore the training state and the
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
@@ -245,7 +246,7 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
         raise UsageError(f"{out} {done}")
     if resumed is not None and d.main:
         warnings += prepare_directory(out, True, config, images, report, ckpt)
-    live = loggers.open_loggers(config.log, out, state.step, configs) if d.main else []
+    live = loggers.open_loggers(config.log, out, state.step, configs, quiet) if d.main else []
     for logger in live:
         held.callback(logger.close)
     forward = state.model
