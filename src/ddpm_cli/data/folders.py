@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 
 from ddpm_cli.data.images import decode_image, has_alpha
-from ddpm_cli.data.search import class_labels, fingerprint, loose_beside_classes, scan
+from ddpm_cli.data.search import (
+    class_labels,
+    fingerprint,
+    loose_beside_classes,
+    scan,
+    unreadable,
+)
 from ddpm_cli.device import available_memory
 from ddpm_cli.errors import DataError
 from ddpm_cli.text import count
@@ -125,11 +131,13 @@ class DataReport:
             "out, or train with --unconditional"
         )
 
-    def skipped_files(self, unsearched: bool = False) -> list[dict]:
-        """The files that could not be read (with `unsearched`: what the search could not
-        enter), for JSON: [{"path": ..., "reason": ...}]."""
-        return [{"path": p, "reason": r} for p, r in (self.unsearched if unsearched else
-                                                       self.skipped)]  # fmt: skip
+    def left_out(self) -> dict:
+        """What reading the data left out, for JSON: the files that could not be read
+        (`skipped_files`) and what the search could not enter (`unsearched`), each a list of
+        {"path": ..., "reason": ...}."""
+        return {key: [{"path": p, "reason": r} for p, r in pairs]
+                for key, pairs in (("skipped_files", self.skipped),
+                                   ("unsearched", self.unsearched))}  # fmt: skip
 
     def summary(self) -> dict:
         if self.stored is not None:
@@ -236,11 +244,6 @@ def _search(folder: Path, image_size: tuple[int, int], classes: bool):
     labelled = class_labels(folder, paths) if classes else None
     report.loose = [p.name for p in loose_beside_classes(folder, paths)] if classes else []
     return report, paths, labelled
-
-
-def unreadable(path: Path, error: OSError) -> str:
-    """The reason a file that is there could not be read (gone since, or not ours to read)."""
-    return f"{path}: cannot read ({error.strerror or error})"
 
 
 def mattes(channels: int | None) -> bool:

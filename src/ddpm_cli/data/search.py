@@ -13,6 +13,12 @@ from ddpm_cli.errors import DataError
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
+def unreadable(path: Path, error: OSError) -> str:
+    """The reason a file or folder that is there could not be read (gone since, or not ours
+    to read)."""
+    return f"{path}: cannot read ({error.strerror or error})"
+
+
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
@@ -76,7 +82,7 @@ def scan(folder: Path, unsearched: list[tuple[str, str]] | None = None) -> list[
                     problems.append((str(path), f"{path}: a link to nothing (is a drive or a "
                                      "folder missing?)"))  # fmt: skip
             except OSError as e:
-                problems.append((str(path), f"{path}: cannot read ({e.strerror or e})"))
+                problems.append((str(path), unreadable(path, e)))
     if unsearched is not None:
         unsearched.extend(sorted(problems))
     return sorted(found)

@@ -155,8 +155,7 @@ def likelihood(
         **result.to_dict(),
         "data": report.source,
         "found": report.found,
-        "skipped_files": report.skipped_files(),
-        "unsearched": report.skipped_files(unsearched=True),
+        **report.left_out(),
         "training_images": sm.trained_on(report) and not held_out,
         "held_out": held_out,
         # how many images of `data` the run set aside (0: none, or not the model's own data)
@@ -216,8 +215,7 @@ def sample_quality(
     ref, notes = found if cached else (None, {})  # notes: what reading the reference skipped
     if ref is None:
         ds, report = load_source(reference, size, channels)
-        notes = {"skipped_files": report.skipped_files(),
-                 "unsearched": report.skipped_files(unsearched=True)}  # fmt: skip
+        notes = report.left_out()
         _check_reference(reference, len(ds), n)
         ref = extract(
             lambda b: features(as_rgb(b)),

@@ -189,8 +189,7 @@ def folder_info(folder: Path, image_size: tuple[int, int]) -> dict:
     report = folder_report(folder, image_size)
     return {
         **report.summary(),
-        "skipped_files": report.skipped_files(),
-        "unsearched": report.skipped_files(unsearched=True),
+        **report.left_out(),
         "warnings": report.warnings,
     }
 

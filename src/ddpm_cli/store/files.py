@@ -84,14 +84,28 @@ def output_folder(path: Path | None, tidy: bool = True) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        folder = Path(os.path.abspath(path)) if created else None
-        while folder is not None:  # innermost first: -o a/b/c may have made all three
-            try:  # not empty (or gone): keep it, and the folders above it
-                folder.rmdir()
-            except OSError:
-                break
-            folder = None if folder == created else folder.parent
+        if created is not None:  # -o a/b/c may have made all three
+            remove_made(path, created)
         raise
+
+
+def remove_made(folder: Path, created: Path) -> None:
+    """Remove `folder` and the folders above it up to `created` (new_folder's answer: the
+    outermost one made for it), innermost first, each only while it is empty (or gone): what
+    another process put there meanwhile stays, with the folders above it."""
+    folder = Path(os.path.abspath(folder))
+    if created != folder and created not in folder.parents:
+        return
+    while True:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # not empty
+            return
+        if folder == created:
+            return
+        folder = folder.parent
 
 
 def new_folder(out: Path) -> Path | None:

@@ -116,8 +116,8 @@ def prepare(source, config, diffusion, out, resumed: Resumed | None, d, device,
     network (from a parent's weights with --init), and report the start; what the run must
     release when it ends goes on `held`."""
     labelled = not config.unconditional
-    typed = {LogTo(x) for x in (given or {}).get("log", ())}
     if d.main:  # (rank 0 alone logs)
+        typed = {LogTo(x) for x in (given or {}).get("log", ())}
         loggers.check(config.log, kept=() if resumed is None else tuple(set(config.log) - typed))
     if resumed is None and out is not None and d.main:
         check_run_directory(Path(out), source)

@@ -28,6 +28,7 @@ from ddpm_cli.store.files import (
     STATE,
     RunLock,
     make_folder,
+    remove_made,
     snapshots,
     write_atomic,
 )
@@ -169,13 +170,7 @@ def discard_new_run(out: Path, created: Path | None) -> None:
     if created is not None:
         out = Path(os.path.abspath(out))  # as new_folder saw it
         shutil.rmtree(out, ignore_errors=True)
-        for parent in out.parents:
-            if parent == created.parent:
-                break
-            try:
-                parent.rmdir()  # only an empty folder
-            except OSError:
-                break
+        remove_made(out, created)
         return
     (out / CACHE).unlink(missing_ok=True)
     shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
