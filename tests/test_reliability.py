@@ -696,3 +696,22 @@ def test_bad_train_state_fields_are_one_clear_error(runner, tmp_path, key, value
     r = runner.invoke(app, ["train", "--resume", str(out), "--steps", "3"])
     assert r.exit_code == 2, r.output
     assert f"metadata '{key}' is not" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_remove_made_takes_only_the_empty_folders_it_made(tmp_path):
+    """From the innermost up to the one new_folder said was made; a folder with something in
+    it stops it, and a `created` that is not above the folder removes nothing."""
+    from ddpm_cli.store.files import new_folder, remove_made
+
+    deep = tmp_path / "a" / "b" / "c"
+    created = new_folder(deep)
+    deep.mkdir(parents=True)
+    remove_made(deep, created)
+    assert created == tmp_path / "a" and not created.exists() and tmp_path.is_dir()
+    deep.mkdir(parents=True)
+    (tmp_path / "a" / "kept.txt").write_text("another process's")
+    remove_made(deep, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["kept.txt"]
+    (tmp_path / "empty").mkdir()
+    remove_made(tmp_path / "empty", tmp_path / "elsewhere")
+    assert (tmp_path / "empty").is_dir()
