@@ -55,7 +55,10 @@ def power_decay(step: int, gamma: float) -> float:
     return (1 - 1 / step) ** (gamma + 1) if step > 1 else 0.0
 
 
-def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]):
+def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str],
+              steps: int | None = None):
+    """Train under `budget` seconds, or for `steps` steps when given (a budget that other work
+    on the machine cannot shorten), the learning rate planned for that length."""
     spec = dict(spec)
     model_over = spec.pop("model", {})
     schedule = spec.pop("schedule", None)  # None: the preset's (presets.Recipe)
@@ -63,8 +66,9 @@ def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]
     labelled = bool(s.classes)
     images, report = load_source(str(ds.folder), (s.image_size, s.image_size), s.channels,
                                  False, classes=labelled)  # fmt: skip
+    limit = {"steps": steps} if steps else {"time_limit": budget}
     config = TrainConfig(image_size=s.image_size, seed=seed, device="cpu", sample_every=0,
-                         precision="fp32", time_limit=budget, **spec)  # fmt: skip
+                         precision="fp32", **limit, **spec)  # fmt: skip
     config = train_mod.resolve(config, CPU, report.used, report.channels)
     mc = build_model_config(config.preset, config.image_size, report.channels,
                             classes=tuple(report.classes))  # fmt: skip
@@ -77,8 +81,12 @@ def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]
     feed = batches.iterate(0, 0)
     start = time.perf_counter()
     losses = []
+
+    def done() -> float:
+        return state.step / steps if steps else (time.perf_counter() - start) / budget
+
     try:
-        while (progress := (time.perf_counter() - start) / budget) < 1:
+        while (progress := done()) < 1:
             x, y, _ = next(feed)
             r = train_mod.train_step(state, [x], tables, config, CPU, state.model,
                                      labels=[y] if mc.num_classes else None,
@@ -103,9 +111,11 @@ def evaluate(ds, model, mc, diffusion, objective, sampler: str, guidance: float,
     k = len(ds.set.classes)
     labels = [c for c in range(k) for _ in range(n // k)] if k else None
     count = len(labels) if labels else n
+    # the network numbers its classes by sorted folder name, the dataset in its own order
+    wanted = [mc.classes.index(ds.set.classes[c]) for c in labels] if labels else None
     t0 = time.perf_counter()
     batches = generate(sm, sc, list(range(count)), 1, 250, CPU, Precision.fp32,
-                       labels=labels, guidance=guidance)  # fmt: skip
+                       labels=wanted, guidance=guidance)  # fmt: skip
     out = torch.cat([x for _, x in batches])
     seconds = time.perf_counter() - t0
     images = ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -124,6 +134,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="photos")
     p.add_argument("--budget", type=float, default=60, help="seconds of training per run")
+    p.add_argument("--steps", type=int, help="train this many steps instead of --budget")
     p.add_argument("--run", action="append", required=True, metavar="NAME=JSON")
     p.add_argument("--emas", default="default", help="comma-separated: default, raw, gammas")
     p.add_argument("--samplers", default="dpm++:20")
@@ -143,7 +154,7 @@ def main() -> None:
             spec = json.loads(js or "{}")
             emas = args.emas.split(",")
             models, mc, diffusion, config, steps, params, loss = train_run(
-                ds, spec, args.budget, seed, emas
+                ds, spec, args.budget, seed, emas, args.steps
             )
             for ema_name, model in models.items():
                 for sampler in args.samplers.split(","):
@@ -154,7 +165,8 @@ def main() -> None:
                         if args.grids:
                             tag = f"{args.dataset}-{name}-s{seed}-{ema_name}-{sampler}-g{g:g}"
                             save_grid(images, args.grids / f"{tag.replace(':', '')}.png")
-                        row = {"run": name, "dataset": args.dataset, "budget": args.budget,
+                        budget = f"{args.steps}steps" if args.steps else args.budget
+                        row = {"run": name, "dataset": args.dataset, "budget": budget,
                                "seed": seed, "steps": steps, "params": params,
                                "loss": round(loss, 4),
                                "ema": ema_name, "sampler": sampler, "guidance": g,

@@ -275,6 +275,8 @@ def test_guided_variations_keep_the_references_block_means(runner, runs, tmp_pat
         (["upscale", "{v}", "{missing}"], "no such file"),
         (["upscale", "{v}", "{mixed}"], "one command upscales by one factor"),
         (["inpaint", "{v}", "{img}", "--mask", "{alpha_mask}"], "has transparent pixels"),
+        (["inpaint", "{v}", "{img}", "--mask", "-"], "no data on stdin for the mask"),
+        (["upscale", "{v}", "-"], "no data on stdin for the image"),
         (
             ["inpaint", "{v}", "{img}", "--box", "0,0,1,1", "--jump", "6", "--steps", "6"],
             "is not shorter than the sampler's 6 steps",

@@ -263,7 +263,7 @@ def listing(path: Path) -> list[str]:
         (["{img}", "--device", "gpu"], 2, "unknown device 'gpu'"),
         (["{img}", "--frames", "1"], 2, "--frames"),
         (["{img}", "--bogus"], 2, "No such option: --bogus"),
-        (["-"], 2, "no data on stdin"),
+        (["-"], 2, "no data on stdin for the image; pipe an image file in"),
         (["{img}", "-o", "{img}"], 2, "is the input image"),
         (["{img}", "--t", ",".join(map(str, range(65)))], 2, "at most 64 timesteps"),
         (["{img}", "--size", "100000"], 2, "--size"),
@@ -410,6 +410,7 @@ def test_refuses_to_write_image_bytes_to_a_terminal(shapes_png):
         os.close(leader)
     assert p.returncode == 2
     assert "refusing to write image bytes to a terminal" in p.stderr
+    assert p.stderr.strip().endswith("or use -o FILE")  # noise's -o names a file
 
 
 def test_an_image_too_large_to_preview_is_refused_before_decoding(runner, tmp_path, monkeypatch):

@@ -289,7 +289,7 @@ def test_trajectory(runner, runs, tmp_path, suffix):
         (["{corrupt}", "-n", "1", "-o", "x"], 2, "not a safetensors file"),
         (["{v}", "-n", "1", "-o", "x/sub/out"], 2, "is a file"),
         (["{v}", "-n", "1", "--grid", "x/g.png"], 2, "does not exist"),
-        (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; sample from"),
+        (["{state}", "-n", "1", "-o", "x"], 2, "is a train state; use "),
         (["{v}", "-n", "1", "-o", "one.png"], 2,
          "-o one.png: -o names a folder for the images, and this looks like a file name; for "
          "one file, use --grid one.png, or -o - > one.png (end it with / for a folder of that "

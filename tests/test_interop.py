@@ -261,6 +261,31 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
                     "headslist": "attention_head_dim=[32, 64] (ddpm's attention has one head",
                     "headszero": "attention_head_dim=0 (ddpm's attention has one head"}[name]
             assert said in " ".join(r.stderr.split()), r.stderr
+    # values of the wrong kind are refused by the option's name and the value given (these
+    # were internal errors, Python's own words, or a check naming another number)
+    unet_values = {"sample_size": ("abc", "sample_size='abc': expected a whole number"),
+                   "layers_per_block": (None, "layers_per_block=None: expected a whole number"),
+                   "in_channels": ("3", "in_channels='3': expected a whole number"),
+                   "block_out_channels": ([0, 64], "block_out_channels=[0, 64]: expected a "),
+                   "dropout": ("x", "dropout='x': expected a number")}  # fmt: skip
+    scheduler_values = {"num_train_timesteps": [(0, "=0: expected a whole number, 1 to 100,000"),
+                                                (2.5, "=2.5: expected"), ("x", "='x': expected"),
+                                                (-5, "=-5: expected")],
+                        "beta_start": [("0.1", "beta_start='0.1': expected a number")]}  # fmt: skip
+    cases = [(k, v, said, {**SMALL, k: v}, SCHEDULER) for k, (v, said) in unet_values.items()]
+    cases += [(k, v, said, SMALL, {**SCHEDULER, k: v})
+              for k, values in scheduler_values.items() for v, said in values]  # fmt: skip
+    for i, (key, value, said, unet, scheduler) in enumerate(cases):
+        folder = tmp_path / f"values{i}"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "scheduler").mkdir()
+        (folder / "model_index.json").write_text("{}")
+        (folder / "unet" / "config.json").write_text(json.dumps(unet))
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+        r = runner.invoke(app, ["import", str(folder), "-o", str(tmp_path / "x.safetensors")])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (key, r.output)
+        assert f"option {key}" in r.stderr and said in r.stderr, (key, value, r.stderr)
     # a folder with only a pickle
     pickled = tmp_path / "pickled" / "unet"
     pickled.mkdir(parents=True)

@@ -389,3 +389,40 @@ def test_files_of_the_data_that_cannot_be_read_are_said_not_dropped_silently(run
         assert (f"warning: left out of {tmp_path / 'pics'}: 1 unreadable file; e.g. "
                 f"{skipped['reason']}") in " ".join(r.stderr.split()), r.stderr
         assert result["unsearched"] == []
+
+
+def test_a_data_cache_is_read_for_a_model_as_its_folder_is(runner, tmp_path):
+    """eval reads a folder of another channel count converted to the model's (Pillow's luma);
+    a run's data cache of those images is converted alike, where it was refused with train's
+    `--channels` advice; what eval cannot use is refused in eval's words, not train's."""
+    from conftest import train_tiny
+    from ddpm_cli.cli import app
+    from ddpm_cli.data.sources import load_source
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    colour = train_tiny(tmp_path / "a", 6, diffusion=DiffusionConfig(timesteps=50))
+    gray = train_tiny(tmp_path / "b", 4, diffusion=DiffusionConfig(timesteps=50), channels=1)
+    cache = str(colour / "data_cache.safetensors")
+    cached = load_source(cache, (8, 8), 1, for_training=False)[0].data
+    folder = load_source(str(tmp_path / "a" / "pics"), (8, 8), 1)[0].data
+    assert cached.shape == folder.shape == (6, 1, 8, 8)
+    assert (cached.int() - folder.int()).abs().max() <= 1  # Pillow rounds its integer luma
+    r = runner.invoke(app, ["eval", str(gray), "--data", cache, "--t-samples", "2"])
+    assert r.exit_code == 0, r.output
+    cases = [(["--data", str(colour / "model.safetensors")],
+              "is a model file, expected a data_cache file: give images here (a folder, or a "
+              "run's data_cache.safetensors)"),
+             (["--memorization", cache, "-n", "2", "--steps", "2"], None)]  # fmt: skip
+    for args, said in cases:
+        r = runner.invoke(app, ["eval", str(gray), *args])
+        if said is None:
+            assert r.exit_code == 0, r.output
+            continue
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+        line = " ".join(r.stderr.split())
+        assert said in line and "--init" not in line and "--channels" not in line, line
+    big = train_tiny(tmp_path / "c", 4, diffusion=DiffusionConfig(timesteps=50), image_size=16)
+    r = runner.invoke(app, ["eval", str(gray), "--data", str(big / "data_cache.safetensors")])
+    assert r.exit_code == 2 and "holds 16 images, not the model's 8x8; give a folder of the " \
+        "images instead" in " ".join(r.stderr.split()), r.stderr

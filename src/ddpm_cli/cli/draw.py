@@ -251,7 +251,10 @@ def draw(
     if to_stdout and as_json:
         raise UsageError("PNG bytes and --json both go to stdout; choose one")
     if to_stdout and stdout_is_terminal():
-        raise UsageError("refusing to write image bytes to a terminal; redirect stdout or use -o")
+        raise UsageError(
+            "refusing to write image bytes to a terminal; redirect stdout (> FILE.png) or use "
+            f"{'-o DIR' if out == STDIO else '--grid FILE'}"
+        )
     looks_like_a_file = out not in (None, STDIO) and Path(out).suffix.lower() in EXTENSIONS
     if looks_like_a_file and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
         raise UsageError(f"-o {out}: -o names a folder for the images, and this looks like a "

@@ -118,7 +118,8 @@ def noise(
             raise UsageError("-o - and --json both write to stdout; choose one")
         if stdout_is_terminal():
             raise UsageError(
-                "refusing to write image bytes to a terminal; redirect stdout or use -o"
+                "refusing to write image bytes to a terminal; redirect stdout (> FILE) or use "
+                "-o FILE"
             )
     else:
         check_output_path(Path(out), overwrite=overwrite, inputs=(image,))

@@ -63,11 +63,14 @@ def is_cache_file(source: str | None) -> bool:
     return source is not None and source.endswith(".safetensors")
 
 
-def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
+def load_cache(
+    path: Path, image_size: tuple[int, int], channels: int | None, for_training: bool = True
+):
     """The decoded images of an earlier run (its data_cache.safetensors), with its data summary.
 
-    The images were cropped and converted when they were cached, so size and channels must match.
-    """
+    The images were cropped and converted when they were cached, so the size must match, and
+    for training the channels too (--channels); to measure a model (`for_training` False),
+    gray and colour are converted to its channels, as a folder's images are."""
     from ddpm_cli.store.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -76,8 +79,9 @@ def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
         if "expected a data_cache" not in str(e):
             raise
         load_checkpoint(Path(path))  # a damaged file is reported as such, not sent to --init
-        raise DataError(f"{e}: DATA is images (a folder, or a run's data_cache.safetensors); "
-                        "to start from a model's weights, add --init MODEL") from None
+        hint = "; to start from a model's weights, add --init MODEL" if for_training else ""
+        raise DataError(f"{e}: give images here (a folder, or a run's data_cache.safetensors)"
+                        f"{hint}") from None
     data = ckpt.tensors.get("images")
     if data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0:
         raise DataError(f"{path}: not a data cache of uint8 images (N, C, H, W)")
@@ -85,9 +89,21 @@ def load_cache(path: Path, image_size: tuple[int, int], channels: int | None):
     if size != tuple(image_size):
         h, w = size
         text = str(h) if h == w else f"{w}x{h}"
-        raise DataError(f"{path} holds {text} images; train at that size with --image-size {text}")
+        if for_training:
+            raise DataError(f"{path} holds {text} images; train at that size with --image-size "
+                            f"{text}")  # fmt: skip
+        model = f"{image_size[1]}x{image_size[0]}"
+        raise DataError(f"{path} holds {text} images, not the model's {model}; give a folder "
+                        "of the images instead (resized and cropped)")  # fmt: skip
     if channels is not None and channels != c:
-        raise DataError(f"{path} holds {c}-channel images; drop --channels or use --channels {c}")
+        if for_training:
+            raise DataError(f"{path} holds {c}-channel images; drop --channels or use --channels "
+                            f"{c}")  # fmt: skip
+        if c == 4:  # no alpha to draw over white, as a folder's images are
+            raise DataError(f"{path} holds 4-channel images, the model takes {channels}; give a "
+                            "folder of the images instead (converted)")  # fmt: skip
+        data = torch.stack([to_uint8(to_channels(to_model_range(d), None, channels)) for d in data])
+        c = channels
     summary = dict(ckpt.config.get("data", {}))
     report = DataReport(
         source=summary.get("source", str(path)),
@@ -116,11 +132,13 @@ def load_source(
     channels: int | None,
     stream: bool | None = None,
     classes: bool = True,
+    for_training: bool = True,
 ) -> tuple[InMemory | OnDisk, DataReport]:
     """Training images for a source: a folder, "builtin:NAME", None (the default built-in), or
     the data_cache.safetensors of an earlier run (decoded images, used as they are). Without
-    `classes`, labels are dropped: the data is unlabelled."""
-    images, report = _load_source(source, image_size, channels, stream, classes)
+    `classes`, labels are dropped: the data is unlabelled. Not `for_training`: images to
+    measure a model on (evaluation), which a cache's refusals say (load_cache)."""
+    images, report = _load_source(source, image_size, channels, stream, classes, for_training)
     if not classes and images.labels is not None:
         images.labels, report.classes, report.class_counts = None, [], []
         if report.stored is not None:
@@ -128,11 +146,11 @@ def load_source(
     return images, report
 
 
-def _load_source(source, image_size, channels, stream, classes):
+def _load_source(source, image_size, channels, stream, classes, for_training):
     from ddpm_cli.data import builtin
 
     if is_cache_file(source):
-        return load_cache(Path(source), image_size, channels)
+        return load_cache(Path(source), image_size, channels, for_training)
     if source is None or source.startswith(BUILTIN_PREFIX):
         name = builtin.DEFAULT if source is None else source[len(BUILTIN_PREFIX) :]
         if name not in builtin.DATASETS:

@@ -125,7 +125,9 @@ def likelihood(
     chosen to fit it (budget_plan). With `held_out`, only the images the model's run set aside
     (never trained on) are measured, in their order in `data`: a test-set bound from the
     model's own training data (a DataError if `data` is not that, or nothing was set aside)."""
-    ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
+    ds, report = load_source(
+        data, sm.model_config.image_size, sm.model_config.in_channels, for_training=False
+    )
     parts = sm.held_out_split(len(ds), report, ds.labels)
     order = None
     if held_out:
@@ -214,7 +216,7 @@ def sample_quality(
     cached = found is not None
     ref, notes = found if cached else (None, {})  # notes: what reading the reference skipped
     if ref is None:
-        ds, report = load_source(reference, size, channels)
+        ds, report = load_source(reference, size, channels, for_training=False)
         notes = report.left_out()
         _check_reference(reference, len(ds), n)
         ref = extract(

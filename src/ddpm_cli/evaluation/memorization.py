@@ -86,7 +86,9 @@ def memorization(
     """Draw n samples (image k as `ddpm sample --seed SEED` draws it) and compare them with the
     training images `data` (a folder, builtin:NAME or a run's data cache) at the model's size."""
     start = time.perf_counter()
-    ds, report = load_source(data, sm.model_config.image_size, sm.model_config.in_channels)
+    ds, report = load_source(
+        data, sm.model_config.image_size, sm.model_config.in_channels, for_training=False
+    )
     # the model's own data: the images its run set aside (never trained on) are not compared
     parts = sm.held_out_split(len(ds), report, ds.labels)
     kept = parts[0] if parts is not None else torch.arange(len(ds))

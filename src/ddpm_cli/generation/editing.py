@@ -104,11 +104,11 @@ def _size_text(size: tuple[int, int]) -> str:
 
 
 def _decode(path: str, name: str, size: tuple[int, int] | None, read: dict,
-            matte: bool = False) -> tuple:  # fmt: skip
+            matte: bool = False, what: str = "the image") -> tuple:  # fmt: skip
     """(the decoded image, its bytes); `read` keeps each path's bytes, as stdin reads once.
     `matte`: transparency drawn over white, as training draws it."""
     if path not in read:
-        read[path] = read_input_bytes(path)
+        read[path] = read_input_bytes(path, what)
     return decode_image(read[path], name, size, matte=matte), read[path]
 
 
@@ -253,7 +253,8 @@ def _keep(spec, name, img, pixels, masks, mask_folder, read):
         return pixels, editing.box_mask(h, w, spec.box), ["--box", _pad_text(spec.box)], None
     mask_name, mask_path = _pair_mask(Path(name).name, masks, mask_folder)
     mask_name = _shown(mask_name, mask_path)
-    mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read)
+    mask, data = _decode(mask_path, mask_name, (h, w) if spec.resize else None, read,
+                         what="the mask")  # fmt: skip
     if mask.source_size != img.source_size:
         raise UsageError(
             f"the mask {mask_name} is {_size_text(mask.source_size)} and {name} is "

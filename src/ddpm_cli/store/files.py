@@ -36,12 +36,13 @@ def snapshots(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_input_bytes(source: str | Path) -> bytes:
-    """The bytes of a file, or of stdin when `source` is "-"."""
+def read_input_bytes(source: str | Path, what: str = "the image") -> bytes:
+    """The bytes of a file, or of stdin when `source` is "-" (`what` it holds, for messages)."""
     if str(source) == STDIO:
         data = sys.stdin.buffer.read()
         if not data:
-            raise DataError("no data on stdin; pipe an image in, e.g. `cat cat.png | ddpm noise -`")
+            raise DataError(f"no data on stdin for {what}; pipe an image file in, e.g. "
+                            "`cat FILE.png | ddpm ...`")  # fmt: skip
         return data
     path = Path(source)
     if not path.exists():

@@ -105,7 +105,7 @@ def open_checkpoint(
     file = model_file(path, raw, step)
     if _kind(file) == "train_state" and not raw:
         ema = file.parent / MODEL
-        use = [f"sample from {ema} (the EMA weights)"] if ema.exists() else []
+        use = [f"use {ema} (the EMA weights)"] if ema.exists() else []
         use += ["add --raw for its raw weights"] if raw_option else []
         use = use or ["give a model file, such as a run's model.safetensors (the EMA weights)"]
         raise DataError(f"{file}: is a train state; " + ", or ".join(use))
