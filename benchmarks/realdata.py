@@ -220,9 +220,13 @@ def run_peer(ds: Dataset, run: Path, budget: tuple[str, float], args) -> dict:
     wall = _run(cmd, run.parent / f"{run.name}.log")
     result = json.loads((run / "result.json").read_text())
     t = load_file(run / "samples.safetensors")
+    labels = t.get("labels")
+    if labels is not None and ds.set.classes:  # the script numbers them by folder name
+        order = sorted(ds.set.classes)
+        labels = torch.tensor([ds.set.classes.index(order[int(i)]) for i in labels])
     return {"steps": result["steps"], "train_s": wall - result["sample_s"],
             "sample_s": result["sample_s"], "images": t["images"],
-            "labels": t["labels"]}  # fmt: skip
+            "labels": labels}  # fmt: skip
 
 
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str], list[str]]]:

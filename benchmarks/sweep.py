@@ -144,6 +144,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / ".realdata")
     p.add_argument("--grids", type=Path, help="write a grid of 64 samples per row here")
     args = p.parse_args()
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     torch.set_num_threads(torch.get_num_threads())
     ds = Dataset(args.dataset, args.work)
     if args.grids:

@@ -229,7 +229,7 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
         "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
                   "resnet_time_scale_shift"),
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
-                    "unsupported variance_type 'learned_range'"),
+                    "unsupported scheduler option variance_type='learned_range' (known: "),
         "betas": (SMALL, {**SCHEDULER, "beta_end": 0.03}, "match none of ddpm's schedules"),
         "classes": ({**SMALL, "num_class_embeds": 10}, SCHEDULER,
                     "num_class_embeds=10 without ddpm's class names"),
@@ -271,7 +271,11 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     scheduler_values = {"num_train_timesteps": [(0, "=0: expected a whole number, 1 to 100,000"),
                                                 (2.5, "=2.5: expected"), ("x", "='x': expected"),
                                                 (-5, "=-5: expected")],
-                        "beta_start": [("0.1", "beta_start='0.1': expected a number")]}  # fmt: skip
+                        "beta_start": [("0.1", "beta_start='0.1': expected a number"),
+                                       (-1e-4, "=-0.0001: expected a number from 0")],
+                        "prediction_type": [(["epsilon"], "=['epsilon'] (known: epsilon, ")],
+                        "variance_type": [({}, "variance_type={} (known: fixed_small, ")],
+                        "beta_schedule": [(1, "beta_schedule=1 (known: linear, ")]}  # fmt: skip
     cases = [(k, v, said, {**SMALL, k: v}, SCHEDULER) for k, (v, said) in unet_values.items()]
     cases += [(k, v, said, SMALL, {**SCHEDULER, k: v})
               for k, values in scheduler_values.items() for v, said in values]  # fmt: skip

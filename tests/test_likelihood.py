@@ -408,6 +408,9 @@ def test_a_data_cache_is_read_for_a_model_as_its_folder_is(runner, tmp_path):
     folder = load_source(str(tmp_path / "a" / "pics"), (8, 8), 1)[0].data
     assert cached.shape == folder.shape == (6, 1, 8, 8)
     assert (cached.int() - folder.int()).abs().max() <= 1  # Pillow rounds its integer luma
+    grays = str(gray / "data_cache.safetensors")  # and gray to colour: the same level thrice
+    cached = load_source(grays, (8, 8), 3, for_training=False)[0].data
+    assert torch.equal(cached, load_source(grays, (8, 8), 1)[0].data.repeat(1, 3, 1, 1))
     r = runner.invoke(app, ["eval", str(gray), "--data", cache, "--t-samples", "2"])
     assert r.exit_code == 0, r.output
     cases = [(["--data", str(colour / "model.safetensors")],
@@ -424,5 +427,5 @@ def test_a_data_cache_is_read_for_a_model_as_its_folder_is(runner, tmp_path):
         assert said in line and "--init" not in line and "--channels" not in line, line
     big = train_tiny(tmp_path / "c", 4, diffusion=DiffusionConfig(timesteps=50), image_size=16)
     r = runner.invoke(app, ["eval", str(gray), "--data", str(big / "data_cache.safetensors")])
-    assert r.exit_code == 2 and "holds 16 images, not the model's 8x8; give a folder of the " \
+    assert r.exit_code == 2 and "holds 16x16 images, not the model's 8x8; give a folder of the " \
         "images instead" in " ".join(r.stderr.split()), r.stderr

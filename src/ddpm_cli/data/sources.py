@@ -83,7 +83,8 @@ def load_cache(
         raise DataError(f"{e}: give images here (a folder, or a run's data_cache.safetensors)"
                         f"{hint}") from None
     data = ckpt.tensors.get("images")
-    if data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0:
+    if (data is None or data.dtype != torch.uint8 or data.ndim != 4 or data.shape[0] == 0
+            or data.shape[1] not in (1, 3, 4)):  # fmt: skip
         raise DataError(f"{path}: not a data cache of uint8 images (N, C, H, W)")
     size, c = tuple(data.shape[-2:]), data.shape[1]
     if size != tuple(image_size):
@@ -93,13 +94,13 @@ def load_cache(
             raise DataError(f"{path} holds {text} images; train at that size with --image-size "
                             f"{text}")  # fmt: skip
         model = f"{image_size[1]}x{image_size[0]}"
-        raise DataError(f"{path} holds {text} images, not the model's {model}; give a folder "
+        raise DataError(f"{path} holds {w}x{h} images, not the model's {model}; give a folder "
                         "of the images instead (resized and cropped)")  # fmt: skip
     if channels is not None and channels != c:
         if for_training:
             raise DataError(f"{path} holds {c}-channel images; drop --channels or use --channels "
                             f"{c}")  # fmt: skip
-        if c == 4:  # no alpha to draw over white, as a folder's images are
+        if c == 4:  # a folder's transparent images are drawn over white: give the folder
             raise DataError(f"{path} holds 4-channel images, the model takes {channels}; give a "
                             "folder of the images instead (converted)")  # fmt: skip
         data = torch.stack([to_uint8(to_channels(to_model_range(d), None, channels)) for d in data])

@@ -47,11 +47,21 @@ def _whole(cfg: dict, key: str, default: int, where: str, high: int | None = Non
     return value
 
 
-def _number(cfg: dict, key: str, default: float, where: str) -> float:
+def _number(cfg: dict, key: str, default: float, where: str, low: float = -math.inf) -> float:
     value = cfg.get(key, default)
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise InteropError(f"{where} option {key}={value!r}: expected a number")
+    if type(value) not in (int, float) or not low <= value < math.inf:
+        least = f" from {low:g}" if low > -math.inf else ""
+        raise InteropError(f"{where} option {key}={value!r}: expected a number{least}")
     return float(value)
+
+
+def _name(cfg: dict, key: str, default: str, known) -> str:
+    """cfg[key] (or `default`), a name among `known`, else refused with them listed."""
+    value = cfg.get(key, default)
+    if not isinstance(value, str) or value not in known:
+        raise InteropError(f"unsupported scheduler option {key}={value!r} (known: "
+                           f"{', '.join(known)})")  # fmt: skip
+    return value
 
 
 def _close(a, b) -> bool:
@@ -114,7 +124,8 @@ def _model_config(cfg: dict) -> ModelConfig:
         raise InteropError(f"unsupported downsample_padding={cfg['downsample_padding']!r}")
     classes = cfg.get(CLASSES_KEY) or []
     embeds = cfg.get("num_class_embeds")
-    if embeds is not None and (not isinstance(classes, list) or embeds != len(classes) + 1):
+    if embeds is not None and (not isinstance(classes, list) or type(embeds) is not int
+                               or embeds != len(classes) + 1):  # fmt: skip
         raise InteropError(
             f"unsupported {where} option num_class_embeds={embeds!r} without ddpm's class "
             f"names ({CLASSES_KEY}: one per class, and one embedding more for no class)"
@@ -162,8 +173,9 @@ def diffusers_betas(cfg: dict) -> torch.Tensor:
     """The betas a DDPMScheduler config describes, in float64 (diffusers' four formulas)."""
     where = "scheduler"
     T = _whole(cfg, "num_train_timesteps", 1000, where, MAX_TIMESTEPS)
-    lo, hi = _number(cfg, "beta_start", 1e-4, where), _number(cfg, "beta_end", 0.02, where)
-    kind = cfg.get("beta_schedule", "linear")
+    lo, hi = (_number(cfg, key, value, where, low=0.0)
+              for key, value in (("beta_start", 1e-4), ("beta_end", 0.02)))  # fmt: skip
+    kind = _name(cfg, "beta_schedule", "linear", TWINS.values())
     if cfg.get("trained_betas") is not None:
         raise InteropError("unsupported scheduler option trained_betas (explicit betas)")
     if kind == "linear":
@@ -172,11 +184,9 @@ def diffusers_betas(cfg: dict) -> torch.Tensor:
         return torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float64) ** 2
     if kind == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
-    if kind == "squaredcos_cap_v2":
-        f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
-        betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
-        return torch.tensor(betas, dtype=torch.float64)
-    raise InteropError(f"unsupported scheduler beta_schedule {kind!r}")
+    f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]  # cosine
+    betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
 
 
 def scheduler_mapping(cfg: dict) -> tuple[DiffusionConfig, str, dict]:
@@ -200,14 +210,8 @@ def scheduler_mapping(cfg: dict) -> tuple[DiffusionConfig, str, dict]:
             f"{cfg.get('beta_start')}..{cfg.get('beta_end')}, T={T}) match none of ddpm's "
             "schedules (linear, cosine, quadratic, sigmoid)"
         )
-    prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION:
-        raise InteropError(f"unsupported prediction_type {prediction!r}")
-    variance = cfg.get("variance_type", "fixed_small")
-    if variance not in VARIANCE:
-        raise InteropError(
-            f"unsupported variance_type {variance!r}: ddpm's models have a fixed variance"
-        )
+    prediction = _name(cfg, "prediction_type", "epsilon", PREDICTION)
+    variance = _name(cfg, "variance_type", "fixed_small", VARIANCE)  # ddpm's are fixed
     defaults = {"variance": VARIANCE[variance], "clip": bool(cfg.get("clip_sample", True))}
     return DiffusionConfig(schedule=schedule, timesteps=T), PREDICTION[prediction], defaults
 
