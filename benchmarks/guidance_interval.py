@@ -1,16 +1,15 @@
 """Classifier-free guidance in a limited interval of noise levels (Kynkaenniemi et al. 2024),
-measured before it becomes a default: train a labelled set of realdata.py once, for a step
-count (so that other work on the machine changes nothing), then sample it with guidance at
-every step, or only where sigma = sqrt((1 - alpha_bar) / alpha_bar) lies in (lo, hi], plain
-conditional sampling (one network pass) elsewhere.
+the experiment behind `ddpm sample --guidance-interval`'s default: train a labelled set of
+realdata.py once, for a step count (so that other work on the machine changes nothing), then
+sample it with guidance at every step, or only where sigma = sqrt((1 - alpha_bar) /
+alpha_bar) lies in (lo, hi], plain conditional sampling (one network pass) elsewhere.
 
     python benchmarks/guidance_interval.py --dataset sources10 --steps 300 \\
         --scheme 2 --scheme 2:0.28:2.9 --scheme 0
 
 A scheme is W (guidance weight W everywhere) or W:LO:HI. Prints a JSON object a line: the
 Frechet distance to held-out images and the share of class-k samples read as k (realdata.py's
-classifier), the sampling seconds, and how many sampler steps ran guided (two passes) and
-plain (one).
+classifier) and the sampling seconds.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sweep  # noqa: E402
 from realdata import Dataset  # noqa: E402
-
-from ddpm_cli.diffusion.schedules import DiffusionTables  # noqa: E402
-from ddpm_cli.generation import sampling  # noqa: E402
 
 
 def parse_scheme(text: str) -> tuple[float, float | None, float | None]:
@@ -47,31 +43,15 @@ def main() -> None:
     models, mc, diffusion, config, steps, _, _ = sweep.train_run(
         ds, {}, 0, 0, ["default"], args.steps
     )
-    ab = DiffusionTables.from_config(diffusion).alpha_bar.double()
-    sigma = ((1 - ab) / ab).sqrt()
-    everywhere = sampling.guided
     for w, lo, hi in map(parse_scheme, args.scheme):
-        calls = {"guided": 0, "plain": 0}
-
-        def in_interval(net, labels, guidance, null, lo=lo, hi=hi, calls=calls):
-            both, plain = everywhere(net, labels, guidance, null), everywhere(net, labels, 0, null)
-            if lo is None:
-                return both
-
-            def forward(x, t):
-                use = lo < float(sigma[int(t.reshape(-1)[0])]) <= hi
-                calls["guided" if use else "plain"] += 1
-                return both(x, t) if use else plain(x, t)
-
-            return forward
-
-        sampling.guided = in_interval
+        interval = None if lo is None else (lo, hi)
         distance, _, share, seconds, _ = sweep.evaluate(
-            ds, models["default"], mc, diffusion, config.objective.value, args.sampler, w, args.n
+            ds, models["default"], mc, diffusion, config.objective.value, args.sampler, w, args.n,
+            interval,
         )
         row = {"dataset": args.dataset, "steps": steps, "w": w, "lo": lo, "hi": hi,
                "distance": round(distance, 3), "class_share": share,
-               "sample_s": round(seconds, 1), **calls}  # fmt: skip
+               "sample_s": round(seconds, 1)}  # fmt: skip
         print(json.dumps(row), flush=True)
 
 

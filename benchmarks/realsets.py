@@ -19,6 +19,7 @@ network that the distances are measured in.
             class-conditional model: 300 per class to train on, 100 per class held out.
 - sources10: the same with ten photographs (the five, brick, grass, gravel, moon, coins): does
             what suits five classes carry to more?
+- sources8: the five classes at 8x8, where a class is little more than its tones.
 
 Everything is drawn from fixed seeds: the same images on every machine.
 """
@@ -195,4 +196,5 @@ DATASETS = {
     "photos": photos,
     "sources": sources,
     "sources10": lambda: sources(32, TEN_SOURCES, "sources10"),
+    "sources8": lambda: sources(8, LABELLED_SOURCES, "sources8"),
 }

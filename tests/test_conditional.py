@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +21,7 @@ from ddpm_cli.generation.sampling import generate, load_for_sampling
 from ddpm_cli.model.forward import guided
 from ddpm_cli.model.presets import build_model_config
 from ddpm_cli.model.unet import UNet
-from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, SamplerConfig
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, SamplerConfig
 from ddpm_cli.training.run import train
 
 RED, BLUE, MAGENTA = (255, 0, 0), (0, 0, 255), (255, 0, 255)
@@ -56,11 +57,15 @@ def model_dir(tmp_path_factory):
     return train(str(data), config, DiffusionConfig(), out=root / "run").out
 
 
-def sample_means(run, label: int, guidance: float, n: int = 48) -> torch.Tensor:
+def sample_means(run, label: int, guidance: float, n: int = 48, interval=None) -> torch.Tensor:
+    """Mean colours of n samples of class `label`, guided at every step (the classic
+    classifier-free guidance: these solid colours are chosen at the highest noise levels,
+    above the default interval) or in `interval`."""
     sm = load_for_sampling(run)
     sampler = SamplerConfig(sampler="dpm++", steps=20)
     x = torch.cat([x for _, x in generate(sm, sampler, list(range(n)), 0, n, torch.device("cpu"),
-                                          labels=[label] * n, guidance=guidance)])  # fmt: skip
+                                          labels=[label] * n, guidance=guidance,
+                                          guidance_interval=interval)])  # fmt: skip
     assert x.std(dim=(2, 3)).mean() < 0.15  # solid images, not noise
     return x.mean(dim=(2, 3))
 
@@ -82,7 +87,7 @@ def test_conditioning_is_learned_and_guidance_trades_variety_for_the_class(model
         assert kinds.count(other) == 0
         assert kinds.count(name) >= 24  # 3/4 expected: 36 of 48
         assert (plain - COLOURS[name]).norm(dim=1).min() < 0.3  # and close to the colour
-        strong = sample_means(model_dir, label, 4.0)
+        strong = sample_means(model_dir, label, 4.0)  # at every step
         # guidance moves the ambiguous samples into the class: less within-class variance
         assert nearest(strong).count(name) > kinds.count(name)
         assert strong.var(dim=0).sum() < 0.5 * plain.var(dim=0).sum()
@@ -248,10 +253,57 @@ def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir
 
     summary, default = draw(tmp_path / "d")
     assert summary["guidance"] == DEFAULT_GUIDANCE == 2.0
+    assert summary["guidance_interval"] == [0.28, 2.9] == list(DEFAULT_GUIDANCE_INTERVAL)
     assert draw(tmp_path / "two", "--guidance", "2")[1] == default
+    assert draw(tmp_path / "explicit", "--guidance-interval", "0.28,2.9")[1] == default
     assert draw(tmp_path / "zero", "--guidance", "0")[1] != default
     text = Image.open(tmp_path / "zero" / "red-000001.png").text
-    assert "--class red --guidance 0.0" in text["ddpm:command"]
+    assert "--class red --guidance 0.0 --guidance-interval 0.28,2.9" in text["ddpm:command"]
+    # an interval that holds no step is the class alone; "all" guides every step, recorded so
+    def pixels(folder):  # the image alone (its text says how it was drawn)
+        return np.asarray(Image.open(folder / "red-000001.png")).tobytes()
+
+    draw(tmp_path / "none", "--guidance-interval", "1e6,1e7")
+    assert pixels(tmp_path / "none") == pixels(tmp_path / "zero")
+    everywhere = draw(tmp_path / "all", "--guidance-interval", "all")[1]
+    assert pixels(tmp_path / "all") not in (pixels(tmp_path / "d"), pixels(tmp_path / "zero"))
+    text = Image.open(tmp_path / "all" / "red-000001.png").text
+    assert text["ddpm:guidance_interval"] == "all"
+    again = tmp_path / "again"
+    cmd = text["ddpm:command"].split()[3:]  # the recorded command redraws it exactly
+    r = runner.invoke(app, ["sample", str(model_dir), *cmd, "-o", str(again)])
+    assert r.exit_code == 0 and (again / "red-000001.png").read_bytes() == everywhere, r.output
+    for bad in ("2,1", "a,b", "-1,2", "1", "nan,2"):
+        r = runner.invoke(app, ["sample", str(model_dir), "--class", "red", "-o",
+                                str(tmp_path / "bad"), "--guidance-interval", bad])  # fmt: skip
+        assert r.exit_code == 2 and "give LO,HI with 0 <= LO < HI" in r.stderr, (bad, r.output)
+    r = runner.invoke(app, ["sample", str(model_dir), "--guidance-interval", "all", "-o",
+                            str(tmp_path / "bad")])  # fmt: skip
+    assert r.exit_code == 2 and "add --class" in r.stderr
+
+
+def test_guidance_in_an_interval_is_the_class_alone_outside_it():
+    """forward.guided with `where`: at a guided timestep, (1 + w) out(y) - w out(none); at any
+    other, out(y) from one pass over the batch alone (half the work)."""
+    from ddpm_cli.model.forward import guided
+
+    passes = []
+
+    def net(x, t, y):  # an output that depends on x, t and the label
+        passes.append(x.shape[0])
+        return x + t.float().view(-1, 1, 1, 1) / 10 + y.float().view(-1, 1, 1, 1) ** 2
+
+    labels, null, w = torch.tensor([0, 1, 1]), 2, 3.0
+    where = torch.tensor([False, True, True, False])
+    model = guided(net, labels, w, null, where)
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for t in range(4):
+        tt = torch.full((3,), t)
+        cond, uncond = net(x, tt, labels), net(x, tt, torch.full_like(labels, null))
+        want = cond + w * (cond - uncond) if where[t] else cond
+        passes.clear()
+        assert torch.equal(model(x, tt), want), t
+        assert passes == ([6] if where[t] else [3])
 
 
 def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):

@@ -1,36 +1,24 @@
-"""What `ddpm sample`, `ddpm inpaint` and `ddpm upscale` share: their options, defined once and
-given to each command by `drawing`, and `draw`, which checks them, builds a SampleRequest, runs
-the job with its progress and prints the summary."""
+"""What `ddpm sample`, `ddpm inpaint` and `ddpm upscale` share: `draw`, which checks their
+options (cli/draw_options.py defines them), builds a SampleRequest, runs the job with its
+progress and prints the summary."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import typer
 
 from ddpm_cli.cli.common import (
-    MAX_COUNT,
-    BatchSizeOpt,
-    DeviceOpt,
-    QuietOpt,
-    RawOpt,
-    SeedOpt,
     deferred_interrupt,
     err_console,
-    json_option,
-    overwrite_option,
-    precision_option,
     print_path,
     safe,
 )
+from ddpm_cli.cli.draw_options import S, parse_interval
 from ddpm_cli.cli.views import SampleProgress
-from ddpm_cli.config import MAX_TIMESTEPS
 from ddpm_cli.data.search import EXTENSIONS
 from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import (
@@ -40,6 +28,7 @@ from ddpm_cli.sampler_config import (
     SamplerName,
     Spacing,
     Variance,
+    interval_text,
 )
 from ddpm_cli.store.files import STDIO, stdout_is_terminal
 from ddpm_cli.text import count
@@ -47,182 +36,10 @@ from ddpm_cli.text import count
 if TYPE_CHECKING:
     from ddpm_cli.generation.job import SampleRequest, SampleResult
 
-S = SamplerConfig()  # the one source of defaults
-
-CheckpointArg = Annotated[
-    Path, typer.Argument(help="A model.safetensors written by ddpm train, or its run directory.")
-]
-OutOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--out",
-        "-o",
-        help="Directory for the numbered PNGs (created if missing), "
-        "or - for PNG bytes on stdout (the image, or the grid of several).",
-    ),
-]
-GridOpt = Annotated[
-    str | None,
-    typer.Option("--grid", help="Also (or only) write all images as one grid PNG; - = stdout."),
-]
-StartOpt = Annotated[
-    int,
-    typer.Option(
-        "--start", max=MAX_COUNT, min=0, help="Index of the first image (to redraw one image)."
-    ),
-]
-ClassOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--class",
-        help="Class-conditional models: the class, by name or index (repeatable; all = "
-        "every class, a grid row each). Default: no class.",
-        show_default=False,
-    ),
-]
-GuidanceOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--guidance",
-        max=100.0,
-        min=0.0,
-        help="Classifier-free guidance weight w with --class: (1+w) eps(class) - w eps(none). "
-        f"0 is plain conditional sampling; larger is more typical of the class, less varied. "
-        f"Default: {DEFAULT_GUIDANCE:g} with --class.",
-        show_default=False,
-    ),
-]
-SamplerOpt = Annotated[
-    SamplerName | None,
-    typer.Option(
-        "--sampler",
-        help="ddpm (the paper's), ddim or dpm++. Default: dpm++ for v and x0 models, "
-        "ddpm over 100 steps for eps models.",
-        show_default=False,
-    ),
-]
-StepsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--steps",
-        max=MAX_TIMESTEPS,
-        min=1,
-        help="Network evaluations. Default: ddpm T (1000), ddim 50, dpm++ 20.",
-    ),
-]
-EtaOpt = Annotated[
-    float | None,
-    typer.Option("--eta", min=0.0, max=1.0, help="ddim: 0 deterministic, 1 ancestral-like."),
-]
-VarianceOpt = Annotated[
-    Variance | None,
-    typer.Option("--variance", help="ddpm: large (sigma^2 = beta, the paper's) or small (beta~)."),
-]
-SpacingOpt = Annotated[
-    Spacing | None,
-    typer.Option(
-        "--spacing", help="Timestep spacing. Default: linspace for ddpm, logsnr for ddim and dpm++."
-    ),
-]
-ClipOpt = Annotated[
-    bool, typer.Option("--clip/--no-clip", help="Clip the predicted x_0 to [-1, 1].")
-]
-SamplePrecisionOpt = precision_option(
-    after="bf16 runs bf16 weights; fp16 runs under autocast (CUDA only)."
-)
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-TrajectoryOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--trajectory",
-        help="Write how the first images emerge: x_t over the predicted x_0, "
-        "as a .gif animation or a .png strip.",
-    ),
-]
-TrajectoryImagesOpt = Annotated[
-    int, typer.Option("--trajectory-images", max=1000, min=1, help="Images in the trajectory.")
-]
-SampleOverwriteOpt = overwrite_option("Replace existing output files.")
-SampleJsonOpt = json_option("Print a JSON summary on stdout instead of the paths.")
-StepOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--step",
-        max=MAX_COUNT,
-        min=0,
-        help="A run directory's snapshot of this step (ddpm train --keep N); "
-        "ddpm inspect RUN lists them.",
-        show_default=False,
-    ),
-]
-ResizeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resize", help="Resize and centre-crop input images to the size the model needs."
-    ),
-]
-
-
-# every drawing command's options after its own, in the order --help lists them: (type, default)
-DRAW_OPTIONS = {
-    "out": (OutOpt, None),
-    "grid": (GridOpt, None),
-    "start": (StartOpt, 0),
-    "classes": (ClassOpt, None),
-    "guidance": (GuidanceOpt, None),
-    "seed": (SeedOpt, None),
-    "sampler": (SamplerOpt, S.sampler),
-    "steps": (StepsOpt, S.steps),
-    "eta": (EtaOpt, None),
-    "variance": (VarianceOpt, None),
-    "spacing": (SpacingOpt, S.spacing),
-    "clip": (ClipOpt, S.clip),
-    "raw": (RawOpt, False),
-    "step": (StepOpt, None),
-    "batch_size": (BatchSizeOpt, None),
-    "precision": (SamplePrecisionOpt, None),
-    "compile": (CompileOpt, False),
-    "device": (DeviceOpt, "auto"),
-    "trajectory": (TrajectoryOpt, None),
-    "trajectory_images": (TrajectoryImagesOpt, 4),
-    "overwrite": (SampleOverwriteOpt, False),
-    "as_json": (SampleJsonOpt, False),
-    "quiet": (QuietOpt, False),
-}
-
-
-def drawing(**types) -> Callable[[Callable], Callable]:
-    """Give a command the DRAW_OPTIONS after its own parameters (with `types` replacing some
-    of theirs, e.g. another --sampler help); the command receives them as one dict, `options`,
-    to pass on to `draw`. Typer reads the parameters from `inspect.signature`, which takes the
-    wrapper's `__signature__` (set here) before following `__wrapped__`; every parameter is
-    keyword-only, as Typer passes them all by name."""
-
-    def decorate(command: Callable) -> Callable:
-        own = inspect.signature(command, eval_str=True).parameters.values()
-        shared = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                              annotation=types.get(name, kind))
-            for name, (kind, default) in DRAW_OPTIONS.items()
-        ]  # fmt: skip
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own
-                  if p.name != "options"] + shared  # fmt: skip
-
-        @functools.wraps(command)
-        def run(**kwargs):
-            options = {name: kwargs.pop(name) for name in DRAW_OPTIONS}
-            return command(**kwargs, options=options)
-
-        run.__signature__ = inspect.Signature(params)
-        run.__annotations__ = {p.name: p.annotation for p in params}
-        return run
-
-    return decorate
-
-
 def draw(
     ctx: typer.Context, *, checkpoint: Path, num: int, out: str | None, grid: str | None,
-    start: int, classes: list[str] | None, guidance: float | None, seed: int | None,
+    start: int, classes: list[str] | None, guidance: float | None,
+    guidance_interval: str | None, seed: int | None,
     sampler: SamplerName | None, steps: int | None, eta: float | None,
     variance: Variance | None, spacing: Spacing | None, clip: bool, raw: bool, step: int | None,
     batch_size: int | None, precision, compile: bool, device: str, trajectory: Path | None,
@@ -265,8 +82,11 @@ def draw(
         grid, out = STDIO, None  # several images on stdout: as one grid
     if guidance and not classes:
         raise UsageError("--guidance steers towards a class: add --class NAME")
+    if guidance_interval is not None and not classes:
+        raise UsageError("--guidance-interval steers towards a class: add --class NAME")
     if guidance is None:
         guidance = DEFAULT_GUIDANCE if classes else 0.0
+    interval = parse_interval(guidance_interval)
     if out == STDIO and grid is None and classes and (num > 1 or len(classes) > 1):
         grid, out = STDIO, None
 
@@ -287,7 +107,8 @@ def draw(
     quiet = quiet or not distributed.env_main()
     request = SampleRequest(
         checkpoint=checkpoint, sampler=config, num=num, start=start,
-        classes=tuple(classes or ()), guidance=guidance, folder=folder, stdout=out == STDIO,
+        classes=tuple(classes or ()), guidance=guidance, guidance_interval=interval,
+        folder=folder, stdout=out == STDIO,
         grid=grid, trajectory=trajectory, trajectory_images=trajectory_images,
         overwrite=overwrite, seed=seed, raw=raw, step=step, batch_size=batch_size,
         precision=precision,
@@ -366,6 +187,8 @@ def _header(info: dict) -> str:
     which = ""
     if info["classes"]:
         which = f" of {safe(', '.join(info['classes']))}, guidance {info['guidance']:g}"
+        if info["guidance"]:
+            which += f" at sigma {interval_text(info['guidance_interval'])}"
     command = f"ddpm {e.command}" if e else "ddpm sample"
     what = ""
     if e is not None:

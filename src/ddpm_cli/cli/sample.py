@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ddpm_cli.cli.common import open_range
-from ddpm_cli.cli.draw import CheckpointArg, ResizeOpt, draw, drawing
+from ddpm_cli.cli.draw import draw
+from ddpm_cli.cli.draw_options import CheckpointArg, ResizeOpt, drawing
 from ddpm_cli.errors import UsageError
 from ddpm_cli.sampler_config import (
     DEFAULT_GUIDE_FACTOR,

@@ -50,7 +50,7 @@ from ddpm_cli.generation.sampling import (
     with_model_defaults,
 )
 from ddpm_cli.model.forward import resolve_precision
-from ddpm_cli.sampler_config import EditSpec, SamplerConfig
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE_INTERVAL, EditSpec, SamplerConfig
 from ddpm_cli.store.files import (
     STDIO,
     check_output_path,
@@ -72,6 +72,8 @@ class SampleRequest:
     start: int = 0  # the first image's index
     classes: tuple[str, ...] = ()  # names, indices or "all"; () for no class
     guidance: float = 0.0
+    # the noise levels sigma (lo, hi] that are guided; None: every step (sampling.generate)
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
     folder: Path | None = None  # numbered PNGs
     stdout: bool = False  # one PNG's bytes on stdout
     grid: str | None = None  # a grid PNG's path, or "-" for stdout
@@ -148,11 +150,12 @@ def sample_images(
     batch = q.batch_size or default_batch_size(sm.model_config, device, len(jobs))
     if q.guidance and not q.batch_size:  # guidance runs the network on twice the batch
         batch = max(1, batch // 2)
-    text = provenance(sm, resolved, seed, precision, q.guidance)
+    text = provenance(sm, resolved, seed, precision, q.guidance, q.guidance_interval)
     on_event("start", {
         "model": sm, "total": total, "mine": len(indices), "world": d.world, "active": d.active,
         "classes": [names[c] for c in labels] if labels else None, "guidance": q.guidance,
-        "sampler": resolved, "seed": seed, "batch": batch, "device": device,
+        "guidance_interval": q.guidance_interval, "sampler": resolved, "seed": seed,
+        "batch": batch, "device": device,
         "precision": precision, "edit": q.edit, "inputs": len(inputs or ()),
         "factor": inputs[0].factor if inputs else None, "evaluations": evals,
     })  # fmt: skip
@@ -165,7 +168,7 @@ def sample_images(
         for chunk, x in generate(
             sm, resolved, indices, seed, batch, device, precision, q.compile, traj,
             q.trajectory_images, lambda i, n: on_event("step", {"index": i, "total": n}),
-            [c for _, _, c in jobs] if labels else None, q.guidance, edit,
+            [c for _, _, c in jobs] if labels else None, q.guidance, edit, q.guidance_interval,
         ):  # fmt: skip
             for (i, k, c), img in zip(jobs[done : done + len(chunk)], x, strict=True):
                 meta = {**text, "ddpm:index": str(k)}
@@ -227,6 +230,7 @@ def sample_images(
         "indices": [q.start, q.start + q.num - 1],
         "classes": [names[c] for c in labels] if labels else None,
         "guidance": q.guidance,
+        "guidance_interval": list(q.guidance_interval) if q.guidance_interval else None,
         "edit": {
             "mode": q.edit.mode.value,
             "inputs": [e.name for e in inputs],

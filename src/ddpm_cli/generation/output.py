@@ -13,7 +13,7 @@ from ddpm_cli import __version__, runtime
 from ddpm_cli.config import Precision
 from ddpm_cli.data.images import encode_gif, encode_png, hstack, labelled, to_pil
 from ddpm_cli.generation.sampling import SamplingModel, Trajectory
-from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.sampler_config import SamplerConfig, interval_text
 from ddpm_cli.text import parse_json
 
 
@@ -38,7 +38,7 @@ def image_name(
 
 def provenance(
     sm: SamplingModel, sampler: SamplerConfig, seed: int, precision: Precision,
-    guidance: float = 0.0,
+    guidance: float = 0.0, guidance_interval: tuple[float, float] | None = None,
 ) -> dict:  # fmt: skip
     """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added, and
     "ddpm:class" for a class-conditional sample)."""
@@ -56,6 +56,7 @@ def provenance(
         "ddpm:seed": str(seed),
         "ddpm:precision": precision.value,
         "ddpm:guidance": str(guidance),
+        "ddpm:guidance_interval": interval_text(guidance_interval),
         "ddpm:version": __version__,
         "ddpm:runtime": json.dumps(runtime.current().recorded()),  # switches that change bits
         "Software": f"ddpm {__version__}",
@@ -90,6 +91,8 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
         parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
         # always named: the default may change between versions (sampler_config.DEFAULT_GUIDANCE)
         parts.append(f"--guidance {text.get('ddpm:guidance', '0')}")
+        # images from before the interval were guided at every step
+        parts.append(f"--guidance-interval {text.get('ddpm:guidance_interval', 'all')}")
     return _switches(text.get("ddpm:runtime")) + " ".join(parts)
 
 

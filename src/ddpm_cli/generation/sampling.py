@@ -24,7 +24,7 @@ from ddpm_cli.errors import UsageError
 from ddpm_cli.model.forward import guided, network, resolve_precision
 from ddpm_cli.model.kernels import winograd
 from ddpm_cli.model.unet import UNet
-from ddpm_cli.sampler_config import SamplerConfig
+from ddpm_cli.sampler_config import DEFAULT_GUIDANCE_INTERVAL, SamplerConfig
 from ddpm_cli.store.checkpoint import CheckpointError
 from ddpm_cli.store.models import load_model
 from ddpm_cli.text import shown
@@ -200,14 +200,17 @@ def generate(
     labels: list[int] | None = None,
     guidance: float = 0.0,
     edit: EditBuilder | None = None,
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Sample the images `indices` in batches; yields (indices, images in [-1, 1] on the CPU).
 
     For a class-conditional model, `labels` (one per index) are the images' classes, sampled
     with classifier-free guidance of weight `guidance`; without labels it samples with no
-    class. With `trajectory`, the first `trajectory_images` images of the first batch are
-    recorded at up to TRAJECTORY_FRAMES evenly spread steps. `precision` None is the device's
-    default, as for `ddpm sample` (forward.default_precision). With `edit`, each batch
+    class; guided only at the noise levels sigma in `guidance_interval` (lo, hi], at every
+    step when None (forward.guided). With `trajectory`, the first `trajectory_images` images
+    of the first batch are recorded at up to TRAJECTORY_FRAMES evenly spread steps.
+    `precision` None is the device's default, as for `ddpm sample`
+    (forward.default_precision). With `edit`, each batch
     indices[a:b] walks the Edit that `edit(tables, a, b, noise)` builds (generation/editing.py),
     `noise` drawing from each image's edit stream (`edit_seed`).
     """
@@ -217,6 +220,10 @@ def generate(
     net = network(sm.model, device, precision, compile)
     c = sm.model_config.in_channels
     h, w = sm.model_config.image_size
+    where = None
+    if guidance_interval is not None:
+        sigma = ((1 - tables.alpha_bar) / tables.alpha_bar).sqrt()
+        where = (sigma > guidance_interval[0]) & (sigma <= guidance_interval[1])
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         noise = batch_noise([image_seed(seed, k) for k in chunk], device)
@@ -224,7 +231,7 @@ def generate(
         model = net
         if labels is not None:
             y = to_device(torch.tensor(labels[start : start + batch_size]), device)
-            model = guided(net, y, guidance, sm.model_config.num_classes)
+            model = guided(net, y, guidance, sm.model_config.num_classes, where)
         changes = None
         if edit is not None:
             edit_noise = batch_noise([edit_seed(seed, k) for k in chunk], device)
