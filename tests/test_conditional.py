@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -253,18 +254,21 @@ def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir
 
     summary, default = draw(tmp_path / "d")
     assert summary["guidance"] == DEFAULT_GUIDANCE == 2.0
-    assert summary["guidance_interval"] == [0.28, 2.9] == list(DEFAULT_GUIDANCE_INTERVAL)
+    assert summary["guidance_interval"] == "0.28,2.9" and DEFAULT_GUIDANCE_INTERVAL == (0.28, 2.9)
     assert draw(tmp_path / "two", "--guidance", "2")[1] == default
     assert draw(tmp_path / "explicit", "--guidance-interval", "0.28,2.9")[1] == default
-    assert draw(tmp_path / "zero", "--guidance", "0")[1] != default
+    zero = draw(tmp_path / "zero", "--guidance", "0")[0]
+    assert zero["guidance_interval"] is None  # nothing is steered
     text = Image.open(tmp_path / "zero" / "red-000001.png").text
-    assert "--class red --guidance 0.0 --guidance-interval 0.28,2.9" in text["ddpm:command"]
+    assert text["ddpm:command"].endswith("--class red --guidance 0.0")
+    text = Image.open(tmp_path / "d" / "red-000001.png").text
+    assert "--class red --guidance 2.0 --guidance-interval 0.28,2.9" in text["ddpm:command"]
     # an interval that holds no step is the class alone; "all" guides every step, recorded so
     def pixels(folder):  # the image alone (its text says how it was drawn)
         return np.asarray(Image.open(folder / "red-000001.png")).tobytes()
 
     draw(tmp_path / "none", "--guidance-interval", "1e6,1e7")
-    assert pixels(tmp_path / "none") == pixels(tmp_path / "zero")
+    assert pixels(tmp_path / "none") == pixels(tmp_path / "zero") != pixels(tmp_path / "d")
     everywhere = draw(tmp_path / "all", "--guidance-interval", "all")[1]
     assert pixels(tmp_path / "all") not in (pixels(tmp_path / "d"), pixels(tmp_path / "zero"))
     text = Image.open(tmp_path / "all" / "red-000001.png").text
@@ -496,3 +500,28 @@ def test_a_class_folder_with_no_readable_image_is_refused(tmp_path):
         warnings)
     assert not any("imbalanced" in w for w in warnings)
     assert load_folder(data, (8, 8), classes=False)[1].used == 5
+
+
+def test_the_default_interval_guides_the_steps_whose_noise_level_lies_in_it(
+    model_dir, monkeypatch
+):
+    """Which of the sampler's steps run guided (two passes): those whose sigma, recomputed here
+    from the schedule's closed form, lies in (0.28, 2.9]; the rest one pass."""
+    import math
+
+    sm = load_for_sampling(model_dir)
+    assert sm.diffusion.schedule.value == "linear" and sm.diffusion.timesteps == 1000
+    seen, forward = [], sm.model.forward
+
+    def spy(x, t, y=None, augment=None):
+        seen.append((int(t[0]), x.shape[0]))
+        return forward(x, t, y, augment)
+
+    monkeypatch.setattr(sm.model, "forward", spy)
+    sampler = SamplerConfig(sampler="dpm++", steps=20)
+    list(generate(sm, sampler, [0, 1], 0, 2, CPU, labels=[0, 1], guidance=2.0))
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]  # the paper's linear betas
+    ab = list(itertools.accumulate((1 - b for b in betas), lambda p, a: p * a))
+    guided = {t for t, n in seen if n == 4}
+    assert guided == {t for t, _ in seen if 0.28 < math.sqrt((1 - ab[t]) / ab[t]) <= 2.9}
+    assert 0 < len(guided) < len(seen) and all(n in (2, 4) for _, n in seen)

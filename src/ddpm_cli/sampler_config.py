@@ -36,8 +36,9 @@ DEFAULT_GUIDANCE_INTERVAL = (0.28, 2.9)
 
 
 def interval_text(interval: tuple[float, float] | None) -> str:
-    """A guidance interval as --guidance-interval takes it: "0.28,2.9", or "all"."""
-    return "all" if interval is None else f"{interval[0]:g},{interval[1]:g}"
+    """A guidance interval as --guidance-interval takes it: "0.28,2.9" (every digit), or
+    "all"."""
+    return "all" if interval is None else f"{interval[0]!r},{interval[1]!r}"
 
 
 SAMPLER_DEFAULT_STEPS = {SamplerName.ddpm: None, SamplerName.ddim: 50, SamplerName.dpmpp: 20}

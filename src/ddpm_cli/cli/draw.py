@@ -28,7 +28,6 @@ from ddpm_cli.sampler_config import (
     SamplerName,
     Spacing,
     Variance,
-    interval_text,
 )
 from ddpm_cli.store.files import STDIO, stdout_is_terminal
 from ddpm_cli.text import count
@@ -188,7 +187,9 @@ def _header(info: dict) -> str:
     if info["classes"]:
         which = f" of {safe(', '.join(info['classes']))}, guidance {info['guidance']:g}"
         if info["guidance"]:
-            which += f" at sigma {interval_text(info['guidance_interval'])}"
+            interval = info["guidance_interval"]
+            which += (" at every step" if interval is None
+                      else f" at sigma ({interval[0]:g}, {interval[1]:g}]")  # fmt: skip
     command = f"ddpm {e.command}" if e else "ddpm sample"
     what = ""
     if e is not None:

@@ -50,7 +50,12 @@ from ddpm_cli.generation.sampling import (
     with_model_defaults,
 )
 from ddpm_cli.model.forward import resolve_precision
-from ddpm_cli.sampler_config import DEFAULT_GUIDANCE_INTERVAL, EditSpec, SamplerConfig
+from ddpm_cli.sampler_config import (
+    DEFAULT_GUIDANCE_INTERVAL,
+    EditSpec,
+    SamplerConfig,
+    interval_text,
+)
 from ddpm_cli.store.files import (
     STDIO,
     check_output_path,
@@ -230,7 +235,7 @@ def sample_images(
         "indices": [q.start, q.start + q.num - 1],
         "classes": [names[c] for c in labels] if labels else None,
         "guidance": q.guidance,
-        "guidance_interval": list(q.guidance_interval) if q.guidance_interval else None,
+        "guidance_interval": interval_text(q.guidance_interval) if q.guidance else None,
         "edit": {
             "mode": q.edit.mode.value,
             "inputs": [e.name for e in inputs],

@@ -43,7 +43,8 @@ def provenance(
     """What regenerates an image: the PNG text chunks (per image, "ddpm:index" is added, and
     "ddpm:class" for a class-conditional sample)."""
     s = sampler.resolved(sm.diffusion.timesteps, sm.objective)
-    return {
+    steered = {"ddpm:guidance_interval": interval_text(guidance_interval)} if guidance else {}
+    return steered | {
         "ddpm:checkpoint": sm.path.name,
         "ddpm:checkpoint_hash": sm.content_hash,
         "ddpm:weights": sm.weights,
@@ -56,7 +57,6 @@ def provenance(
         "ddpm:seed": str(seed),
         "ddpm:precision": precision.value,
         "ddpm:guidance": str(guidance),
-        "ddpm:guidance_interval": interval_text(guidance_interval),
         "ddpm:version": __version__,
         "ddpm:runtime": json.dumps(runtime.current().recorded()),  # switches that change bits
         "Software": f"ddpm {__version__}",
@@ -91,8 +91,8 @@ def regenerate_command(text: dict[str, str], index: int) -> str:
         parts.append(f"--class {shlex.quote(text['ddpm:class'])}")
         # always named: the default may change between versions (sampler_config.DEFAULT_GUIDANCE)
         parts.append(f"--guidance {text.get('ddpm:guidance', '0')}")
-        # images from before the interval were guided at every step
-        parts.append(f"--guidance-interval {text.get('ddpm:guidance_interval', 'all')}")
+        if "ddpm:guidance_interval" in text:
+            parts.append(f"--guidance-interval {text['ddpm:guidance_interval']}")
     return _switches(text.get("ddpm:runtime")) + " ".join(parts)
 
 

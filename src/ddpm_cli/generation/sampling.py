@@ -216,14 +216,15 @@ def generate(
     """
     precision = resolve_precision(precision, device)
     sampler = sampler.resolved(sm.diffusion.timesteps, sm.objective)
-    tables = DiffusionTables.from_config(sm.diffusion).to(device, torch.float32)
+    exact = DiffusionTables.from_config(sm.diffusion)  # float64: the same steps on every device
+    tables = exact.to(device, torch.float32)
     net = network(sm.model, device, precision, compile)
     c = sm.model_config.in_channels
     h, w = sm.model_config.image_size
     where = None
     if guidance_interval is not None:
-        sigma = ((1 - tables.alpha_bar) / tables.alpha_bar).sqrt()
-        where = (sigma > guidance_interval[0]) & (sigma <= guidance_interval[1])
+        sigma = ((1 - exact.alpha_bar) / exact.alpha_bar).sqrt()
+        where = ((sigma > guidance_interval[0]) & (sigma <= guidance_interval[1])).to(device)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         noise = batch_noise([image_seed(seed, k) for k in chunk], device)
