@@ -286,9 +286,10 @@ def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir
     assert r.exit_code == 2 and "add --class" in r.stderr
 
 
-def test_guidance_in_an_interval_is_the_class_alone_outside_it():
+def test_guidance_in_an_interval_is_the_class_alone_outside_it(monkeypatch):
     """forward.guided with `where`: at a guided timestep, (1 + w) out(y) - w out(none); at any
     other, out(y) from one pass over the batch alone (half the work)."""
+    from ddpm_cli.model import forward
     from ddpm_cli.model.forward import guided
 
     passes = []
@@ -308,6 +309,17 @@ def test_guidance_in_an_interval_is_the_class_alone_outside_it():
         passes.clear()
         assert torch.equal(model(x, tt), want), t
         assert passes == ([6] if where[t] else [3])
+    # on a GPU both passes run at every step and the weight is looked up on the device
+    # (no host wait): the same outputs, to rounding
+    monkeypatch.setattr(forward, "ONE_PASS_DEVICES", ())
+    model = guided(net, labels, w, null, where)
+    for t in range(4):
+        tt = torch.full((3,), t)
+        cond, uncond = net(x, tt, labels), net(x, tt, torch.full_like(labels, null))
+        want = cond + w * (cond - uncond) if where[t] else cond
+        passes.clear()
+        torch.testing.assert_close(model(x, tt), want)
+        assert passes == [6]
 
 
 def test_cli_refuses_classes_a_model_does_not_have(model_dir, runner, tmp_path):

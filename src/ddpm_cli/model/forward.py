@@ -145,6 +145,11 @@ class GraphedForward:
         return captured if torch.allclose(replayed, eager, rtol=1e-3, atol=1e-4) else None
 
 
+# where the steps outside the guidance interval take one pass: the host knows t at no cost
+# there; elsewhere reading it would make the host wait for the device at every step
+ONE_PASS_DEVICES = ("cpu",)
+
+
 def guided(
     net: Callable, labels: torch.Tensor, guidance: float, null: int,
     where: torch.Tensor | None = None,
@@ -165,7 +170,8 @@ def guided(
     weights = None if where is None else where.to(labels.device) * float(guidance)
 
     def forward(x, t):
-        if weights is not None and x.device.type == "cpu" and not where[int(t.reshape(-1)[0])]:
+        if (weights is not None and x.device.type in ONE_PASS_DEVICES
+                and not where[int(t.reshape(-1)[0])]):  # fmt: skip
             return net(x, t, labels)
         cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         w = guidance if weights is None else weights[t].to(cond.dtype).view(-1, 1, 1, 1)
