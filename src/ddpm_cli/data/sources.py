@@ -89,8 +89,8 @@ def load_cache(
     size, c = tuple(data.shape[-2:]), data.shape[1]
     if size != tuple(image_size):
         h, w = size
-        text = str(h) if h == w else f"{w}x{h}"
         if for_training:
+            text = str(h) if h == w else f"{w}x{h}"
             raise DataError(f"{path} holds {text} images; train at that size with --image-size "
                             f"{text}")  # fmt: skip
         model = f"{image_size[1]}x{image_size[0]}"

@@ -223,7 +223,7 @@ def generate(
     h, w = sm.model_config.image_size
     where = None
     if guidance_interval is not None:
-        sigma = ((1 - exact.alpha_bar) / exact.alpha_bar).sqrt()
+        sigma = exact.snr.rsqrt()  # sqrt((1 - alpha_bar) / alpha_bar)
         where = ((sigma > guidance_interval[0]) & (sigma <= guidance_interval[1])).to(device)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
