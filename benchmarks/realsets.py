@@ -20,6 +20,7 @@ network that the distances are measured in.
 - sources10: the same with ten photographs (the five, brick, grass, gravel, moon, coins): does
             what suits five classes carry to more?
 - sources8: the five classes at 8x8, where a class is little more than its tones.
+- sources10at8: the ten classes at 8x8: many classes in few pixels.
 
 Everything is drawn from fixed seeds: the same images on every machine.
 """
@@ -197,4 +198,5 @@ DATASETS = {
     "sources": sources,
     "sources10": lambda: sources(32, TEN_SOURCES, "sources10"),
     "sources8": lambda: sources(8, LABELLED_SOURCES, "sources8"),
+    "sources10at8": lambda: sources(8, TEN_SOURCES, "sources10at8"),
 }

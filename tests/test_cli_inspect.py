@@ -75,6 +75,38 @@ def test_a_checkpoint_whose_tensors_do_not_fit_its_config_is_flagged(runner, run
     assert sampled.exit_code == 2 and "of the wrong shape" in sampled.output
 
 
+def test_the_model_table_says_how_the_timestep_enters_each_block(runner, run, tmp_path):
+    """tiny adds it, as the paper does; small scales and shifts the norms with it
+    (ModelConfig.scale_shift), which inspect and the pre-flight table say."""
+    from ddpm_cli.config import TrainConfig
+    from ddpm_cli.model.presets import build_model_config
+    from ddpm_cli.store.checkpoint import save_checkpoint
+
+    def row(path):
+        shown = runner.invoke(app, ["inspect", str(path)]).stdout
+        return " ".join(shown.replace("│", " ").split())
+
+    assert "time embedding added before each block's second norm (the paper's)" in row(run)
+    config = build_model_config("small", (16, 16), 3)
+    assert config.scale_shift
+    configs = {"model": config.to_dict(), "diffusion": DiffusionConfig().to_dict(),
+               "training": TrainConfig(preset="small").to_dict()}  # fmt: skip
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(path, UNet(config).state_dict(), "model", {"config": configs, "step": 1})
+    assert inspect_json(runner, path)["warnings"] == []  # the weights fit the config
+    assert "time embedding scales and shifts each block's second norm" in row(path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        draw_shapes((16, 16)).save(folder / f"{i}.png")
+    r = runner.invoke(app, ["train", str(folder), "--out", str(tmp_path / "r"), "--preset",
+                            "small", "--steps", "1", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    preflight = " ".join(r.output.replace("│", " ").split())
+    assert "attention at 8, scale-shift norms" in preflight
+    assert "scales and shifts" in row(tmp_path / "r")
+
+
 def test_a_data_cache_shows_its_data_and_no_network(runner, run):
     info = inspect_json(runner, run / "data_cache.safetensors")
     assert info["kind"] == "data_cache" and not {"model", "diffusion", "training"} & set(info)

@@ -32,6 +32,8 @@ CIFAR10 = {
 SMALL = {**CIFAR10, "sample_size": 16, "layers_per_block": 1, "block_out_channels": [32, 64],
          "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
          "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "downsample_padding": 1}  # fmt: skip
+# diffusers' adaptive group norm (ddpm's ModelConfig.scale_shift), the middle attention normed
+SHIFTED = {**SMALL, "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32}
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
              "beta_end": 0.02, "variance_type": "fixed_small", "clip_sample": True}  # fmt: skip
 
@@ -48,12 +50,13 @@ def diffusers_folder(path, unet_config, scheduler=SCHEDULER, seed=0):
     return unet.eval()
 
 
-@pytest.mark.parametrize("config", [CIFAR10, SMALL], ids=["cifar10", "small"])
+@pytest.mark.parametrize("config", [CIFAR10, SMALL, SHIFTED], ids=["cifar10", "small", "shift"])
 def test_an_imported_unet_computes_what_diffusers_computes(tmp_path, config):
     theirs = diffusers_folder(tmp_path / "d", config)
     info = import_folder(tmp_path / "d", tmp_path / "m.safetensors")
     assert info["objective"] == "eps" and info["sampler"] == {"variance": "small", "clip": True}
     ours = load_for_sampling(tmp_path / "m.safetensors").model
+    assert ours.config.scale_shift == (config is SHIFTED)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     if config is CIFAR10:
         assert sum(p.numel() for p in ours.parameters()) == 35_746_307
@@ -226,8 +229,9 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
         "midheads": ({**SMALL, "down_block_types": ["DownBlock2D"] * 2,
                       "up_block_types": ["UpBlock2D"] * 2, "attention_head_dim": 8}, SCHEDULER,
                      "attention_head_dim=8: the middle block's 64 channels would be 8 heads"),
+        # diffusers then builds the middle attention without its group norm
         "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
-                  "resnet_time_scale_shift"),
+                  "attn_norm_num_groups=None with resnet_time_scale_shift='scale_shift'"),
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
                     "unsupported scheduler option variance_type='learned_range' (known: "),
         "betas": (SMALL, {**SCHEDULER, "beta_end": 0.03}, "match none of ddpm's schedules"),
@@ -247,7 +251,8 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
     for name, unet in (("nokey", {k: v for k, v in SMALL.items() if k != "attention_head_dim"}),
                        ("zero", {**SMALL, "block_out_channels": [0, 64]}),
                        ("headslist", {**SMALL, "attention_head_dim": [32, 64]}),
-                       ("headszero", {**SMALL, "attention_head_dim": 0})):  # fmt: skip
+                       ("headszero", {**SMALL, "attention_head_dim": 0}),
+                       ("spatial", {**SMALL, "resnet_time_scale_shift": "spatial"})):  # fmt: skip
         folder = tmp_path / name / "unet"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(unet))
@@ -259,7 +264,9 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
             # diffusers reads it: heads of 8 channels
             said = {"nokey": "attention_head_dim=8: level 1's 64 channels would be 8 heads",
                     "headslist": "attention_head_dim=[32, 64] (ddpm's attention has one head",
-                    "headszero": "attention_head_dim=0 (ddpm's attention has one head"}[name]
+                    "headszero": "attention_head_dim=0 (ddpm's attention has one head",
+                    "spatial": "resnet_time_scale_shift='spatial' (not 'default' or "
+                               "'scale_shift')"}[name]  # fmt: skip
             assert said in " ".join(r.stderr.split()), r.stderr
     # values of the wrong kind are refused by the option's name and the value given (these
     # were internal errors, Python's own words, or a check naming another number)

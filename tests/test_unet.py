@@ -119,6 +119,48 @@ def test_the_shift_map_enters_through_a_convolution_beside_conv_in_and_empty_add
         ModelConfig(augment=2)
 
 
+def test_scale_shift_modulates_the_normalised_activations_and_old_configs_load_without_it():
+    """ModelConfig.scale_shift: the timestep projection gives a scale s and a shift b for
+    GN(h) * (1 + s) + b (diffusers computes the same: tests/test_interop.py). Checkpoints
+    written before the field existed read as the paper's additive block."""
+    import torch.nn.functional as F
+
+    from ddpm_cli.config import from_dict
+    from ddpm_cli.model.unet import ResBlock
+
+    block = ResBlock(32, 32, 64, 0.0, scale_shift=True)
+    assert block.temb_proj.out_features == 64
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(std=0.05)
+    x, temb = torch.randn(2, 32, 4, 4), torch.randn(2, 64)
+    with torch.no_grad():
+        block.temb_proj.weight.zero_()
+        block.temb_proj.bias.copy_(torch.cat([torch.full((32,), -1.0), torch.zeros(32)]))
+        # scale -1, shift 0: the branch sees zeros, so only conv2's bias is added
+        assert torch.allclose(block(x, temb), x + block.conv2.bias[:, None, None], atol=1e-6)
+        shift = torch.randn(32)
+        block.temb_proj.bias.copy_(torch.cat([torch.full((32,), 0.5), shift]))
+        got = block(x, temb)
+    d = {k: v.double() for k, v in block.state_dict().items()}
+    h = F.conv2d(F.silu(F.group_norm(x.double(), 32, d["norm1.weight"], d["norm1.bias"], 1e-6)),
+                 d["conv1.weight"], d["conv1.bias"], padding=1)  # fmt: skip
+    h = F.group_norm(h, 32, d["norm2.weight"], d["norm2.bias"], 1e-6) * 1.5 + d["temb_proj.bias"][
+        32:, None, None
+    ]
+    want = x.double() + F.conv2d(F.silu(h), d["conv2.weight"], d["conv2.bias"], padding=1)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+    old = TINY.to_dict()
+    del old["scale_shift"]
+    assert from_dict(ModelConfig, old) == TINY and not TINY.scale_shift
+    shifted = ModelConfig(**{**TINY.to_dict(), "scale_shift": True})
+    extra = count_parameters(UNet(shifted)) - count_parameters(UNet(TINY))
+    # each block's projection doubles: 128 inputs (4 x 32 channels) and a bias per channel
+    widths = [32, 64, 64, 64, 64, 64, 32, 32]  # each block's output: down, middle, up
+    assert extra == sum(129 * w for w in widths)
+
+
 def test_attention_and_depth_follow_the_config():
     with_attn = UNet(TINY)
     without = UNet(ModelConfig(**{**TINY.to_dict(), "attention_resolutions": ()}))

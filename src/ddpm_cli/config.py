@@ -101,6 +101,11 @@ class ModelConfig:
     # augmentation, made spatial): 1 for a run with --shift, the pixels its reflected border
     # filled, which sampling leaves empty, as in unshifted images; 0: none
     augment: int = 0
+    # how the timestep (and class) embedding enters each residual block: False adds it to the
+    # activations before the second normalisation, as in the paper; True scales and shifts the
+    # normalised activations with it (adaptive group normalisation, Dhariwal & Nichol 2021),
+    # what the CPU presets use (docs/training.md, "How the class enters the network")
+    scale_shift: bool = False
 
     @property
     def num_classes(self) -> int:

@@ -58,6 +58,9 @@ def tables(info: dict, tensors: bool) -> list[Table]:
                 ("res blocks per level", m.get("num_res_blocks")),
                 ("attention at", ",".join(map(str, m.get("attention_resolutions", []))) or "none"),
                 ("dropout", m.get("dropout")),
+                ("time embedding", "scales and shifts each block's second norm (adaptive "
+                 "group norm)" if m.get("scale_shift") else "added before each block's second "
+                 "norm (the paper's)"),  # fmt: skip
                 ("classes", ", ".join(m.get("classes") or []) or "none (unconditional)"),
                 ("shift map", "yes: told where --shift reflected each border (sampling: empty)"
                  if m.get("augment") else "none"),  # fmt: skip

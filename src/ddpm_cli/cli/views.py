@@ -234,7 +234,8 @@ def preflight_table(info: dict) -> Table:
             "model",
             f"{config.preset}: {info['parameters']:,} parameters, channels "
             f"{model.channels} x {','.join(map(str, model.channel_mult))}, "
-            f"attention at {','.join(map(str, model.attention_resolutions)) or 'none'}",
+            f"attention at {','.join(map(str, model.attention_resolutions)) or 'none'}"
+            + (", scale-shift norms" if model.scale_shift else ""),
         ),
         (
             "diffusion",

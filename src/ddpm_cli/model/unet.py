@@ -55,13 +55,20 @@ def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 -> + Dense(SiLU(temb)) -> GN -> SiLU -> dropout -> conv3x3, + skip."""
+    """GN -> SiLU -> conv3x3 -> + Dense(SiLU(temb)) -> GN -> SiLU -> dropout -> conv3x3, + skip.
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
+    With `scale_shift` (ModelConfig.scale_shift) the dense layer gives twice the channels, a
+    scale s and a shift b, that modulate the normalised activations instead: GN(h) * (1 + s) + b
+    (adaptive group normalisation: Dhariwal & Nichol 2021; diffusers' "scale_shift")."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, scale_shift: bool = False
+    ):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = norm(in_ch)
         self.conv1 = conv3x3(in_ch, out_ch)
-        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.temb_proj = nn.Linear(temb_ch, out_ch * (2 if scale_shift else 1))
         self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(conv3x3(out_ch, out_ch))
@@ -69,8 +76,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.shortcut(x) + h
 
 
@@ -119,9 +131,10 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level's residual blocks, each optionally followed by attention."""
 
-    def __init__(self, chans: list[tuple[int, int]], temb_ch: int, dropout: float, attn: bool):
+    def __init__(self, chans: list[tuple[int, int]], block, attn: bool):
+        """`block(in_ch, out_ch)` makes a residual block."""
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(i, o, temb_ch, dropout) for i, o in chans)
+        self.res = nn.ModuleList(block(i, o) for i, o in chans)
         self.attn = nn.ModuleList(AttnBlock(o) if attn else nn.Identity() for _, o in chans)
 
 
@@ -135,6 +148,10 @@ class UNet(nn.Module):
         self.config = config
         ch, mult, n = config.channels, config.channel_mult, config.num_res_blocks
         temb_ch = 4 * ch
+
+        def block(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, temb_ch, config.dropout, config.scale_shift)
+
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.class_emb = (
             nn.Embedding(config.num_classes + 1, temb_ch) if config.num_classes else None
@@ -153,14 +170,14 @@ class UNet(nn.Module):
                 chans.append((cur, ch * m))
                 cur = ch * m
                 skips.append(cur)
-            self.down.append(Level(chans, temb_ch, config.dropout, config.attends_at(level)))
+            self.down.append(Level(chans, block, config.attends_at(level)))
             if level != len(mult) - 1:
                 self.downsample.append(Downsample(cur, config.downsample_padding))
                 skips.append(cur)
 
-        self.mid_res1 = ResBlock(cur, cur, temb_ch, config.dropout)
+        self.mid_res1 = block(cur, cur)
         self.mid_attn = AttnBlock(cur)
-        self.mid_res2 = ResBlock(cur, cur, temb_ch, config.dropout)
+        self.mid_res2 = block(cur, cur)
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(mult))):
@@ -168,7 +185,7 @@ class UNet(nn.Module):
             for _ in range(n + 1):
                 chans.append((cur + skips.pop(), ch * mult[level]))
                 cur = ch * mult[level]
-            self.up.append(Level(chans, temb_ch, config.dropout, config.attends_at(level)))
+            self.up.append(Level(chans, block, config.attends_at(level)))
             if level != 0:
                 self.upsample.append(Upsample(cur))
 

@@ -21,11 +21,13 @@ VARIANCE = {"fixed_small": "small", "fixed_small_log": "small", "fixed_large": "
 REQUIRED = {
     "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False,
     "freq_shift": 1, "center_input_sample": False, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-6, "norm_num_groups": 32, "resnet_time_scale_shift": "default",
+    "norm_eps": 1e-6, "norm_num_groups": 32,
     "add_attention": True, "class_embed_type": None,
     "downsample_type": "conv", "upsample_type": "conv", "time_embedding_dim": None,
-    "attn_norm_num_groups": None,
 }  # fmt: skip
+# resnet_time_scale_shift: ModelConfig.scale_shift. With "scale_shift" diffusers leaves the
+# middle block's attention without its group norm unless attn_norm_num_groups names the groups
+SCALE_SHIFT = {"default": False, "scale_shift": True}
 # a class-conditional model: num_class_embeds = classes + 1 ("no class"), and the class names
 # under this key, which diffusers keeps in the config and otherwise ignores
 CLASSES_KEY = "ddpm_classes"
@@ -100,6 +102,15 @@ def _model_config(cfg: dict) -> ModelConfig:
     ch = widths[0]
     if any(w % ch for w in widths):
         raise InteropError(f"block_out_channels {widths} are not multiples of the first")
+    shift = cfg.get("resnet_time_scale_shift", "default")
+    if shift not in SCALE_SHIFT:
+        raise InteropError(f"unsupported {where} option resnet_time_scale_shift={shift!r} (not "
+                           "'default' or 'scale_shift')")  # fmt: skip
+    groups = cfg.get("attn_norm_num_groups")
+    if groups not in (None, REQUIRED["norm_num_groups"]) or (groups is None and SCALE_SHIFT[shift]):
+        raise InteropError(f"unsupported {where} option attn_norm_num_groups={groups!r} with "
+                           f"resnet_time_scale_shift={shift!r}: ddpm's attention always has "
+                           f"{REQUIRED['norm_num_groups']} norm groups")  # fmt: skip
     heads = cfg.get("attention_head_dim", 8)  # absent: diffusers uses heads of 8 channels
     if heads is not None and (type(heads) is not int or heads < 1):
         raise InteropError(f"unsupported {where} option attention_head_dim={heads!r} (ddpm's "
@@ -139,6 +150,7 @@ def _model_config(cfg: dict) -> ModelConfig:
             attention_resolutions=tuple(min(h, w) >> i for i, a in enumerate(attn) if a),
             dropout=_number(cfg, "dropout", 0.0, where), downsample_padding=padding,
             classes=tuple(classes) if embeds is not None else (),
+            scale_shift=SCALE_SHIFT[shift],
         )  # fmt: skip
     except DataError:
         raise
@@ -163,6 +175,8 @@ def unet_config(config: ModelConfig) -> dict:
         "downsample_padding": 0 if config.downsample_padding == "bottom_right" else 1,
         "dropout": config.dropout, "attention_head_dim": None, **REQUIRED,
         "num_class_embeds": config.num_classes + 1 if config.classes else None,
+        "resnet_time_scale_shift": "scale_shift" if config.scale_shift else "default",
+        "attn_norm_num_groups": REQUIRED["norm_num_groups"] if config.scale_shift else None,
     }  # fmt: skip
     if config.classes:
         unet[CLASSES_KEY] = list(config.classes)
