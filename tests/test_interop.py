@@ -50,7 +50,12 @@ def diffusers_folder(path, unet_config, scheduler=SCHEDULER, seed=0):
     return unet.eval()
 
 
-@pytest.mark.parametrize("config", [CIFAR10, SMALL, SHIFTED], ids=["cifar10", "small", "shift"])
+# the additive block with its attention groups named: diffusers computes the same as unnamed
+NAMED = {**SMALL, "attn_norm_num_groups": 32}
+
+
+@pytest.mark.parametrize("config", [CIFAR10, SMALL, SHIFTED, NAMED],
+                         ids=["cifar10", "small", "shift", "named"])  # fmt: skip
 def test_an_imported_unet_computes_what_diffusers_computes(tmp_path, config):
     theirs = diffusers_folder(tmp_path / "d", config)
     info = import_folder(tmp_path / "d", tmp_path / "m.safetensors")
@@ -231,7 +236,8 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
                      "attention_head_dim=8: the middle block's 64 channels would be 8 heads"),
         # diffusers then builds the middle attention without its group norm
         "shift": ({**SMALL, "resnet_time_scale_shift": "scale_shift"}, SCHEDULER,
-                  "attn_norm_num_groups=None with resnet_time_scale_shift='scale_shift'"),
+                  "attn_norm_num_groups=None with resnet_time_scale_shift='scale_shift': "
+                  "diffusers then builds the middle block's attention without the group norm"),
         "learned": (SMALL, {**SCHEDULER, "variance_type": "learned_range"},
                     "unsupported scheduler option variance_type='learned_range' (known: "),
         "betas": (SMALL, {**SCHEDULER, "beta_end": 0.03}, "match none of ddpm's schedules"),
@@ -252,7 +258,9 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
                        ("zero", {**SMALL, "block_out_channels": [0, 64]}),
                        ("headslist", {**SMALL, "attention_head_dim": [32, 64]}),
                        ("headszero", {**SMALL, "attention_head_dim": 0}),
-                       ("spatial", {**SMALL, "resnet_time_scale_shift": "spatial"})):  # fmt: skip
+                       ("spatial", {**SMALL, "resnet_time_scale_shift": "spatial"}),
+                       ("shiftlist", {**SMALL, "resnet_time_scale_shift": ["scale_shift"]}),
+                       ("groups16", {**SHIFTED, "attn_norm_num_groups": 16})):  # fmt: skip
         folder = tmp_path / name / "unet"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(unet))
@@ -266,7 +274,11 @@ def test_what_does_not_map_is_refused_by_name(tmp_path, runner):
                     "headslist": "attention_head_dim=[32, 64] (ddpm's attention has one head",
                     "headszero": "attention_head_dim=0 (ddpm's attention has one head",
                     "spatial": "resnet_time_scale_shift='spatial' (not 'default' or "
-                               "'scale_shift')"}[name]  # fmt: skip
+                               "'scale_shift')",
+                    "shiftlist": "resnet_time_scale_shift=['scale_shift'] (not 'default'",
+                    "groups16": "attn_norm_num_groups=16 with resnet_time_scale_shift="
+                                "'scale_shift': ddpm's attention norms have 32 groups",
+                    }[name]  # fmt: skip
             assert said in " ".join(r.stderr.split()), r.stderr
     # values of the wrong kind are refused by the option's name and the value given (these
     # were internal errors, Python's own words, or a check naming another number)
@@ -330,14 +342,20 @@ def test_model_config_round_trip_keeps_the_padding():
     )  # fmt: skip
 
 
-def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_path, runner):
-    """UNet2DModel's num_class_embeds is ddpm's class embedding (one more row: no class)."""
+@pytest.mark.parametrize("preset", ["small", "tiny"])
+def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(
+    tmp_path, runner, preset
+):
+    """UNet2DModel's num_class_embeds is ddpm's class embedding (one more row: no class), with
+    the class added to the time embedding that scales and shifts the norms (small) or is added
+    to the activations (tiny)."""
     from ddpm_cli.config import DiffusionConfig, TrainConfig
     from ddpm_cli.model.presets import build_model_config
     from ddpm_cli.model.unet import UNet
     from ddpm_cli.store.checkpoint import save_checkpoint
 
-    config = build_model_config("small", (16, 16), 3, classes=("cat", "dog", "owl"))
+    config = build_model_config(preset, (16, 16), 3, classes=("cat", "dog", "owl"))
+    assert config.scale_shift == (preset == "small")
     torch.manual_seed(0)
     model = UNet(config)
     for p in model.parameters():  # the zero-initialised layers would hide a wrong mapping
@@ -354,6 +372,8 @@ def test_a_class_conditional_model_exports_with_diffusers_class_embeddings(tmp_p
             "(ddpm_classes in unet/config.json) and 3 for no class") in r.stderr  # fmt: skip
     theirs = UNet2DModel.from_pretrained(out / "unet").eval()
     assert theirs.config.num_class_embeds == 4
+    shift = theirs.config.resnet_time_scale_shift
+    assert shift == ("scale_shift" if config.scale_shift else "default")
     x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 300, 600, 999]), torch.arange(4)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), theirs(x, t, class_labels=y).sample,

@@ -104,7 +104,7 @@ class ModelConfig:
     # how the timestep (and class) embedding enters each residual block: False adds it to the
     # activations before the second normalisation, as in the paper; True scales and shifts the
     # normalised activations with it (adaptive group normalisation, Dhariwal & Nichol 2021),
-    # what the CPU presets use (docs/training.md, "How the class enters the network")
+    # what the small preset uses (docs/training.md, "How the time and class enter each block")
     scale_shift: bool = False
 
     @property

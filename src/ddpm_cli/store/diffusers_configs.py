@@ -103,14 +103,16 @@ def _model_config(cfg: dict) -> ModelConfig:
     if any(w % ch for w in widths):
         raise InteropError(f"block_out_channels {widths} are not multiples of the first")
     shift = cfg.get("resnet_time_scale_shift", "default")
-    if shift not in SCALE_SHIFT:
+    if not isinstance(shift, str) or shift not in SCALE_SHIFT:
         raise InteropError(f"unsupported {where} option resnet_time_scale_shift={shift!r} (not "
                            "'default' or 'scale_shift')")  # fmt: skip
     groups = cfg.get("attn_norm_num_groups")
     if groups not in (None, REQUIRED["norm_num_groups"]) or (groups is None and SCALE_SHIFT[shift]):
+        why = (f"ddpm's attention norms have {REQUIRED['norm_num_groups']} groups"
+               if groups is not None else "diffusers then builds the middle block's attention "
+               "without the group norm that ddpm's has")  # fmt: skip
         raise InteropError(f"unsupported {where} option attn_norm_num_groups={groups!r} with "
-                           f"resnet_time_scale_shift={shift!r}: ddpm's attention always has "
-                           f"{REQUIRED['norm_num_groups']} norm groups")  # fmt: skip
+                           f"resnet_time_scale_shift={shift!r}: {why}")  # fmt: skip
     heads = cfg.get("attention_head_dim", 8)  # absent: diffusers uses heads of 8 channels
     if heads is not None and (type(heads) is not int or heads < 1):
         raise InteropError(f"unsupported {where} option attention_head_dim={heads!r} (ddpm's "
