@@ -10,6 +10,8 @@ network that the distances are measured in.
             24x24 crops of each (one-pixel shifts) resized to 32x32: 70 people train (280
             images), 30 are held out (120 images). A small set, like many users' own folders.
 - faces8:   the same faces at 8x8.
+- faces24:  the same faces at 24x24, the size ddpm trains 25x25 images at (no resize): a size
+            that is not a power of two.
 - photos:   32x32 RGB crops of eight colour photographs (astronaut, coffee, chelsea, rocket,
             hubble_deep_field, immunohistochemistry, retina, the left stereo_motorcycle view),
             each crop a random square of 64 pixels up to the photograph's shorter side, shrunk
@@ -21,6 +23,10 @@ network that the distances are measured in.
             what suits five classes carry to more?
 - sources8: the five classes at 8x8, where a class is little more than its tones.
 - sources10at8: the ten classes at 8x8: many classes in few pixels.
+- sources2, sources2at8: two of the five (astronaut, camera: both people, in a grayscale
+            crop much alike), at 32x32 and 8x8: how the guidance suits few classes.
+- sources10at28: the ten classes at 28x28 (the size of many digit and clothing sets).
+- photos28: the colour crops at 28x28.
 
 Everything is drawn from fixed seeds: the same images on every machine.
 """
@@ -41,6 +47,8 @@ RGB_SOURCES = (
 LABELLED_SOURCES = ("astronaut", "camera", "chelsea", "coffee", "rocket")
 # ten classes, to check that what suits five carries to more: the five, and five more
 TEN_SOURCES = (*LABELLED_SOURCES, "brick", "grass", "gravel", "moon", "coins")
+# two classes that a crop tells apart less easily than five distinct photographs
+TWO_SOURCES = ("astronaut", "camera")
 # grayscale distractors for the faces' feature network: it must tell faces from these
 GRAY_SOURCES = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock", "astronaut")
 
@@ -160,11 +168,11 @@ def faces(size: int = 32, name: str = "faces") -> RealSet:
     return RealSet(name, train, held_out, pool, labels, ("face", "non-face", *GRAY_SOURCES))
 
 
-def photos(size: int = 32) -> RealSet:
+def photos(size: int = 32, name: str = "photos") -> RealSet:
     train, _ = random_crops(RGB_SOURCES, 2000, size, False, seed=1)
     held_out, _ = random_crops(RGB_SOURCES, 500, size, False, seed=2)
     pool, labels = random_crops(RGB_SOURCES, 4000, size, False, seed=3)
-    return RealSet("photos", train, held_out, pool, labels, RGB_SOURCES)
+    return RealSet(name, train, held_out, pool, labels, RGB_SOURCES)
 
 
 def sources(
@@ -194,9 +202,14 @@ def _balanced(
 DATASETS = {
     "faces": lambda: faces(32),
     "faces8": lambda: faces(8, "faces8"),
+    "faces24": lambda: faces(24, "faces24"),
     "photos": photos,
     "sources": sources,
     "sources10": lambda: sources(32, TEN_SOURCES, "sources10"),
     "sources8": lambda: sources(8, LABELLED_SOURCES, "sources8"),
     "sources10at8": lambda: sources(8, TEN_SOURCES, "sources10at8"),
+    "sources2": lambda: sources(32, TWO_SOURCES, "sources2"),
+    "sources2at8": lambda: sources(8, TWO_SOURCES, "sources2at8"),
+    "sources10at28": lambda: sources(28, TEN_SOURCES, "sources10at28"),
+    "photos28": lambda: photos(28, "photos28"),
 }

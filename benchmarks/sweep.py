@@ -27,7 +27,6 @@ import copy
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,9 +69,9 @@ def train_run(ds: Dataset, spec: dict, budget: float, seed: int, emas: list[str]
     config = TrainConfig(image_size=s.image_size, seed=seed, device="cpu", sample_every=0,
                          precision="fp32", **limit, **spec)  # fmt: skip
     config = train_mod.resolve(config, CPU, report.used, report.channels)
+    model_over = {k: tuple(v) if isinstance(v, list) else v for k, v in model_over.items()}
     mc = build_model_config(config.preset, config.image_size, report.channels,
-                            classes=tuple(report.classes))  # fmt: skip
-    mc = replace(mc, **{k: tuple(v) if isinstance(v, list) else v for k, v in model_over.items()})
+                            classes=tuple(report.classes), **model_over)  # fmt: skip
     diffusion = DiffusionConfig(schedule=schedule or recipe_for(config.preset).schedule)
     tables = DiffusionTables.from_config(diffusion).to(CPU, torch.float32)
     state = train_mod.new_state(mc, config, CPU)

@@ -244,8 +244,9 @@ def test_cli_samples_classes_by_name_index_and_all(model_dir, runner, tmp_path):
 
 def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir, runner,
                                                                         tmp_path):  # fmt: skip
-    """With --class and no --guidance, DEFAULT_GUIDANCE (2) applies: the images equal those of
-    an explicit --guidance 2, differ from --guidance 0, and the recorded command names it."""
+    """With --class and no --guidance, DEFAULT_GUIDANCE (1) applies: the images equal those of
+    an explicit --guidance 1, differ from --guidance 0 and 2, and the recorded command names
+    it."""
     def draw(out, *extra):
         r = runner.invoke(app, ["sample", str(model_dir), "-n", "2", "--class", "red", "-o",
                                 str(out), "--seed", "3", "--json", *extra])  # fmt: skip
@@ -253,20 +254,22 @@ def test_class_samples_are_guided_by_default_and_their_command_says_so(model_dir
         return json.loads(r.stdout), (out / "red-000001.png").read_bytes()
 
     summary, default = draw(tmp_path / "d")
-    assert summary["guidance"] == DEFAULT_GUIDANCE == 2.0
+    assert summary["guidance"] == DEFAULT_GUIDANCE == 1.0
     assert summary["guidance_interval"] == "0.28,2.9" and DEFAULT_GUIDANCE_INTERVAL == (0.28, 2.9)
-    assert draw(tmp_path / "two", "--guidance", "2")[1] == default
+    assert draw(tmp_path / "one", "--guidance", "1")[1] == default
     assert draw(tmp_path / "explicit", "--guidance-interval", "0.28,2.9")[1] == default
     zero = draw(tmp_path / "zero", "--guidance", "0")[0]
     assert zero["guidance_interval"] is None  # nothing is steered
     text = Image.open(tmp_path / "zero" / "red-000001.png").text
     assert text["ddpm:command"].endswith("--class red --guidance 0.0")
     text = Image.open(tmp_path / "d" / "red-000001.png").text
-    assert "--class red --guidance 2.0 --guidance-interval 0.28,2.9" in text["ddpm:command"]
-    # an interval that holds no step is the class alone; "all" guides every step, recorded so
+    assert "--class red --guidance 1.0 --guidance-interval 0.28,2.9" in text["ddpm:command"]
     def pixels(folder):  # the image alone (its text says how it was drawn)
         return np.asarray(Image.open(folder / "red-000001.png")).tobytes()
 
+    draw(tmp_path / "two", "--guidance", "2")
+    assert pixels(tmp_path / "two") != pixels(tmp_path / "d")  # not the default of before
+    # an interval that holds no step is the class alone; "all" guides every step, recorded so
     draw(tmp_path / "none", "--guidance-interval", "1e6,1e7")
     assert pixels(tmp_path / "none") == pixels(tmp_path / "zero") != pixels(tmp_path / "d")
     everywhere = draw(tmp_path / "all", "--guidance-interval", "all")[1]

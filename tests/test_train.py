@@ -115,6 +115,44 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(colours, tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 8))
 
 
+def test_a_small_run_saved_before_scale_shift_resumes_and_samples_with_its_added_block(
+    colours, tmp_path, monkeypatch
+):
+    """A `small` run saved before ModelConfig.scale_shift existed holds the paper's additive
+    block and no such field: resume and sampling rebuild that block from the files, not the
+    preset's scale and shift of today (whose weights would not fit)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_cli.model import presets
+
+    monkeypatch.setitem(presets.PRESETS, "small", replace(presets.PRESETS["small"],
+                                                          scale_shift=False))  # fmt: skip
+    config = TrainConfig(**{**FAST, "preset": "small", "batch_size": 4}, steps=2)
+    run = train(str(colours), config, DiffusionConfig(), out=tmp_path / "run").out
+    monkeypatch.undo()
+    assert presets.PRESETS["small"].scale_shift
+    for name in ("train_state.safetensors", "model.safetensors"):  # as an older version wrote
+        meta = dict(load_checkpoint(run / name).meta)
+        old = json.loads(meta["config"])
+        del old["model"]["scale_shift"]
+        meta["config"] = json.dumps(old)
+        save_file(load_file(run / name), run / name, metadata=meta)
+    old = load_model(run / "model.safetensors")  # sampled as it was saved
+    assert old.ckpt.step == 2 and old.model_config.scale_shift is False
+    block = old.model.mid_res1
+    assert block.temb_proj.out_features == block.conv2.out_channels  # added, not scale and shift
+    eps = old.model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900]))
+    assert eps.shape == (2, 3, 8, 8) and torch.isfinite(eps).all()
+    resumed = train(None, TrainConfig(), DiffusionConfig(), resume=run, given={"steps": 4})
+    assert resumed.step == 4
+    loaded = load_model(run / "model.safetensors")
+    assert loaded.ckpt.step == 4 and loaded.training.preset == "small"
+    assert loaded.model_config.scale_shift is False  # and written so from now on
+    assert "scale_shift" in load_checkpoint(run / "model.safetensors").config["model"]
+
+
 def test_resume_refuses_conflicting_options_and_missing_runs(colours, tmp_path):
     train(
         str(colours),

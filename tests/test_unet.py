@@ -11,7 +11,7 @@ from ddpm_cli.config import ModelConfig
 from ddpm_cli.errors import ConfigError
 from ddpm_cli.model.kernels.groupnorm import GroupNorm, nchw_is_faster
 from ddpm_cli.model.presets import PRESETS, build_model_config, preset_for
-from ddpm_cli.model.unet import UNet, count_parameters, timestep_embedding
+from ddpm_cli.model.unet import AttnBlock, UNet, count_parameters, timestep_embedding
 
 TINY = ModelConfig(
     image_size=(8, 8),
@@ -217,6 +217,48 @@ def test_presets_adapt_to_the_data_and_the_default_follows_size_and_device():
     assert preset_for((32, 32), accelerated=False) == "small"
     with pytest.raises(ConfigError, match="unknown preset"):
         build_model_config("huge", (32, 32), 3)
+
+
+@pytest.mark.parametrize(
+    ("preset", "size", "attention", "blocks"),
+    [
+        ("small", 32, (8,), 4),  # its own size: one down, one middle, two up
+        ("small", 28, (7,), 4),  # levels 28, 14, 7: 8 names none of them
+        ("small", 24, (6,), 4),  # 24, 12, 6: 6 is nearer 8 than 12 is
+        ("small", 64, (), 1),  # 64, 32, 16: 16 is twice 8; the middle block alone
+        ("cifar10", 32, (16,), 6),  # the paper's network, exactly: 2 down, 1 middle, 3 up
+        ("cifar10", 28, (14,), 6),  # 28, 14, 7 (no 4th level: 28 is not a multiple of 8)
+        ("cifar10", 8, (), 1),  # 8, 4, 2
+        ("small", (28, 56), (7,), 4),  # the shorter side decides, as it does for the network
+    ],
+)
+def test_a_presets_attention_lands_on_a_level_the_image_size_has(preset, size, attention, blocks):
+    """A preset's attention resolutions are those of its own image size; at another size a
+    resolution no level has (8 at 28 px) goes to the nearest level within a factor of 2, so a
+    28x28 digit gets the attention a 32x32 image gets, and the config records where it is."""
+    config = build_model_config(preset, size if isinstance(size, tuple) else (size, size), 1)
+    assert config.attention_resolutions == attention
+    assert set(attention) <= {config.resolution(i) for i in range(len(config.channel_mult))}
+    model = UNet(config)
+    assert sum(isinstance(m, AttnBlock) for m in model.modules()) == blocks
+    for name, base in PRESETS.items():  # at its own size, every preset is as it was
+        assert build_model_config(name, base.image_size, 3).attention_resolutions == (
+            base.attention_resolutions
+        )
+
+
+def test_attention_follows_an_overridden_depth_and_old_configs_keep_theirs():
+    """Levels come from the channel_mult the network gets; attention given is kept as given;
+    a 28 px config saved before attention moved (8: no level) still builds as it was."""
+    two_levels = build_model_config("small", (28, 28), 1, channel_mult=(1, 2))  # 28 and 14
+    assert two_levels.attention_resolutions == (14,)
+    assert build_model_config("small", (48, 48), 1, channel_mult=(1, 2, 2, 2)
+                              ).attention_resolutions == (6,)  # fmt: skip
+    given = build_model_config("small", (28, 28), 1, attention_resolutions=(14,))
+    assert given.attention_resolutions == (14,)
+    old = ModelConfig(**{**build_model_config("small", (28, 28), 1).to_dict(),
+                         "attention_resolutions": (8,)})  # fmt: skip
+    assert sum(isinstance(m, AttnBlock) for m in UNet(old).modules()) == 1  # the middle alone
 
 
 def test_the_policy_gives_the_fast_paths_and_torch_keeps_the_same_function():

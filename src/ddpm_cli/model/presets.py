@@ -122,11 +122,30 @@ def build_model_config(
         min(image_size) < 2 ** len(mult) or any(s % 2 ** (len(mult) - 1) for s in image_size)
     ):
         mult = mult[:-1]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    mult = overrides.get("channel_mult", mult)
+    levels = [min(image_size) // 2**i for i in range(len(mult))]
     values = {
         "image_size": image_size,
         "in_channels": channels,
         "out_channels": channels,
         "channel_mult": mult,
-        **{k: v for k, v in overrides.items() if v is not None},
+        "attention_resolutions": attention_at(base.attention_resolutions, levels),
+        **overrides,  # attention_resolutions given: as given
     }
     return replace(base, **values)
+
+
+def attention_at(wanted: tuple[int, ...], levels: list[int]) -> tuple[int, ...]:
+    """A preset's attention resolutions on the levels (feature-map sizes) an image size gives.
+
+    A resolution that no level has moves to the level nearest it by ratio, if that is within a
+    factor of 2: the `small` preset attends at 8x8 at 32 px, at 7x7 at 28 and 6x6 at 24, where
+    the preset's 8 names no level. At a power of two the levels are the preset's own and
+    nothing moves; at 64 px (levels 64, 32, 16) 8 is twice away from 16, and is dropped."""
+    out = set()
+    for r in wanted:
+        near = min(levels, key=lambda s: (max(s / r, r / s), s))
+        if max(near / r, r / near) < 2:
+            out.add(near)
+    return tuple(sorted(out, reverse=True))
