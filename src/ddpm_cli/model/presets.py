@@ -123,17 +123,18 @@ def build_model_config(
     ):
         mult = mult[:-1]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    mult = overrides.get("channel_mult", mult)
-    levels = [min(image_size) // 2**i for i in range(len(mult))]
     values = {
         "image_size": image_size,
         "in_channels": channels,
         "out_channels": channels,
         "channel_mult": mult,
-        "attention_resolutions": attention_at(base.attention_resolutions, levels),
-        **overrides,  # attention_resolutions given: as given
+        **overrides,
     }
-    return replace(base, **values)
+    config = replace(base, **values)
+    if "attention_resolutions" in overrides:  # as given
+        return config
+    levels = [config.resolution(i) for i in range(len(config.channel_mult))]
+    return replace(config, attention_resolutions=attention_at(base.attention_resolutions, levels))
 
 
 def attention_at(wanted: tuple[int, ...], levels: list[int]) -> tuple[int, ...]:
